@@ -1,0 +1,123 @@
+"""Accuracy of weight quantization on the trained reference model.
+
+Model: ``../shared/ref-lm`` (23M Llama, tied embeddings). Data: its held-out tokens (``val_tokens.pt``).
+Metric: perplexity over ``--windows`` non-overlapping windows of ``--ctx`` tokens (next-token loss over
+every position but the first), and per-config greedy next-token agreement with the float model.
+Every row runs the model through ``torch.compile(backend="fxspec", options=...)``; calibrated rows use
+calibration statistics collected on *training-distribution* text that is disjoint from the evaluation
+windows (the tail of ``val_tokens.pt``; the model never trained on it either).
+
+    python benchmarks/quant_accuracy.py --model ../shared/ref-lm [--device cuda] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import subprocess
+import tempfile
+import time
+
+import torch
+
+
+def perplexity(model, windows: torch.Tensor, batch: int) -> tuple[float, torch.Tensor]:
+    nll, count, argmax = 0.0, 0, []
+    with torch.no_grad():
+        for i in range(0, windows.shape[0], batch):
+            w = windows[i:i + batch]
+            logits = model(w).logits.float()
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                     w[:, 1:].reshape(-1), reduction="sum")
+            nll += loss.item()
+            count += w[:, 1:].numel()
+            argmax.append(logits.argmax(-1).cpu())
+    return math.exp(nll / count), torch.cat(argmax)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="../shared/ref-lm")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on cuda, fp32 on cpu)")
+    ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--configs", default="float,int8,int4-rtn,int4-awq,int4-gptq")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    from transformers import AutoModelForCausalLM
+
+    import fxspec
+    from fxspec.runtime.calibrate import calibrate
+
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
+    val = torch.load(os.path.join(args.model, "val_tokens.pt")).long()
+    n_eval = args.ctx * args.windows
+    windows = val[:n_eval].reshape(args.windows, args.ctx).to(args.device)
+    calib_tokens = val[n_eval:]  # disjoint from the evaluation windows
+
+    tmp = tempfile.mkdtemp()
+    configs = {
+        "float": None,
+        "int8": {"quantize": {"bits": 8}},
+        "int4-rtn": {"quantize": {"bits": 4, "group_size": 128}},
+        "int4-awq": {"quantize": {"bits": 4, "group_size": 128, "method": "awq"}},
+        "int4-gptq": {"quantize": {"bits": 4, "group_size": 128, "method": "gptq"}},
+    }
+    rows, ref_argmax, ref_ppl = [], None, None
+    for name in args.configs.split(","):
+        opts = configs[name]
+        t0 = time.perf_counter()
+        if opts and opts["quantize"].get("method") in ("awq", "gptq"):
+            q = opts["quantize"]
+            path = os.path.join(tmp, f"{q['method']}.pt")
+            calibrate(model, calib_tokens, method=q["method"], bits=4, group_size=128,
+                      samples=args.calib_samples, seq_len=512).save(path)
+            q["calibration"] = path
+        calib_s = time.perf_counter() - t0
+        torch._dynamo.reset()
+        fxspec.reset_counters()
+        compiled = torch.compile(model, backend="fxspec", options={**(opts or {}), "strict": True})
+        t0 = time.perf_counter()
+        ppl, argmax = perplexity(compiled, windows, args.batch)
+        run_s = time.perf_counter() - t0
+        quantized = sum(v for k, v in fxspec.counters["quantize_weights"].items() if k != "skipped")
+        if ref_argmax is None:
+            ref_argmax, ref_ppl = argmax, ppl
+        rows.append({"config": name, "ppl": ppl, "delta_vs_float_pct": 100 * (ppl / ref_ppl - 1),
+                     "top1_agreement": (argmax == ref_argmax).float().mean().item(),
+                     "linears_quantized": quantized, "calibration_s": round(calib_s, 1),
+                     "eval_s": round(run_s, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+
+    meta = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name()
+            if args.device == "cuda" else "cpu", "torch": torch.__version__, "dtype": str(dtype),
+            "model": "ref-lm (23M Llama, trained)", "data": f"val_tokens.pt first {n_eval} tokens, "
+            f"{args.windows} windows x {args.ctx}", "commit": _commit()}
+    print("\n| config | perplexity | vs float | top-1 agreement | linears quantized |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['config']} | {r['ppl']:.4f} | {r['delta_vs_float_pct']:+.2f}% | {r['top1_agreement']:.4f} "
+              f"| {r['linears_quantized']} |")
+    print(json.dumps(meta))
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+
+
+def _commit() -> str:
+    try:
+        return os.environ.get("FXSPEC_COMMIT") or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()

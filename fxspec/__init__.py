@@ -1,0 +1,49 @@
+"""fxspec: a torch.compile backend that makes transformer inference cheaper.
+
+    import torch
+    model = torch.compile(model, backend="fxspec")                       # lossless: analysis + Inductor
+    model = torch.compile(model, backend="fxspec", options={"quantize": {"bits": 4}})   # int4 weights
+
+The backend is registered through the ``torch_dynamo_backends`` entry point, so no import is needed
+after ``pip install``; importing ``fxspec`` registers it too (for source checkouts).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+from ._log import counters, reset_counters
+from .backend import fxspec_backend, recent_reports, register
+from .config import ConfigError, FxspecConfig, load_config
+from .graph.frozen import StaleWeightError, mark_weights_changed
+from .report import Report, explain
+
+register()
+
+
+def compile(model: Any, config: str | dict | None = None, **torch_compile_kwargs: Any) -> Any:
+    """``torch.compile(model, backend="fxspec", options=...)`` with the config validated up front.
+
+    ``config`` is a path to a TOML file or an options dict; a training script can opt in with
+    ``model = fxspec.compile(model, "fxspec.toml")``.
+    """
+    import torch
+
+    options = {"config": str(config)} if isinstance(config, (str, bytes)) or hasattr(config, "__fspath__") \
+        else dict(config or {})
+    load_config(options)  # raise ConfigError now rather than at the first call
+    return torch.compile(model, backend="fxspec", options=options, **torch_compile_kwargs)
+
+
+def pipeline(config: dict | None = None) -> str:
+    """The ordered pass pipeline as text (with on/off states for ``config`` when given)."""
+    from .passes import pipeline_text
+
+    return pipeline_text(load_config(config) if config is not None else None)
+
+
+__all__ = ["ConfigError", "FxspecConfig", "Report", "StaleWeightError", "compile", "counters", "explain",
+           "fxspec_backend", "load_config", "mark_weights_changed", "pipeline", "recent_reports", "register",
+           "reset_counters", "__version__"]

@@ -1,0 +1,152 @@
+"""The Dynamo backend: config -> pass pipeline -> target lowering.
+
+``torch.compile(model, backend="fxspec", options={...})`` calls :func:`fxspec_backend` once per graph
+Dynamo traces. For each graph:
+
+1. the config is resolved (``options``, the TOML file it names, ``$FXSPEC_CONFIG``);
+2. the graph is analysed (linears, FFN blocks, attention, norms, LM head; see ``fxspec.graph``);
+3. the enabled passes run in the order of ``fxspec.passes.PIPELINE`` on a copy of the graph;
+4. the result goes to the target's compiler (Inductor for CUDA/CPU, openxla for XLA), with the
+   frozen-weight guard in front when a pass froze parameters.
+
+If anything inside fxspec raises in steps 2-4, the backend warns and compiles the *original* graph with
+plain Inductor (``strict = true`` raises instead). Config errors always raise: they are the caller's to fix.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import itertools
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from ._log import counters, log, set_level
+from .backends import lower, resolve_target
+from .config import ConfigError, FxspecConfig, load_config
+from .graph.frozen import FrozenParams
+from .graph.types import GraphAnalysis
+from .passes import PIPELINE, PassContext, PassEvent, is_training, run_pipeline
+
+_GRAPH_IDS = itertools.count()
+_DYNAMO_CONTROL_FLOW = (torch._dynamo.exc.RestartAnalysis, torch._dynamo.exc.SkipFrame)
+
+#: The reports of the most recently compiled graphs (newest last), for debugging and tests.
+recent_reports: collections.deque[GraphReport] = collections.deque(maxlen=64)
+
+
+@dataclass
+class GraphReport:
+    """What fxspec found in one Dynamo graph and what its passes did."""
+
+    graph_id: int
+    target: str
+    training: bool
+    analysis: GraphAnalysis | None
+    passes: list[str]
+    events: list[PassEvent] = field(default_factory=list)
+    fallback: str | None = None  # the reason, when the backend fell back to plain Inductor
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "graph_id": self.graph_id,
+            "target": self.target,
+            "training": self.training,
+            "passes": self.passes,
+            "analysis": self.analysis.describe() if self.analysis else None,
+            "events": [e.describe() for e in self.events],
+            "fallback": self.fallback,
+        }
+
+
+def fxspec_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict | None = None,
+                   mode: str | None = None, **unused: Any) -> Callable:
+    """The ``torch_dynamo_backends`` entry point registered as ``"fxspec"``."""
+    if unused:
+        raise ConfigError(f"fxspec backend: unexpected arguments {sorted(unused)}; pass settings with "
+                          f"options={{...}}")
+    config = load_config(options)
+    if mode is not None and config.inductor_mode is None:
+        config.inductor_mode = mode
+    return compile_graph(gm, example_inputs, config)
+
+
+def compile_graph(gm: fx.GraphModule, example_inputs: list, config: FxspecConfig) -> Callable:
+    """Compile one Dynamo graph under ``config`` (see the module docstring)."""
+    set_level(config.log_level)
+    counters["backend"]["graphs"] += 1
+    report = GraphReport(next(_GRAPH_IDS), "?", is_training(example_inputs), None,
+                         [p.name for p in PIPELINE if p.enabled(config)])
+    recent_reports.append(report)
+    try:
+        work, ctx = prepare(gm, example_inputs, config, report)
+        compiled = lower(work, example_inputs, config, report.target)
+        return ctx.frozen.wrap(compiled)
+    except (ConfigError, *_DYNAMO_CONTROL_FLOW):
+        raise  # the caller's to fix / Dynamo's own signals (restart analysis, skip frame)
+    except Exception as e:
+        if config.strict:
+            raise
+        report.fallback = f"{type(e).__name__}: {e}"
+        counters["backend"]["fallback"] += 1
+        warnings.warn(f"fxspec: {report.fallback}\nfxspec: falling back to plain Inductor for this graph "
+                      f"(set strict = true to raise instead)", stacklevel=2)
+        from .backends.inductor import lower_inductor
+        return lower_inductor(gm, example_inputs, config)
+
+
+def prepare(gm: fx.GraphModule, example_inputs: list, config: FxspecConfig,
+            report: GraphReport) -> tuple[fx.GraphModule, PassContext]:
+    """Analyse ``gm`` and run the enabled passes on a copy of it (the original stays untouched for the
+    fallback). Fills ``report``; returns the rewritten graph and the pass context."""
+    report.target = resolve_target(config, example_inputs)
+    work = copy_graph_module(gm) if report.passes else gm
+    ctx = PassContext(config=config, example_inputs=example_inputs, target=report.target,
+                      frozen=FrozenParams(work, on_change=config.on_weight_change),
+                      training=report.training, events=report.events)
+    report.analysis = ctx.analysis(work)
+    for kind, n in report.analysis.counts().items():
+        counters["graph"][kind] += n
+    dump = _dumper(config.dump_dir, report) if config.dump_dir else None
+    work = run_pipeline(work, ctx, dump)
+    log.info("graph %d: %s; passes %s", report.graph_id, report.analysis.counts(), report.passes or "none")
+    return work, ctx
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy whose graph can be rewritten without touching ``gm`` (tensors are shared, not copied)."""
+    new = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    new.meta = dict(getattr(gm, "meta", {}))
+    return new
+
+
+def _dumper(dump_dir: str, report: GraphReport) -> Callable[[str, fx.GraphModule], None]:
+    root = os.path.join(dump_dir, f"graph_{report.graph_id:03d}")
+    os.makedirs(root, exist_ok=True)
+
+    def dump(stage: str, gm: fx.GraphModule) -> None:
+        with open(os.path.join(root, f"{stage}.py"), "w") as fh:
+            fh.write(gm.code)
+        if stage == "00_input" and report.analysis is not None:
+            with open(os.path.join(root, "analysis.json"), "w") as fh:
+                json.dump(report.analysis.describe(), fh, indent=1)
+        if report.events:
+            with open(os.path.join(root, "events.json"), "w") as fh:
+                json.dump([e.describe() for e in report.events], fh, indent=1)
+
+    return dump
+
+
+def register() -> None:
+    """Register ``"fxspec"`` with Dynamo for uses without the installed entry point (e.g. ``PYTHONPATH=.``)."""
+    from torch._dynamo.backends.registry import _BACKENDS, _COMPILER_FNS, register_backend
+
+    if "fxspec" not in _COMPILER_FNS and _BACKENDS.get("fxspec") is None:
+        register_backend(fxspec_backend, name="fxspec")
+

@@ -1,0 +1,387 @@
+"""Typed, validated configuration.
+
+One schema, a section per pass plus global settings. Three sources, highest precedence first:
+
+1. ``options={...}`` given to ``torch.compile(..., backend="fxspec", options=...)`` (nested dicts, or
+   dotted keys such as ``"quantize.bits": 4``);
+2. a TOML file named by ``options={"config": "path/to/fxspec.toml"}``;
+3. a TOML file named by the environment variable ``FXSPEC_CONFIG``.
+
+Sources are merged key by key (a later source overrides single keys of a section, not whole sections).
+Giving a pass section at all enables that pass unless it says ``enabled = false``:
+``options={"quantize": {"bits": 4}}`` turns weight quantization on. The defaults apply no lossy
+transform.
+
+Every mistake raises one :class:`ConfigError` that names the key, the value and what is allowed::
+
+    ConfigError: unknown key 'quantise' in the fxspec config; did you mean 'quantize'?
+    valid keys: config, draft_heads, dump_dir, log_level, moe, on_weight_change, quantize, ...
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+ENV_VAR = "FXSPEC_CONFIG"
+
+
+class ConfigError(ValueError):
+    """A bad fxspec configuration: unknown key, wrong type or value out of range."""
+
+
+def _opt(default: Any = MISSING, *, doc: str, choices: tuple | None = None,
+         lo: float | None = None, hi: float | None = None, factory: Any = MISSING) -> Any:
+    meta = {"doc": doc, "choices": choices, "lo": lo, "hi": hi}
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+class _Section:
+    """Base of the config dataclasses: validation from the field annotations and metadata."""
+
+    _section: str = ""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):  # type: ignore[arg-type]
+            if isinstance(getattr(self, f.name), _Section):
+                continue
+            key = f"{self._section}.{f.name}" if self._section else f.name
+            value = _check_type(key, getattr(self, f.name), hints[f.name])
+            setattr(self, f.name, value)
+            meta = f.metadata
+            if meta.get("choices") is not None and value is not None and value not in meta["choices"]:
+                raise ConfigError(f"{key} = {value!r} is not allowed; choose one of "
+                                  f"{', '.join(repr(c) for c in meta['choices'])}")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                lo, hi = meta.get("lo"), meta.get("hi")
+                if (lo is not None and value < lo) or (hi is not None and value > hi):
+                    raise ConfigError(f"{key} = {value!r} is out of range; allowed: "
+                                      f"{_range_text(lo, hi)}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Cross-field checks; override in sections that need them."""
+
+
+@dataclass
+class QuantizeConfig(_Section):
+    """Weight-only quantization of linear layers (lossy: runs only when this section is given)."""
+
+    _section = "quantize"
+    enabled: bool = _opt(False, doc="turn the pass on (implied by giving the section)")
+    bits: int = _opt(8, doc="weight bits: 8 (int8 per output channel) or 4 (int4 group-wise)",
+                     choices=(4, 8))
+    group_size: int | None = _opt(None, doc="int4: elements per scale group, one of 32/64/128/256 "
+                                  "(default 128); int8 and fp8 are per output channel",
+                                  choices=(32, 64, 128, 256))
+    symmetric: bool = _opt(True, doc="symmetric (scale only) or asymmetric (scale and zero point)")
+    fp8: bool = _opt(False, doc="store weights as float8 e4m3 with a per-channel scale (needs bits=8 "
+                     "and a GPU with fp8, compute capability >= 8.9)")
+    method: str = _opt("rtn", doc="rtn (round to nearest), gptq or awq (calibrated: need calibration data)",
+                       choices=("rtn", "gptq", "awq"))
+    include: list[str] = _opt(factory=lambda: ["*"], doc="fnmatch patterns over layer names to quantize")
+    exclude: list[str] = _opt(factory=list, doc="fnmatch patterns over layer names to leave alone")
+    include_lm_head: bool = _opt(False, doc="also quantize the LM head (excluded by default)")
+    min_features: int = _opt(64, doc="skip linears with fewer input or output features", lo=1)
+    calibration: str | None = _opt(None, doc="calibration data for gptq/awq: a .pt file of token ids "
+                                   "(1-D or 2-D long tensor)")
+    calibration_samples: int = _opt(32, doc="calibration sequences", lo=1, hi=100_000)
+    calibration_seq_len: int = _opt(512, doc="tokens per calibration sequence", lo=8, hi=1_000_000)
+
+    def validate(self) -> None:
+        if self.bits == 8 and self.group_size is not None:
+            raise ConfigError(f"quantize.group_size = {self.group_size!r} is only for bits = 4; "
+                              "int8 and fp8 weights use one scale per output channel")
+        if self.fp8 and self.bits != 8:
+            raise ConfigError(f"quantize.fp8 = true needs quantize.bits = 8 (got {self.bits})")
+        if self.bits == 8 and not self.fp8 and not self.symmetric:
+            raise ConfigError("quantize.symmetric = false is only for bits = 4; int8 weights are symmetric "
+                              "per output channel")
+        if self.fp8 and not self.symmetric:
+            raise ConfigError("quantize.fp8 = true is symmetric only; remove quantize.symmetric = false")
+        if self.fp8 and self.method != "rtn":
+            raise ConfigError(f"quantize.method = {self.method!r} is not available with fp8; use 'rtn'")
+        if self.bits == 4 and self.group_size is None:
+            self.group_size = 128
+
+
+@dataclass
+class _ReservedSection(_Section):
+    """A pass planned for a later fxspec release: the section exists so configs can be written
+    against the final schema, but enabling it raises until the pass lands."""
+
+    enabled: bool = _opt(False, doc="turn the pass on (not available in this release)")
+
+    def validate(self) -> None:
+        if self.enabled:
+            raise ConfigError(f"the {self._section} pass is not available in this fxspec release; "
+                              f"remove the [{self._section}] section or set {self._section}.enabled = false")
+
+
+@dataclass
+class SparseFFNConfig(_ReservedSection):
+    """Sparse-activation FFN (CATS/TEAL thresholds). Planned."""
+
+    _section = "sparse_ffn"
+
+
+@dataclass
+class MoEConfig(_ReservedSection):
+    """Dense MLP to mixture of experts (MoEfication, BlockFFN, MoE-X). Planned."""
+
+    _section = "moe"
+
+
+@dataclass
+class SparseAttentionConfig(_ReservedSection):
+    """Learned block-sparse attention gates (SeerAttention) and per-head sparse patterns (MoA). Planned."""
+
+    _section = "sparse_attention"
+
+
+@dataclass
+class DraftHeadsConfig(_ReservedSection):
+    """Medusa/Hydra draft heads with lossless speculative verification. Planned."""
+
+    _section = "draft_heads"
+
+
+PASS_SECTIONS: dict[str, type[_Section]] = {
+    "quantize": QuantizeConfig,
+    "sparse_ffn": SparseFFNConfig,
+    "moe": MoEConfig,
+    "sparse_attention": SparseAttentionConfig,
+    "draft_heads": DraftHeadsConfig,
+}
+
+
+@dataclass
+class FxspecConfig(_Section):
+    """The whole fxspec configuration (effective values after merging all sources)."""
+
+    target: str = _opt("auto", doc="lowering target: auto (from the inputs' device), cuda, cpu or xla",
+                       choices=("auto", "cuda", "cpu", "xla"))
+    strict: bool = _opt(False, doc="raise on any failure inside fxspec instead of falling back to Inductor")
+    log_level: str = _opt("warning", doc="logging level of the 'fxspec' logger",
+                          choices=("debug", "info", "warning", "error"))
+    dump_dir: str | None = _opt(None, doc="write each graph before/after every pass, and the analysis, here")
+    on_weight_change: str = _opt("refresh", doc="when a frozen weight changes after compile: refresh "
+                                 "(re-derive the packed constants on the next call) or raise",
+                                 choices=("refresh", "raise"))
+    inductor_mode: str | None = _opt(None, doc="Inductor mode for the final lowering (as torch.compile's "
+                                     "mode=): default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs",
+                                     choices=("default", "reduce-overhead", "max-autotune",
+                                              "max-autotune-no-cudagraphs"))
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    sparse_ffn: SparseFFNConfig = field(default_factory=SparseFFNConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    sparse_attention: SparseAttentionConfig = field(default_factory=SparseAttentionConfig)
+    draft_heads: DraftHeadsConfig = field(default_factory=DraftHeadsConfig)
+
+    # -- output ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_toml(self) -> str:
+        """The full effective config as TOML (every key, defaults included)."""
+        d = self.to_dict()
+        lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict) and v is not None]
+        lines += [f"# {k} = (unset)" for k, v in d.items() if v is None]
+        for sec, body in d.items():
+            if isinstance(body, dict):
+                lines.append(f"\n[{sec}]")
+                for k, v in body.items():
+                    lines.append(f"{k} = {_toml_value(v)}" if v is not None else f"# {k} = (unset)")
+        return "\n".join(lines) + "\n"
+
+    def __str__(self) -> str:
+        return self.to_toml()
+
+    def enabled_passes(self) -> list[str]:
+        return [name for name in PASS_SECTIONS if getattr(self, name).enabled]
+
+    def validate(self) -> None:
+        if self.target == "xla":
+            try:
+                import torch_xla  # noqa: F401
+            except Exception as e:  # pragma: no cover - depends on the machine
+                raise ConfigError(f"target = 'xla' needs torch_xla (pip install 'fxspec[xla]'; it must match "
+                                  f"torch's minor version): {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and merging
+# ---------------------------------------------------------------------------------------------
+
+def load_config(options: dict | None = None, *, env: dict | None = None) -> FxspecConfig:
+    """Build the effective config from ``options`` (as given to ``torch.compile``), the TOML file that
+    ``options["config"]`` names, and the file in ``$FXSPEC_CONFIG``, in that precedence."""
+    env = os.environ if env is None else env
+    options = dict(options or {})
+    layers: list[tuple[str, dict]] = []
+    if env.get(ENV_VAR):
+        layers.append((f"${ENV_VAR}={env[ENV_VAR]}", _read_toml(env[ENV_VAR], f"${ENV_VAR}")))
+    path = options.pop("config", None)
+    if path is not None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise ConfigError(f"config = {path!r} must be a path to a TOML file")
+        layers.append((str(path), _read_toml(path, "config")))
+    layers.append(("options", _undot(options)))
+    merged: dict[str, Any] = {}
+    for _, layer in layers:
+        _merge(merged, layer)
+    return from_dict(merged)
+
+
+def from_dict(d: dict[str, Any]) -> FxspecConfig:
+    """Validate a nested dict into an :class:`FxspecConfig`. Sections given are enabled by default."""
+    if isinstance(d, FxspecConfig):
+        return d
+    if not isinstance(d, dict):
+        raise ConfigError(f"the fxspec config must be a table/dict, got {type(d).__name__}")
+    top = _check_keys(d, FxspecConfig, "")
+    kwargs: dict[str, Any] = {}
+    for key, value in top.items():
+        if key in PASS_SECTIONS:
+            cls = PASS_SECTIONS[key]
+            if isinstance(value, cls):
+                kwargs[key] = value
+                continue
+            if isinstance(value, bool):
+                value = {"enabled": value}
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key} = {value!r} must be a table of options (e.g. {key} = {{ ... }}) "
+                                  f"or true/false")
+            sec = _check_keys(value, cls, key)
+            sec.setdefault("enabled", True)
+            kwargs[key] = cls(**sec)
+        else:
+            kwargs[key] = value
+    return FxspecConfig(**kwargs)
+
+
+def describe_schema() -> str:
+    """Every key with its type, default and meaning (for ``fxspec config --schema`` and the docs)."""
+    out = []
+    for cls, prefix in [(FxspecConfig, "")] + [(c, n + ".") for n, c in PASS_SECTIONS.items()]:
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            if f.name in PASS_SECTIONS:
+                continue
+            default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+            choices = f.metadata.get("choices")
+            extra = f" one of {list(choices)}" if choices else ""
+            out.append(f"{prefix}{f.name}: {_type_name(hints[f.name])} = {default!r}{extra}\n"
+                       f"    {f.metadata.get('doc', '')}")
+    return "\n".join(out)
+
+
+def _check_keys(d: dict, cls: type, prefix: str) -> dict:
+    valid = [f.name for f in fields(cls)]
+    for key in d:
+        if key not in valid:
+            where = f"[{prefix}] section" if prefix else "fxspec config"
+            near = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
+            hint = f"; did you mean '{near[0]}'?" if near else ""
+            raise ConfigError(f"unknown key '{key}' in the {where}{hint}\n"
+                              f"valid keys: {', '.join(sorted(valid + ([] if prefix else ['config'])))}")
+    return dict(d)
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(key, value, inner[0])
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, args[0]) for v in value):
+            raise ConfigError(f"{key} = {value!r} has the wrong type; expected a list of {args[0].__name__}")
+        return list(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
+        raise ConfigError(f"{key} = {value!r} has the wrong type; expected {_type_name(hint)}, "
+                          f"got {type(value).__name__}")
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args).replace("NoneType", "none")
+    if typing.get_origin(hint) is list:
+        return f"list[{args[0].__name__}]"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _range_text(lo: float | None, hi: float | None) -> str:
+    if lo is not None and hi is not None:
+        return f"{lo} <= value <= {hi}"
+    return f">= {lo}" if lo is not None else f"<= {hi}"
+
+
+def _read_toml(path: str | os.PathLike, what: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what}: config file '{path}' does not exist")
+    try:
+        with p.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{what}: config file '{path}' is not valid TOML: {e}") from None
+
+
+def _undot(d: dict) -> dict:
+    """``{"quantize.bits": 4}`` -> ``{"quantize": {"bits": 4}}``."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"config keys must be strings, got {key!r}")
+        parts = key.split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key!r}: '{p}' is both a value and a section")
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+            _merge(node[parts[-1]], value)
+        else:
+            node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, over: dict) -> None:
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = dict(v) if isinstance(v, dict) else v
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))

@@ -1,0 +1,22 @@
+"""Graph passes, one per file, run in the order of :data:`PIPELINE`.
+
+See ``fxspec/passes/README.md`` for the invariants every pass keeps.
+"""
+
+from .base import PIPELINE, Pass, PassContext, PassEvent, is_training, register_pass, run_pipeline
+
+# Importing a pass module registers it in PIPELINE.
+from . import quantize  # noqa: E402,F401
+
+__all__ = ["PIPELINE", "Pass", "PassContext", "PassEvent", "is_training", "register_pass", "run_pipeline",
+           "pipeline_text"]
+
+
+def pipeline_text(config=None) -> str:
+    """The ordered pass list, one line each, with whether ``config`` enables it."""
+    lines = []
+    for i, p in enumerate(PIPELINE, start=1):
+        state = "" if config is None else ("  [on]" if p.enabled(config) else "  [off]")
+        kind = "lossy" if p.lossy else "lossless"
+        lines.append(f"{i}. {p.name:<20} section [{p.section}]  {kind}{state}\n   {p.doc}")
+    return "\n".join(lines)

@@ -1,0 +1,149 @@
+"""The pass protocol: one signature, one context, one explicit ordered list.
+
+Every pass is a function ``name(gm, ctx) -> gm`` registered with :func:`register_pass` under the
+config section that enables it. It may rewrite the graph in place; it must
+
+- rewrite a match completely or leave it untouched, and say why with ``ctx.skip(...)``;
+- bump a counter for every rewrite (``ctx.rewrote(...)`` does both the counter and the log);
+- not change what the graph returns, nor make outputs alias inputs;
+- read shapes and dtypes from ``node.meta`` (``example_value`` / ``val``), never run the model.
+
+The run order is :data:`PIPELINE` (print it with ``fxspec pipeline`` or ``fxspec.pipeline()``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from .._log import counters, log
+from ..config import FxspecConfig
+from ..graph.frozen import FrozenParams
+from ..graph.types import GraphAnalysis
+
+
+@dataclass
+class PassEvent:
+    """One line of the pass log: a rewrite, a skip (with the reason) or a note."""
+
+    pass_name: str
+    action: str  # "rewrote" | "skipped" | "note"
+    where: str
+    detail: str
+
+    def describe(self) -> dict[str, str]:
+        return {"pass": self.pass_name, "action": self.action, "where": self.where, "detail": self.detail}
+
+    def __str__(self) -> str:
+        return f"{self.pass_name}: {self.action} {self.where}" + (f" ({self.detail})" if self.detail else "")
+
+
+@dataclass
+class PassContext:
+    """What a pass gets besides the graph."""
+
+    config: FxspecConfig
+    example_inputs: list
+    target: str  # resolved: "cuda" | "cpu" | "xla"
+    frozen: FrozenParams
+    training: bool
+    events: list[PassEvent] = field(default_factory=list)
+    _analysis: GraphAnalysis | None = None
+    _gm: fx.GraphModule | None = None
+    current_pass: str = ""
+
+    # -- analysis ------------------------------------------------------------------------------
+    def analysis(self, gm: fx.GraphModule) -> GraphAnalysis:
+        """The analysis of ``gm``, computed once and recomputed after a pass changed the graph."""
+        if self._analysis is None or self._gm is not gm:
+            from ..graph import analyze
+            self._analysis = analyze(gm, self.example_inputs)
+            self._gm = gm
+        return self._analysis
+
+    def invalidate(self) -> None:
+        self._analysis = None
+
+    # -- logging -------------------------------------------------------------------------------
+    def rewrote(self, where: str, detail: str = "", counter: str | None = None) -> None:
+        counters[self.current_pass][counter or "rewrites"] += 1
+        self._event("rewrote", where, detail)
+
+    def skip(self, where: str, reason: str) -> None:
+        counters[self.current_pass]["skipped"] += 1
+        self._event("skipped", where, reason)
+
+    def note(self, where: str, detail: str) -> None:
+        self._event("note", where, detail)
+
+    def _event(self, action: str, where: str, detail: str) -> None:
+        ev = PassEvent(self.current_pass, action, where, detail)
+        self.events.append(ev)
+        log.info("%s", ev)
+
+    def example_value(self, index: int) -> Any:
+        return self.example_inputs[index]
+
+
+PassFn = Callable[[fx.GraphModule, PassContext], fx.GraphModule]
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: str
+    section: str  # the config section that enables it
+    fn: PassFn
+    lossy: bool
+    doc: str
+
+    def enabled(self, config: FxspecConfig) -> bool:
+        return bool(getattr(config, self.section).enabled)
+
+
+#: The ordered pipeline. Structural passes (sparse attention, sparse FFN / MoE, draft heads) come before
+#: quantization, so that quantization also sees the linears they create.
+PIPELINE: list[Pass] = []
+
+
+def register_pass(section: str, *, lossy: bool, order: int) -> Callable[[PassFn], PassFn]:
+    """Add ``fn`` to :data:`PIPELINE` at position ``order`` (lower runs first), enabled by ``section``."""
+
+    def deco(fn: PassFn) -> PassFn:
+        doc = (fn.__doc__ or fn.__name__).strip().splitlines()[0]
+        PIPELINE.append(Pass(fn.__name__, section, fn, lossy, doc))
+        _ORDER[fn.__name__] = order
+        PIPELINE.sort(key=lambda q: _ORDER[q.name])
+        return fn
+
+    return deco
+
+
+_ORDER: dict[str, int] = {}
+
+
+def run_pipeline(gm: fx.GraphModule, ctx: PassContext, dump: Callable[[str, fx.GraphModule], None] | None = None
+                 ) -> fx.GraphModule:
+    """Run every enabled pass in order; ``dump(stage, gm)`` is called before the first and after each."""
+    if dump:
+        dump("00_input", gm)
+    for i, p in enumerate(PIPELINE, start=1):
+        if not p.enabled(ctx.config):
+            continue
+        ctx.current_pass = p.name
+        gm = p.fn(gm, ctx)
+        gm.graph.lint()
+        gm.recompile()
+        ctx.invalidate()
+        if dump:
+            dump(f"{i:02d}_{p.name}", gm)
+    ctx.current_pass = ""
+    return gm
+
+
+def is_training(example_inputs: list) -> bool:
+    """A graph is compiled for training when grad mode is on and some input requires grad."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                           for t in example_inputs)

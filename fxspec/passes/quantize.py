@@ -1,0 +1,208 @@
+"""quantize_weights: weight-only quantization of linear layers (lossy; only when ``[quantize]`` is given).
+
+    before:  w = placeholder[...q_proj.weight];  y = F.linear(x, w, b)
+    after:   qw = get_attr[_fxspec_frozen_3_qweight];  s = get_attr[_fxspec_frozen_3_scale]
+             y = fxspec.int8_linear(x, qw, s, b)                       # bits = 8
+             y = fxspec.int4_linear(x, qw, s, z, group_size, b)        # bits = 4
+             y = fxspec.fp8_linear(x, qw, s, b)                        # fp8 = true
+    with method = "awq":  y = fxspec.int4_linear(x * inv_s, Q(W * s) ...)   (inv_s a frozen constant)
+
+Legality, per linear (a skipped linear is left exactly as it was, with the reason in the log):
+- the graph is an inference graph (no input requires grad under grad mode): weights can be frozen;
+- the weight is a parameter placeholder of dtype float32/float16/bfloat16, 2-D, on the target's device;
+- the layer name passes ``include``/``exclude``; the LM head only with ``include_lm_head``;
+- ``min(in, out) >= min_features``; for int4, ``in_features % group_size == 0``;
+- calibrated methods: the calibration file has statistics for the layer (else it is skipped, not
+  silently quantized with RTN).
+Packing happens here, once, through ``FrozenParams.freeze`` (so a later weight change re-derives it).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import torch
+import torch.fx as fx
+
+from ..config import ConfigError, QuantizeConfig
+from ..graph.types import LinearInfo
+from .base import PassContext, register_pass
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@register_pass("quantize", lossy=True, order=90)
+def quantize_weights(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """Replace eligible F.linear calls with fused weight-only int8 / int4 / fp8 linear ops."""
+    cfg = ctx.config.quantize
+    if ctx.training:
+        ctx.skip("graph", "training graph (grad mode on and an input requires grad): weights cannot be "
+                 "frozen; compile under torch.no_grad() or with requires_grad=False parameters")
+        return gm
+    if ctx.target == "xla":
+        ctx.skip("graph", "no XLA kernels for quantized linears yet")
+        return gm
+    _check_device_support(cfg, ctx.target)
+    stats = _load_stats(cfg)
+    fmt = _format_name(cfg)
+    analysis = ctx.analysis(gm)
+    lm_head = analysis.lm_head.linear.node if analysis.lm_head is not None else None
+    scaled_inputs: dict[tuple[fx.Node, str], fx.Node] = {}
+
+    for li in analysis.linears:
+        reason = _why_not(li, cfg, ctx, is_lm_head=li.node is lm_head, stats=stats)
+        if reason:
+            ctx.skip(li.name, reason)
+            continue
+        layer = stats.layers[li.name] if stats is not None else None
+        derive = functools.partial(_derive, cfg=cfg, layer=layer)
+        value = ctx.example_value(li.weight.index)
+        consts = ctx.frozen.freeze(li.weight.node, li.weight.index, value, f"{li.name}.weight", derive,
+                                   insert_before=li.node)
+        x = li.node.args[0]
+        if layer is not None and layer.awq_scale is not None:
+            x = _scaled_input(gm, ctx, x, layer, li, scaled_inputs)
+        bias = li.bias.node if li.bias is not None else None
+        with gm.graph.inserting_before(li.node):
+            new = _emit(gm.graph, cfg, x, consts, bias)
+        new.meta.update({k: v for k, v in li.node.meta.items() if k in ("example_value", "val", "stack_trace",
+                                                                       "nn_module_stack", "source_fn_stack")})
+        li.node.replace_all_uses_with(new)
+        gm.graph.erase_node(li.node)
+        ctx.rewrote(li.name, f"{fmt} {li.out_features}x{li.in_features}"
+                    + (f" ({cfg.method})" if cfg.method != "rtn" else ""), counter=fmt)
+    gm.graph.eliminate_dead_code()
+    return gm
+
+
+# ---------------------------------------------------------------------------------------------
+# Legality
+# ---------------------------------------------------------------------------------------------
+
+def _why_not(li: LinearInfo, cfg: QuantizeConfig, ctx: PassContext, *, is_lm_head: bool, stats) -> str | None:
+    name = li.name
+    if is_lm_head and not cfg.include_lm_head:
+        return "LM head (excluded by default; set quantize.include_lm_head = true)"
+    if not any(fnmatch.fnmatchcase(name, p) for p in cfg.include):
+        return f"not matched by quantize.include = {cfg.include}"
+    hit = next((p for p in cfg.exclude if fnmatch.fnmatchcase(name, p)), None)
+    if hit is not None:
+        return f"excluded by pattern {hit!r}"
+    w = ctx.example_value(li.weight.index)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        return "weight is not a 2-D tensor"
+    if w.dtype not in _FLOAT_DTYPES:
+        return f"weight dtype {w.dtype} is not float32/float16/bfloat16"
+    if w.device.type != ctx.target:
+        return f"weight is on {w.device}, the target is {ctx.target}"
+    if min(li.in_features, li.out_features) < cfg.min_features:
+        return f"{li.out_features}x{li.in_features} is smaller than min_features = {cfg.min_features}"
+    if cfg.bits == 4 and li.in_features % cfg.group_size:
+        return f"in_features = {li.in_features} is not a multiple of group_size = {cfg.group_size}"
+    if stats is not None and li.name not in stats.layers:
+        return f"no calibration statistics for this layer in {cfg.calibration}"
+    return None
+
+
+def _check_device_support(cfg: QuantizeConfig, target: str) -> None:
+    if cfg.fp8 and target == "cuda" and torch.cuda.is_available():
+        cap = torch.cuda.get_device_capability()
+        if cap < (8, 9):
+            raise ConfigError(f"quantize.fp8 = true needs a GPU with fp8 (compute capability >= 8.9); "
+                              f"this {torch.cuda.get_device_name()} is {cap[0]}.{cap[1]}. Use bits = 8 instead")
+
+
+def _load_stats(cfg: QuantizeConfig):
+    if cfg.method == "rtn":
+        return None
+    if cfg.calibration is None:
+        raise ConfigError(f"quantize.method = {cfg.method!r} needs quantize.calibration = a statistics file "
+                          f"made by `fxspec calibrate MODEL --method {cfg.method} --data TOKENS.pt --out FILE`")
+    from ..runtime.calibrate import CalibrationStats
+
+    stats = _cached_stats(cfg.calibration)
+    if stats.method != cfg.method or stats.bits != cfg.bits or \
+            (cfg.bits == 4 and stats.group_size != cfg.group_size) or stats.symmetric != cfg.symmetric:
+        raise ConfigError(f"quantize.calibration = {cfg.calibration!r} was made for method={stats.method} "
+                          f"bits={stats.bits} group_size={stats.group_size} symmetric={stats.symmetric}; the "
+                          f"config asks method={cfg.method} bits={cfg.bits} group_size={cfg.group_size} "
+                          f"symmetric={cfg.symmetric}")
+    assert isinstance(stats, CalibrationStats)
+    return stats
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_stats(path: str):
+    from ..runtime.calibrate import CalibrationStats
+
+    try:
+        return CalibrationStats.load(path)
+    except FileNotFoundError:
+        raise ConfigError(f"quantize.calibration = {path!r}: no such file") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Numerics: integer codes (RTN or GPTQ) -> packed constants
+# ---------------------------------------------------------------------------------------------
+
+def _derive(w: torch.Tensor, *, cfg: QuantizeConfig, layer) -> dict[str, torch.Tensor]:
+    """The packed constants of one weight (called at compile time and again if the weight changes)."""
+    from ..lowering import quant as Q
+
+    W = w
+    if layer is not None and layer.awq_scale is not None:
+        W = (w.float() * layer.awq_scale.to(w.device)).to(w.dtype)
+    if layer is not None and layer.hessian is not None:
+        from ..runtime.calibrate import gptq_codes
+        codes, scales, zeros = gptq_codes(w.float(), layer.hessian, cfg.bits, cfg.group_size, cfg.symmetric,
+                                          scale_dtype=torch.float32 if cfg.bits == 8 else _act_dtype(w))
+        if cfg.bits == 8:
+            qw = Q.pack_int8(codes, scales[:, 0], dtype=w.dtype)
+        else:
+            qw = Q.pack_int4(codes, scales, zeros, cfg.group_size, dtype=_act_dtype(w))
+    else:
+        qw = Q.quantize_weight(W, cfg.bits, group_size=cfg.group_size or 128, symmetric=cfg.symmetric,
+                               fp8=cfg.fp8)
+    out = {"qweight": qw.qweight, "scales": qw.scales}
+    if qw.zeros is not None:
+        out["zeros"] = qw.zeros
+    return out
+
+
+def _act_dtype(w: torch.Tensor) -> torch.dtype:
+    return w.dtype if w.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def _format_name(cfg: QuantizeConfig) -> str:
+    if cfg.fp8:
+        return "fp8"
+    if cfg.bits == 8:
+        return "int8"
+    return f"int4_g{cfg.group_size}" + ("" if cfg.symmetric else "_asym")
+
+
+def _emit(graph: fx.Graph, cfg: QuantizeConfig, x: fx.Node, c: dict[str, fx.Node], bias: fx.Node | None
+          ) -> fx.Node:
+    ops = torch.ops.fxspec
+    if cfg.fp8:
+        return graph.call_function(ops.fp8_linear.default, (x, c["qweight"], c["scales"], bias))
+    if cfg.bits == 8:
+        return graph.call_function(ops.int8_linear.default, (x, c["qweight"], c["scales"], bias))
+    return graph.call_function(ops.int4_linear.default,
+                               (x, c["qweight"], c["scales"], c.get("zeros"), cfg.group_size, bias))
+
+
+def _scaled_input(gm: fx.GraphModule, ctx: PassContext, x: fx.Node, layer, li: LinearInfo,
+                  cache: dict) -> fx.Node:
+    """``x * (1 / s)`` for AWQ, shared by the linears of one calibration group."""
+    key = (x, layer.group)
+    if key not in cache:
+        w = ctx.example_value(li.weight.index)
+        attr = f"_fxspec_awq_inv_scale_{len(cache)}"
+        gm.register_buffer(attr, (1.0 / layer.awq_scale).to(device=w.device, dtype=w.dtype))
+        with gm.graph.inserting_before(li.node):
+            inv = gm.graph.get_attr(attr)
+            cache[key] = gm.graph.call_function(torch.mul, (x, inv))
+        inv.meta["val"] = getattr(gm, attr)
+    return cache[key]
+

@@ -1,0 +1,540 @@
+"""Compiled, CUDA-graphed autoregressive decoding.
+
+``generate(model, input_ids, max_new_tokens, ...)`` is the one-line entry point; :class:`Generator` is the
+reusable object behind it (compile once, generate many)::
+
+    gen = Generator(model, max_batch_size=8, max_cache_len=1024, config={"quantize": {"bits": 8}})
+    out = gen.generate(input_ids, 256, attention_mask=mask, do_sample=True, top_p=0.9, seed=0)
+
+What it does per call (B rows, prompt width P, N new tokens, cache length L)::
+
+    pad rows to max_batch_size, left-pad the prompt to a bucket Pb (16, 32, 64, ...)   # fixed shapes
+    prefill:  logits = compiled_prefill[Pb](tokens [B,Pb], positions [B,Pb])         # writes slots 0..Pb-1
+    advance(logits): pick token, write out[:, P+step], update finished flags, bump counters
+    N-1 times: replay the decode graph = compiled_decode(tok [B,1], pos [B,1]) + advance  # one slot each
+
+Both steps go through ``torch.compile(..., backend=<fxspec>, options=config, dynamic=False,
+fullgraph=True)``. The decode step and the token selection after it read and write only static buffers
+(token, position, step counter, output, finished flags, the KV cache and its write counters), so on CUDA
+the whole step is captured once in a ``torch.cuda.CUDAGraph`` and replayed per token with no host work
+but the launch. The host only looks at the device every ``_STOP_CHECK_EVERY`` steps (are all rows
+finished?) or every step when a streamer wants the tokens.
+
+Models served:
+
+* ``transformers`` causal LMs (``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ``GPTNeoXForCausalLM``, ...):
+  ``model(input_ids, attention_mask=[B, L] key mask, position_ids, past_key_values=StaticCache,
+  logits_to_keep=1)``. Sliding-window layers are not supported (see ``cache.make_hf_static_cache``).
+* plain modules following the contract in :mod:`fxspec.runtime.cache`:
+  ``forward(tokens [B,T], positions [B,T], cache: KVCache) -> logits [B,T,V]``.
+
+Semantics follow ``model.generate``: positions come from the attention mask (``cumsum - 1``), rows that
+emitted an end token emit ``pad_token_id`` afterwards, the output stops at the step where the last row
+finished, and the returned tensor holds the prompt (as given) followed by the new tokens. With
+``eos_token_id=None`` a transformers model uses ``model.generation_config.eos_token_id`` (as HF does); pass
+``eos_token_id=[]`` to never stop early.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import inspect
+import math
+import time
+import types
+import warnings
+import weakref
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from .cache import KVCache, get_kv_cache_spec, hf_cache_nbytes, make_hf_static_cache, reset_hf_static_cache
+from .sampling import SamplingSpec, select_tokens
+
+#: Without a streamer, the host checks "all rows finished?" (a device sync) once per this many tokens.
+#: Overshooting steps are harmless: finished rows write pad and the output is cut at the last finish.
+_STOP_CHECK_EVERY = 8
+#: The most distinct end-token ids one call may pass (the id buffer has a fixed size for the CUDA graph).
+_MAX_EOS = 8
+#: Prefill buckets: prompts are left-padded up to the next of these (or the longest that fits).
+DEFAULT_BUCKETS = tuple(2 ** i for i in range(4, 17))  # 16 .. 65536
+#: ``generate()`` rounds the cache length it allocates up to a multiple of this, so that nearby calls
+#: reuse one Generator.
+_CACHE_LEN_QUANTUM = 256
+
+
+def default_backend() -> str:
+    """``"fxspec"`` when the fxspec backend can be imported (it registers itself), else ``"inductor"``."""
+    try:
+        from .. import backend as _backend  # noqa: F401
+
+        if hasattr(_backend, "register"):
+            _backend.register()
+        return "fxspec"
+    except Exception as e:  # pragma: no cover - only while the backend is being written
+        warnings.warn(f"fxspec.runtime: the fxspec backend is not importable ({type(e).__name__}: {e}); "
+                      f"compiling with plain Inductor", stacklevel=3)
+        return "inductor"
+
+
+def is_hf_causal_lm(model: torch.nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+class Generator:
+    """Compiled prefill + CUDA-graphed decode for one model, batch capacity and cache length.
+
+    Args:
+        model: a transformers causal LM or a plain module following the contract of
+            :mod:`fxspec.runtime.cache`. Put it on its device and dtype first.
+        max_batch_size: rows per call at most; smaller batches are padded with dummy rows, so one
+            compiled decode step (and one CUDA graph) serves every batch size up to this.
+        max_cache_len: KV slots per row; a call needs ``prompt + max_new_tokens <= max_cache_len``.
+        config: fxspec options (``torch.compile(..., options=config)``); ``None`` or ``{}`` = lossless default.
+        backend: the ``torch.compile`` backend; default ``"fxspec"`` (``"inductor"`` to compare).
+        cuda_graphs: ``"auto"`` (on for CUDA models), ``True`` or ``False``.
+        compile: ``False`` runs the same steps eagerly (a reference, and for debugging).
+        fullgraph: ask Dynamo for one graph per step; falls back to ``False`` with a warning if the model
+            cannot be traced whole.
+        prefill_buckets: prompt widths the prefill is compiled for (prompts are left-padded up to one).
+    """
+
+    def __init__(self, model: torch.nn.Module, max_batch_size: int = 1, max_cache_len: int = 2048, *,
+                 config: dict | None = None, backend: str | Callable | None = None,
+                 cuda_graphs: bool | str = "auto", compile: bool = True, fullgraph: bool = True,
+                 prefill_buckets: Sequence[int] = DEFAULT_BUCKETS):
+        if max_batch_size < 1 or max_cache_len < 2:
+            raise ValueError(f"max_batch_size must be >= 1 and max_cache_len >= 2 "
+                             f"(got {max_batch_size}, {max_cache_len})")
+        self.model = model
+        self.B, self.L = int(max_batch_size), int(max_cache_len)
+        self.config = dict(config) if config else {}
+        self.backend = backend if backend is not None else default_backend()
+        self.compile, self.fullgraph = compile, fullgraph
+        self.buckets = tuple(sorted(int(b) for b in prefill_buckets))
+        param = next((p for p in model.parameters() if p.is_floating_point()), None)
+        if param is None:
+            raise ValueError("fxspec.runtime: the model has no floating-point parameters")
+        self.device, self.dtype = param.device, param.dtype
+        cuda_graphs = _resolve_cuda_graphs(cuda_graphs, model)
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a CUDA model (this one is on {self.device})")
+        self.cuda_graphs = bool(cuda_graphs)
+        self.is_hf = is_hf_causal_lm(model)
+        self.stats: dict[str, float] = collections.defaultdict(float)
+
+        dev, B, L = self.device, self.B, self.L
+        with torch.no_grad():
+            self.key_mask = torch.ones(B, L, dtype=torch.bool, device=dev)  # False = pad slot
+            if self.is_hf:
+                self.cache = make_hf_static_cache(model, B, L, self.dtype, dev)
+                self.vocab_size = model.config.get_text_config(decoder=True).vocab_size
+                self._forward = _hf_forward
+            else:
+                self.cache = KVCache(get_kv_cache_spec(model), B, L, self.dtype, dev, key_mask=self.key_mask)
+                self.vocab_size = None
+                self._forward = _plain_forward
+            # decode state: every tensor the captured graph touches lives here, allocated once
+            self.tok = torch.zeros(B, 1, dtype=torch.long, device=dev)
+            self.pos = torch.zeros(B, 1, dtype=torch.long, device=dev)
+            self.step = torch.zeros(1, dtype=torch.long, device=dev)  # tokens generated so far
+            self.col = torch.zeros(1, dtype=torch.long, device=dev)  # output column of the next token
+            self.out = torch.zeros(B, L, dtype=torch.long, device=dev)
+            self.finished = torch.zeros(B, dtype=torch.bool, device=dev)
+            self.finish_len = torch.zeros(B, dtype=torch.long, device=dev)
+            self.uniform = torch.zeros(L, B, dtype=torch.float32, device=dev)
+            self.temperature = torch.ones((), dtype=torch.float32, device=dev)
+            self.top_p = torch.ones((), dtype=torch.float32, device=dev)
+            self.eos = torch.full((_MAX_EOS,), -1, dtype=torch.long, device=dev)
+            self.pad = torch.zeros((), dtype=torch.long, device=dev)
+            for t in (self.key_mask, self.tok, self.pos):
+                torch._dynamo.mark_static_address(t)
+        self._prefill_fns: dict[int, Callable] = {}
+        self._decode_fn: Callable | None = None
+        self._graphs: dict[SamplingSpec, torch.cuda.CUDAGraph] = {}
+        self._pool = None
+        self._weights_seen = self._weights_fingerprint()
+        _LIVE.add(self)
+
+    # --- public -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *,
+                 attention_mask: torch.Tensor | None = None, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = None, eos_token_id: int | Iterable[int] | None = None,
+                 pad_token_id: int | None = None,
+                 streamer: Callable[[torch.Tensor], Any] | None = None) -> torch.Tensor:
+        """Generate up to ``max_new_tokens`` tokens after each row of ``input_ids`` ([B, P] or [P]).
+
+        Returns int64 ``[B, P + n]`` on the model's device (prompt as given, then the new tokens), where
+        ``n <= max_new_tokens`` is the step at which the last row finished. ``streamer``, if given, is
+        called once per step with the new tokens as a CPU int64 tensor ``[B]`` (pad for finished rows).
+        ``seed`` makes sampling reproducible (a private ``torch.Generator``; without it the global RNG).
+        """
+        t_call = time.perf_counter()
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+            if attention_mask is not None and attention_mask.dim() == 1:
+                attention_mask = attention_mask.unsqueeze(0)
+        input_ids = input_ids.to(self.device)
+        b, P = input_ids.shape
+        self._check_sizes(b, P, max_new_tokens)
+        if max_new_tokens == 0:
+            return input_ids.clone()
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        attention_mask = attention_mask.to(self.device, torch.bool)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                             f"{tuple(input_ids.shape)}")
+        if not bool(attention_mask.any(dim=-1).all()):
+            raise ValueError("every row needs at least one unmasked prompt token")
+        spec = SamplingSpec.make(do_sample, temperature, top_k, top_p, self._vocab_size())
+        eos_ids, pad_id = self._special_tokens(eos_token_id, pad_token_id)
+        if self._weights_fingerprint() != self._weights_seen:
+            self._drop_graphs("the model's parameters changed (in-place update or new tensors)")
+        if self.cuda_graphs and spec not in self._graphs:
+            self._capture(spec)
+
+        Pb = self._bucket(P, max_new_tokens)
+        B, dev = self.B, self.device
+        # left-pad to [B, Pb]: user rows first, dummy rows (one real token, finished from the start) after
+        tokens = torch.full((B, Pb), pad_id, dtype=torch.long, device=dev)
+        tokens[:b, Pb - P:] = input_ids
+        kmask = torch.ones(B, self.L, dtype=torch.bool, device=dev)
+        kmask[:, :Pb] = False
+        kmask[:b, Pb - P:Pb] = attention_mask
+        kmask[b:, Pb - 1] = True
+        prompt_mask = kmask[:, :Pb]
+        positions = (prompt_mask.long().cumsum(-1) - 1).masked_fill_(~prompt_mask, 1)  # as HF generate
+
+        self._reset_cache()
+        self.key_mask.copy_(kmask)
+        self.out.fill_(pad_id)
+        self.out[:b, :P] = input_ids
+        self.finished.zero_()
+        self.finished[b:] = True
+        self.finish_len.zero_()
+        self.step.zero_()
+        self.col.fill_(P)
+        self.pos.copy_(prompt_mask.sum(-1, keepdim=True) - 1)
+        self.eos.fill_(-1)
+        if eos_ids:
+            self.eos[:len(eos_ids)] = torch.tensor(eos_ids, dtype=torch.long)
+        self.pad.fill_(pad_id)
+        if spec.do_sample:
+            self.temperature.fill_(float(temperature))
+            self.top_p.fill_(float(top_p) if top_p is not None else 1.0)
+            rng = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+            u = torch.rand(max_new_tokens, B, generator=rng, dtype=torch.float64).float()
+            self.uniform[:max_new_tokens].copy_(u)
+
+        t0 = time.perf_counter()
+        logits = self._prefill_fn(Pb)(self.model, self.cache, tokens, positions, self.key_mask)
+        self._advance(logits, spec)
+        n = 1
+        if streamer is not None:
+            streamer(self.out[:b, P].cpu())
+        check = bool(eos_ids)
+        graph = self._graphs.get(spec)
+        while n < max_new_tokens:
+            if check and (streamer is not None or n % _STOP_CHECK_EVERY == 0):
+                if bool(self.finished.all()):
+                    break
+            if graph is not None:
+                graph.replay()
+            else:
+                self._decode_step(spec)
+            n += 1
+            if streamer is not None:
+                streamer(self.out[:b, P + n - 1].cpu())
+        if check and bool(self.finished.all()):
+            n = int(self.finish_len[:b].max())
+        result = self.out[:b, :P + n].clone()
+        self.stats["calls"] += 1
+        self.stats["last_new_tokens"] = n
+        self.stats["last_call_s"] = time.perf_counter() - t_call
+        self.stats["last_decode_s"] = time.perf_counter() - t0
+        return result
+
+    def warmup(self, prompt_len: int = 16, *, do_sample: bool = False, top_k: int | None = None,
+               top_p: float | None = None) -> float:
+        """Compile (and capture) the steps a call with this prompt width and sampling setup will use;
+        returns the seconds it took."""
+        t = time.perf_counter()
+        ids = torch.zeros(self.B, prompt_len, dtype=torch.long, device=self.device)
+        self.generate(ids, 2, do_sample=do_sample, top_k=top_k, top_p=top_p, seed=0, eos_token_id=[])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t
+
+    def cache_nbytes(self) -> int:
+        return hf_cache_nbytes(self.cache) if self.is_hf else self.cache.nbytes()
+
+    # --- steps ------------------------------------------------------------------------------------
+
+    def _decode_step(self, spec: SamplingSpec) -> None:
+        if self._decode_fn is None:
+            self._decode_fn = self._compile(self._forward, "decode")
+        logits = self._decode_fn(self.model, self.cache, self.tok, self.pos, self.key_mask)
+        self._advance(logits, spec)
+
+    def _advance(self, logits: torch.Tensor, spec: SamplingSpec) -> None:
+        """Pick the next token from ``logits`` [B, 1, V] and update the decode state in place."""
+        u = self.uniform.index_select(0, self.step).squeeze(0) if spec.do_sample else None
+        nxt = select_tokens(logits[:, -1, :], spec, temperature=self.temperature, top_p=self.top_p,
+                            uniform=u)  # B
+        nxt = torch.where(self.finished, self.pad, nxt)
+        self.out.index_copy_(1, self.col, nxt.unsqueeze(1))
+        newly = (nxt.unsqueeze(1) == self.eos.unsqueeze(0)).any(-1) & ~self.finished
+        self.finish_len.copy_(torch.where(newly, self.step + 1, self.finish_len))
+        self.finished.logical_or_(newly)
+        self.tok.copy_(nxt.unsqueeze(1))
+        self.pos.add_(1)
+        self.step.add_(1)
+        self.col.add_(1)
+
+    def _prefill_fn(self, Pb: int) -> Callable:
+        fn = self._prefill_fns.get(Pb)
+        if fn is None:
+            fn = self._prefill_fns[Pb] = self._compile(self._forward, f"prefill[{Pb}]")
+        return fn
+
+    def _compile(self, fn: Callable, what: str) -> Callable:
+        if not self.compile:
+            return fn
+        return _TimedCompiled(self, fn, what)
+
+    def _capture(self, spec: SamplingSpec) -> None:
+        """Warm the decode step up on a side stream, then capture it (PyTorch's CUDA-graph recipe)."""
+        t = time.perf_counter()
+        self._reset_cache()
+        self.tok.zero_()
+        self.pos.zero_()
+        self.step.zero_()
+        self.col.zero_()
+        self.finished.zero_()
+        self.temperature.fill_(1.0)
+        self.top_p.fill_(1.0)
+        self.uniform.fill_(0.5)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._decode_step(spec)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.synchronize(self.device)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._decode_step(spec)
+        torch.cuda.synchronize(self.device)
+        self._graphs[spec] = graph
+        self.stats["capture_s"] += time.perf_counter() - t
+
+    def _drop_graphs(self, why: str) -> None:
+        if self._graphs:
+            warnings.warn(f"fxspec.runtime: re-capturing the decode CUDA graphs: {why}", stacklevel=3)
+        self._graphs.clear()
+        self._weights_seen = self._weights_fingerprint()
+
+    # --- helpers ----------------------------------------------------------------------------------
+
+    def _reset_cache(self) -> None:
+        if self.is_hf:
+            reset_hf_static_cache(self.cache)
+        else:
+            self.cache.reset()
+
+    def _check_sizes(self, b: int, P: int, max_new_tokens: int) -> None:
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0 (got {max_new_tokens})")
+        if b > self.B:
+            raise ValueError(f"batch of {b} rows exceeds this Generator's max_batch_size={self.B}")
+        if P < 1:
+            raise ValueError("input_ids needs at least one token per row")
+        if P + max_new_tokens > self.L:
+            raise ValueError(f"prompt length {P} + max_new_tokens {max_new_tokens} = {P + max_new_tokens} "
+                             f"exceeds max_cache_len={self.L}; pass a larger max_cache_len")
+
+    def _bucket(self, P: int, max_new_tokens: int) -> int:
+        cap = self.L - max_new_tokens
+        for b in self.buckets:
+            if b >= P:
+                return min(b, cap)
+        return P
+
+    def _vocab_size(self) -> int:
+        return self.vocab_size if self.vocab_size is not None else 1 << 62
+
+    def _special_tokens(self, eos_token_id, pad_token_id) -> tuple[list[int], int]:
+        gen_cfg = getattr(self.model, "generation_config", None) if self.is_hf else None
+        if eos_token_id is None and gen_cfg is not None:
+            eos_token_id = gen_cfg.eos_token_id
+        if eos_token_id is None:
+            eos = []
+        elif isinstance(eos_token_id, int):
+            eos = [eos_token_id]
+        elif isinstance(eos_token_id, torch.Tensor):
+            eos = [int(x) for x in eos_token_id.reshape(-1).tolist()]
+        else:
+            eos = [int(x) for x in eos_token_id]
+        eos = list(dict.fromkeys(eos))
+        if len(eos) > _MAX_EOS:
+            raise ValueError(f"at most {_MAX_EOS} distinct eos_token_id values are supported (got {len(eos)})")
+        if pad_token_id is None and gen_cfg is not None:
+            pad_token_id = gen_cfg.pad_token_id
+        if pad_token_id is None:
+            pad_token_id = eos[0] if eos else 0
+        return eos, int(pad_token_id)
+
+    def _weights_fingerprint(self) -> tuple:
+        # Captured graphs read parameters by address: a replaced tensor or an in-place update (which an
+        # fxspec pass may have frozen or packed) must send us back through the compiled function's guards.
+        return tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+
+
+class _TimedCompiled:
+    """``torch.compile`` of one step with its own code object (so the recompile limit and the compiled
+    cache are per step), timing the first call of each (prefill, decode) and falling back to
+    ``fullgraph=False`` if the model cannot be traced whole."""
+
+    def __init__(self, gen: Generator, fn: Callable, what: str):
+        self.gen, self.what = gen, what
+        self.fn = _fresh_function(fn, f"fxspec_{what.replace('[', '_').replace(']', '')}")
+        self.compiled = self._make(gen.fullgraph)
+        self.first = True
+
+    def _make(self, fullgraph: bool) -> Callable:
+        gen = self.gen
+        kwargs: dict[str, Any] = dict(backend=gen.backend, dynamic=False, fullgraph=fullgraph)
+        if gen.config or gen.backend == "fxspec":
+            kwargs["options"] = copy.deepcopy(gen.config)
+        return torch.compile(self.fn, **kwargs)
+
+    def __call__(self, *args):
+        if not self.first:
+            return self.compiled(*args)
+        t = time.perf_counter()
+        try:
+            out = self.compiled(*args)
+        except Exception as e:
+            if not self.gen.fullgraph or not _is_graph_break(e):
+                raise
+            warnings.warn(f"fxspec.runtime: {self.what} step does not trace as one graph "
+                          f"({type(e).__name__}: {str(e).splitlines()[0]}); compiling with graph breaks",
+                          stacklevel=2)
+            self.compiled = self._make(False)
+            out = self.compiled(*args)
+        if out.device.type == "cuda":
+            torch.cuda.synchronize(out.device)
+        self.gen.stats[f"compile_s"] += time.perf_counter() - t
+        self.first = False
+        return out
+
+
+def _hf_forward(model, cache, tokens, positions, key_mask):
+    """One transformers forward over ``tokens`` [B, T]; logits of the last position [B, 1, V]."""
+    return model(input_ids=tokens, attention_mask=key_mask, position_ids=positions, past_key_values=cache,
+                 use_cache=True, logits_to_keep=1).logits
+
+
+def _plain_forward(model, cache, tokens, positions, key_mask):
+    """One plain-contract forward over ``tokens`` [B, T]; logits of the last position [B, 1, V]."""
+    logits = model(tokens, positions, cache)
+    cache.advance(tokens.shape[1])
+    return logits[:, -1:]
+
+
+def _fresh_function(fn: Callable, name: str) -> Callable:
+    """A copy of ``fn`` with its own code object: Dynamo keeps compiled entries per code object."""
+    code = fn.__code__.replace(co_name=name)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+
+
+def _is_graph_break(e: Exception) -> bool:
+    try:
+        from torch._dynamo.exc import Unsupported, UserError
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(e, (Unsupported, UserError))
+
+
+# --- the functional entry point --------------------------------------------------------------------
+
+#: Every live Generator (weakly): ``generate()`` reuses one that fits before making another.
+_LIVE: "weakref.WeakSet[Generator]" = weakref.WeakSet()
+#: The Generators ``generate()`` made or used last (strong references; each keeps its model alive).
+_RECENT: "collections.OrderedDict[int, Generator]" = collections.OrderedDict()
+_RECENT_MAX = 4
+
+
+def clear_cache() -> None:
+    """Forget the Generators that :func:`generate` keeps (frees their caches and graphs)."""
+    _RECENT.clear()
+
+
+def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *,
+             attention_mask: torch.Tensor | None = None, do_sample: bool = False, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             eos_token_id: int | Iterable[int] | None = None, pad_token_id: int | None = None,
+             streamer: Callable[[torch.Tensor], Any] | None = None, config: dict | None = None,
+             max_cache_len: int | None = None, cuda_graphs: bool | str = "auto",
+             backend: str | Callable | None = None) -> torch.LongTensor:
+    """Generate with a compiled, CUDA-graphed :class:`Generator` (see the module docstring).
+
+    Reuses a live Generator of ``model`` that fits (batch capacity, cache length, same config, backend
+    and CUDA-graph setting), including one you made yourself; otherwise makes one with
+    ``max_batch_size = B`` and ``max_cache_len`` = ``prompt + max_new_tokens`` rounded up to a multiple of
+    256, and keeps the last few alive (:func:`clear_cache` drops them). Returns int64 ``[B, P + n]``.
+    """
+    b, P = (1, input_ids.shape[0]) if input_ids.dim() == 1 else input_ids.shape
+    need = P + max_new_tokens
+    backend = backend if backend is not None else default_backend()
+    config = dict(config) if config else {}
+    graphs = _resolve_cuda_graphs(cuda_graphs, model)
+    fits = [g for g in list(_LIVE)
+            if g.model is model and g.B >= b and g.config == config and g.backend == backend
+            and g.cuda_graphs == graphs and (g.L == max_cache_len if max_cache_len else g.L >= need)]
+    if fits:
+        gen = min(fits, key=lambda g: (g.B, g.L))
+    else:
+        if max_cache_len is None:
+            max_cache_len = max(_CACHE_LEN_QUANTUM, math.ceil(need / _CACHE_LEN_QUANTUM) * _CACHE_LEN_QUANTUM)
+        gen = Generator(model, b, max_cache_len, config=config, backend=backend, cuda_graphs=cuda_graphs)
+    _RECENT[id(gen)] = gen
+    _RECENT.move_to_end(id(gen))
+    while len(_RECENT) > _RECENT_MAX:
+        _RECENT.popitem(last=False)
+    return gen.generate(input_ids, max_new_tokens, attention_mask=attention_mask, do_sample=do_sample,
+                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                        eos_token_id=eos_token_id, pad_token_id=pad_token_id, streamer=streamer)
+
+
+def _resolve_cuda_graphs(cuda_graphs: bool | str, model: torch.nn.Module) -> bool:
+    if cuda_graphs == "auto":
+        param = next((p for p in model.parameters()), None)
+        return param is not None and param.device.type == "cuda"
+    return bool(cuda_graphs)
+
+
+def hf_compile_config(config: dict | None = None, backend: str = "fxspec"):
+    """A ``transformers.CompileConfig`` that makes ``model.generate(..., cache_implementation="static")``
+    compile its decode step with fxspec instead of Inductor's ``reduce-overhead`` (CUDA-graph trees).
+
+    ``model.generation_config.compile_config = hf_compile_config()`` (or pass ``compile_config=`` to
+    ``generate``). On CUDA with a static cache, transformers compiles ``model.__call__`` itself, with
+    ``mode="reduce-overhead"`` unless told otherwise; that wraps any ``torch.compile`` the user applied
+    to ``model.forward``.
+    """
+    from transformers import CompileConfig
+
+    return CompileConfig(backend=backend, mode="default", fullgraph=False, dynamic=False,
+                         options=copy.deepcopy(config) if config else None)

@@ -1,0 +1,156 @@
+"""The quantize pass: fires where it should (counters), leaves excluded layers alone, stays within the
+stated accuracy, refreshes on weight change, and gives clear errors for bad configs."""
+
+import pytest
+import torch
+
+import fxspec
+from fxspec.cli import tiny_model
+from fxspec.config import ConfigError
+
+pytest.importorskip("transformers")
+
+
+def sqnr_db(ref, out):
+    ref, out = ref.float(), out.float()
+    return (10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean())).item()
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+    torch._dynamo.reset()
+    fxspec.reset_counters()
+    yield
+    torch._dynamo.reset()
+
+
+IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+
+# family -> (linears quantized at min_features=1, lm head skipped). Each decoder layer of these tiny
+# models has q, k, v, o + gate, up, down (Llama-like) or their family's equivalents.
+FAMILIES = {"llama": 14, "qwen2": 14, "phi3": 8, "gpt_neox": 8}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_int8_fires_per_family_and_stays_accurate(family):
+    m = tiny_model(family)
+    with torch.no_grad():
+        ref = m(IDS).logits
+        out = torch.compile(m, backend="fxspec",
+                            options={"quantize": {"bits": 8, "min_features": 1}, "strict": True})(IDS).logits
+    assert fxspec.counters["quantize_weights"]["int8"] == FAMILIES[family]
+    assert fxspec.counters["backend"]["fallback"] == 0
+    ev = fxspec.recent_reports[-1].events
+    assert any(e.action == "skipped" and "LM head" in e.detail for e in ev)
+    assert sqnr_db(ref, out) > 30
+
+
+@pytest.mark.parametrize("opts, counter, min_db", [
+    ({"bits": 4, "group_size": 32}, "int4_g32", 12),
+    ({"bits": 4, "group_size": 64, "symmetric": False}, "int4_g64_asym", 12),
+    ({"bits": 8, "fp8": True}, "fp8", 18),
+])
+def test_int4_and_fp8_on_llama(opts, counter, min_db):
+    m = tiny_model("llama")
+    with torch.no_grad():
+        ref = m(IDS).logits
+        out = torch.compile(m, backend="fxspec",
+                            options={"quantize": {**opts, "min_features": 1}, "strict": True})(IDS).logits
+    assert fxspec.counters["quantize_weights"][counter] == 14
+    assert sqnr_db(ref, out) > min_db
+
+
+def test_default_config_does_not_quantize():
+    m = tiny_model("llama")
+    with torch.no_grad():
+        torch.compile(m, backend="fxspec")(IDS)
+    assert sum(fxspec.counters["quantize_weights"].values()) == 0
+    assert fxspec.counters["graph"]["linear"] == 15
+
+
+def test_exclude_and_include_patterns_leave_layers_untouched():
+    m = tiny_model("llama")
+    with torch.no_grad():
+        rep = fxspec.explain(m, IDS, config={"quantize": {"bits": 8, "min_features": 1,
+                                                          "exclude": ["*.mlp.*"],
+                                                          "include": ["model.layers.0.*", "model.layers.1.mlp.*"]}})
+    ev = rep.graphs[0].events
+    rewrote = sorted(e.where for e in ev if e.action == "rewrote")
+    assert rewrote == [f"model.layers.0.self_attn.{p}_proj" for p in "kovq"]
+    reasons = {e.where: e.detail for e in ev if e.action == "skipped"}
+    assert "excluded by pattern '*.mlp.*'" in reasons["model.layers.0.mlp.up_proj"]
+    assert "not matched by quantize.include" in reasons["model.layers.1.self_attn.q_proj"]
+    # the excluded linears are still plain F.linear in the rewritten graph
+    torch._dynamo.reset()
+
+
+def test_min_features_and_group_size_legality():
+    m = tiny_model("llama")  # k/v projections are 32 x 64
+    with torch.no_grad():
+        rep = fxspec.explain(m, IDS, config={"quantize": {"bits": 4, "group_size": 256, "min_features": 1}})
+    reasons = [e.detail for e in rep.graphs[0].events if e.action == "skipped"]
+    assert any("in_features = 64 is not a multiple of group_size = 256" in r for r in reasons)
+    assert not any(e.action == "rewrote" for e in rep.graphs[0].events if "mlp.down" not in e.where)
+
+
+def test_training_graph_is_left_alone():
+    m = tiny_model("llama").train()
+    out = torch.compile(m, backend="fxspec", options={"quantize": {"bits": 8, "min_features": 1}})(IDS)
+    out.logits.sum().backward()
+    assert fxspec.counters["quantize_weights"]["int8"] == 0
+    assert m.model.layers[0].mlp.up_proj.weight.grad is not None
+
+
+def test_weight_update_refreshes_quantized_weights():
+    m = tiny_model("llama")
+    c = torch.compile(m, backend="fxspec", options={"quantize": {"bits": 8, "min_features": 1}, "strict": True})
+    with torch.no_grad():
+        c(IDS)
+        m.model.layers[1].mlp.down_proj.weight.mul_(3.0)
+        after = c(IDS).logits
+        torch._dynamo.reset()
+        fresh = torch.compile(m, backend="fxspec",
+                              options={"quantize": {"bits": 8, "min_features": 1}, "strict": True})(IDS).logits
+    torch.testing.assert_close(after, fresh)
+    assert fxspec.counters["frozen"]["refresh"] >= 1
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_calibrated_methods(method, tmp_path):
+    from fxspec.runtime.calibrate import calibrate
+
+    m = tiny_model("llama")
+    tokens = torch.randint(0, 128, (4096,), generator=torch.Generator().manual_seed(1))
+    path = str(tmp_path / f"{method}.pt")
+    calibrate(m, tokens, method=method, bits=4, group_size=32, samples=8, seq_len=64).save(path)
+    opts = {"quantize": {"bits": 4, "group_size": 32, "method": method, "calibration": path, "min_features": 1},
+            "strict": True}
+    with torch.no_grad():
+        ref = m(IDS).logits
+        out = torch.compile(m, backend="fxspec", options=opts)(IDS).logits
+    assert fxspec.counters["quantize_weights"]["int4_g32"] == 14
+    assert sqnr_db(ref, out) > 12
+    bad = {"quantize": {**opts["quantize"], "group_size": 64}, "strict": True}
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="was made for method"):
+        torch.compile(m, backend="fxspec", options=bad)(IDS)
+
+
+def test_calibrated_method_needs_calibration_file():
+    with pytest.raises(Exception, match="needs quantize.calibration"):
+        with torch.no_grad():
+            torch.compile(tiny_model("llama"), backend="fxspec",
+                          options={"quantize": {"bits": 4, "method": "awq"}})(IDS)
+
+
+def test_fp8_on_gpu_without_fp8_is_a_clear_error(monkeypatch):
+    from fxspec.config import load_config
+    from fxspec.passes import quantize as qp
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100")
+    cfg = load_config({"quantize": {"bits": 8, "fp8": True}}, env={}).quantize
+    with pytest.raises(ConfigError, match="compute capability >= 8.9.*A100 is 8.0"):
+        qp._check_device_support(cfg, "cuda")
+    qp._check_device_support(cfg, "cpu")  # the CPU reference path works anywhere
