@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from .backend import GraphReport, prepare
-from .config import FxspecConfig, load_config
+from .config import ConfigError, FxspecConfig, load_config
+from .passes import PIPELINE, is_training
 
 
 @dataclass
@@ -43,13 +44,17 @@ def explain(model: Any, *args: Any, config: dict | FxspecConfig | None = None, g
     report = Report(cfg)
 
     def backend(gm, example_inputs, **_):
-        g = GraphReport(len(report.graphs), "?", False, None,
-                        [p for p in cfg.enabled_passes()])
-        from .passes import PIPELINE, is_training
-        g.training = is_training(example_inputs)
-        g.passes = [p.name for p in PIPELINE if p.enabled(cfg)]
-        prepare(gm, example_inputs, cfg, g)
+        g = GraphReport(len(report.graphs), "?", is_training(example_inputs), None,
+                        [p.name for p in PIPELINE if p.enabled(cfg)])
         report.graphs.append(g)
+        try:
+            prepare(gm, example_inputs, cfg, g)
+        except ConfigError:
+            raise
+        except Exception as e:  # reported as the backend would fall back, unless strict
+            if cfg.strict:
+                raise
+            g.fallback = f"{type(e).__name__}: {e}"
         return gm.forward
 
     compiled = torch.compile(model, backend=backend)

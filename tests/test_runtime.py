@@ -48,8 +48,12 @@ def tiny_config(family: str):
 
 
 def tiny_model(family: str, dtype=torch.float32, device="cpu", seed=0):
+    """A random tiny model whose generation config never stops early (random tiny Llamas like their eos
+    id 2: with it, several prompts end after one token and a comparison would test nothing)."""
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(tiny_config(family))
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -87,7 +91,25 @@ def llama_gen(llama):
 
 def test_greedy_matches_hf_llama(llama, llama_gen):
     ids = prompts(1, 7)
-    assert torch.equal(llama_gen.generate(ids, N_NEW), hf_greedy(llama, ids, N_NEW))
+    out = llama_gen.generate(ids, N_NEW)
+    assert out.shape == (1, 7 + N_NEW)
+    assert torch.equal(out, hf_greedy(llama, ids, N_NEW))
+
+
+def test_default_eos_and_pad_follow_generation_config(llama, llama_gen):
+    """``eos_token_id=None`` means the model's generation_config, as in ``model.generate``: with this
+    prompt row 1 emits eos 2 at its 11th token and pads after it, row 0 runs to the end."""
+    ids = prompts(2, 7, seed=11)
+    cfg = llama.generation_config
+    saved = cfg.eos_token_id, cfg.pad_token_id
+    cfg.eos_token_id, cfg.pad_token_id = 2, None
+    try:
+        out = llama_gen.generate(ids, N_NEW)
+        ref = hf_greedy(llama, ids, N_NEW, attention_mask=torch.ones_like(ids))
+    finally:
+        cfg.eos_token_id, cfg.pad_token_id = saved
+    assert out.shape == (2, 7 + N_NEW) and (out[1, 7:] == 2).sum() > 1 and (out[0, 7:] != 2).all()
+    assert torch.equal(out, ref)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gpt_neox"])
@@ -98,7 +120,9 @@ def test_greedy_matches_hf_other_families(family):
     mask[1, :4] = 0
     ref = hf_greedy(model, ids, N_NEW, attention_mask=mask)
     gen = Generator(model, max_batch_size=2, max_cache_len=CACHE, backend=BACKEND)
-    assert torch.equal(gen.generate(ids, N_NEW, attention_mask=mask), ref)
+    out = gen.generate(ids, N_NEW, attention_mask=mask)
+    assert out.shape == (2, 9 + N_NEW)
+    assert torch.equal(out, ref)
 
 
 def test_compile_once_generate_many(llama, llama_gen):
@@ -120,6 +144,7 @@ def test_ragged_batch_equals_rows_and_hf(llama, llama_gen):
     ids[0, 4:], mask[0, 4:] = a[0], 1
     ids[1], mask[1] = b[0], 1
     out = llama_gen.generate(ids, N_NEW, attention_mask=mask, eos_token_id=[])
+    assert out.shape == (2, 9 + N_NEW)
     assert torch.equal(out[0, 9:], llama_gen.generate(a, N_NEW, eos_token_id=[])[0, 5:])
     assert torch.equal(out[1, 9:], llama_gen.generate(b, N_NEW, eos_token_id=[])[0, 9:])
     assert torch.equal(out[:, :9], ids)
@@ -321,6 +346,7 @@ def test_hf_generate_with_compiled_forward_static_cache(llama):
     model = copy.deepcopy(llama)
     ids = prompts(1, 7, seed=31)
     ref = hf_greedy(model, ids, 12, cache_implementation="static")
+    assert ref.shape == (1, 7 + 12)
     assert torch.equal(ref, hf_greedy(model, ids, 12))
     model.forward = torch.compile(model.forward, backend=BACKEND)
     assert torch.equal(hf_greedy(model, ids, 12, cache_implementation="static"), ref)
@@ -343,15 +369,16 @@ def first_divergence(a: torch.Tensor, b: torch.Tensor) -> int | None:
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_cuda_graph_greedy_matches_hf(dtype):
-    model = tiny_model("llama", dtype=dtype, device="cuda")
+def test_gpu_cuda_graph_greedy_matches_hf():
+    """float32 on the GPU: ragged batch, CUDA-graph replays, sampling graph (bf16: the ref-lm test)."""
+    model = tiny_model("llama", device="cuda")
     ids = prompts(2, 7, device="cuda")
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
     gen = Generator(model, max_batch_size=2, max_cache_len=CACHE, backend=BACKEND)
     assert gen.cuda_graphs
     out = gen.generate(ids, N_NEW, attention_mask=mask)
+    assert out.shape == (2, 7 + N_NEW)
     assert gen._graphs, "the decode step was not captured"
     assert torch.equal(out, hf_greedy(model, ids, N_NEW, attention_mask=mask))
     # replays are deterministic and reuse the capture
@@ -405,6 +432,7 @@ def test_gpu_hf_generate_with_fxspec_static_cache(how):
     model = tiny_model("llama", dtype=torch.float32, device="cuda")
     ids = prompts(1, 7, device="cuda")
     ref = hf_greedy(model, ids, 16)
+    assert ref.shape == (1, 7 + 16)  # all 16 steps run (a first-token eos would test nothing)
     kw = dict(cache_implementation="static")
     if how == "user_compiled_forward":
         model.forward = torch.compile(model.forward, backend=BACKEND)

@@ -15,19 +15,41 @@ Read-only: no node, argument or ``meta`` entry of ``gm`` is changed. Matchers th
 
 from __future__ import annotations
 
+from typing import Callable, TypeVar
+
 import torch
 import torch.fx as fx
 
+from .._log import log
 from .attention import find_attentions
 from .ffn import find_ffns, find_moe_experts
 from .linear import find_foreign_projections, find_linears, projections
 from .lm_head import find_embeddings, find_lm_head
+from .nodes import examples_in_scope
 from .norm import find_norms
 from .params import collect_params
 from .types import GraphAnalysis, Unrecognised
 
+T = TypeVar("T")
+
 
 def analyze(gm: fx.GraphModule, example_inputs: list) -> GraphAnalysis:
+    with examples_in_scope(gm, example_inputs):
+        return _analyze(gm, example_inputs)
+
+
+def _analyze(gm: fx.GraphModule, example_inputs: list) -> GraphAnalysis:
+    errors: list[Unrecognised] = []
+
+    def guarded(what: str, fn: Callable[[], T], default: T) -> T:
+        """A matcher that raises costs its own results, not the analysis (nor the user's compile)."""
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001
+            log.warning("graph analysis: the %s matcher raised %s: %s", what, type(e).__name__, e)
+            errors.append(Unrecognised(what, "", f"matcher raised {type(e).__name__}: {e}"))
+            return default
+
     params = collect_params(gm, example_inputs)
     by_node = {p.node: p for p in params}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -36,24 +58,25 @@ def analyze(gm: fx.GraphModule, example_inputs: list) -> GraphAnalysis:
     buffers = {p.node: example_inputs[p.index] for p in params
                if not p.is_parameter and p.index < len(example_inputs)}
 
-    linears = find_linears(gm, by_node)
-    foreign = find_foreign_projections(gm, by_node)
+    linears = guarded("linear", lambda: find_linears(gm, by_node), [])
+    foreign = guarded("linear", lambda: find_foreign_projections(gm, by_node), [])
     projs = projections(linears, foreign)
-    norms = find_norms(gm, by_node)
-    embeddings = find_embeddings(gm, by_node)
-    attn = find_attentions(gm, projs, norms, buffers, inputs)
-    ffns, ffn_unrecognised, ffn_covered = find_ffns(gm, projs, norms)
+    norms = guarded("norm", lambda: find_norms(gm, by_node), [])
+    embeddings = guarded("embedding", lambda: find_embeddings(gm, by_node), [])
+    attn = guarded("attention", lambda: find_attentions(gm, projs, norms, buffers, inputs), None)
+    ffns, ffn_unrecognised, ffn_covered = guarded("ffn", lambda: find_ffns(gm, projs, norms), ([], [], set()))
+    experts = guarded("ffn", lambda: find_moe_experts(gm, by_node), [])
+    lm_head = guarded("lm_head", lambda: find_lm_head(gm, linears, embeddings, norms), None)
 
-    unrecognised = attn.unrecognised + ffn_unrecognised + find_moe_experts(gm, by_node)
-    covered = attn.covered | ffn_covered
+    unrecognised = (attn.unrecognised if attn else []) + ffn_unrecognised + experts
+    covered = (attn.covered if attn else set()) | ffn_covered
     for p in foreign:
         if p.node not in covered:
             unrecognised.append(Unrecognised("linear", p.name, p.reason or "not F.linear"))
 
     return GraphAnalysis(params=params, linears=linears, norms=norms, ffns=ffns,
-                         attentions=attn.attentions, embeddings=embeddings,
-                         lm_head=find_lm_head(gm, linears, embeddings, norms),
-                         unrecognised=unrecognised)
+                         attentions=attn.attentions if attn else [], embeddings=embeddings,
+                         lm_head=lm_head, unrecognised=unrecognised + errors)
 
 
 __all__ = ["analyze"]

@@ -84,7 +84,7 @@ class AttentionFinder:
 
     # ---- cores ---------------------------------------------------------------------------------
     def _sdpa(self, node: fx.Node) -> _Core:
-        q, k, v = node.args[:3]
+        q, k, v = arg(node, 0, "query"), arg(node, 1, "key"), arg(node, 2, "value")
         mask = arg(node, 3, "attn_mask")
         scale = const(arg(node, 6, "scale"))
         if scale is None:
@@ -97,7 +97,7 @@ class AttentionFinder:
         rank = len(shape(softmax) or ())
         if arg(softmax, 1, "dim") not in (-1, rank - 1):
             return None
-        found = _scores(softmax.args[0], 0, self.projs)
+        found = _scores(arg(softmax, 0, "input"), 0, self.projs)
         if found is None:
             return None
         mm, masks, scale = found

@@ -11,14 +11,15 @@ transformers 5 builds even a plain causal mask as a tensor (``is_causal=False`` 
 
 ``mask_causality(mask) -> (causal, sliding_window)``:
 
-* True when the mask's ancestry holds a comparison putting the key index at or below the query
-  index (``kv <= q``, ``kv < q``, ``q >= kv``, ``q > kv``; orientation told by which operand
-  varies along the last dim), a ``tril`` (allowed positions), a ``triu(..., diagonal>=1)``
-  (blocked positions), or a lower-triangular boolean buffer (older GPT-2's ``bias``, read from the
-  real buffer in ``example_inputs``).
+* True when the mask's ancestry holds a comparison between a key index and a query index (the
+  operand that varies along the last dim is the key side, along dim -2 the query side), a ``tril``,
+  a ``triu(..., diagonal>=1)``, or a lower-triangular boolean buffer (older GPT-2's ``bias``, read
+  from the real buffer in ``example_inputs``). Either polarity counts: ``kv <= q`` as "allowed"
+  (transformers, SDPA) and ``kv > q`` or ``~tril`` as "blocked" (``masked_fill(m, -inf)``), so
+  ``~`` is neutral. A comparison against ``q - W`` is a sliding window of W keys, not causality.
 * False when the ancestry holds only constants and index arithmetic and no such relation.
-* None when a graph input or an unreadable buffer takes part (a run-time mask decides), or when an
-  ``or`` / ``not`` could undo the relation.
+* None when a graph input or a non-triangular buffer takes part (a run-time mask decides), or when
+  an ``or`` takes part (it can relax a relation: prefix-LM masks).
 """
 
 from __future__ import annotations
@@ -26,11 +27,16 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .nodes import ancestors, arg, const, is_any, is_op, shape, static_int
+from .nodes import ancestors, arg, const, is_any, is_op, shape, static_int, tensor_operands
 
 
 def _axis(node: object) -> str | None:
-    """"q" if the tensor varies along dim -2 only, "kv" if along dim -1 only (by shape)."""
+    """"q" if the tensor varies along dim -2 only, "kv" if along dim -1 only.
+
+    Told by the shape; when that is degenerate (a single query while decoding: ``(1, 1, 1, 1)``),
+    by how a 1-D index was expanded: ``idx[..., :, None]`` / ``idx.unsqueeze(-1)`` is a query index,
+    ``idx[..., None, :]`` / ``idx.unsqueeze(0)`` a key index.
+    """
     sh = shape(node)
     if sh is None or len(sh) < 2:
         return None
@@ -40,6 +46,19 @@ def _axis(node: object) -> str | None:
         return "q"
     if cols and not rows:
         return "kv"
+    return _index_axis(node) if not (rows or cols) else None
+
+
+def _index_axis(node: object) -> str | None:
+    while is_any(node, ("add", "sub")) and len(tensor_operands(node)) == 1:  # idx + offset
+        node = tensor_operands(node)[0]
+    if is_op(node, "getitem") and isinstance(node.args[1], tuple) and Ellipsis not in node.args[1]:
+        idx = node.args[1]
+        slices = [i for i, x in enumerate(idx) if isinstance(x, slice)]
+        if len(slices) == 1 and all(x is None for i, x in enumerate(idx) if i != slices[0]):
+            return {len(idx) - 2: "q", len(idx) - 1: "kv"}.get(slices[0])
+    if is_op(node, "unsqueeze") and len(shape(node.args[0]) or ()) == 1:
+        return {-1: "q", 1: "q", 0: "kv"}.get(arg(node, 1, "dim"))
     return None
 
 
@@ -62,23 +81,21 @@ def mask_causality(mask: fx.Node, buffers: dict[fx.Node, torch.Tensor],
                 causal |= tri is True
                 unknown |= tri is not True
             continue
-        if is_any(n, ("or", "invert")):
+        if is_op(n, "or"):
             return None, None
-        if is_op(n, "tril"):
-            causal = True
-        elif is_op(n, "triu") and (arg(n, 1, "diagonal", 0) or 0) >= 1:
+        if is_op(n, "tril") or (is_op(n, "triu") and (arg(n, 1, "diagonal", 0) or 0) >= 1):
             causal = True
         elif is_any(n, ("le", "lt", "ge", "gt")) and all(isinstance(a, fx.Node) for a in n.args[:2]):
+            op = next(o for o in ("le", "lt", "ge", "gt") if is_op(n, o))
             a, b = n.args[0], n.args[1]
-            left = {"le": "<=", "lt": "<", "ge": ">=", "gt": ">"}[next(
-                op for op in ("le", "lt", "ge", "gt") if is_op(n, op))]
-            if _axis(a) == "q" and _axis(b) == "kv":  # normalise to "kv <op> q"
-                a, b = b, a
-                left = {"<=": ">=", "<": ">", ">=": "<=", ">": "<"}[left]
-            if _axis(a) == "kv" and _axis(b) == "q" and left in ("<=", "<"):
+            if _axis(a) == "q" or _axis(b) == "kv":  # normalise to "kv <op> q-side"
+                a, b, op = b, a, {"le": "ge", "lt": "gt", "ge": "le", "gt": "lt"}[op]
+            if _axis(a) != "kv":
+                continue
+            if _window(b) is not None:  # kv > q - W (allowed) or kv <= q - W (blocked): W keys
+                window = _window(b) + (1 if op in ("ge", "lt") else 0)
+            elif _axis(b) == "q":
                 causal = True
-            elif _axis(a) == "kv" and left in (">", ">=") and _window(b) is not None:
-                window = _window(b) + (0 if left == ">" else 1)
     if causal:
         return True, window
     return (None if unknown else False), None

@@ -43,7 +43,7 @@ from .types import FFNInfo, NormInfo, ParamRef, Unrecognised
 
 def proj_input(node: fx.Node) -> fx.Node:
     """The activation operand of a projection node (``addmm(b, x, W)`` has it second)."""
-    return node.args[1] if is_op(node, "addmm") else node.args[0]
+    return arg(node, 1, "mat1") if is_op(node, "addmm") else arg(node, 0, "input")
 
 
 def _source(node: object, projs: dict[fx.Node, Proj]) -> tuple[Proj, int | None] | None:
@@ -144,7 +144,8 @@ def _match_block(down: Proj, projs: dict[fx.Node, Proj]):
         if g is None or u is None:
             continue
         (gp, g_half), (up, u_half) = g, u
-        if gp.node is up.node and {g_half, u_half} == {0, 1} and gp.out_features == 2 * down.in_features:
+        if (gp.node is up.node and {g_half, u_half} == {0, 1} and gp.out_features == 2 * down.in_features
+                and gp.in_features == down.out_features):
             return "gated", act[0], gp, None, g_half  # fused gate_up
         if (gp.node is not up.node and g_half is None and u_half is None
                 and gp.out_features == up.out_features == down.in_features

@@ -9,8 +9,10 @@ Nothing here mutates a graph or its nodes.
 from __future__ import annotations
 
 import builtins
+import contextlib
+import contextvars
 import operator
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.fx as fx
@@ -194,12 +196,27 @@ def static_int(s: Any) -> int | None:
     return None
 
 
+# placeholder -> example input of the graph being analysed (set by ``examples_in_scope``)
+_EXAMPLES: contextvars.ContextVar[dict] = contextvars.ContextVar("fxspec_graph_examples", default={})
+
+
+@contextlib.contextmanager
+def examples_in_scope(gm: fx.GraphModule, example_inputs: list) -> Iterator[None]:
+    """Make ``example_inputs`` readable by :func:`const` while one graph is analysed."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    token = _EXAMPLES.set(dict(zip(placeholders, example_inputs)))
+    try:
+        yield
+    finally:
+        _EXAMPLES.reset(token)
+
+
 def const(x: Any) -> float | None:
     """A scalar argument's value as float, None when it is not a known scalar.
 
     Python numbers, and in ``dynamic=True`` graphs the ``.item()`` of a 0-d tensor input: Dynamo lifts
     float module attributes (``eps``, ``scaling``, ``dropout.p``) to such inputs; their value is the
-    one the graph was traced with (``grapharg.example``).
+    one the graph was traced with (from ``example_inputs``, see :func:`examples_in_scope`).
     """
     if isinstance(x, bool):
         return None
@@ -207,7 +224,9 @@ def const(x: Any) -> float | None:
         return float(x)
     if isinstance(x, Node) and x.op == "call_method" and x.target == "item" and is_scalar(x):
         src = x.args[0]
-        example = getattr(src.meta.get("grapharg"), "example", None) if isinstance(src, Node) else None
+        example = _EXAMPLES.get().get(src)
+        if example is None and isinstance(src, Node):
+            example = getattr(src.meta.get("grapharg"), "example", None)
         if isinstance(example, torch.Tensor) and example.numel() == 1 and not example.is_meta:
             try:
                 return float(example.item())

@@ -136,7 +136,9 @@ def _cached_stats(path: str):
     from ..runtime.calibrate import CalibrationStats
 
     try:
-        return CalibrationStats.load(path)
+        # torch.load inside Dynamo's tracing context yields meta tensors; the statistics must be real
+        with torch._guards.tracing(None):
+            return CalibrationStats.load(path)
     except FileNotFoundError:
         raise ConfigError(f"quantize.calibration = {path!r}: no such file") from None
 

@@ -70,28 +70,28 @@ def calibrate(model: nn.Module, tokens: torch.Tensor, *, method: str = "awq", bi
 
     ``quantizer(W) -> W_dequantized`` is the round trip the AWQ search measures (default: RTN with
     ``bits``/``group_size``/``symmetric``, the same as the quantize pass). ``skip(name)`` leaves layers out
-    (default: the LM head, i.e. a linear whose output size equals the vocabulary)."""
+    (default: the LM head, ``model.get_output_embeddings()``)."""
     if method not in ("awq", "gptq"):
         raise ValueError(f"calibrate: method {method!r} is not one of 'awq', 'gptq'")
     if bits == 8:
         group_size = None
     windows = _windows(tokens, samples, seq_len)
     quantizer = quantizer or _rtn_roundtrip(bits, group_size, symmetric)
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)
-               and not (skip(n) if skip else (vocab is not None and m.out_features == vocab))}
+               and not (skip(n) if skip else m is head)}
     if not linears:
         raise ValueError("calibrate: the model has no nn.Linear layers to calibrate")
 
     device = next(model.parameters()).device
-    groups: dict[int, str] = {}  # id(input tensor) -> group name (first linear seen)
+    groups: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) -> (input kept alive, group name)
     acc: dict[str, dict[str, Any]] = {}
     members: dict[str, list[str]] = {}
 
     def hook(name: str):
         def fn(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
             x = inp[0]
-            g = groups.setdefault(id(x), name)
+            g = groups.setdefault(id(x), (x, name))[1]
             if g == name and name not in acc:
                 acc[name] = {"absmean": 0.0, "n": 0, "sample": [], "h": None}
             members.setdefault(g, [])

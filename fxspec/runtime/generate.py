@@ -102,12 +102,14 @@ class Generator:
         fullgraph: ask Dynamo for one graph per step; falls back to ``False`` with a warning if the model
             cannot be traced whole.
         prefill_buckets: prompt widths the prefill is compiled for (prompts are left-padded up to one).
+        compile_prefill: ``False`` runs the prefill eagerly (one call per generate; saves a compile per
+            bucket when only decode speed matters).
     """
 
     def __init__(self, model: torch.nn.Module, max_batch_size: int = 1, max_cache_len: int = 2048, *,
                  config: dict | None = None, backend: str | Callable | None = None,
                  cuda_graphs: bool | str = "auto", compile: bool = True, fullgraph: bool = True,
-                 prefill_buckets: Sequence[int] = DEFAULT_BUCKETS):
+                 prefill_buckets: Sequence[int] = DEFAULT_BUCKETS, compile_prefill: bool = True):
         if max_batch_size < 1 or max_cache_len < 2:
             raise ValueError(f"max_batch_size must be >= 1 and max_cache_len >= 2 "
                              f"(got {max_batch_size}, {max_cache_len})")
@@ -115,7 +117,7 @@ class Generator:
         self.B, self.L = int(max_batch_size), int(max_cache_len)
         self.config = dict(config) if config else {}
         self.backend = backend if backend is not None else default_backend()
-        self.compile, self.fullgraph = compile, fullgraph
+        self.compile, self.fullgraph, self.compile_prefill = compile, fullgraph, compile_prefill
         self.buckets = tuple(sorted(int(b) for b in prefill_buckets))
         param = next((p for p in model.parameters() if p.is_floating_point()), None)
         if param is None:
@@ -157,7 +159,6 @@ class Generator:
         self._prefill_fns: dict[int, Callable] = {}
         self._decode_fn: Callable | None = None
         self._graphs: dict[SamplingSpec, torch.cuda.CUDAGraph] = {}
-        self._pool = None
         self._weights_seen = self._weights_fingerprint()
         _LIVE.add(self)
 
@@ -303,7 +304,8 @@ class Generator:
     def _prefill_fn(self, Pb: int) -> Callable:
         fn = self._prefill_fns.get(Pb)
         if fn is None:
-            fn = self._prefill_fns[Pb] = self._compile(self._forward, f"prefill[{Pb}]")
+            fn = self._prefill_fns[Pb] = (self._compile(self._forward, f"prefill[{Pb}]")
+                                          if self.compile_prefill else self._forward)
         return fn
 
     def _compile(self, fn: Callable, what: str) -> Callable:
@@ -330,10 +332,10 @@ class Generator:
                 self._decode_step(spec)
         torch.cuda.current_stream(self.device).wait_stream(side)
         torch.cuda.synchronize(self.device)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        self.stats["warmup_s"] += time.perf_counter() - t  # includes the decode compile, if first
+        t = time.perf_counter()
+        graph = torch.cuda.CUDAGraph()  # its own memory pool: nothing it allocates outlives a replay
+        with torch.cuda.graph(graph):
             self._decode_step(spec)
         torch.cuda.synchronize(self.device)
         self._graphs[spec] = graph
@@ -435,7 +437,9 @@ class _TimedCompiled:
             out = self.compiled(*args)
         if out.device.type == "cuda":
             torch.cuda.synchronize(out.device)
-        self.gen.stats[f"compile_s"] += time.perf_counter() - t
+        dt = time.perf_counter() - t
+        self.gen.stats["compile_s"] += dt
+        self.gen.stats["compile_decode_s" if self.what == "decode" else "compile_prefill_s"] += dt
         self.first = False
         return out
 

@@ -1,0 +1,429 @@
+"""Benchmark: fxspec weight-only quantized linears vs cuBLAS / Inductor / tinygemm (GPU only).
+
+One run: (1) checks every fxspec path against the fp32 reference on the GPU (real and odd shapes,
+bf16 and fp16, bias, asymmetric int4, split-K determinism); (2) measures the device-to-device copy
+bandwidth (bytes read + written); (3) per weight shape N x K times, at M = 1 (and M = 2, 8, 16;
+prefill M = 512, 2048):
+
+  cublas_bf16     F.linear(x, W) with W bf16
+  inductor_int8   torch.compile of F.linear(x, q.to(bf16)) * s  (gpt-fast's int8 form)
+  tinygemm_int4   torch.ops.aten._weight_int4pack_mm, group 128
+  fxspec_int8 / fxspec_int4 (g128, symmetric) / fxspec_fp8, path picked by the launcher,
+  plus named variants (other paths; int4 without the PTX unpacking).
+
+Timing: a CUDA graph replays the op over enough weight copies (>= 150 MB, 3x the 50 MB L2) that
+no call finds its weight in L2; time per call = median replay time / calls per replay.  This is
+the steady state of a CUDA-graph decode loop, launch gaps included.  Bandwidth = weight bytes
+(codes + scales [+ zeros]) / time; "frac" = that over the copy bandwidth measured in this run.
+
+    PYTHONPATH=. FXSPEC_COMMIT=$(git rev-parse HEAD) python3 benchmarks/bench_quant_kernels.py
+Writes $OUT/quant_kernels.json and $OUT/quant_kernels.md when OUT is set; prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192)]  # N x K
+DECODE_MS = [1, 2, 8, 16]
+PREFILL_MS = [512, 2048]
+L2_BYTES = 50 * 2**20
+ROTATE_BYTES = 3 * L2_BYTES
+GROUP = 128
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# ------------------------------------------------------------------------------------- timing
+
+def copy_bandwidth(nbytes: int = 2**30, reps: int = 20) -> float:
+    """Device-to-device copy, bytes read + written per second (median of reps)."""
+    a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        b.copy_(a)
+        e1.record()
+        e1.synchronize()
+        ts.append(e0.elapsed_time(e1) * 1e-3)
+    del a, b
+    return 2 * nbytes / statistics.median(ts)
+
+
+def n_copies(nbytes: int) -> int:
+    return max(2, math.ceil(ROTATE_BYTES / max(nbytes, 1)))
+
+
+_SIDE = None
+
+
+def time_calls(calls, reps: int = 15, min_calls: int = 8) -> tuple:
+    """Median seconds per call, over CUDA-graph replays of ``calls`` (each on its own weights).
+    Returns (seconds, method)."""
+    seq = list(calls)
+    while len(seq) < min_calls:
+        seq += list(calls)
+    # warm-up on the capture stream (the documented pattern: cuBLAS workspaces, Triton autotune,
+    # fxspec's per-stream split-K counters all exist before the capture starts)
+    global _SIDE
+    if _SIDE is None:
+        _SIDE = torch.cuda.Stream()
+    cur = torch.cuda.current_stream()
+    _SIDE.wait_stream(cur)
+    with torch.cuda.stream(_SIDE):
+        for c in calls:
+            c()
+    cur.wait_stream(_SIDE)
+    torch.cuda.synchronize()
+    try:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=_SIDE):
+            for c in seq:
+                c()
+        g.replay()
+        torch.cuda.synchronize()
+        run, method = g.replay, "cudagraph"
+    except Exception as e:  # pragma: no cover - device dependent
+        log(f"    (graph capture failed: {type(e).__name__}: {e}; timing eager)")
+        torch.cuda.synchronize()
+
+        def run():
+            for c in seq:
+                c()
+        method = "eager"
+    ts = []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        run()
+        e1.record()
+        e1.synchronize()
+        ts.append(e0.elapsed_time(e1) * 1e-3)
+    return statistics.median(ts) / len(seq), method
+
+
+# --------------------------------------------------------------------------------- baselines
+
+def tinygemm_pack(q4: torch.Tensor, scales_gn: torch.Tensor):
+    """q4: uint8 codes [N, K] (0..15); scales [K/G, N] -> (packed, scales_and_zeros) for
+    aten._weight_int4pack_mm with w = (q - 8) * s + 0."""
+    w_uint8 = ((q4[:, ::2] << 4) | q4[:, 1::2]).to(torch.uint8)
+    packed = torch.ops.aten._convert_weight_to_int4pack(w_uint8.contiguous(), 8)
+    sz = torch.stack([scales_gn.to(torch.bfloat16), torch.zeros_like(scales_gn, dtype=torch.bfloat16)], dim=-1)
+    return packed, sz.contiguous()
+
+
+def _int8_inductor_fn(x, q, s):
+    return F.linear(x, q.to(x.dtype)) * s
+
+
+# ------------------------------------------------------------------------------------ checks
+
+def rel_err(a, b) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def run_checks(Q, tk) -> list:
+    """fxspec kernels vs the fp32 reference on the GPU.  Real shapes go through the autotuned
+    launchers (the timing later reuses that tuning); odd shapes (row tiles cut by N) use each
+    list's first config to bound compile time.  Every path runs twice: outputs must be bitwise
+    equal (split-K reduces in a fixed order)."""
+    rows = []
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def one(name, p, fn, ref, N, K, M, dt, has_bias):
+        try:
+            y, y2 = fn(p), fn(p)
+            err = rel_err(y, ref)
+            det = bool(torch.equal(y, y2))
+            ok = err < (1e-2 if dt == torch.bfloat16 else 2e-3) and det and bool(torch.isfinite(y).all())
+            row = dict(fmt=name, path=p, N=N, K=K, M=M, dtype=str(dt)[6:], bias=has_bias, rel_err=err,
+                       deterministic=det, ok=ok)
+        except Exception as e:
+            row = dict(fmt=name, path=p, N=N, K=K, M=M, dtype=str(dt)[6:], bias=has_bias, rel_err=None,
+                       deterministic=None, ok=False, error=f"{type(e).__name__}: {e}"[:300])
+        rows.append(row)
+        if not row["ok"]:
+            log("  CHECK FAIL", row)
+
+    def case(N, K, M, dt, cfg_first, with_bias, fmts):
+        W = torch.randn(N, K, device="cuda", dtype=dt, generator=g) * 0.05
+        x = torch.randn(M, K, device="cuda", dtype=dt, generator=g)
+        b = torch.randn(N, device="cuda", dtype=dt, generator=g) if with_bias else None
+        def cfg(kernel):
+            if not cfg_first:
+                return None
+            lst = {"gemv": tk._GEMV8, "mma8": tk._MM8_DECODE if M <= tk.DECODE_MAX_M else tk._MM8_PREFILL,
+                   "mma4": tk._MM4_DECODE if M <= tk.DECODE_MAX_M else tk._MM4_PREFILL}[kernel]
+            c = lst[0]
+            return dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+        if "int8" in fmts:
+            q = Q.quantize_int8(W)
+            ref = Q.int8_linear_ref(x, q.qweight, q.scales, b)
+            for p in ("gemv", "mma", "dequant"):
+                if p == "gemv" and M > 16:
+                    continue
+                c = cfg("gemv" if p == "gemv" else "mma8") if p != "dequant" else None
+                one("int8", p, lambda p, c=c: tk.int8_linear_triton(x, q.qweight, q.scales, b, path=p, config=c), ref, N, K, M, dt, b is not None)
+        if "fp8" in fmts:
+            qf = Q.quantize_fp8(W)
+            ref = Q.fp8_linear_ref(x, qf.qweight, qf.scales, b)
+            for p in ("gemv", "mma"):
+                if p == "gemv" and M > 16:
+                    continue
+                c = cfg("gemv" if p == "gemv" else "mma8")
+                one("fp8", p, lambda p, c=c: tk.fp8_linear_triton(x, qf.qweight, qf.scales, b, path=p, config=c), ref, N, K, M, dt, b is not None)
+        if "int4" in fmts:
+            q4 = Q.quantize_int4(W, GROUP, symmetric=True)
+            ref = Q.int4_linear_ref(x, q4.qweight, q4.scales, None, GROUP, b)
+            for p in ("mma", "dequant"):
+                c = cfg("mma4") if p == "mma" else None
+                one("int4g128", p, lambda p, c=c: tk.int4_linear_triton(x, q4.qweight, q4.scales, None, GROUP, b, path=p, config=c), ref, N, K, M, dt, b is not None)
+            if "noasm" in fmts:
+                one("int4g128_noasm", "mma", lambda p: tk.int4_linear_triton(x, q4.qweight, q4.scales, None, GROUP, b, path=p, use_asm=False, config=cfg("mma4")), ref, N, K, M, dt, b is not None)
+        if "int4asym" in fmts:
+            qa = Q.quantize_int4(W, 64, symmetric=False)
+            ref = Q.int4_linear_ref(x, qa.qweight, qa.scales, qa.zeros, 64, b)
+            one("int4g64_asym", "mma", lambda p: tk.int4_linear_triton(x, qa.qweight, qa.scales, qa.zeros, 64, b, path=p, config=cfg("mma4")), ref, N, K, M, dt, b is not None)
+
+    bf = torch.bfloat16
+    for (N, K) in SHAPES:  # autotuned, the timing's keys
+        for M in (1, 16, 512):
+            case(N, K, M, bf, False, False, ("int8", "int4") + (("fp8", "noasm") if M == 1 else ()))
+    for (N, K) in [(1000, 4096), (4100, 2048)]:  # odd N: masked row tiles
+        for M in ((1, 3, 17) if N == 1000 else (1, 17)):
+            case(N, K, M, bf, True, M != 1, ("int8", "fp8", "int4", "int4asym"))
+    for M in (1, 17):
+        case(4100, 2048, M, torch.float16, True, True, ("int8", "int4", "int4asym"))
+    n_ok = sum(r["ok"] for r in rows)
+    worst = max((r["rel_err"] for r in rows if r["rel_err"] is not None), default=None)
+    log(f"checks: {n_ok}/{len(rows)} ok; worst rel err {worst}")
+    return rows
+
+
+# ---------------------------------------------------------------------------------- measure
+
+def measure_shape(Q, tk, N, K, copy_bw, results, only_m=None, sweep=True):
+    dev = "cuda"
+    torch.manual_seed(N + K)
+    W = torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02
+    q8 = Q.quantize_int8(W)
+    q4 = Q.quantize_int4(W, GROUP, symmetric=True)
+    qf = Q.quantize_fp8(W)
+    codes4 = Q.unpack_int4(q4.qweight, GROUP)
+    tg_packed, tg_sz = tinygemm_pack(codes4, q4.scales)
+    del codes4
+    bytes_ = {
+        "bf16": 2 * N * K,
+        "int8": q8.nbytes(),
+        "int4": q4.nbytes(),
+        "fp8": qf.nbytes(),
+        "tinygemm": tg_packed.numel() * tg_packed.element_size() + tg_sz.numel() * tg_sz.element_size(),
+    }
+    copies = {}
+
+    def get(kind, make):
+        if kind not in copies:
+            copies[kind] = [make() for _ in range(n_copies(bytes_[kind.split(':')[0]]))]
+        return copies[kind]
+
+    Ws = get("bf16", lambda: W.clone())
+    q8s = get("int8", lambda: (q8.qweight.clone(), q8.scales.clone()))
+    q4s = get("int4", lambda: (q4.qweight.clone(), q4.scales.clone()))
+    qfs = get("fp8", lambda: (qf.qweight.clone(), qf.scales.clone()))
+    tgs = get("tinygemm", lambda: (tg_packed.clone(), tg_sz.clone()))
+    ind = torch.compile(_int8_inductor_fn, dynamic=False)
+    q8b = [(q, s.to(torch.bfloat16)) for q, s in q8s]  # gpt-fast keeps int8 scales in bf16
+
+    # tinygemm correctness vs our reference (same codes and scales)
+    xt = torch.randn(1, K, device=dev, dtype=torch.bfloat16)
+    tg_err = rel_err(torch.ops.aten._weight_int4pack_mm(xt, tg_packed, GROUP, tg_sz),
+                     Q.int4_linear_ref(xt, q4.qweight, q4.scales, None, GROUP))
+    log(f"  tinygemm vs reference rel err {tg_err:.2e}")
+
+    Ms = only_m or (DECODE_MS + PREFILL_MS)
+    for M in Ms:
+        x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+        methods = {
+            "cublas_bf16": ("bf16", [lambda w=w: F.linear(x, w) for w in Ws]),
+            "tinygemm_int4": ("tinygemm", [lambda p=p, s=s: torch.ops.aten._weight_int4pack_mm(x, p, GROUP, s) for p, s in tgs]),
+            "fxspec_int8": ("int8", [lambda q=q, s=s: tk.int8_linear_triton(x, q, s) for q, s in q8s]),
+            "fxspec_int4": ("int4", [lambda q=q, s=s: tk.int4_linear_triton(x, q, s, None, GROUP) for q, s in q4s]),
+        }
+        if M == 1:
+            methods["inductor_int8"] = ("int8", [lambda q=q, s=s: ind(x, q, s) for q, s in q8b])
+            methods["fxspec_fp8"] = ("fp8", [lambda q=q, s=s: tk.fp8_linear_triton(x, q, s) for q, s in qfs])
+            methods["fxspec_int8_mma"] = ("int8", [lambda q=q, s=s: tk.int8_linear_triton(x, q, s, path="mma") for q, s in q8s])
+            methods["fxspec_int4_noasm"] = ("int4", [lambda q=q, s=s: tk.int4_linear_triton(x, q, s, None, GROUP, use_asm=False) for q, s in q4s])
+        if M in (2, 8):
+            methods["fxspec_int8_gemv"] = ("int8", [lambda q=q, s=s: tk.int8_linear_triton(x, q, s, path="gemv") for q, s in q8s])
+        if M >= 512:
+            methods["fxspec_int8_mma"] = ("int8", [lambda q=q, s=s: tk.int8_linear_triton(x, q, s, path="mma") for q, s in q8s])
+            methods["fxspec_int8_dequant"] = ("int8", [lambda q=q, s=s: tk.int8_linear_triton(x, q, s, path="dequant") for q, s in q8s])
+            methods["fxspec_int4_mma"] = ("int4", [lambda q=q, s=s: tk.int4_linear_triton(x, q, s, None, GROUP, path="mma") for q, s in q4s])
+            methods["fxspec_int4_dequant"] = ("int4", [lambda q=q, s=s: tk.int4_linear_triton(x, q, s, None, GROUP, path="dequant") for q, s in q4s])
+            methods.pop("fxspec_int8")
+            methods.pop("fxspec_int4")
+        for name, (kind, calls) in methods.items():
+            t0 = time.time()
+            try:
+                sec, how = time_calls(calls, reps=15 if M <= 16 else 7)
+                bw = bytes_[kind] / sec
+                row = dict(N=N, K=K, M=M, method=name, us=sec * 1e6, weight_bytes=bytes_[kind],
+                           GBps=bw / 1e9, frac_copy=bw / copy_bw, tflops=2 * M * N * K / sec / 1e12, timing=how)
+            except Exception as e:
+                row = dict(N=N, K=K, M=M, method=name, error=f"{type(e).__name__}: {e}"[:300])
+                traceback.print_exc()
+            results.append(row)
+            if "us" in row:
+                log(f"  M={M:<5d} {name:<20s} {row['us']:9.2f} us  {row['GBps']:7.0f} GB/s  "
+                    f"{row['frac_copy']*100:5.1f}% copy  {row['tflops']:7.1f} TF/s  ({time.time()-t0:.1f}s)")
+            else:
+                log(f"  M={M:<5d} {name:<20s} ERROR {row['error']}")
+        if M == 1 and sweep and N * K <= 8192 * 8192:
+            sweep_int4(tk, x, q4s, N, K, bytes_["int4"], copy_bw, results)
+    del copies
+    torch.cuda.empty_cache()
+    return dict(tinygemm_rel_err=tg_err)
+
+
+def sweep_int4(tk, x, q4s, N, K, nbytes, copy_bw, results):
+    """int4 decode: block rows x pipeline depth x split-K around the heuristic's choice."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for c in tk._MM4_DECODE:
+        bn = c.kwargs["BLOCK_N"]
+        base = tk._split_k(triton_cdiv(N, bn), K // GROUP, sms)
+        for sk in sorted({max(1, base // 2), base, min(2 * base, K // GROUP // 2)}):
+            cfg = dict(c.kwargs, SPLIT_K=sk, num_warps=c.num_warps, num_stages=c.num_stages)
+            calls = [lambda q=q, s=s, cfg=cfg: tk.int4_linear_triton(x, q, s, None, GROUP, config=cfg) for q, s in q4s]
+            try:
+                sec, how = time_calls(calls, reps=10)
+            except Exception as e:
+                log(f"  sweep {cfg} ERROR {type(e).__name__}: {e}"[:300])
+                continue
+            bw = nbytes / sec
+            name = f"sweep_int4 BN{bn} w{c.num_warps} s{c.num_stages} sk{sk}" + (" *" if sk == base else "")
+            results.append(dict(N=N, K=K, M=1, method=name, us=sec * 1e6, weight_bytes=nbytes, GBps=bw / 1e9,
+                                frac_copy=bw / copy_bw, tflops=2 * N * K / sec / 1e12, timing=how))
+            log(f"  M=1     {name:<32s} {sec*1e6:9.2f} us  {bw/copy_bw*100:5.1f}% copy")
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+# ----------------------------------------------------------------------------------- report
+
+def markdown(meta, copy_bw, results, checks) -> str:
+    lines = []
+    lines.append(f"- date: {meta['date']}  \n- device: {meta['device']}  \n- torch {meta['torch']}, triton {meta['triton']}, "
+                 f"CUDA {meta['cuda']}, Python {meta['python']}  \n- commit: {meta['commit']}")
+    lines.append(f"- copy bandwidth (read + write): **{copy_bw/1e12:.3f} TB/s**")
+    n_ok = sum(c["ok"] for c in checks)
+    lines.append(f"- GPU correctness checks: {n_ok}/{len(checks)} ok")
+    lines.append("")
+    by = {}
+    for r in sorted(results, key=lambda r: (SHAPES.index((r["N"], r["K"])) if (r["N"], r["K"]) in SHAPES else 99, r["M"])):
+        by.setdefault((r["N"], r["K"]), []).append(r)
+    lines.append("| N x K | M | method | time (us) | GB/s | % copy BW | TFLOP/s |")
+    lines.append("|---|---:|---|---:|---:|---:|---:|")
+    for (N, K), rows in by.items():
+        for r in rows:
+            if "us" in r:
+                lines.append(f"| {N}x{K} | {r['M']} | {r['method']} | {r['us']:.2f} | {r['GBps']:.0f} | "
+                             f"{r['frac_copy']*100:.1f} | {r['tflops']:.1f} |")
+            else:
+                lines.append(f"| {N}x{K} | {r['M']} | {r['method']} | error | | | |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="all", help="'all' or indices like 0,4")
+    ap.add_argument("--ms", default=None, help="comma list of M (default decode + prefill)")
+    ap.add_argument("--no-checks", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=520, help="stop starting new shapes after this")
+    args = ap.parse_args()
+    t_start = time.time()
+    if not torch.cuda.is_available():
+        sys.exit("bench_quant_kernels: needs a CUDA GPU")
+    import triton
+    import fxspec.lowering.quant as Q
+    from fxspec.lowering.quant import triton_kernels as tk
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    commit = os.environ.get("FXSPEC_COMMIT") or _git_head() or "unknown"
+    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                device=torch.cuda.get_device_name(), sms=torch.cuda.get_device_properties(0).multi_processor_count,
+                torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
+                python=sys.version.split()[0], commit=commit,
+                decode_max_m=tk.DECODE_MAX_M, gemv_max_m=tk.GEMV_MAX_M, prefill_path=tk.PREFILL_PATH)
+    log("meta", json.dumps(meta))
+    out_dir = os.environ.get("OUT")
+    results, checks = [], []
+
+    def dump(copy_bw=None, extra=None):
+        if not out_dir:
+            return
+        with open(os.path.join(out_dir, "quant_kernels.json"), "w") as f:
+            json.dump(dict(meta=meta, copy_bw=copy_bw, results=results, checks=checks, extra=extra or {}), f, indent=1)
+
+    if not args.no_checks:
+        t0 = time.time()
+        checks = run_checks(Q, tk)
+        log(f"checks took {time.time()-t0:.1f}s")
+        dump()
+    copy_bw = copy_bandwidth()
+    log(f"copy bandwidth (read+write): {copy_bw/1e12:.3f} TB/s")
+    shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
+    # phases: the M = 1 targets on every shape first, then the rest, so a time limit cuts the
+    # least important measurements
+    phases = [[int(m) for m in args.ms.split(",")]] if args.ms else [[1], [16, 512, 2048], [2, 8]]
+    extra = {}
+    for ms in phases:
+        for (N, K) in shapes:
+            if time.time() - t_start > args.budget_s:
+                log(f"budget reached; skipping {N}x{K} M={ms}")
+                continue
+            log(f"shape N={N} K={K} M={ms} ({time.time()-t_start:.0f}s)")
+            extra[f"{N}x{K}"] = measure_shape(Q, tk, N, K, copy_bw, results, ms)
+            extra["tuning"] = tk.tuning_report()
+            dump(copy_bw, extra)
+    md = markdown(meta, copy_bw, results, checks)
+    if out_dir:
+        with open(os.path.join(out_dir, "quant_kernels.md"), "w") as f:
+            f.write(md + "\n")
+    dump(copy_bw, extra)
+    log(md)
+    log(f"total {time.time()-t_start:.0f}s")
+
+
+def _git_head():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except Exception:
+        return None
+
+
+if __name__ == "__main__":
+    main()

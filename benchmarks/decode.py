@@ -1,0 +1,576 @@
+"""Decode throughput: transformers eager vs transformers + Inductor vs the fxspec runtime.
+
+    # GPU (the caller copies ../shared/ref-lm to .carry/ref-lm and carries it)
+    PYTHONPATH=. python benchmarks/decode.py --ref-lm .carry/ref-lm --out $OUT --budget-s 300
+    # CPU smoke test of the script itself (tiny model, a few tokens)
+    PYTHONPATH=. python benchmarks/decode.py --device cpu --quick
+
+Models: ``ref-lm`` (the trained 23M Llama, loaded from --ref-lm), a 1.1B Llama shape (hidden 2048, 22
+layers, 32 heads, 4 KV heads, FFN 5632, vocab 32000) and an 8B Llama-3 shape (hidden 4096, 32 layers, 32
+heads, 8 KV heads, FFN 14336, vocab 128256); random weights in bf16 for the last two, made directly on
+the device. Prompt 32 tokens, 256 new tokens, batch 1 and 8, greedy, no early stop.
+
+Rows (each (model, batch)):
+
+* ``hf eager``: ``model.generate`` (dynamic cache, eager);
+* ``hf static+inductor``: ``model.generate(cache_implementation="static", compile_config=...)`` with
+  Inductor ``mode="default"`` and with transformers' own default (``reduce-overhead``); failures are
+  rows with the error;
+* ``fxspec bf16``: ``fxspec.runtime.Generator`` (compiled prefill, compiled + CUDA-graphed decode);
+* ``fxspec int8`` / ``int4``: the same with ``config={"quantize": {"bits": 8 | 4}}``.
+
+Columns: decode tok/s = B x (N - 1) / (t(N new tokens) - t(1 new token)), i.e. prefill excluded;
+GB/s = bytes a decode step must read (weights the step touches: every parameter but the input embedding
+unless tied to the LM head, at the row's storage width; plus the K/V of the live context, averaged over
+the run) x steps/s; % of the device-to-device copy bandwidth measured in the same run (bytes read +
+written, as DESIGN.md quotes it); compile/warm-up seconds; peak device memory.
+
+Rows run in priority order and are skipped (with a note) once ``--budget-s`` is spent; results are
+written after every row, so a timeout leaves what was measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import fxspec  # noqa: E402,F401  (registers the backend)
+from fxspec.runtime import Generator  # noqa: E402
+
+SHAPES = {
+    "llama-1.1b": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                       intermediate_size=5632, vocab_size=32000, rope_theta=10000.0),
+    "llama3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                      intermediate_size=14336, vocab_size=128256, rope_theta=500000.0),
+    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=256, vocab_size=512, rope_theta=10000.0),
+}
+
+
+# --- measurement helpers -----------------------------------------------------------------------------
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device) -> float:
+    """Device-to-device copy, bytes read + written per second (median of 20)."""
+    n = (1 << 30) if device.type == "cuda" else (1 << 26)
+    a = torch.empty(n // 2, dtype=torch.float16, device=device).uniform_()
+    b = torch.empty_like(a)
+    times = []
+    for i in range(25):
+        sync(device)
+        t = time.perf_counter()
+        b.copy_(a)
+        sync(device)
+        if i >= 5:
+            times.append(time.perf_counter() - t)
+    times.sort()
+    return 2 * a.numel() * a.element_size() / times[len(times) // 2]
+
+
+def weight_read_bytes(model, bits: int | None = None, group: int = 128) -> int:
+    """Bytes of the parameters one decode step reads. The input embedding is a gather (B rows), not a
+    read of the table, unless it is tied to the LM head. With ``bits``, linears other than the LM head
+    count at that width plus bf16 scales (per output channel for 8, per ``group`` for 4)."""
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    quantized = set()
+    if bits:
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and mod.weight is not head and min(mod.weight.shape) >= 64:
+                quantized.add(id(mod.weight))
+    total = 0
+    for p in model.parameters():
+        if p is emb and emb is not head:
+            continue
+        if id(p) in quantized:
+            scales = p.shape[0] * (1 if bits == 8 else math.ceil(p.shape[1] / group))
+            total += p.numel() * bits // 8 + 2 * scales
+        else:
+            total += p.numel() * p.element_size()
+    return total
+
+
+def kv_bytes_per_slot(model) -> int:
+    from fxspec.runtime.cache import hf_kv_geometry
+
+    layers, kv_heads, head_dim = hf_kv_geometry(model.config)
+    return 2 * layers * kv_heads * head_dim * next(model.parameters()).element_size()
+
+
+def timed(fn, device, reps: int = 1) -> float:
+    """Best wall time of ``reps`` calls (synchronised)."""
+    best = float("inf")
+    for _ in range(reps):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+# --- models ----------------------------------------------------------------------------------------
+
+def build(name: str, device, dtype, ref_lm: str | None):
+    import transformers
+
+    if name == "ref-lm":
+        model = transformers.AutoModelForCausalLM.from_pretrained(ref_lm, dtype=dtype)
+        model = model.to(device)
+    else:
+        cfg = transformers.LlamaConfig(max_position_embeddings=4096, tie_word_embeddings=False, **SHAPES[name])
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = transformers.LlamaForCausalLM._from_config(cfg, dtype=dtype)
+    model.eval()
+    model.generation_config.eos_token_id = None  # always N new tokens
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def make_prompts(name: str, batch: int, length: int, vocab: int, device, ref_lm: str | None):
+    if name == "ref-lm":
+        val = torch.load(Path(ref_lm) / "val_tokens.pt").long()
+        ids = torch.stack([val[i * 997:i * 997 + length] for i in range(batch)])
+    else:
+        ids = torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(batch))
+    return ids.to(device)
+
+
+# --- rows ------------------------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.device = torch.device(args.device)
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.t0 = time.perf_counter()
+        self.rows: list[dict] = []
+        self.baseline = 0
+        self.meta = {
+            "date": datetime.date.today().isoformat(),
+            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "triton": _version("triton"),
+            "commit": os.environ.get("FXSPEC_COMMIT") or _git_commit(),
+            "prompt": args.prompt, "new_tokens": args.new,
+            "dtype": {torch.bfloat16: "bf16", torch.float32: "fp32"}[self.dtype],
+        }
+        self.meta["copy_GBps"] = copy_bandwidth(self.device) / 1e9
+        print(f"copy bandwidth (read+write): {self.meta['copy_GBps']:.0f} GB/s", flush=True)
+
+    def left(self) -> float:
+        return self.args.budget_s - (time.perf_counter() - self.t0)
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        print(format_row(row, self.meta), flush=True)
+        self.write()
+
+    def write(self) -> None:
+        out = Path(self.args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "decode.json").write_text(json.dumps({"meta": self.meta, "rows": self.rows}, indent=1))
+        (out / "decode.md").write_text(markdown(self.meta, self.rows))
+
+    def base(self, model_name, model, batch, method) -> dict:
+        return {"model": model_name, "batch": batch, "method": method,
+                "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1)}
+
+    def finish(self, row, model, batch, t_n, t_1, n, bits=None, compile_s=None) -> dict:
+        steps = n - 1
+        dt = t_n - t_1
+        if dt <= 0.2 * t_n:  # prefill dominates or timer noise (CPU smoke runs): fall back to end to end
+            dt, steps = t_n, n
+            row["note"] = ((row.get("note") or "") + "; timed end to end (prefill included)").lstrip("; ")
+        step_s = dt / steps
+        ctx = self.args.prompt + n / 2
+        bytes_step = weight_read_bytes(model, bits) + batch * ctx * kv_bytes_per_slot(model)
+        row.update(tok_s=batch / step_s, ms_per_step=1e3 * step_s, GBps=bytes_step / step_s / 1e9,
+                   bytes_per_step_GB=bytes_step / 1e9, e2e_tok_s=batch * n / t_n,
+                   compile_s=compile_s, status="ok")
+        row["copy_frac"] = row["GBps"] / self.meta["copy_GBps"]
+        if self.device.type == "cuda":
+            # this model's weights + what the row allocated on top of everything already resident
+            extra = torch.cuda.max_memory_allocated(self.device) - self.baseline
+            row["peak_GB"] = (sum(p.numel() * p.element_size() for p in model.parameters()) + extra) / 1e9
+        return row
+
+    def reset_peak(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline = torch.cuda.memory_allocated(self.device)
+
+    # rows
+
+    def hf_eager(self, name, model, batch, ids, n):
+        row = self.base(name, model, batch, "hf eager")
+        self.reset_peak()
+        gen = lambda k: model.generate(ids, do_sample=False, max_new_tokens=k, min_new_tokens=k)  # noqa: E731
+        with torch.no_grad():
+            gen(2)
+            t_1 = timed(lambda: gen(1), self.device, reps=3)
+            t_n = timed(lambda: gen(n), self.device, reps=1 if self.device.type == "cuda" else 2)
+        return self.finish(row, model, batch, t_n, t_1, n)
+
+    def hf_inductor(self, name, model, batch, ids, n, mode):
+        from transformers import CompileConfig
+
+        row = self.base(name, model, batch, f"hf static+inductor ({mode})")
+        self.reset_peak()
+        torch._dynamo.reset()
+        cc = CompileConfig(mode=mode, fullgraph=False, dynamic=False)
+        gen = lambda k: model.generate(ids, do_sample=False, max_new_tokens=k, min_new_tokens=k,  # noqa: E731
+                                       cache_implementation="static", compile_config=cc)
+        try:
+            with torch.no_grad():
+                t_w = timed(lambda: gen(4), self.device)
+                t_w += timed(lambda: gen(4), self.device)
+                t_1 = timed(lambda: gen(1), self.device, reps=3)
+                t_n = timed(lambda: gen(n), self.device, reps=2)
+        except Exception as e:
+            row.update(status="error", error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+            return row
+        finally:
+            for attr in ("_compiled_call", "_last_compile_config"):
+                if hasattr(model, attr):
+                    delattr(model, attr)
+            torch._dynamo.reset()
+        return self.finish(row, model, batch, t_n, t_1, n, compile_s=t_w)
+
+    def fxspec(self, name, model, batch, ids, n, config, label, bits=None):
+        import fxspec as fx
+
+        row = self.base(name, model, batch, label)
+        self.reset_peak()
+        n_reports = len(fx.recent_reports)
+        try:
+            eager_prefill = name in self.args.eager_prefill.split(",")
+            gen = Generator(model, max_batch_size=batch, max_cache_len=self.args.prompt + n, config=config,
+                            cuda_graphs="auto", compile_prefill=not eager_prefill)
+            if eager_prefill:
+                row["note"] = "prefill eager"
+            t_w = time.perf_counter()
+            gen.warmup(prompt_len=self.args.prompt)
+            t_w = time.perf_counter() - t_w
+            with torch.no_grad():
+                t_1 = timed(lambda: gen.generate(ids, 1), self.device, reps=3)
+                t_n = timed(lambda: gen.generate(ids, n), self.device, reps=3)
+                out = gen.generate(ids, n)
+        except Exception as e:
+            traceback.print_exc()
+            row.update(status="error", error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+            return row, None
+        reports = list(fx.recent_reports)[n_reports:]
+        fallbacks = sorted({r.fallback for r in reports if r.fallback})
+        events = sum(len(r.events) for r in reports)
+        row["fxspec_graphs"], row["fxspec_events"] = len(reports), events
+        if fallbacks:
+            row["note"] = ("backend fell back to plain Inductor: " + "; ".join(f[:120] for f in fallbacks)
+                           + ("; " + row["note"] if row.get("note") else ""))
+        row["compile_prefill_s"] = gen.stats.get("compile_prefill_s")
+        row["compile_decode_s"] = gen.stats.get("compile_decode_s")
+        row["capture_s"] = gen.stats.get("capture_s")
+        self.finish(row, model, batch, t_n, t_1, n, bits=bits, compile_s=t_w)
+        del gen
+        return row, out
+
+
+    def profile(self, name, model, batch, ids, n):
+        """Kernel-level view of one decode step (CUDA-graph replays) -> $OUT/profile_<model>_b<B>.txt."""
+        from torch.profiler import ProfilerActivity, profile
+
+        from fxspec.runtime import SamplingSpec
+
+        row = self.base(name, model, batch, "profile (decode step)")
+        gen = Generator(model, max_batch_size=batch, max_cache_len=self.args.prompt + n, compile_prefill=False)
+        gen.warmup(prompt_len=self.args.prompt)
+        gen.generate(ids, 8)
+        graph = gen._graphs.get(SamplingSpec())
+        step = graph.replay if graph is not None else (lambda: gen._decode_step(SamplingSpec()))
+        cuda = self.device.type == "cuda"
+        reps = max(1, min(100, n - 60))
+        sync(self.device)
+        t = time.perf_counter()
+        for _ in range(reps):
+            step()
+        sync(self.device)
+        row["graph_ms_per_step"] = (time.perf_counter() - t) * 1e3 / reps
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            for _ in range(10):
+                step()
+            sync(self.device)
+        avg = prof.key_averages()
+        if cuda:
+            kernels = [e for e in avg if str(e.device_type).endswith("CUDA")]
+            row["kernels_per_step"] = sum(e.count for e in kernels) / 10
+        else:
+            row["kernels_per_step"] = float("nan")
+        table = avg.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=40,
+                          max_name_column_width=90)
+        path = Path(self.args.out) / f"profile_{name}_b{batch}.txt"
+        path.write_text(f"{name} batch {batch}: {row['graph_ms_per_step']:.3f} ms per replayed decode step, "
+                        f"{row['kernels_per_step']:.0f} kernel launches per step (10 replays profiled)\n\n"
+                        + table)
+        print(table[:6000], flush=True)
+        row.update(status="ok", tok_s=batch / row["graph_ms_per_step"] * 1e3,
+                   ms_per_step=row["graph_ms_per_step"], note=f"{row['kernels_per_step']:.0f} kernels/step; "
+                   f"see {path.name}")
+        bytes_step = weight_read_bytes(model) + batch * (self.args.prompt + n / 2) * kv_bytes_per_slot(model)
+        row.update(GBps=bytes_step / row["graph_ms_per_step"] / 1e6, compile_s=None)
+        row["copy_frac"] = row["GBps"] / self.meta["copy_GBps"]
+        del gen
+        return row
+
+
+def run(args) -> Bench:
+    bench = Bench(args)
+    n = args.new
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if "ref-lm" in models and not (args.ref_lm and Path(args.ref_lm, "model.safetensors").exists()):
+        bench.add({"model": "ref-lm", "batch": 0, "method": "-", "status": "skipped",
+                   "error": f"ref-lm not found at {args.ref_lm!r}"})
+        models.remove("ref-lm")
+    batches = [int(b) for b in args.batches.split(",")]
+    built = {}
+
+    def get(name):
+        if name not in built:
+            t = time.perf_counter()
+            built[name] = build(name, bench.device, bench.dtype, args.ref_lm)
+            print(f"built {name} in {time.perf_counter() - t:.1f}s", flush=True)
+        return built[name]
+
+    # run in this order while the budget lasts: the targets first (bf16 batch 1), then what they are
+    # compared with, then batch 8, the small model, quantized rows and HF + Inductor
+    big = [m for m in models if m != "ref-lm"]
+    small = [m for m in models if m == "ref-lm"]
+    first = [m for m in ("llama-1.1b", "tiny", "ref-lm") if m in models][:1]
+    plan = []
+    for i, b in enumerate(batches):
+        plan += [(m, b, "fxspec bf16") for m in big] + [(m, b, "hf eager") for m in big]
+        if i == 0:
+            plan += [(m, 1, "hf static+inductor (default)") for m in first]
+    for b in batches:
+        plan += [(m, b, "fxspec bf16") for m in small] + [(m, b, "hf eager") for m in small]
+    plan += [(m, 1, "hf static+inductor (reduce-overhead)") for m in first]
+    for bits in (8, 4):
+        plan += [(m, 1, f"fxspec int{bits}") for m in models]
+    plan += [(m, 1, f"hf static+inductor ({mode})") for m in models if m not in first
+             for mode in ("default", "reduce-overhead")]
+    if args.only:
+        plan = [tuple(x.split(":")) for x in args.only.split(";") if x.strip()]
+        plan = [(m, int(b), w) for m, b, w in plan]
+    greedy_ref = {}
+    seen: dict = {}  # (model, kind) -> measured seconds of the last such row
+    for name, b, what in plan:
+        if what.startswith("fxspec int") and not args.quant:
+            continue
+        if what.startswith("hf static") and not args.hf_inductor:
+            continue
+        est = estimate(name, what, n, seen)
+        if bench.left() < est:
+            bench.add({"model": name, "batch": b, "method": what, "status": "skipped",
+                       "error": f"time budget: {bench.left():.0f}s left, ~{est:.0f}s needed"})
+            continue
+        model = get(name)
+        vocab = model.config.vocab_size
+        ids = make_prompts(name, b, args.prompt, vocab, bench.device, args.ref_lm)
+        try:
+            t_row = time.perf_counter()
+            if what == "fxspec bf16":
+                row, out = bench.fxspec(name, model, b, ids, n, {}, "fxspec " + bench.meta["dtype"])
+                if out is not None:
+                    greedy_ref[(name, b)] = out
+            elif what == "profile":
+                row = bench.profile(name, model, b, ids, n)
+            elif what == "hf eager":
+                k = n if args.quick else min(n, args.eager_tokens)
+                row = bench.hf_eager(name, model, b, ids, k)
+                if k != n:
+                    row["note"] = f"timed over {k} new tokens (eager speed is flat in length)"
+            elif what.startswith("fxspec int"):
+                bits = int(what[-1])
+                row, out = bench.fxspec(name, model, b, ids, n, {"quantize": {"bits": bits}}, what, bits=bits)
+                if row.get("note", "").startswith("backend fell back"):
+                    row["method"] += " (NOT quantized: fell back)"
+                ref = greedy_ref.get((name, b))
+                if out is not None and ref is not None:
+                    row["token_match_vs_bf16"] = float((out[:, args.prompt:] == ref[:, args.prompt:]).float().mean())
+            else:
+                mode = what[what.index("(") + 1:-1]
+                row = bench.hf_inductor(name, model, b, ids, n, mode)
+            seen[(name, what.split(" (")[0].rstrip("0123456789"))] = time.perf_counter() - t_row
+        except Exception as e:  # a row must never end the run
+            traceback.print_exc()
+            row = {"model": name, "batch": b, "method": what, "status": "error",
+                   "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+        bench.add(row)
+    bench.meta["total_s"] = time.perf_counter() - bench.t0
+    bench.write()
+    plot(bench)
+    return bench
+
+
+def estimate(name: str, what: str, n: int, seen: dict) -> float:
+    """Seconds a row will take: the last such row of this model if there was one, else a guess for an
+    H100 (compile dominates)."""
+    kind = what.split(" (")[0].rstrip("0123456789")
+    if (name, kind) in seen:
+        return seen[(name, kind)]
+    size = {"ref-lm": 0.2, "tiny": 0.0, "llama-1.1b": 1.0, "llama3-8b": 1.5}.get(name, 1.0)
+    if what == "hf eager":  # 64 tokens at ~65 ms (transformers' Python overhead), 4 calls
+        return 6 + 2 * size
+    if what.startswith("hf static"):  # measured 35 s for 1.1B (compile 23 s)
+        return 15 + 25 * size
+    if what == "profile":
+        return 8 + 25 * size
+    return 10 + 25 * size  # fxspec: decode compile 23 s (1.1B), 40 s (8B) on an H100
+
+
+# --- output ----------------------------------------------------------------------------------------
+
+COLUMNS = ["model", "batch", "method", "tok/s", "ms/step", "GB/s", "% copy BW", "compile+warm-up s", "peak GB",
+           "notes"]
+
+
+def format_row(r: dict, meta: dict) -> str:
+    if r.get("status") != "ok":
+        return f"{r['model']:>11} B={r['batch']} {r['method']:<36} {r.get('status')}: {r.get('error', '')}"
+    return (f"{r['model']:>11} B={r['batch']} {r['method']:<36} {r['tok_s']:9.1f} tok/s {r['ms_per_step']:7.2f} ms "
+            f"{r['GBps']:7.0f} GB/s {100 * r['copy_frac']:5.1f}% compile {r.get('compile_s') or 0:6.1f}s "
+            f"peak {r.get('peak_GB') or 0:5.1f} GB {r.get('note', '')}")
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    head = (f"Decode benchmark ({meta['date']}): {meta['device']}, torch {meta['torch']}, transformers "
+            f"{meta['transformers']}, triton {meta['triton']}, fxspec commit {meta['commit']}.\n"
+            f"Prompt {meta['prompt']} tokens, {meta['new_tokens']} new tokens, greedy, {meta['dtype']}; "
+            f"device-to-device copy bandwidth {meta['copy_GBps']:.0f} GB/s (read + written).\n\n")
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        if r.get("status") == "ok":
+            notes = []
+            if r.get("note"):
+                notes.append(r["note"])
+            if r.get("token_match_vs_bf16") is not None:
+                notes.append(f"tokens = bf16 greedy: {100 * r['token_match_vs_bf16']:.0f}%")
+            if r.get("compile_decode_s") is not None:
+                notes.append(f"compile: prefill {r.get('compile_prefill_s') or 0:.0f}s, decode "
+                             f"{r['compile_decode_s']:.0f}s" + (f", graph capture {r['capture_s']:.2f}s"
+                                                               if r.get("capture_s") is not None else ""))
+            if r.get("peak_note"):
+                notes.append(r["peak_note"])
+            cells = [r["model"], r["batch"], r["method"], f"{r['tok_s']:.1f}", f"{r['ms_per_step']:.2f}",
+                     f"{r['GBps']:.0f}", f"{100 * r['copy_frac']:.1f}",
+                     f"{r['compile_s']:.1f}" if r.get("compile_s") is not None else "-",
+                     f"{r['peak_GB']:.1f}" if r.get("peak_GB") is not None else "-", "; ".join(notes)]
+        else:
+            cells = [r["model"], r["batch"], r["method"], "-", "-", "-", "-", "-", "-",
+                     f"{r.get('status')}: {r.get('error', '')}".replace("|", "/")]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def plot(bench: Bench) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    ok = [r for r in bench.rows if r.get("status") == "ok"]
+    if not ok:
+        return
+    groups = sorted({(r["model"], r["batch"]) for r in ok}, key=lambda g: (g[0], g[1]))
+    methods = sorted({r["method"] for r in ok})
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
+    w = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        xs, ys = [], []
+        for j, g in enumerate(groups):
+            r = next((r for r in ok if (r["model"], r["batch"]) == g and r["method"] == m), None)
+            if r:
+                xs.append(j + i * w)
+                ys.append(r["tok_s"])
+        ax.bar(xs, ys, w, label=m)
+    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(groups))], [f"{g[0]}\nB={g[1]}" for g in groups])
+    ax.set_yscale("log")
+    ax.set_ylabel("decode tok/s")
+    ax.set_title(f"decode, {bench.meta['device']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(Path(bench.args.out) / "decode.png", dpi=110)
+
+
+def _version(mod: str) -> str:
+    try:
+        return __import__(mod).__version__
+    except Exception:
+        return "-"
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return "unknown"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--models", default=None, help="comma list of ref-lm, llama-1.1b, llama3-8b, tiny")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--eager-tokens", type=int, default=64, help="new tokens for the (slow) eager rows")
+    ap.add_argument("--ref-lm", default=os.environ.get("FXSPEC_REF_LM", ".carry/ref-lm"))
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--budget-s", type=float, default=1e9)
+    ap.add_argument("--only", default=None, help="run exactly these rows, in order: 'model:batch:method;...' "
+                    "(methods: fxspec bf16, hf eager, fxspec int8, fxspec int4, profile, "
+                    "hf static+inductor (default|reduce-overhead))")
+    ap.add_argument("--eager-prefill", default="llama-1.1b,llama3-8b",
+                    help="models whose prefill runs eagerly (saves a compile; decode tok/s excludes prefill)")
+    ap.add_argument("--no-quant", dest="quant", action="store_false")
+    ap.add_argument("--no-hf-inductor", dest="hf_inductor", action="store_false")
+    ap.add_argument("--quick", action="store_true", help="short run: fewer tokens (and the tiny model on CPU)")
+    args = ap.parse_args(argv)
+    if args.models is None:
+        args.models = "tiny" if args.device == "cpu" else "llama3-8b,llama-1.1b,ref-lm"
+    if args.quick:
+        args.new = min(args.new, 32 if args.device == "cpu" else 128)
+        if args.device == "cpu":
+            args.batches = "1,2"
+    torch.set_grad_enabled(False)
+    bench = run(args)
+    print()
+    print(markdown(bench.meta, bench.rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,886 @@
+"""Triton kernels for weight-only quantized linears, and their launchers.
+
+Layered as: ``@triton.jit`` kernel (math in the comment above it) -> launcher (checks, picks the
+path by M, autotunes over a small config list) -> op registration (:mod:`.ops`) -> plain-PyTorch
+reference (:mod:`.reference`). Packed layouts: :mod:`.pack`.
+
+Paths (``path=`` of the launchers; ``"auto"`` picks by M, see ``_pick_path``):
+
+``gemv`` (int8 / fp8, decode)
+    CUDA-core GEMV: a program owns ``BLOCK_N`` rows and walks the whole K with 16-byte loads,
+    accumulating ``w * x`` element-wise in fp32 and reducing once at the end. Parallel over rows,
+    so no split-K is needed. One program per (row of x, row block); the programs for the same row
+    block are adjacent in launch order so M > 1 reads the weights from HBM once (the rest hit L2).
+
+``mma`` (all formats; decode M <= 16 and prefill)
+    Tensor-core kernel with the roles swapped (weights are the *A* operand, ``x^T`` the B
+    operand): ``y^T[BN, BM] = W_deq[BN, K] @ x^T[K, BM]``. The weight tile is loaded raw
+    (uint8), software-pipelined into shared memory by Triton, read back in the MMA-operand layout
+    and dequantized in registers (Triton hoists the layout conversion above the elementwise
+    dequant, so shared memory carries 1 byte per 2 int4 codes, not 2 bytes per value). For
+    decode, BM = 16 (M padded) and K is split across programs (``SPLIT_K``) so that a 4096-row
+    matrix still fills 132 SMs; the partial tiles meet in a fp32 workspace and the last program
+    to arrive (an atomic counter per output tile, reset by that program) sums them in a fixed
+    order (deterministic) and writes the output.
+
+``dequant`` (prefill, large M)
+    One Triton kernel writes ``W`` in the activation dtype (scales folded in), then cuBLAS
+    ``F.linear``. Which of ``mma`` / ``dequant`` ``auto`` takes for large M is decided by the
+    measurements in ``benchmarks/results/quant_kernels.md`` (``PREFILL_PATH``).
+
+int4 dequantization (per byte ``b``: low nibble -> k = j, high nibble -> k = G/2 + j):
+the "magic number" trick turns a 4-bit code into a float with one logic op and no int->float
+conversion: ``bits(0x4300 | q)`` is the bf16 ``128 + q`` and ``bits(0x6400 | q)`` the fp16
+``1024 + q``, exactly. Symmetric codes then subtract ``128 + 8`` (``1024 + 8``), exact in the
+16-bit type, giving ``q - 8``; asymmetric keeps ``128 + q`` and subtracts
+``(128 + z) * sum_k(x)`` per group after the (exact-product, fp32-accumulated) dot, which is exact
+for float zero points too. On the GPU the unpacking is 4 PTX instructions per 4 codes
+(``prmt`` + ``lop3`` / ``shr`` + ``lop3``, plus a packed ``fma`` for the symmetric offset) via
+``tl.inline_asm_elementwise``; under ``TRITON_INTERPRET=1`` the same math runs as plain
+Triton ops (``USE_ASM=False``), which the GPU benchmark also times as a fallback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import check_fp8_linear_args, check_int4_linear_args, check_int8_linear_args
+
+__all__ = [
+    "int8_linear_triton",
+    "int4_linear_triton",
+    "fp8_linear_triton",
+    "dequantize_triton",
+    "DECODE_MAX_M",
+    "GEMV_MAX_M",
+    "PREFILL_PATH",
+]
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+# M <= DECODE_MAX_M uses the decode configs (BLOCK_M = 16, split-K); larger M the prefill configs.
+DECODE_MAX_M = 16
+# int8/fp8: M <= GEMV_MAX_M takes the CUDA-core GEMV, larger M the tensor-core kernel.
+GEMV_MAX_M = 1
+# Prefill (M > DECODE_MAX_M): "mma" (fused dequant in the tensor-core kernel) or "dequant"
+# (dequantize to a temporary + cuBLAS), per format; set from measurements (see results file).
+PREFILL_PATH = {"int8": "mma", "int4": "mma", "fp8": "mma"}
+
+
+# ------------------------------------------------------------------------------- dequant helpers
+
+_ASM_UNPACK4 = """{
+    .reg .b32 t, u, one, off;
+    mov.b32 one, ONE;
+    mov.b32 off, OFFSET;
+    prmt.b32 t, $2, 0, 0x4140;
+    lop3.b32 u, t, 0x000F000F, MAGIC, 0xEA;
+    fma.rn.TYPE $0, u, one, off;
+    shr.b32 t, t, 4;
+    lop3.b32 u, t, 0x000F000F, MAGIC, 0xEA;
+    fma.rn.TYPE $1, u, one, off;
+    }"""
+# pack=2: two code bytes b0, b1 arrive in one 32-bit register; each output register holds two
+# 16-bit values (element 0 in the low half).  prmt 0x4140 spreads the bytes into 16-bit lanes,
+# t = [0, b1, 0, b0]; lop3 0xEA = (a & b) | c puts a nibble under the magic exponent
+# (bf16 0x4300 = 128, fp16 0x6400 = 1024); the packed fma subtracts the magic (+ 8 if symmetric).
+_ASM_BF16_SYM = tl.constexpr(_ASM_UNPACK4.replace("MAGIC", "0x43004300").replace("TYPE", "bf16x2").replace(
+    "ONE", "0x3F803F80").replace("OFFSET", "0xC308C308"))  # -136
+_ASM_BF16_ASYM = tl.constexpr(_ASM_UNPACK4.replace("MAGIC", "0x43004300").replace("TYPE", "bf16x2").replace(
+    "ONE", "0x3F803F80").replace("OFFSET", "0xC300C300"))  # -128
+_ASM_F16_SYM = tl.constexpr(_ASM_UNPACK4.replace("MAGIC", "0x64006400").replace("TYPE", "f16x2").replace(
+    "ONE", "0x3C003C00").replace("OFFSET", "0xE408E408"))  # -1032
+_ASM_F16_ASYM = tl.constexpr(_ASM_UNPACK4.replace("MAGIC", "0x64006400").replace("TYPE", "f16x2").replace(
+    "ONE", "0x3C003C00").replace("OFFSET", "0xE400E400"))  # -1024
+
+
+@triton.jit
+def _unpack_int4(w, X_BF16: tl.constexpr, SYM: tl.constexpr, USE_ASM: tl.constexpr):
+    # w: uint8, two codes per byte.  Returns (lo, hi) in the activation dtype, exactly
+    # q - 8 (symmetric) or q (asymmetric: the zero point is applied after the dot).
+    if USE_ASM:
+        if X_BF16:
+            if SYM:
+                lo, hi = tl.inline_asm_elementwise(_ASM_BF16_SYM, "=r,=r,r", [w], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
+            else:
+                lo, hi = tl.inline_asm_elementwise(_ASM_BF16_ASYM, "=r,=r,r", [w], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
+        else:
+            if SYM:
+                lo, hi = tl.inline_asm_elementwise(_ASM_F16_SYM, "=r,=r,r", [w], dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+            else:
+                lo, hi = tl.inline_asm_elementwise(_ASM_F16_ASYM, "=r,=r,r", [w], dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+    else:
+        # Plain Triton (interpreter, and the GPU fallback): the same exact values through the fp32
+        # magic 2^23 (the interpreter mis-handles arithmetic on bitcast bf16 tensors).
+        wi = w.to(tl.int32)
+        lo = ((wi & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        hi = ((wi >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        if SYM:
+            lo = lo - 8.0
+            hi = hi - 8.0
+        if X_BF16:
+            lo = lo.to(tl.bfloat16)
+            hi = hi.to(tl.bfloat16)
+        else:
+            lo = lo.to(tl.float16)
+            hi = hi.to(tl.float16)
+    return lo, hi
+
+
+@triton.jit
+def _ld16(ptrs, mask):
+    # 16-bit global load (masked -> 0) as inline PTX: invisible to Triton's software pipeliner,
+    # which stops pipelining the whole loop when a plain tl.load result is carried to a later
+    # iteration (seen on triton 3.6: no cp.async left).  Used to prefetch int4 scales/zeros.
+    bits = tl.inline_asm_elementwise(
+        asm="""{
+        .reg .pred p;
+        setp.ne.b32 p, $2, 0;
+        mov.b16 $0, 0;
+        @p ld.global.nc.b16 $0, [$1];
+        }""",
+        constraints="=h,l,r", args=[ptrs, mask.to(tl.int32)], dtype=tl.int16, is_pure=True, pack=1)
+    return bits.to(ptrs.dtype.element_ty, bitcast=True)
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_F32: tl.constexpr):
+    # DOT_F32: fp32 operands (interpreter only: triton 3.9's interpreter computes bf16 tl.dot on
+    # the raw bits).  On the GPU the 16-bit operands go to the tensor cores as they are.
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _mul16(a, b, DOT_F32: tl.constexpr):
+    # a * b rounded once to a's 16-bit dtype.  Under the interpreter (DOT_F32) through fp32, the
+    # same result (a product of two 16-bit floats is exact in fp32); triton 3.9's interpreter
+    # computes bf16 arithmetic on raw bits.
+    if DOT_F32:
+        return (a.to(tl.float32) * b.to(tl.float32)).to(a.dtype)
+    else:
+        return a * b
+
+
+@triton.jit
+def _sub16(a, b, DOT_F32: tl.constexpr):
+    if DOT_F32:
+        return (a.to(tl.float32) - b.to(tl.float32)).to(a.dtype)
+    else:
+        return a - b
+
+
+@triton.jit
+def _int8_to_f32(w):
+    # w: int8 codes read as uint8 bytes u (two's complement).  (u ^ 0x80) = q + 128 in [0, 255];
+    # bits(0x4B000000 | (q + 128)) is the fp32 2^23 + q + 128, so subtracting 2^23 + 128 gives q
+    # exactly — one logic op and one FADD, no (16/clk/SM) int->float conversion.
+    return (w.to(tl.int32) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+
+
+@triton.jit
+def _dequant8_operand(w, IS_FP8: tl.constexpr, X_BF16: tl.constexpr):
+    # Exact MMA operand (the per-row scale is applied to the accumulator).
+    if IS_FP8:
+        f = w.to(tl.float8e4nv, bitcast=True)  # bytes -> e4m3 (read as uint8: masked loads need 0)
+        if X_BF16:
+            r = f.to(tl.float32).to(tl.bfloat16)  # e4m3 values are exact in bf16 (3-bit mantissa)
+        else:
+            r = f.to(tl.float16)
+    else:
+        if X_BF16:
+            r = _int8_to_f32(w).to(tl.bfloat16)  # |q| <= 127 is exact in bf16
+        else:
+            # fp16 magic: bits(0x6400 | (q + 128)) = 1024 + q + 128, exact; minus 1152 -> q.
+            r = (w.to(tl.int16) ^ 0x6480).to(tl.float16, bitcast=True) - 1152.0
+    return r
+
+
+@triton.jit
+def _tile_ids(NUM_PID_M, NUM_PID_N, GROUP_M: tl.constexpr):
+    # Grouped launch order for L2 reuse (prefill): GROUP_M row blocks of x sweep the weight tiles
+    # together, so each weight tile is fetched from HBM ~M / (GROUP_M * BLOCK_M) times.
+    pid = tl.program_id(0)
+    num_in_group = GROUP_M * NUM_PID_N
+    group_id = pid // num_in_group
+    first_m = group_id * GROUP_M
+    group_size = tl.minimum(NUM_PID_M - first_m, GROUP_M)
+    pid_m = first_m + (pid % num_in_group) % group_size
+    pid_n = (pid % num_in_group) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
+def _epilogue(acc, Y, B, WS, CNT, offs_n, offs_m, pid_m, pid_n, NUM_PID_N, M, N, stride_ym, SPLIT_K,
+              HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    # acc: fp32 [BLOCK_N, BLOCK_M] = this program's part of y^T.  SPLIT_K == 1: add bias, store.
+    # SPLIT_K > 1: write the partial to the workspace; the last program of this output tile to
+    # arrive sums all SPLIT_K partials in order k = 0..SPLIT_K-1 and stores (deterministic).
+    # SPLIT_K is a runtime int: Triton specialises the value 1, so that branch is compile-time.
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    y_ptrs = Y + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(B + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
+    else:
+        pid_k = tl.program_id(1)
+        tile = pid_m * NUM_PID_N + pid_n
+        TILE: tl.constexpr = BLOCK_N * BLOCK_M
+        # partial tile stored m-major and only for the valid rows of x (M = 1: BLOCK_N floats)
+        offs_t = tl.arange(0, BLOCK_M)[None, :] * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
+        t_mask = (offs_m < M)[None, :]
+        num_tiles = tl.num_programs(0)
+        tl.store(WS + (pid_k * num_tiles + tile).to(tl.int64) * TILE + offs_t, acc, mask=t_mask)
+        # All threads' partial stores happen-before the counter's release (CTA barrier +
+        # acq_rel gpu-scope atomic, executed once per program), as in CUTLASS's semaphore.
+        tl.debug_barrier()
+        prev = tl.atomic_add(CNT + tile, 1, sem="acq_rel")
+        if prev == SPLIT_K - 1:
+            total = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            for s in range(0, SPLIT_K):
+                total += tl.load(WS + (s * num_tiles + tile).to(tl.int64) * TILE + offs_t,
+                                 mask=t_mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(B + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+            tl.store(y_ptrs, total.to(Y.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
+            tl.atomic_xchg(CNT + tile, 0)  # ready for the next launch (stream order)
+
+
+# ------------------------------------------------------------------------------------ kernels
+
+# int4 tensor-core kernel (decode and prefill).  With g = k // G, q the 4-bit code:
+#   y[m, n] = sum_g s[g, n] * ( sum_{k in g} (q[n, k] - z[g, n]) * x[m, k] )  (+ b[n])
+# computed as y^T tile [BN, BM]: per group, two dots of depth G/2 (low and high nibbles of the
+# group's G/2 bytes) on exact 16-bit operands (q - 8 symmetric; 128 + q asymmetric, then minus
+# (128 + z) * sum_{k in g} x), fp32 accumulation, scale applied to the group's fp32 dot.
+@triton.jit(do_not_specialize=["M_BUCKET"])
+def _mm4_kernel(X, W, S, Z, B, Y, WS, CNT,
+                M, N, K, stride_xm, stride_wn, stride_ym, M_BUCKET, SPLIT_K,
+                GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                X_BF16: tl.constexpr, USE_ASM: tl.constexpr, DOT_F32: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                GROUP_M: tl.constexpr, EVEN_N: tl.constexpr, SCALE_W: tl.constexpr = False):
+    HALF: tl.constexpr = GROUP // 2
+    NUM_PID_M = tl.cdiv(M, BLOCK_M)
+    NUM_PID_N = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = _tile_ids(NUM_PID_M, NUM_PID_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_j = tl.arange(0, HALF)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    num_groups = K // GROUP
+    per_split = tl.cdiv(num_groups, SPLIT_K)
+    g_lo = pid_k * per_split
+    g_hi = tl.minimum(g_lo + per_split, num_groups)
+    w_ptrs = W + (offs_n.to(tl.int64) * stride_wn)[:, None] + (g_lo * HALF + offs_j)[None, :]
+    x_ptrs = X + (offs_m.to(tl.int64) * stride_xm)[None, :] + (g_lo * GROUP + offs_j)[:, None]
+    # Scales (and zeros): Triton's pipeliner stages only the loads that feed tl.dot; a per-group
+    # scale load in the loop stalled every iteration for a full memory latency (v1: int4 decode
+    # at 26-56% of copy bandwidth).  With PTX unpacking (USE_ASM, GPU) they are prefetched two
+    # groups ahead through inline-asm loads (_ld16), which the pipeliner does not see; plain
+    # tl.loads carried across iterations would switch its pipelining off altogether.
+    s_ptrs = S + g_lo * N + offs_n
+    z_ptrs = Z + g_lo * N + offs_n
+    gvec = tl.full([BLOCK_N], 0, tl.int32) + g_lo  # group index as a (splat) vector for masks
+    if USE_ASM:
+        s0 = _ld16(s_ptrs, n_mask & (gvec < g_hi))
+        s1 = _ld16(s_ptrs + N, n_mask & (gvec + 1 < g_hi))
+        if HAS_ZERO:
+            z0 = _ld16(z_ptrs, n_mask & (gvec < g_hi))
+            z1 = _ld16(z_ptrs + N, n_mask & (gvec + 1 < g_hi))
+        else:
+            z0 = s0
+            z1 = s1
+    else:
+        s1 = tl.zeros([BLOCK_N], dtype=S.dtype.element_ty)
+        z1 = s1
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for _ in range(g_lo, g_hi):
+        if USE_ASM:
+            pf_ok = n_mask & (gvec + 2 < g_hi)
+            s2 = _ld16(s_ptrs + 2 * N, pf_ok)
+            if HAS_ZERO:
+                z2 = _ld16(z_ptrs + 2 * N, pf_ok)
+            else:
+                z2 = s2
+        else:
+            s0 = tl.load(s_ptrs, mask=n_mask, other=0.0)
+            s2 = s1
+            if HAS_ZERO:
+                z0 = tl.load(z_ptrs, mask=n_mask, other=0.0)
+            else:
+                z0 = s0
+            z2 = z1
+        if EVEN_N:
+            w = tl.load(w_ptrs, eviction_policy="evict_first")
+        else:
+            w = tl.load(w_ptrs, mask=n_mask[:, None], other=0, eviction_policy="evict_first")
+        xl = tl.load(x_ptrs, mask=m_mask[None, :], other=0.0)
+        xh = tl.load(x_ptrs + HALF, mask=m_mask[None, :], other=0.0)
+        lo, hi = _unpack_int4(w, X_BF16, not HAS_ZERO, USE_ASM)
+        if SCALE_W:
+            # prefill: scale the 16-bit operand, (q - z) * s rounded once to the activation dtype
+            # (as dequant + cuBLAS does; q - z is exact for integer zero points), and chain the
+            # accumulator through the MMAs: no per-group fp32 rescale, half the registers.
+            s16 = s0.to(lo.dtype)[:, None]
+            if HAS_ZERO:
+                z16 = z0.to(lo.dtype)[:, None]
+                lo = _sub16(lo, z16, DOT_F32)
+                hi = _sub16(hi, z16, DOT_F32)
+            acc = _dot(_mul16(lo, s16, DOT_F32), xl, acc, DOT_F32)
+            acc = _dot(_mul16(hi, s16, DOT_F32), xh, acc, DOT_F32)
+        else:
+            d = _dot(lo, xl, None, DOT_F32)
+            d = _dot(hi, xh, d, DOT_F32)
+            if HAS_ZERO:
+                xs = tl.sum(xl.to(tl.float32), axis=0) + tl.sum(xh.to(tl.float32), axis=0)
+                d = d - z0.to(tl.float32)[:, None] * xs[None, :]
+            acc += d * s0.to(tl.float32)[:, None]
+        s0 = s1
+        s1 = s2
+        z0 = z1
+        z1 = z2
+        gvec += 1
+        w_ptrs += HALF
+        x_ptrs += GROUP
+        s_ptrs += N
+        z_ptrs += N
+    _epilogue(acc, Y, B, WS, CNT, offs_n, offs_m, pid_m, pid_n, NUM_PID_N, M, N, stride_ym, SPLIT_K,
+              HAS_BIAS, BLOCK_N, BLOCK_M)
+
+
+# int8 / fp8 tensor-core kernel (decode M > GEMV_MAX_M, and prefill):
+#   y[m, n] = s[n] * sum_k w[n, k] * x[m, k]  (+ b[n]),  w = q (int8) or float(q) (fp8),
+# computed as y^T tile [BN, BM] = W_tile[BN, K] @ x^T[K, BM] on exact 16-bit operands, fp32
+# accumulation; the per-row scale multiplies the fp32 accumulator once at the end.
+@triton.jit(do_not_specialize=["M_BUCKET"])
+def _mm8_kernel(X, W, S, B, Y, WS, CNT,
+                M, N, K, stride_xm, stride_wn, stride_ym, M_BUCKET, SPLIT_K,
+                IS_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, X_BF16: tl.constexpr,
+                DOT_F32: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                GROUP_M: tl.constexpr,
+                EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+    NUM_PID_M = tl.cdiv(M, BLOCK_M)
+    NUM_PID_N = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = _tile_ids(NUM_PID_M, NUM_PID_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    num_kb = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(num_kb, SPLIT_K)
+    kb_lo = pid_k * per_split
+    kb_hi = tl.minimum(kb_lo + per_split, num_kb)
+    w_ptrs = W + (offs_n.to(tl.int64) * stride_wn)[:, None] + (kb_lo * BLOCK_K + offs_k)[None, :]
+    x_ptrs = X + (offs_m.to(tl.int64) * stride_xm)[None, :] + (kb_lo * BLOCK_K + offs_k)[:, None]
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for kb in range(kb_lo, kb_hi):
+        if EVEN_K:
+            if EVEN_N:
+                w = tl.load(w_ptrs, eviction_policy="evict_first")
+            else:
+                w = tl.load(w_ptrs, mask=n_mask[:, None], other=0, eviction_policy="evict_first")
+            x = tl.load(x_ptrs, mask=m_mask[None, :], other=0.0)
+        else:
+            k_mask = kb * BLOCK_K + offs_k < K
+            w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0,
+                        eviction_policy="evict_first")
+            x = tl.load(x_ptrs, mask=m_mask[None, :] & k_mask[:, None], other=0.0)
+        acc = _dot(_dequant8_operand(w, IS_FP8, X_BF16), x, acc, DOT_F32)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    acc = acc * tl.load(S + offs_n, mask=n_mask, other=0.0)[:, None]
+    _epilogue(acc, Y, B, WS, CNT, offs_n, offs_m, pid_m, pid_n, NUM_PID_N, M, N, stride_ym, SPLIT_K,
+              HAS_BIAS, BLOCK_N, BLOCK_M)
+
+
+# int8 / fp8 CUDA-core GEMV (decode, M <= GEMV_MAX_M):
+#   y[m, n] = s[n] * sum_k w[n, k] * x[m, k]  (+ b[n])
+# acc[BN, BK] += w_tile * x_chunk (fp32 FMA, 16-byte weight loads along K), one cross-thread
+# reduction at the end; int8 -> fp32 through the exact magic-number trick (_int8_to_f32).
+@triton.jit
+def _gemv8_load(w_ptrs, x_ptrs, n_mask, offs_k, k0, K, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+                GUARD: tl.constexpr):
+    # tile [BLOCK_N, BLOCK_K] of weight bytes + the matching x chunk; rows past N and columns
+    # past K read as 0.  EVEN_K: columns need no mask; GUARD adds the whole-tile bound k0 < K
+    # (a prefetch past the end), a mask constant along K that keeps the 16-byte vector loads.
+    if EVEN_K:
+        if GUARD:
+            k_ok = (tl.full(offs_k.shape, 0, tl.int32) + k0) < K  # splat: constant along K
+            w = tl.load(w_ptrs, mask=n_mask[:, None] & k_ok[None, :], other=0, eviction_policy="evict_first")
+            x = tl.load(x_ptrs, mask=k_ok, other=0.0)
+        else:
+            if EVEN_N:
+                w = tl.load(w_ptrs, eviction_policy="evict_first")
+            else:
+                w = tl.load(w_ptrs, mask=n_mask[:, None], other=0, eviction_policy="evict_first")
+            x = tl.load(x_ptrs)
+    else:
+        k_mask = k0 + offs_k < K
+        w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0, eviction_policy="evict_first")
+        x = tl.load(x_ptrs, mask=k_mask, other=0.0)
+    return w, x
+
+
+@triton.jit
+def _gemv8_deq(w, IS_FP8: tl.constexpr):
+    if IS_FP8:
+        return w.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    else:
+        return _int8_to_f32(w)
+
+
+@triton.jit
+def _gemv8_kernel(X, W, S, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
+                  IS_FP8: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr = False):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    w_ptrs = W + (offs_n.to(tl.int64) * stride_wn)[:, None] + offs_k[None, :]
+    x_ptrs = X + pid_m.to(tl.int64) * stride_xm + offs_k
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    if PREFETCH:
+        # register double buffering: the next tile's loads are in flight while this one is
+        # multiplied, so a program has two tiles of weights outstanding (helps short K loops)
+        w_cur, x_cur = _gemv8_load(w_ptrs, x_ptrs, n_mask, offs_k, 0, K, EVEN_N, EVEN_K, True)
+        for k0 in range(0, K, BLOCK_K):
+            w_nxt, x_nxt = _gemv8_load(w_ptrs + BLOCK_K, x_ptrs + BLOCK_K, n_mask, offs_k, k0 + BLOCK_K, K,
+                                       EVEN_N, EVEN_K, True)
+            acc += _gemv8_deq(w_cur, IS_FP8) * x_cur.to(tl.float32)[None, :]
+            w_cur = w_nxt
+            x_cur = x_nxt
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            w, x = _gemv8_load(w_ptrs, x_ptrs, n_mask, offs_k, k0, K, EVEN_N, EVEN_K, False)
+            acc += _gemv8_deq(w, IS_FP8) * x.to(tl.float32)[None, :]
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+    y = tl.sum(acc, axis=1) * tl.load(S + offs_n, mask=n_mask, other=0.0)
+    if HAS_BIAS:
+        y += tl.load(B + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(Y + pid_m.to(tl.int64) * stride_ym + offs_n, y.to(Y.dtype.element_ty), mask=n_mask)
+
+
+# Dequantize to a dense weight in the activation dtype (prefill "dequant" path):
+#   int4: W[n, k] = (q[n, k] - z[g, n]) * s[g, n];   int8/fp8: W[n, k] = w[n, k] * s[n].
+@triton.jit
+def _dequant4_kernel(W, S, Z, OUT, N, K, stride_wn, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    HALF: tl.constexpr = GROUP // 2
+    pid_n = tl.program_id(0)
+    g = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, HALF)
+    n_mask = offs_n < N
+    w = tl.load(W + (offs_n.to(tl.int64) * stride_wn)[:, None] + g * HALF + offs_j[None, :],
+                mask=n_mask[:, None], other=0).to(tl.int32)
+    s = tl.load(S + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+    if HAS_ZERO:
+        z = tl.load(Z + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+    else:
+        z = 8.0
+    lo = ((w & 0xF).to(tl.float32) - z) * s
+    hi = ((w >> 4).to(tl.float32) - z) * s
+    o_ptrs = OUT + (offs_n.to(tl.int64) * K)[:, None] + g * GROUP + offs_j[None, :]
+    tl.store(o_ptrs, lo.to(OUT.dtype.element_ty), mask=n_mask[:, None])
+    tl.store(o_ptrs + HALF, hi.to(OUT.dtype.element_ty), mask=n_mask[:, None])
+
+
+@triton.jit
+def _dequant8_kernel(W, S, OUT, N, K, stride_wn, IS_FP8: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    w = tl.load(W + (offs_n.to(tl.int64) * stride_wn)[:, None] + offs_k[None, :], mask=mask, other=0)
+    if IS_FP8:
+        wf = w.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    else:
+        wf = _int8_to_f32(w)
+    s = tl.load(S + offs_n, mask=offs_n < N, other=0.0)
+    tl.store(OUT + (offs_n.to(tl.int64) * K)[:, None] + offs_k[None, :],
+             (wf * s[:, None]).to(OUT.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------ autotune setup
+
+def _cfg(num_warps, num_stages, **kw):
+    return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
+
+
+# Decode (BLOCK_M = 16): weights are the 64/128-row MMA A operand (wgmma needs 64 rows per
+# warpgroup); deeper pipelines keep more bytes in flight per SM.
+_MM4_DECODE = [
+    _cfg(4, 4, BLOCK_N=64, BLOCK_M=16),
+    _cfg(4, 6, BLOCK_N=64, BLOCK_M=16),
+    _cfg(4, 3, BLOCK_N=128, BLOCK_M=16),
+    _cfg(4, 5, BLOCK_N=128, BLOCK_M=16),
+]
+_MM4_PREFILL = [
+    _cfg(8, 3, BLOCK_N=128, BLOCK_M=128, SCALE_W=True),
+    _cfg(4, 4, BLOCK_N=128, BLOCK_M=64, SCALE_W=True),
+    _cfg(8, 4, BLOCK_N=128, BLOCK_M=64, SCALE_W=True),
+    _cfg(8, 3, BLOCK_N=256, BLOCK_M=128, SCALE_W=True),
+]
+_MM8_DECODE = [
+    _cfg(4, 4, BLOCK_N=64, BLOCK_M=16, BLOCK_K=128),
+    _cfg(4, 4, BLOCK_N=64, BLOCK_M=16, BLOCK_K=256),
+    _cfg(4, 3, BLOCK_N=128, BLOCK_M=16, BLOCK_K=128),
+    _cfg(4, 5, BLOCK_N=128, BLOCK_M=16, BLOCK_K=64),
+]
+_MM8_PREFILL = [
+    _cfg(8, 3, BLOCK_N=128, BLOCK_M=128, BLOCK_K=64),
+    _cfg(8, 4, BLOCK_N=128, BLOCK_M=128, BLOCK_K=64),
+    _cfg(4, 4, BLOCK_N=128, BLOCK_M=64, BLOCK_K=64),
+    _cfg(8, 3, BLOCK_N=256, BLOCK_M=128, BLOCK_K=64),
+]
+# v1 autotune picked BLOCK_N=8 with BLOCK_K=1024 (512 at 14336x4096): 82-97% of copy BW on the
+# large shapes, 61% at 4096x4096; PREFETCH variants added in v2 for the short-K-loop case.
+_GEMV8 = [
+    _cfg(4, 1, BLOCK_N=8, BLOCK_K=512),
+    _cfg(4, 1, BLOCK_N=8, BLOCK_K=1024),
+    _cfg(4, 1, BLOCK_N=16, BLOCK_K=512),
+    _cfg(4, 1, BLOCK_N=8, BLOCK_K=512, PREFETCH=True),
+    _cfg(4, 1, BLOCK_N=8, BLOCK_K=1024, PREFETCH=True),
+    _cfg(4, 1, BLOCK_N=4, BLOCK_K=1024, PREFETCH=True),
+]
+_DQ4 = dict(BLOCK_N=32, num_warps=4)
+_DQ8 = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # interpreter: small, but > 1 so the split-K reduction is exercised
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _split_k(n_tiles: int, num_k_steps: int, sms: int, min_steps: int = 2) -> int:
+    """Split K so that >= 2 programs per SM exist, keeping >= min_steps K-steps per split."""
+    if n_tiles >= 2 * sms:
+        return 1
+    s = max(1, min(triton.cdiv(2 * sms, n_tiles), num_k_steps // min_steps, 32))
+    return triton.cdiv(num_k_steps, triton.cdiv(num_k_steps, s))  # no empty splits
+
+
+_KERNELS = {
+    "mm4_decode": (_mm4_kernel, _MM4_DECODE),
+    "mm4_prefill": (_mm4_kernel, _MM4_PREFILL),
+    "mm8_decode": (_mm8_kernel, _MM8_DECODE),
+    "mm8_prefill": (_mm8_kernel, _MM8_PREFILL),
+    "gemv8": (_gemv8_kernel, _GEMV8),
+}
+_TUNE_KEYS = {
+    "mm4": ["M_BUCKET", "N", "K", "GROUP", "HAS_ZERO", "USE_ASM"],
+    "mm8": ["M_BUCKET", "N", "K", "IS_FP8"],
+    "gemv8": ["N", "K", "IS_FP8"],
+}
+
+
+def _heuristics(name: str, sms: int) -> dict:
+    """Meta-parameters derived from the chosen config (EVEN_* mask elision, SPLIT_K)."""
+    h = {"EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0}
+    if not name.startswith("mm4"):
+        h["EVEN_K"] = lambda a: a["K"] % a["BLOCK_K"] == 0
+    if name.startswith("mm"):
+        int4 = name.startswith("mm4")
+
+        def split(a):
+            if a["M_BUCKET"] > DECODE_MAX_M:
+                return 1
+            n_tiles = triton.cdiv(a["N"], a["BLOCK_N"]) * triton.cdiv(a["M"], a["BLOCK_M"])
+            steps = a["K"] // a["GROUP"] if int4 else triton.cdiv(a["K"], a["BLOCK_K"])
+            return _split_k(n_tiles, steps, sms)
+
+        h["SPLIT_K"] = split
+    return h
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keep prefill tiles no taller than the problem needs (short autotune for M = 17..63)."""
+    M, K = named_args["M"], named_args["K"]
+    cap = max(64, triton.next_power_of_2(M))
+    keep = [c for c in configs
+            if c.kwargs.get("BLOCK_M", 16) <= cap and c.kwargs.get("BLOCK_K", 0) <= max(64, 2 * K)]
+    return keep or [min(configs, key=lambda c: c.kwargs.get("BLOCK_M", 16))]
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(name: str, sms: int):
+    """Autotuned kernel, built on first use; autotune caches per process, keyed by _TUNE_KEYS
+    (the M bucket, N, K, format flags) plus the tensor dtypes."""
+    fn, configs = _KERNELS[name]
+    return triton.autotune(configs, key=_TUNE_KEYS[name.split("_")[0]],
+                           prune_configs_by={"early_config_prune": _prune})(
+        triton.heuristics(_heuristics(name, sms))(fn))
+
+
+def tuning_report() -> dict:
+    """What autotune picked so far: {kernel: {key: config}} (for the benchmark's record)."""
+    rep = {}
+    for (name, sms), at in ((k, _tuned(*k)) for k in list(_TUNED_KEYS)):
+        rep[name] = {str(k): str(v) for k, v in getattr(at, "cache", {}).items()}
+    return rep
+
+
+_TUNED_KEYS: set = set()
+
+
+def _arg_names(fn) -> list:
+    names = getattr(fn, "arg_names", None)
+    if names is None:  # interpreter wrapper
+        import inspect
+        names = list(inspect.signature(getattr(fn, "fn", fn)).parameters)
+    return list(names)
+
+
+def _meta_for(name: str, sms: int, nargs: dict, config) -> tuple:
+    """(meta, num_warps, num_stages) for a fixed config, heuristics filled in."""
+    if isinstance(config, triton.Config):
+        meta, warps, stages = dict(config.kwargs), config.num_warps, config.num_stages
+    else:
+        meta = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
+        warps, stages = config.get("num_warps", 4), config.get("num_stages", 3)
+    a = dict(nargs, **meta)
+    for k, f in _heuristics(name, sms).items():
+        if k not in meta:
+            meta[k] = a[k] = f(a)
+    return meta, warps, stages
+
+
+def _launch(name: str, grid, args: tuple, kwargs: dict, config, sms: int) -> None:
+    """Autotuned launch, or a fixed config (tests; under the interpreter autotune cannot time,
+    so the first config of the list is used)."""
+    fn, configs = _KERNELS[name]
+    if config is None and not _interpret():
+        _TUNED_KEYS.add((name, sms))
+        _tuned(name, sms)[grid](*args, **kwargs)
+        return
+    nargs = dict(zip(_arg_names(fn), args), **kwargs)
+    meta, warps, stages = _meta_for(name, sms, nargs, configs[0] if config is None else config)
+    fn[grid(dict(nargs, **meta))](*args, **kwargs, **meta, num_warps=warps, num_stages=stages)
+
+
+# ----------------------------------------------------------------------------------- launchers
+
+_COUNTERS: dict = {}
+_COUNTER_LEN = 1 << 16
+
+
+def _counters(device: torch.device) -> torch.Tensor:
+    """Zeroed int32 tile counters for the split-K reduction, one buffer per (device, stream);
+    every launch leaves them zero again.  Kernels on one stream never overlap; concurrent
+    streams get their own buffer."""
+    if device.type == "cuda":
+        key = (device.type, device.index, torch.cuda.current_stream(device).cuda_stream)
+    else:
+        key = (device.type, device.index, 0)
+    buf = _COUNTERS.get(key)
+    if buf is None:
+        buf = torch.zeros(_COUNTER_LEN, dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
+
+def _bucket(M: int) -> int:
+    return 1 if M <= 1 else min(1 << (M - 1).bit_length(), 4096)
+
+
+def _flatten(x: torch.Tensor, K: int) -> torch.Tensor:
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) % 8 != 0):
+        x2 = x2.contiguous()
+    return x2
+
+
+def _check_launch(op: str, x: torch.Tensor, tensors: dict) -> None:
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"{op}: the Triton kernels take bfloat16/float16 activations, got {x.dtype} "
+                        f"(float32 models: use the reference path)")
+    if x.device.type != "cuda" and not _interpret():
+        raise ValueError(f"{op}: x is on {x.device}; the Triton kernels need CUDA tensors "
+                         f"(or TRITON_INTERPRET=1 for CPU testing)")
+    for name, t in tensors.items():
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{op}: {name} must be contiguous")
+
+
+def _pick_path(fmt: str, M: int, path: str) -> str:
+    valid = ("auto", "gemv", "mma", "dequant")
+    if path not in valid:
+        raise ValueError(f"path must be one of {valid}, got {path!r}")
+    if path == "gemv" and fmt == "int4":
+        raise ValueError("int4 has no 'gemv' path (its decode path is 'mma' with split-K)")
+    if path != "auto":
+        return path
+    if M > DECODE_MAX_M:
+        return PREFILL_PATH[fmt]
+    if fmt != "int4" and M <= GEMV_MAX_M:
+        return "gemv"
+    return "mma"
+
+
+def _mm_launch(kernel: str, x2: torch.Tensor, w_args: tuple, kw: dict, M: int, N: int, K: int,
+               out: torch.Tensor, bias, config) -> None:
+    """Launch _mm4_kernel / _mm8_kernel: split-K workspace sized for every candidate config,
+    tile counters, grid (output tiles, SPLIT_K)."""
+    dev = x2.device
+    name = f"{kernel}_{'decode' if M <= DECODE_MAX_M else 'prefill'}"
+    sms = _num_sms(dev)
+    fn, configs = _KERNELS[name]
+    args = (x2,) + w_args + (bias if bias is not None else out, out, None, None,
+                             M, N, K, x2.stride(0), w_args[0].stride(0), out.stride(0), _bucket(M))
+    bf16 = x2.dtype == torch.bfloat16
+    kwargs = dict(kw, HAS_BIAS=bias is not None, X_BF16=bf16, DOT_F32=bf16 and _interpret(), GROUP_M=8)
+    nargs = dict(zip(_arg_names(fn), args), **kwargs)
+    ws_elems, max_tiles = 1, 0
+    for c in ([config] if config is not None else _prune(configs, nargs)):
+        meta, _, _ = _meta_for(name, sms, nargs, c)
+        tiles = triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(M, meta["BLOCK_M"])
+        max_tiles = max(max_tiles, tiles)
+        if meta["SPLIT_K"] > 1:
+            ws_elems = max(ws_elems, meta["SPLIT_K"] * tiles * meta["BLOCK_N"] * meta["BLOCK_M"])
+    if max_tiles > _COUNTER_LEN:
+        raise ValueError(f"{kernel}: {max_tiles} output tiles exceed the counter buffer ({_COUNTER_LEN})")
+    ws = torch.empty(ws_elems, dtype=torch.float32, device=dev)
+    i = _arg_names(fn).index("WS")
+    args = args[:i] + (ws, _counters(dev)) + args[i + 2:]
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
+
+    _launch(name, grid, args, kwargs, config, sms)
+
+
+def int4_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                       zeros: Optional[torch.Tensor], group_size: int, bias: Optional[torch.Tensor] = None,
+                       *, path: str = "auto", use_asm: Optional[bool] = None,
+                       config: Optional[dict] = None) -> torch.Tensor:
+    """``x [..., K]`` (bf16/fp16) -> ``[..., N]``; layouts as in :func:`.pack.pack_int4`.
+
+    ``path``: ``"auto"`` | ``"mma"`` | ``"dequant"``; ``use_asm``: PTX unpacking (default: on the
+    GPU, off under the interpreter); ``config``: fixed block sizes instead of autotuning (tests).
+    """
+    N, K = check_int4_linear_args(x, qweight, scales, zeros, group_size, bias, "int4_linear")
+    _check_launch("int4_linear", x, {"qweight": qweight, "scales": scales, "zeros": zeros})
+    lead = x.shape[:-1]
+    x2 = _flatten(x, K)
+    M = x2.shape[0]
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return out.reshape(*lead, N)
+    p = _pick_path("int4", M, path)
+    if p == "dequant":
+        w = _dequant4(qweight, scales, zeros, group_size, x.dtype, N, K)
+        return torch.nn.functional.linear(x2, w, bias).reshape(*lead, N)
+    if use_asm is None:
+        use_asm = not _interpret()
+    if use_asm and _interpret():
+        raise ValueError("int4_linear: use_asm=True cannot run under TRITON_INTERPRET=1")
+    kw = dict(GROUP=group_size, HAS_ZERO=zeros is not None, USE_ASM=bool(use_asm))
+    _mm_launch("mm4", x2, (qweight, scales, zeros if zeros is not None else scales),
+               kw, M, N, K, out, bias, config)
+    return out.reshape(*lead, N)
+
+
+def _int8_like(fmt: str, x, qweight, scale, bias, path, config):
+    check = check_fp8_linear_args if fmt == "fp8" else check_int8_linear_args
+    N, K = check(x, qweight, scale, bias, f"{fmt}_linear")
+    _check_launch(f"{fmt}_linear", x, {"qweight": qweight, "scale": scale})
+    if scale.dtype != torch.float32:
+        scale = scale.float()
+    lead = x.shape[:-1]
+    x2 = _flatten(x, K)
+    M = x2.shape[0]
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return out.reshape(*lead, N)
+    p = _pick_path(fmt, M, path)
+    w8 = qweight.view(torch.uint8)  # int8 and e4m3 codes both travel as bytes
+    is_fp8 = fmt == "fp8"
+    if p == "dequant":
+        w = _dequant8(w8, scale, is_fp8, x.dtype, N, K)
+        return torch.nn.functional.linear(x2, w, bias).reshape(*lead, N)
+    if p == "gemv":
+        args = (x2, w8, scale, bias if bias is not None else out, out, M, N, K,
+                x2.stride(0), w8.stride(0), out.stride(0))
+
+        def grid(meta):
+            return (M, triton.cdiv(N, meta["BLOCK_N"]))
+
+        _launch("gemv8", grid, args, dict(IS_FP8=is_fp8, HAS_BIAS=bias is not None), config,
+                _num_sms(x.device))
+        return out.reshape(*lead, N)
+    _mm_launch("mm8", x2, (w8, scale), dict(IS_FP8=is_fp8), M, N, K, out, bias, config)
+    return out.reshape(*lead, N)
+
+
+def int8_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                       bias: Optional[torch.Tensor] = None, *, path: str = "auto",
+                       config: Optional[dict] = None) -> torch.Tensor:
+    """``x [..., K]`` (bf16/fp16) -> ``[..., N]``; int8 ``qweight [N, K]``, fp32 ``scale [N]``."""
+    return _int8_like("int8", x, qweight, scale, bias, path, config)
+
+
+def fp8_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                      bias: Optional[torch.Tensor] = None, *, path: str = "auto",
+                      config: Optional[dict] = None) -> torch.Tensor:
+    """``x [..., K]`` (bf16/fp16) -> ``[..., N]``; float8_e4m3fn ``qweight [N, K]``, fp32 ``scale [N]``."""
+    return _int8_like("fp8", x, qweight, scale, bias, path, config)
+
+
+def _dequant4(qweight, scales, zeros, group_size, dtype, N, K) -> torch.Tensor:
+    out = torch.empty((N, K), dtype=dtype, device=qweight.device)
+    bn = _DQ4["BLOCK_N"]
+    _dequant4_kernel[(triton.cdiv(N, bn), K // group_size)](
+        qweight, scales, zeros if zeros is not None else scales, out, N, K, qweight.stride(0),
+        GROUP=group_size, HAS_ZERO=zeros is not None, BLOCK_N=bn, num_warps=_DQ4["num_warps"])
+    return out
+
+
+def _dequant8(w8, scale, is_fp8, dtype, N, K) -> torch.Tensor:
+    out = torch.empty((N, K), dtype=dtype, device=w8.device)
+    bn, bk = _DQ8["BLOCK_N"], _DQ8["BLOCK_K"]
+    _dequant8_kernel[(triton.cdiv(N, bn), triton.cdiv(K, bk))](
+        w8, scale, out, N, K, w8.stride(0), IS_FP8=is_fp8, BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=_DQ8["num_warps"])
+    return out
+
+
+def dequantize_triton(qw, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Dense ``[N, K]`` weight of a :class:`.pack.QuantizedWeight` (one Triton kernel)."""
+    dtype = dtype or qw.dtype
+    if qw.fmt == "int4":
+        return _dequant4(qw.qweight, qw.scales, qw.zeros, qw.group_size, dtype, qw.N, qw.K)
+    w8 = qw.qweight.view(torch.uint8)
+    return _dequant8(w8, qw.scales.float(), qw.fmt == "fp8", dtype, qw.N, qw.K)
