@@ -377,7 +377,7 @@ def main():
                 device=torch.cuda.get_device_name(), sms=torch.cuda.get_device_properties(0).multi_processor_count,
                 torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
                 python=sys.version.split()[0], commit=commit,
-                decode_max_m=tk.DECODE_MAX_M, gemv_max_m=tk.GEMV_MAX_M, prefill_path=tk.PREFILL_PATH)
+                decode_max_m=tk.DECODE_MAX_M, gemv_max_m=tk.GEMV_MAX_M, prefill_dequant_min_m=tk.PREFILL_DEQUANT_MIN_M)
     log("meta", json.dumps(meta))
     out_dir = os.environ.get("OUT")
     results, checks = [], []

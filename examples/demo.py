@@ -58,6 +58,7 @@ def main() -> None:
         print(fxspec.explain(model, ids, config={"quantize": {"bits": 8}}))
 
         torch._dynamo.reset()
+        fxspec.reset_counters()
         q = torch.compile(model, backend="fxspec", options={"quantize": {"bits": 8}})
         qout = q(ids).logits
         agree = (qout.argmax(-1) == ref.argmax(-1)).float().mean().item()

@@ -589,3 +589,14 @@ def test_random_stacks(d, specs):
             (f"blocks.{i}.self_attn", s["impl"], 4, 2 if s["kv"] == "gqa" else 4, d // 4)
         assert (at.causal, at.rope) == (True, s["rope"] is not None)
         assert [n.kind for n in a.norms[2 * i: 2 * i + 2]] == [NORM_KIND[s["norm"]]] * 2
+
+
+def test_bert_intermediate_as_wide_as_the_vocab_is_no_lm_head():
+    """An encoder whose FFN width equals the vocabulary: the intermediate linear reaches the output
+    only through the residual stream, so it must not be taken for an LM head."""
+    from transformers import BertConfig, BertModel
+
+    m = BertModel(BertConfig(hidden_size=64, intermediate_size=128, vocab_size=128, num_hidden_layers=1,
+                             num_attention_heads=4)).eval()
+    a, _, _ = analyze_one(m, torch.randint(0, 128, (1, 8)))
+    assert a.lm_head is None

@@ -114,14 +114,16 @@ def test_default_eos_and_pad_follow_generation_config(llama, llama_gen):
 
 @pytest.mark.parametrize("family", ["qwen2", "gpt_neox"])
 def test_greedy_matches_hf_other_families(family):
+    """Compiled decode (the family-specific part) on a ragged batch; the prefill runs eagerly here to keep
+    the suite inside its CPU time (compiled prefill is covered by the Llama and plain-module tests)."""
     model = tiny_model(family)
     ids = prompts(2, 9, seed=3)
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
     ref = hf_greedy(model, ids, N_NEW, attention_mask=mask)
-    gen = Generator(model, max_batch_size=2, max_cache_len=CACHE, backend=BACKEND)
+    gen = Generator(model, max_batch_size=2, max_cache_len=CACHE, backend=BACKEND, compile_prefill=False)
     out = gen.generate(ids, N_NEW, attention_mask=mask)
-    assert out.shape == (2, 9 + N_NEW)
+    assert out.shape == (2, 9 + N_NEW) and gen.stats["compile_decode_s"] > 0
     assert torch.equal(out, ref)
 
 

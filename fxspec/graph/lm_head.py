@@ -3,8 +3,8 @@
 Embeddings: ``F.embedding(ids, W, ...)`` with ``W`` a parameter placeholder (token, position and
 token-type tables alike), in graph order.
 
-LM head: among the linears whose output flows into the graph output, the last (in graph order)
-whose ``out_features`` is the vocabulary size::
+LM head: among the linears whose output is returned (through views, casts, slices or soft-capping only),
+the last (in graph order) whose ``out_features`` is the vocabulary size::
 
     h      = final_norm(...)
     logits = F.linear(h[:, -k:], W_lm)        W_lm: (vocab, hidden)
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from .nodes import find_back, is_any, is_layout, is_op, reaches_output, tensor_operands
+from .nodes import find_back, is_any, is_layout, is_op, tensor_operands
 from .types import LinearInfo, LMHeadInfo, NormInfo, ParamRef
 
 
@@ -44,7 +44,9 @@ def find_lm_head(gm: fx.GraphModule, linears: list[LinearInfo], embeddings: list
     norm_outputs = {n.output for n in norms}
     for li in reversed(linears):
         if vocab_sizes:
-            if li.out_features not in vocab_sizes or not reaches_output(li.node):
+            # returned directly, not merely reaching the output: a BERT intermediate whose width happens
+            # to equal the vocabulary reaches the output through the residual stream, and is no head
+            if li.out_features not in vocab_sizes or not _returned_directly(li.node):
                 continue
         else:
             x = li.node.args[0]

@@ -27,8 +27,10 @@ once per frozen weight. A float weight ``W`` is ``[N, K]`` = (out_features, in_f
     a group's scales for a block of output channels are one contiguous, coalesced load.
     Stored in the activation dtype (``dtype``, bf16/fp16: 2 bytes per 64 bytes of weight at G=128).
     ``zeros``: ``None`` (symmetric) or ``[K // G, N]`` in the same dtype, holding the *integer*
-    zero point as a float (e.g. 7.0); the kernels accept any float value (they subtract
-    ``z * sum(x over the group)`` after the integer dot, which is exact for non-integer zeros too).
+    zero point as a float (e.g. 7.0).  Any float value works: the decode kernel subtracts
+    ``z * sum(x over the group)`` after the integer dot (exact for non-integer zeros too); the
+    fused prefill kernel rounds ``(q - z) * s`` once to the activation dtype, as dequantize +
+    cuBLAS does.
 
 ``fp8`` — float8_e4m3fn per-output-channel.
     ``qweight``: float8_e4m3fn ``[N, K]``; ``scales``: float32 ``[N]``;

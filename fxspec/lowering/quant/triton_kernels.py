@@ -1,43 +1,53 @@
 """Triton kernels for weight-only quantized linears, and their launchers.
 
 Layered as: ``@triton.jit`` kernel (math in the comment above it) -> launcher (checks, picks the
-path by M, autotunes over a small config list) -> op registration (:mod:`.ops`) -> plain-PyTorch
-reference (:mod:`.reference`). Packed layouts: :mod:`.pack`.
+path by M, autotunes over a small config list keyed on (M bucket, N, K)) -> op registration
+(:mod:`.ops`) -> plain-PyTorch reference (:mod:`.reference`). Packed layouts: :mod:`.pack`.
+Measurements (H100): ``benchmarks/results/quant_kernels.md``; notes: ``benchmarks/NOTES_quant.md``.
 
 Paths (``path=`` of the launchers; ``"auto"`` picks by M, see ``_pick_path``):
 
-``gemv`` (int8 / fp8, decode)
+``gemv`` (int8 / fp8, decode M <= GEMV_MAX_M)
     CUDA-core GEMV: a program owns ``BLOCK_N`` rows and walks the whole K with 16-byte loads,
-    accumulating ``w * x`` element-wise in fp32 and reducing once at the end. Parallel over rows,
-    so no split-K is needed. One program per (row of x, row block); the programs for the same row
-    block are adjacent in launch order so M > 1 reads the weights from HBM once (the rest hit L2).
+    accumulating ``w * x`` element-wise in fp32 and reducing once at the end; parallel over rows,
+    no split-K. int8 -> fp32 by the exact magic-number trick (one logic op + one FADD, no
+    16/clk/SM int->float conversion). H100: 82-95% of copy bandwidth from 14336x4096 up, 61% at
+    4096x4096.
 
-``mma`` (all formats; decode M <= 16 and prefill)
+``mma`` (int4 decode M <= 16 and prefill; int8/fp8 decode 1 < M <= 16 and prefill)
     Tensor-core kernel with the roles swapped (weights are the *A* operand, ``x^T`` the B
-    operand): ``y^T[BN, BM] = W_deq[BN, K] @ x^T[K, BM]``. The weight tile is loaded raw
-    (uint8), software-pipelined into shared memory by Triton, read back in the MMA-operand layout
-    and dequantized in registers (Triton hoists the layout conversion above the elementwise
-    dequant, so shared memory carries 1 byte per 2 int4 codes, not 2 bytes per value). For
-    decode, BM = 16 (M padded) and K is split across programs (``SPLIT_K``) so that a 4096-row
-    matrix still fills 132 SMs; the partial tiles meet in a fp32 workspace and the last program
-    to arrive (an atomic counter per output tile, reset by that program) sums them in a fixed
-    order (deterministic) and writes the output.
+    operand): ``y^T[BN, BM] = W_deq[BN, K] @ x^T[K, BM]``. The raw weight tile is
+    software-pipelined into shared memory (cp.async) by Triton, read back in the MMA-operand
+    layout and dequantized in registers (Triton hoists the layout conversion above the
+    elementwise dequant: shared memory carries 1 byte per 2 int4 codes), then wgmma with A in
+    registers. For decode, BM = 16 (M padded) and K is split across programs (``SPLIT_K``, a
+    heuristic aiming at 2 programs per SM) so a 4096-row matrix still fills 132 SMs; the partial
+    tiles meet in a fp32 workspace and the last program to arrive (an atomic counter per output
+    tile, reset by that program) sums them in a fixed order (deterministic) and stores.
+    H100: int4 decode reaches only 26-56% of copy bandwidth and is 8-52% slower than tinygemm
+    (see the results file for what was tried).
 
-``dequant`` (prefill, large M)
-    One Triton kernel writes ``W`` in the activation dtype (scales folded in), then cuBLAS
-    ``F.linear``. Which of ``mma`` / ``dequant`` ``auto`` takes for large M is decided by the
-    measurements in ``benchmarks/results/quant_kernels.md`` (``PREFILL_PATH``).
+``dequant`` (prefill, M >= PREFILL_DEQUANT_MIN_M)
+    One Triton kernel writes ``W`` in the activation dtype (scales folded in) to a temporary,
+    then cuBLAS ``F.linear``; the fused kernels are 39-50% slower at M = 2048 on the H100.
 
-int4 dequantization (per byte ``b``: low nibble -> k = j, high nibble -> k = G/2 + j):
+int4 dequantization (per byte ``b`` of a group: low nibble -> k = j, high nibble -> k = G/2 + j):
 the "magic number" trick turns a 4-bit code into a float with one logic op and no int->float
 conversion: ``bits(0x4300 | q)`` is the bf16 ``128 + q`` and ``bits(0x6400 | q)`` the fp16
-``1024 + q``, exactly. Symmetric codes then subtract ``128 + 8`` (``1024 + 8``), exact in the
-16-bit type, giving ``q - 8``; asymmetric keeps ``128 + q`` and subtracts
-``(128 + z) * sum_k(x)`` per group after the (exact-product, fp32-accumulated) dot, which is exact
-for float zero points too. On the GPU the unpacking is 4 PTX instructions per 4 codes
-(``prmt`` + ``lop3`` / ``shr`` + ``lop3``, plus a packed ``fma`` for the symmetric offset) via
-``tl.inline_asm_elementwise``; under ``TRITON_INTERPRET=1`` the same math runs as plain
-Triton ops (``USE_ASM=False``), which the GPU benchmark also times as a fallback.
+``1024 + q``, exactly; a packed fma then subtracts ``128 + 8`` (``1024 + 8``) for symmetric codes,
+``128`` (``1024``) for asymmetric ones, both exact, giving ``q - 8`` or ``q``. Asymmetric decode
+subtracts ``z * sum_{k in g} x`` after the group's dot (exact for float zero points too);
+prefill (``SCALE_W``) scales the operand, ``(q - z) * s`` rounded once to the activation dtype
+(as dequant + cuBLAS does), and chains the accumulator through the MMAs. On the GPU the
+unpacking is ``prmt`` + ``lop3`` + ``fma.bf16x2`` / ``shr`` + ``lop3`` + ``fma.bf16x2`` per 4
+codes via ``tl.inline_asm_elementwise`` (5.9 SASS instructions per weight byte in the decode
+loop, against 12.9 for plain Triton); under ``TRITON_INTERPRET=1`` the same values come from
+plain Triton ops (``USE_ASM=False``).
+
+Interpreter notes (triton 3.9, CPU): bf16 ``tl.dot`` operands and arithmetic on bitcast bf16
+tensors are computed on the raw bits, and fp32 -> bf16 casts truncate; the kernels therefore take
+``DOT_F32`` (fp32 operands for the dots, fp32 for 16-bit products) under the interpreter only, and
+fp8 codes travel as uint8 (masked fp8 loads with ``other=0`` fail there) and are bitcast.
 """
 
 from __future__ import annotations
@@ -59,7 +69,7 @@ __all__ = [
     "dequantize_triton",
     "DECODE_MAX_M",
     "GEMV_MAX_M",
-    "PREFILL_PATH",
+    "PREFILL_DEQUANT_MIN_M",
 ]
 
 
@@ -71,9 +81,13 @@ def _interpret() -> bool:
 DECODE_MAX_M = 16
 # int8/fp8: M <= GEMV_MAX_M takes the CUDA-core GEMV, larger M the tensor-core kernel.
 GEMV_MAX_M = 1
-# Prefill (M > DECODE_MAX_M): "mma" (fused dequant in the tensor-core kernel) or "dequant"
-# (dequantize to a temporary + cuBLAS), per format; set from measurements (see results file).
-PREFILL_PATH = {"int8": "mma", "int4": "mma", "fp8": "mma"}
+# Prefill (M > DECODE_MAX_M): fused "mma" below PREFILL_DEQUANT_MIN_M, "dequant" (dequantize to
+# an N x K temporary in the activation dtype, then cuBLAS) from there on.  Measured on the H100
+# (benchmarks/results/quant_kernels.md): at M = 2048 the fused kernels are 39-50% slower than
+# dequant + cuBLAS (int8 and int4); at M = 512 int8 mma is -8%..+9% against it (faster on the two
+# largest shapes), int4 mma 0.3-4.6% slower.  So dequant from M = 512 on, for every format
+# (fp8 prefill was not measured).  M = 17..511 keeps the fused kernel (no temporary): not timed.
+PREFILL_DEQUANT_MIN_M = {"int8": 512, "int4": 512, "fp8": 512}
 
 
 # ------------------------------------------------------------------------------- dequant helpers
@@ -134,22 +148,6 @@ def _unpack_int4(w, X_BF16: tl.constexpr, SYM: tl.constexpr, USE_ASM: tl.constex
             lo = lo.to(tl.float16)
             hi = hi.to(tl.float16)
     return lo, hi
-
-
-@triton.jit
-def _ld16(ptrs, mask):
-    # 16-bit global load (masked -> 0) as inline PTX: invisible to Triton's software pipeliner,
-    # which stops pipelining the whole loop when a plain tl.load result is carried to a later
-    # iteration (seen on triton 3.6: no cp.async left).  Used to prefetch int4 scales/zeros.
-    bits = tl.inline_asm_elementwise(
-        asm="""{
-        .reg .pred p;
-        setp.ne.b32 p, $2, 0;
-        mov.b16 $0, 0;
-        @p ld.global.nc.b16 $0, [$1];
-        }""",
-        constraints="=h,l,r", args=[ptrs, mask.to(tl.int32)], dtype=tl.int16, is_pure=True, pack=1)
-    return bits.to(ptrs.dtype.element_ty, bitcast=True)
 
 
 @triton.jit
@@ -289,47 +287,19 @@ def _mm4_kernel(X, W, S, Z, B, Y, WS, CNT,
     g_hi = tl.minimum(g_lo + per_split, num_groups)
     w_ptrs = W + (offs_n.to(tl.int64) * stride_wn)[:, None] + (g_lo * HALF + offs_j)[None, :]
     x_ptrs = X + (offs_m.to(tl.int64) * stride_xm)[None, :] + (g_lo * GROUP + offs_j)[:, None]
-    # Scales (and zeros): Triton's pipeliner stages only the loads that feed tl.dot; a per-group
-    # scale load in the loop stalled every iteration for a full memory latency (v1: int4 decode
-    # at 26-56% of copy bandwidth).  With PTX unpacking (USE_ASM, GPU) they are prefetched two
-    # groups ahead through inline-asm loads (_ld16), which the pipeliner does not see; plain
-    # tl.loads carried across iterations would switch its pipelining off altogether.
+    # Scales (and zeros) are loaded in the iteration that uses them.  v2 prefetched them one
+    # group ahead through inline-asm loads (a plain tl.load carried across iterations makes
+    # triton 3.6 drop the cp.async pipelining of the loop): 2-13% slower on the H100, reverted.
     s_ptrs = S + g_lo * N + offs_n
     z_ptrs = Z + g_lo * N + offs_n
-    gvec = tl.full([BLOCK_N], 0, tl.int32) + g_lo  # group index as a (splat) vector for masks
-    if USE_ASM:
-        s0 = _ld16(s_ptrs, n_mask & (gvec < g_hi))
-        s1 = _ld16(s_ptrs + N, n_mask & (gvec + 1 < g_hi))
-        if HAS_ZERO:
-            z0 = _ld16(z_ptrs, n_mask & (gvec < g_hi))
-            z1 = _ld16(z_ptrs + N, n_mask & (gvec + 1 < g_hi))
-        else:
-            z0 = s0
-            z1 = s1
-    else:
-        s1 = tl.zeros([BLOCK_N], dtype=S.dtype.element_ty)
-        z1 = s1
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for _ in range(g_lo, g_hi):
-        if USE_ASM:
-            pf_ok = n_mask & (gvec + 2 < g_hi)
-            s2 = _ld16(s_ptrs + 2 * N, pf_ok)
-            if HAS_ZERO:
-                z2 = _ld16(z_ptrs + 2 * N, pf_ok)
-            else:
-                z2 = s2
-        else:
-            s0 = tl.load(s_ptrs, mask=n_mask, other=0.0)
-            s2 = s1
-            if HAS_ZERO:
-                z0 = tl.load(z_ptrs, mask=n_mask, other=0.0)
-            else:
-                z0 = s0
-            z2 = z1
         if EVEN_N:
             w = tl.load(w_ptrs, eviction_policy="evict_first")
+            s = tl.load(s_ptrs)
         else:
             w = tl.load(w_ptrs, mask=n_mask[:, None], other=0, eviction_policy="evict_first")
+            s = tl.load(s_ptrs, mask=n_mask, other=0.0)
         xl = tl.load(x_ptrs, mask=m_mask[None, :], other=0.0)
         xh = tl.load(x_ptrs + HALF, mask=m_mask[None, :], other=0.0)
         lo, hi = _unpack_int4(w, X_BF16, not HAS_ZERO, USE_ASM)
@@ -337,9 +307,9 @@ def _mm4_kernel(X, W, S, Z, B, Y, WS, CNT,
             # prefill: scale the 16-bit operand, (q - z) * s rounded once to the activation dtype
             # (as dequant + cuBLAS does; q - z is exact for integer zero points), and chain the
             # accumulator through the MMAs: no per-group fp32 rescale, half the registers.
-            s16 = s0.to(lo.dtype)[:, None]
+            s16 = s.to(lo.dtype)[:, None]
             if HAS_ZERO:
-                z16 = z0.to(lo.dtype)[:, None]
+                z16 = tl.load(z_ptrs, mask=n_mask, other=0.0).to(lo.dtype)[:, None]
                 lo = _sub16(lo, z16, DOT_F32)
                 hi = _sub16(hi, z16, DOT_F32)
             acc = _dot(_mul16(lo, s16, DOT_F32), xl, acc, DOT_F32)
@@ -348,14 +318,10 @@ def _mm4_kernel(X, W, S, Z, B, Y, WS, CNT,
             d = _dot(lo, xl, None, DOT_F32)
             d = _dot(hi, xh, d, DOT_F32)
             if HAS_ZERO:
+                z = tl.load(z_ptrs, mask=n_mask, other=0.0).to(tl.float32)
                 xs = tl.sum(xl.to(tl.float32), axis=0) + tl.sum(xh.to(tl.float32), axis=0)
-                d = d - z0.to(tl.float32)[:, None] * xs[None, :]
-            acc += d * s0.to(tl.float32)[:, None]
-        s0 = s1
-        s1 = s2
-        z0 = z1
-        z1 = z2
-        gvec += 1
+                d = d - z[:, None] * xs[None, :]
+            acc += d * s.to(tl.float32)[:, None]
         w_ptrs += HALF
         x_ptrs += GROUP
         s_ptrs += N
@@ -744,7 +710,7 @@ def _pick_path(fmt: str, M: int, path: str) -> str:
     if path != "auto":
         return path
     if M > DECODE_MAX_M:
-        return PREFILL_PATH[fmt]
+        return "dequant" if M >= PREFILL_DEQUANT_MIN_M[fmt] else "mma"
     if fmt != "int4" and M <= GEMV_MAX_M:
         return "gemv"
     return "mma"
