@@ -305,6 +305,13 @@ def _interp_cases():
     cases.append(dict(fmt="int4", dt="bfloat16", M=6, N=40, K=128, G=32, sym=True, path="mma", cfg=None,
                       bias=False, lead=(2, 3)))
     cases.append(dict(fmt="int8", dt="bfloat16", M=0, N=40, K=128, path="mma", cfg=None, bias=False))
+    # path="auto": M = 1 -> gemv (int8) / split-K mma (int4); M = 512 -> dequant + F.linear
+    for fmt in ("int8", "int4"):
+        for M in (1, 512):
+            c = dict(fmt=fmt, dt="bfloat16", M=M, N=40, K=128, path="auto", cfg=None, bias=True)
+            if fmt == "int4":
+                c.update(G=64, sym=True)
+            cases.append(c)
     return [(_case_id(c), c) for c in cases]
 
 
