@@ -167,7 +167,8 @@ class Bench:
         self.baseline = 0
         self.meta = {
             "date": datetime.date.today().isoformat(),
-            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or "cpu",
+            "device": (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
+                       else platform.processor() or "cpu"),
             "torch": torch.__version__,
             "transformers": __import__("transformers").__version__,
             "triton": _version("triton"),

@@ -29,7 +29,7 @@ from fxspec.lowering.quant.pack import QuantizedWeight  # noqa: E402
 
 # Tolerances as data: relative Frobenius error of a kernel vs the fp32 reference.  bf16 under the
 # interpreter also absorbs its truncating fp32->bf16 cast (1 ulp = 2^-8 relative, worst case).
-TOL = {"bfloat16": 1.2e-2, "float16": 2e-3, "float32": 1e-5}
+REL_ERR_MAX = {"bfloat16": 1.2e-2, "float16": 2e-3, "float32": 1e-5}
 SQNR_MIN_DB = {"int8": 35.0, "int4g128": 18.0, "fp8": 25.0}
 
 
@@ -410,7 +410,7 @@ def test_triton_kernel_matches_reference_interpreter(interp_results, cid, case):
     assert "error" not in res, res["error"]
     assert res["shape"] == res["ref_shape"] and res["dtype"] == case["dt"]
     assert res["finite"]
-    assert res["rel_err"] <= TOL[case["dt"]], res
+    assert res["rel_err"] <= REL_ERR_MAX[case["dt"]], res
 
 
 def test_triton_launcher_errors_interpreter(interp_results):

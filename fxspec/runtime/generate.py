@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import collections
 import copy
-import inspect
 import math
 import time
 import types

@@ -106,7 +106,6 @@ def reference_sample(logits: torch.Tensor, spec: SamplingSpec, temperature: floa
         p = torch.softmax(row / temperature, dim=-1)
         order = torch.argsort(p, descending=True, stable=True)
         keep = torch.zeros_like(p, dtype=torch.bool)
-        mass = 0.0
         for rank, i in enumerate(order.tolist()):
             if spec.top_k is not None and rank >= spec.top_k:
                 break
