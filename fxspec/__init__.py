@@ -19,6 +19,7 @@ from .backend import fxspec_backend, recent_reports, register
 from .config import ConfigError, FxspecConfig, load_config
 from .graph.frozen import StaleWeightError, mark_weights_changed
 from .report import Report, explain
+from .runtime import Generator, generate
 
 register()
 
@@ -44,6 +45,6 @@ def pipeline(config: dict | None = None) -> str:
     return pipeline_text(load_config(config) if config is not None else None)
 
 
-__all__ = ["ConfigError", "FxspecConfig", "Report", "StaleWeightError", "compile", "counters", "explain",
+__all__ = ["ConfigError", "FxspecConfig", "Generator", "Report", "generate", "StaleWeightError", "compile", "counters", "explain",
            "fxspec_backend", "load_config", "mark_weights_changed", "pipeline", "recent_reports", "register",
            "reset_counters", "__version__"]
