@@ -24,29 +24,8 @@ _LM = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidde
            num_attention_heads=4)
 
 
-class PlainMLP(nn.Module):
-    def __init__(self, d=32, h=64):
-        super().__init__()
-        self.norm = nn.LayerNorm(d)
-        self.up = nn.Linear(d, h)
-        self.down = nn.Linear(h, d)
-
-    def forward(self, x):
-        return x + self.down(F.gelu(self.up(self.norm(x))))
-
-
-class SmallCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.c2 = nn.Conv2d(8, 16, 3, stride=2)
-        self.fc = nn.Linear(16, 10)
-
-    def forward(self, x):
-        x = F.relu(self.bn(self.c1(x)))
-        x = F.relu(self.c2(x))
-        return self.fc(x.mean((2, 3)))
+# the plain modules are the ones the backend tests use
+from .test_backend import MLP as PlainMLP, SmallCNN  # noqa: E402
 
 
 _MOE = ("mixture-of-experts weights ['down_proj', 'gate_up_proj'] are stacked (experts, out, in) tensors "
