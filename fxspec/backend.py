@@ -80,16 +80,15 @@ def fxspec_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict | 
 def compile_graph(gm: fx.GraphModule, example_inputs: list, config: FxspecConfig) -> Callable:
     """Compile one Dynamo graph under ``config`` (see the module docstring)."""
     set_level(config.log_level)
-    counters["backend"]["graphs"] += 1
     report = GraphReport(next(_GRAPH_IDS), "?", is_training(example_inputs), None,
                          [p.name for p in PIPELINE if p.enabled(config)])
-    recent_reports.append(report)
     try:
         work, ctx = prepare(gm, example_inputs, config, report)
-        compiled = lower(work, example_inputs, config, report.target)
-        return ctx.frozen.wrap(compiled)
+        compiled = ctx.frozen.wrap(lower(work, example_inputs, config, report.target))
     except (ConfigError, *_DYNAMO_CONTROL_FLOW):
-        raise  # the caller's to fix / Dynamo's own signals (restart analysis, skip frame)
+        # the caller's to fix / Dynamo's own signals: a restarted analysis calls the backend again, so
+        # only graphs that were compiled (or fell back) are counted and reported
+        raise
     except Exception as e:
         if config.strict:
             raise
@@ -98,7 +97,13 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: FxspecConfig
         warnings.warn(f"fxspec: {report.fallback}\nfxspec: falling back to plain Inductor for this graph "
                       f"(set strict = true to raise instead)", stacklevel=2)
         from .backends.inductor import lower_inductor
-        return lower_inductor(gm, example_inputs, config)
+        compiled = lower_inductor(gm, example_inputs, config)
+    counters["backend"]["graphs"] += 1
+    if report.analysis is not None:
+        for kind, n in report.analysis.counts().items():
+            counters["graph"][kind] += n
+    recent_reports.append(report)
+    return compiled
 
 
 def prepare(gm: fx.GraphModule, example_inputs: list, config: FxspecConfig,
@@ -111,8 +116,6 @@ def prepare(gm: fx.GraphModule, example_inputs: list, config: FxspecConfig,
                       frozen=FrozenParams(work, on_change=config.on_weight_change),
                       training=report.training, events=report.events)
     report.analysis = ctx.analysis(work)
-    for kind, n in report.analysis.counts().items():
-        counters["graph"][kind] += n
     dump = _dumper(config.dump_dir, report) if config.dump_dir else None
     work = run_pipeline(work, ctx, dump)
     log.info("graph %d: %s; passes %s", report.graph_id, report.analysis.counts(), report.passes or "none")
