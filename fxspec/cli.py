@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
-import json
 import sys
 from typing import Any
 
