@@ -318,7 +318,8 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
         return list(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
+    bool_as_int = hint is int and isinstance(value, bool)  # True is an int to Python, not to the config
+    if bool_as_int or not isinstance(value, hint):
         raise ConfigError(f"{key} = {value!r} has the wrong type; expected {_type_name(hint)}, "
                           f"got {type(value).__name__}")
     return value
