@@ -28,7 +28,7 @@ IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 
 # family -> (linears quantized at min_features=1, lm head skipped). Each decoder layer of these tiny
 # models has q, k, v, o + gate, up, down (Llama-like) or their family's equivalents.
-FAMILIES = {"llama": 14, "qwen2": 14, "phi3": 8, "gpt_neox": 8}
+FAMILIES = {"llama": 14, "qwen2": 14, "phi3": 8, "gpt_neox": 8, "gpt2": 8}  # gpt2: Conv1D (in, out) weights
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -6,14 +6,16 @@ Accepted as :class:`LinearInfo` (weight ``W`` is an ``(out, in)`` parameter plac
     x @ W.t()  /  x @ W.T  /  x @ W.mT  /  torch.matmul(x, W.transpose(0, 1))
                                                   form "matmul_t"  (Falcon; no bias folded in)
 
-Either form computes ``x @ W.T (+ b)`` with ``W`` in ``(out, in)`` layout, so a pass may replace
-``LinearInfo.node`` by any linear of ``node.args[0]`` with the same weight.
+    torch.addmm(b, x2d, W)                         form "addmm_io"  (transformers' Conv1D, GPT-2: W stored
+                                                  (in, out), b a parameter; in/out features read accordingly)
+
+All forms compute ``x @ W_(out,in).T (+ b)``. A pass reads the activation with ``LinearInfo.input`` and
+must transpose the weight first when ``LinearInfo.weight_transposed`` (form "addmm_io"); the form is
+explicit so no pass can quantize the wrong axis by accident.
 
 Seen but NOT accepted (``foreign`` projections, reported as :class:`Unrecognised` by the caller
 when no FFN / attention entry covers them): a 2-D parameter used untransposed as the right operand
-of ``torch.addmm(b, x, W)`` / ``torch.mm`` / ``matmul`` -- the weight is stored ``(in, out)``
-(transformers' ``Conv1D`` in GPT-2), and a pass written for ``(out, in)`` weights would silently
-quantize the wrong axis. An ``F.linear`` whose weight or bias is not a parameter placeholder (a
+of ``torch.mm`` / ``matmul`` with no bias, or ``addmm`` whose bias is not a parameter. An ``F.linear`` whose weight or bias is not a parameter placeholder (a
 computed tensor, a plain graph input) is not a linear of the model and is skipped.
 """
 
@@ -71,6 +73,15 @@ def find_linears(gm: fx.GraphModule, params: dict[fx.Node, ParamRef]) -> list[Li
                 continue
             out.append(LinearInfo(node=node, weight=wp, bias=bp, name=_module_name(wp),
                                   in_features=int(wp.shape[1]), out_features=int(wp.shape[0])))
+        elif is_op(node, "addmm") and len(node.args) == 3 and not node.kwargs:
+            b, x, w = node.args
+            wp = params.get(w) if isinstance(w, fx.Node) else None
+            bp = params.get(b) if isinstance(b, fx.Node) else None
+            if wp is None or bp is None or len(wp.shape) != 2 or tuple(bp.shape) != (wp.shape[1],):
+                continue
+            out.append(LinearInfo(node=node, weight=wp, bias=bp, name=_module_name(wp),
+                                  in_features=int(wp.shape[0]), out_features=int(wp.shape[1]),
+                                  form="addmm_io"))
         elif is_op(node, "matmul") and len(node.args) == 2:
             wp = _transposed_weight(node.args[1], params)
             if wp is None:
@@ -84,7 +95,10 @@ def find_linears(gm: fx.GraphModule, params: dict[fx.Node, ParamRef]) -> list[Li
 def find_foreign_projections(gm: fx.GraphModule, params: dict[fx.Node, ParamRef]) -> list[Proj]:
     """``addmm(b, x, W)`` / ``mm(x, W)`` / ``x @ W`` with a 2-D parameter ``W`` stored ``(in, out)``."""
     out: list[Proj] = []
+    accepted = {li.node for li in find_linears(gm, params)}
     for node in gm.graph.nodes:
+        if node in accepted:
+            continue
         if is_op(node, "addmm"):
             w = node.args[2] if len(node.args) > 2 else None
         elif is_any(node, ("mm", "matmul")) and len(node.args) == 2:

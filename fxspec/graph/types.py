@@ -52,13 +52,26 @@ class LinearInfo:
     name: str  # module path without the trailing ".weight", e.g. "model.layers.0.mlp.up_proj"
     in_features: int
     out_features: int
-    # "linear": the node is F.linear(x, W, b); "matmul_t": the node is x @ W.t() (bias None).
-    # Both compute x @ W.T with W in (out, in) layout; node.args[0] is x in both.
+    # "linear":   the node is F.linear(x, W, b), W stored (out, in);
+    # "matmul_t": the node is x @ W.t() (bias None), W stored (out, in);
+    # "addmm_io": the node is torch.addmm(b, x2d, W), W stored (in, out) (transformers' Conv1D, GPT-2).
+    # All compute x @ W_(out,in).T + b. Read the activation with .input, the weight layout with
+    # .weight_transposed: a pass that packs W must transpose an "addmm_io" weight first.
     form: str = "linear"
 
     @property
     def dtype(self) -> torch.dtype:
         return self.weight.dtype
+
+    @property
+    def input(self) -> fx.Node:
+        """The activation operand (``x``)."""
+        return self.node.args[1] if self.form == "addmm_io" else self.node.args[0]
+
+    @property
+    def weight_transposed(self) -> bool:
+        """True when the parameter is stored ``(in, out)`` rather than ``(out, in)``."""
+        return self.form == "addmm_io"
 
     def describe(self) -> dict[str, Any]:
         return {

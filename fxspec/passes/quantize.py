@@ -1,6 +1,6 @@
 """quantize_weights: weight-only quantization of linear layers (lossy; only when ``[quantize]`` is given).
 
-    before:  w = placeholder[...q_proj.weight];  y = F.linear(x, w, b)
+    before:  w = placeholder[...q_proj.weight];  y = F.linear(x, w, b)   (or x @ w.t(), or addmm(b, x, w_io))
     after:   qw = get_attr[_fxspec_frozen_3_qweight];  s = get_attr[_fxspec_frozen_3_scale]
              y = fxspec.int8_linear(x, qw, s, b)                       # bits = 8
              y = fxspec.int4_linear(x, qw, s, z, group_size, b)        # bits = 4
@@ -55,11 +55,11 @@ def quantize_weights(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             ctx.skip(li.name, reason)
             continue
         layer = stats.layers[li.name] if stats is not None else None
-        derive = functools.partial(_derive, cfg=cfg, layer=layer)
+        derive = functools.partial(_derive, cfg=cfg, layer=layer, transposed=li.weight_transposed)
         value = ctx.example_value(li.weight.index)
         consts = ctx.frozen.freeze(li.weight.node, li.weight.index, value, f"{li.name}.weight", derive,
                                    insert_before=li.node)
-        x = li.node.args[0]
+        x = li.input
         if layer is not None and layer.awq_scale is not None:
             x = _scaled_input(gm, ctx, x, layer, li, scaled_inputs)
         bias = li.bias.node if li.bias is not None else None
@@ -147,9 +147,13 @@ def _cached_stats(path: str):
 # Numerics: integer codes (RTN or GPTQ) -> packed constants
 # ---------------------------------------------------------------------------------------------
 
-def _derive(w: torch.Tensor, *, cfg: QuantizeConfig, layer) -> dict[str, torch.Tensor]:
-    """The packed constants of one weight (called at compile time and again if the weight changes)."""
+def _derive(w: torch.Tensor, *, cfg: QuantizeConfig, layer, transposed: bool = False) -> dict[str, torch.Tensor]:
+    """The packed constants of one weight (called at compile time and again if the weight changes).
+    ``transposed``: the parameter is stored (in, out) (Conv1D); it is packed as (out, in)."""
     from ..lowering import quant as Q
+
+    if transposed:
+        w = w.t().contiguous()
 
     W = w
     if layer is not None and layer.awq_scale is not None:
