@@ -328,6 +328,105 @@ def sweep_int4(tk, x, q4s, N, K, nbytes, copy_bw, results):
             log(f"  M=1     {name:<32s} {sec*1e6:9.2f} us  {bw/copy_bw*100:5.1f}% copy")
 
 
+# ------------------------------------------------------------------ int4 decode (run 3 mode)
+
+def int4_decode_checks(Q, tk, shapes, ms) -> list:
+    """--int4-decode: the int4 GEMV path (autotuned, the timing's keys) and the mma path vs the
+    fp32 reference on the real shapes, plus odd shapes (masked rows, asymmetric, fp16, g32/g64,
+    bias); every call twice, bitwise equal."""
+    rows = []
+    g = torch.Generator(device="cuda").manual_seed(3)
+
+    def one(tag, fn, ref, **info):
+        try:
+            y, y2 = fn(), fn()
+            err = rel_err(y, ref)
+            det = bool(torch.equal(y, y2))
+            ok = err < (1e-2 if y.dtype == torch.bfloat16 else 2e-3) and det and bool(torch.isfinite(y).all())
+            row = dict(fmt=tag, rel_err=err, deterministic=det, ok=ok, **info)
+        except Exception as e:
+            row = dict(fmt=tag, rel_err=None, ok=False, error=f"{type(e).__name__}: {e}"[:300], **info)
+        rows.append(row)
+        if not row["ok"]:
+            log("  CHECK FAIL", row)
+
+    def case(N, K, M, dt, G, sym, bias, paths):
+        W = torch.randn(N, K, device="cuda", dtype=dt, generator=g) * 0.05
+        x = torch.randn(M, K, device="cuda", dtype=dt, generator=g)
+        b = torch.randn(N, device="cuda", dtype=dt, generator=g) if bias else None
+        q = Q.quantize_int4(W, G, symmetric=sym)
+        ref = Q.int4_linear_ref(x, q.qweight, q.scales, q.zeros, G, b)
+        for p in paths:
+            one(f"int4g{G}{'' if sym else '_asym'}", lambda p=p: tk.int4_linear_triton(x, q.qweight, q.scales, q.zeros, G, b, path=p),
+                ref, path=p, N=N, K=K, M=M, dtype=str(dt)[6:], bias=bias)
+
+    for (N, K) in shapes:
+        for M in ms:
+            case(N, K, M, torch.bfloat16, GROUP, True, False, ("gemv", "mma"))
+    for (N, K, M, dt, G, sym) in [(1000, 4096, 1, torch.bfloat16, 128, False), (4100, 2048, 3, torch.float16, 64, True),
+                                  (1000, 4096, 1, torch.float16, 32, True), (4100, 2048, 1, torch.bfloat16, 64, False)]:
+        case(N, K, M, dt, G, sym, True, ("gemv",))
+    n_ok = sum(r["ok"] for r in rows)
+    worst = max((r["rel_err"] for r in rows if r.get("rel_err") is not None), default=None)
+    log(f"int4 decode checks: {n_ok}/{len(rows)} ok; worst rel err {worst}")
+    return rows
+
+
+def measure_int4_decode(Q, tk, N, K, copy_bw, results, ms):
+    """--int4-decode: fxspec int4 gemv vs fxspec int4 mma vs tinygemm, g128 symmetric."""
+    torch.manual_seed(N + K)
+    W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+    q4 = Q.quantize_int4(W, GROUP, symmetric=True)
+    codes4 = Q.unpack_int4(q4.qweight, GROUP)
+    tg_packed, tg_sz = tinygemm_pack(codes4, q4.scales)
+    del codes4, W
+    b4 = q4.nbytes()
+    btg = tg_packed.numel() * tg_packed.element_size() + tg_sz.numel() * tg_sz.element_size()
+    q4s = [(q4.qweight.clone(), q4.scales.clone()) for _ in range(n_copies(b4))]
+    tgs = [(tg_packed.clone(), tg_sz.clone()) for _ in range(n_copies(btg))]
+    xt = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    tg_err = rel_err(torch.ops.aten._weight_int4pack_mm(xt, tg_packed, GROUP, tg_sz),
+                     Q.int4_linear_ref(xt, q4.qweight, q4.scales, None, GROUP))
+    for M in ms:
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        methods = {
+            "fxspec_int4_gemv": (b4, [lambda q=q, s=s: tk.int4_linear_triton(x, q, s, None, GROUP, path="gemv") for q, s in q4s]),
+            "fxspec_int4_mma": (b4, [lambda q=q, s=s: tk.int4_linear_triton(x, q, s, None, GROUP, path="mma") for q, s in q4s]),
+            "tinygemm_int4": (btg, [lambda p=p, s=s: torch.ops.aten._weight_int4pack_mm(x, p, GROUP, s) for p, s in tgs]),
+        }
+        for name, (nb, calls) in methods.items():
+            try:
+                sec, how = time_calls(calls, reps=15)
+                bw = nb / sec
+                row = dict(N=N, K=K, M=M, method=name, us=sec * 1e6, weight_bytes=nb, GBps=bw / 1e9,
+                           frac_copy=bw / copy_bw, tflops=2 * M * N * K / sec / 1e12, timing=how)
+                log(f"  M={M} {name:<18s} {row['us']:8.2f} us  {bw/copy_bw*100:5.1f}% copy")
+            except Exception as e:
+                row = dict(N=N, K=K, M=M, method=name, error=f"{type(e).__name__}: {e}"[:300])
+                log(f"  M={M} {name:<18s} ERROR {row['error']}")
+            results.append(row)
+    del q4s, tgs
+    torch.cuda.empty_cache()
+    return dict(tinygemm_rel_err=tg_err)
+
+
+def int4_decode_table(copy_bw, results) -> str:
+    lines = [f"copy bandwidth {copy_bw/1e12:.3f} TB/s",
+             "| N x K | M | fxspec int4 gemv | fxspec int4 mma | tinygemm | gemv vs tinygemm |",
+             "|---|---:|---:|---:|---:|---:|"]
+    by = {}
+    for r in results:
+        by.setdefault((r["N"], r["K"], r["M"]), {})[r["method"]] = r
+
+    def cell(r):
+        return f"{r['us']:.2f} ({r['frac_copy']*100:.0f}%)" if r and "us" in r else "error"
+    for (N, K, M), d in sorted(by.items(), key=lambda kv: (kv[0][2], SHAPES.index(kv[0][:2]) if kv[0][:2] in SHAPES else 99)):
+        gv, mm, tg = d.get("fxspec_int4_gemv"), d.get("fxspec_int4_mma"), d.get("tinygemm_int4")
+        ratio = f"{tg['us']/gv['us']:.2f}x" if gv and tg and "us" in gv and "us" in tg else "-"
+        lines.append(f"| {N}x{K} | {M} | {cell(gv)} | {cell(mm)} | {cell(tg)} | {ratio} |")
+    return "\n".join(lines)
+
+
 def triton_cdiv(a, b):
     return -(-a // b)
 
@@ -363,6 +462,8 @@ def main():
     ap.add_argument("--ms", default=None, help="comma list of M (default decode + prefill)")
     ap.add_argument("--no-checks", action="store_true")
     ap.add_argument("--budget-s", type=float, default=520, help="stop starting new shapes after this")
+    ap.add_argument("--int4-decode", action="store_true",
+                    help="only int4 decode: gemv vs mma vs tinygemm (checks + timing) at --ms (default 1)")
     args = ap.parse_args()
     t_start = time.time()
     if not torch.cuda.is_available():
@@ -377,7 +478,7 @@ def main():
                 device=torch.cuda.get_device_name(), sms=torch.cuda.get_device_properties(0).multi_processor_count,
                 torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
                 python=sys.version.split()[0], commit=commit,
-                decode_max_m=tk.DECODE_MAX_M, gemv_max_m=tk.GEMV_MAX_M, prefill_dequant_min_m=tk.PREFILL_DEQUANT_MIN_M)
+                decode_max_m=tk.DECODE_MAX_M, gemv_max_m=tk.GEMV_MAX_M, gemv4_max_m=getattr(tk, "GEMV4_MAX_M", None), prefill_dequant_min_m=tk.PREFILL_DEQUANT_MIN_M)
     log("meta", json.dumps(meta))
     out_dir = os.environ.get("OUT")
     results, checks = [], []
@@ -388,6 +489,34 @@ def main():
         with open(os.path.join(out_dir, "quant_kernels.json"), "w") as f:
             json.dump(dict(meta=meta, copy_bw=copy_bw, results=results, checks=checks, extra=extra or {}), f, indent=1)
 
+    if args.int4_decode:
+        shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
+        ms = [int(m) for m in (args.ms or "1").split(",")]
+        if not args.no_checks:
+            t0 = time.time()
+            checks = int4_decode_checks(Q, tk, shapes, ms[:1])
+            log(f"checks took {time.time()-t0:.1f}s")
+            dump()
+        copy_bw = copy_bandwidth()
+        log(f"copy bandwidth (read+write): {copy_bw/1e12:.3f} TB/s")
+        extra = {}
+        for M in ms:  # M = 1 on every shape first
+            for (N, K) in shapes:
+                if time.time() - t_start > args.budget_s:
+                    log(f"budget reached; skipping {N}x{K} M={M}")
+                    continue
+                log(f"shape N={N} K={K} M={M} ({time.time()-t_start:.0f}s)")
+                extra[f"{N}x{K}_M{M}"] = measure_int4_decode(Q, tk, N, K, copy_bw, results, [M])
+                extra["tuning"] = tk.tuning_report()
+                dump(copy_bw, extra)
+        md = int4_decode_table(copy_bw, results)
+        if out_dir:
+            with open(os.path.join(out_dir, "quant_kernels_int4_decode.md"), "w") as f:
+                f.write(md + "\n")
+        dump(copy_bw, extra)
+        log(md)
+        log(f"total {time.time()-t_start:.0f}s")
+        return
     if not args.no_checks:
         t0 = time.time()
         checks = run_checks(Q, tk)

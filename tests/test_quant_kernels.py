@@ -293,6 +293,15 @@ def _interp_cases():
         cases.append(dict(fmt="int4", dt=dt, M=17, N=40, K=256, G=64, sym=True, path="mma",
                           cfg=dict(BLOCK_N=32, BLOCK_M=32), bias=False))
         cases.append(dict(fmt="int4", dt=dt, M=3, N=40, K=256, G=128, sym=False, path="dequant", cfg=None, bias=True))
+        # int4 CUDA-core GEMV: N not a multiple of BLOCK_N (4 / 8 / 16), K not a multiple of
+        # BLOCK_K (masked groups), several K blocks, split-K through the workspace epilogue
+        for (M, N, K, G, sym, cfg) in [
+                (1, 42, 256, 32, True, None), (3, 42, 256, 64, False, None), (1, 46, 384, 128, False, None),
+                (3, 45, 512, 128, True, None), (1, 40, 512, 256, False, None),
+                (1, 43, 768, 64, True, dict(BLOCK_N=8, BLOCK_M=1, BLOCK_K=256, SPLIT_K=3)),
+                (3, 37, 640, 32, False, dict(BLOCK_N=16, BLOCK_M=1, BLOCK_K=128, SPLIT_K=2)),
+                (2, 40, 1024, 128, False, dict(BLOCK_N=4, BLOCK_M=1, BLOCK_K=512, num_warps=1))]:
+            cases.append(dict(fmt="int4", dt=dt, M=M, N=N, K=K, G=G, sym=sym, path="gemv", cfg=cfg, bias=M == 3))
         for fmt in ("int8", "fp8"):
             for (M, N, K) in [(1, 48, 64), (3, 40, 100), (17, 40, 256)]:
                 for path in ("gemv", "mma", "dequant"):
@@ -305,7 +314,7 @@ def _interp_cases():
     cases.append(dict(fmt="int4", dt="bfloat16", M=6, N=40, K=128, G=32, sym=True, path="mma", cfg=None,
                       bias=False, lead=(2, 3)))
     cases.append(dict(fmt="int8", dt="bfloat16", M=0, N=40, K=128, path="mma", cfg=None, bias=False))
-    # path="auto": M = 1 -> gemv (int8) / split-K mma (int4); M = 512 -> dequant + F.linear
+    # path="auto": M = 1 -> gemv (int8) / gemv or split-K mma (int4, per GEMV4_MAX_M); M = 512 -> dequant
     for fmt in ("int8", "int4"):
         for M in (1, 512):
             c = dict(fmt=fmt, dt="bfloat16", M=M, N=40, K=128, path="auto", cfg=None, bias=True)
@@ -370,7 +379,7 @@ def _interp_main():
     for name, fn, exc in [
         ("asm_under_interpreter", lambda: tk.int4_linear_triton(x, q4.qweight, q4.scales, None, 32, use_asm=True), ValueError),
         ("fp32_activations", lambda: tk.int4_linear_triton(x.float(), q4.qweight, q4.scales, None, 32), TypeError),
-        ("int4_has_no_gemv", lambda: tk.int4_linear_triton(x, q4.qweight, q4.scales, None, 32, path="gemv"), ValueError),
+        ("unknown_path", lambda: tk.int4_linear_triton(x, q4.qweight, q4.scales, None, 32, path="gemv4"), ValueError),
         ("noncontiguous_weight", lambda: tk.int4_linear_triton(x, q4.qweight.t().contiguous().t(), q4.scales, None, 32), ValueError),
     ]:
         try:

@@ -14,6 +14,14 @@ Paths (``path=`` of the launchers; ``"auto"`` picks by M, see ``_pick_path``):
     16/clk/SM int->float conversion). H100: 82-95% of copy bandwidth from 14336x4096 up, 61% at
     4096x4096.
 
+``gemv`` (int4, explicit ``path="gemv"`` only: ``GEMV4_MAX_M = 0``)
+    CUDA-core int4 GEMV (``_gemv4_kernel``): BLOCK_N rows per program, K in blocks of several
+    groups, codes read as int32 words, fp32 FMA accumulation, x loaded once per block in the
+    weight tile's layout, scales once per group, optional split-K through the workspace
+    epilogue.  H100 (run 3): 26-43% of copy bandwidth at M = 1, 1.04-1.48x *slower* than the
+    mma path and 1.54-1.73x slower than tinygemm, time linear in M (issue bound: 14.6 SASS
+    instructions per weight byte with the device's triton 3.6), so "auto" does not pick it.
+
 ``mma`` (int4 decode M <= 16 and prefill; int8/fp8 decode 1 < M <= 16 and prefill)
     Tensor-core kernel with the roles swapped (weights are the *A* operand, ``x^T`` the B
     operand): ``y^T[BN, BM] = W_deq[BN, K] @ x^T[K, BM]``. The raw weight tile is
@@ -69,6 +77,7 @@ __all__ = [
     "dequantize_triton",
     "DECODE_MAX_M",
     "GEMV_MAX_M",
+    "GEMV4_MAX_M",
     "PREFILL_DEQUANT_MIN_M",
 ]
 
@@ -81,6 +90,10 @@ def _interpret() -> bool:
 DECODE_MAX_M = 16
 # int8/fp8: M <= GEMV_MAX_M takes the CUDA-core GEMV, larger M the tensor-core kernel.
 GEMV_MAX_M = 1
+# int4: M <= GEMV4_MAX_M takes the CUDA-core GEMV (path "gemv"), larger M the tensor-core kernel.
+# 0 = "auto" never picks it: on the H100 (run 3) the int4 GEMV was slower than the split-K mma
+# kernel on all five decode shapes at M = 1, 2 and 4 (1.04-1.48x at M = 1).
+GEMV4_MAX_M = 0
 # Prefill (M > DECODE_MAX_M): fused "mma" below PREFILL_DEQUANT_MIN_M, "dequant" (dequantize to
 # an N x K temporary in the activation dtype, then cuBLAS) from there on.  Measured on the H100
 # (benchmarks/results/quant_kernels.md): at M = 2048 the fused kernels are 39-50% slower than
@@ -451,6 +464,109 @@ def _gemv8_kernel(X, W, S, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
     tl.store(Y + pid_m.to(tl.int64) * stride_ym + offs_n, y.to(Y.dtype.element_ty), mask=n_mask)
 
 
+# int4 CUDA-core GEMV (decode, small M; path "gemv"):
+#   y[m, n] = sum_g s[g, n] * ( sum_{j < G/2} (lo[n, g, j] - z) * x[m, gG + j]
+#                                              + (hi[n, g, j] - z) * x[m, gG + G/2 + j] )  (+ b[n])
+# A program owns BLOCK_N rows (and one row m of x) and walks its share of K in blocks of
+# BLOCK_K = GPB groups: the weight tile is [BLOCK_N, GPB, G/2] bytes (16-byte loads along a row),
+# the x tile two contiguous [GPB, G/2] slices (low nibbles <-> x[gG : gG+G/2], high nibbles <->
+# x[gG+G/2 : (g+1)G]; loaded once per block, shared by the BLOCK_N rows), the scales one
+# [BLOCK_N, GPB] load per block.  Codes -> fp32 by the exact magic 2^23 (one logic op + one FADD;
+# the symmetric zero point 8 is folded into the FADD constant), then per byte
+# d = lo * xl + hi * xh (FMUL + FFMA) and acc += d * s (FFMA), element-wise in fp32; one
+# cross-thread reduction at the end.  Asymmetric: lo/hi are q, and z * s * sum_{k in g} x is
+# subtracted per (row, group) (exact for float zero points too).  K is split across programs
+# (SPLIT_K, from the config's SPLIT_TARGET programs per SM) when the row tiles alone do not fill
+# the GPU; the partials meet in the deterministic workspace/counter epilogue (_epilogue).
+@triton.jit(do_not_specialize=["M_BUCKET"])
+def _gemv4_kernel(X, W, S, Z, B, Y, WS, CNT,
+                  M, N, K, stride_xm, stride_wn, stride_ym, M_BUCKET, SPLIT_K,
+                  GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  X_BF16: tl.constexpr, USE_ASM: tl.constexpr, DOT_F32: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                  GROUP_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_G: tl.constexpr,
+                  SPLIT_TARGET: tl.constexpr = 0):
+    # W: the uint8 codes read as int32 words ([N, K/8], stride_wn in words): byte b of word w
+    # of group g holds the codes of k = gG + 4w + b (low nibble) and gG + G/2 + 4w + b (high).
+    # Tiles are 4-D [BLOCK_N, GPB, G/8 words, 4 bytes]; the byte axis lives in one thread's
+    # registers, so the per-byte shifts are immediates (SHF + LOP3 per code, no byte unpacking).
+    # BLOCK_M == 1 (one row of x per program; the M programs of a weight tile are adjacent in
+    # launch order, so for M > 1 the tile's second read comes from L2).  X_BF16 / USE_ASM /
+    # DOT_F32 / SPLIT_TARGET are unused here (launcher and heuristics uniformity).
+    HALF: tl.constexpr = GROUP // 2
+    HW: tl.constexpr = GROUP // 8          # words per half group
+    GPB: tl.constexpr = BLOCK_K // GROUP
+    MAGIC: tl.constexpr = 8388608.0 if HAS_ZERO else 8388616.0  # 2^23 -> q;  2^23 + 8 -> q - 8
+    NUM_PID_N = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = _tile_ids(M, NUM_PID_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_g = tl.arange(0, GPB)
+    offs_w = tl.arange(0, HW)
+    offs_b = tl.arange(0, 4)
+    n_mask = offs_n < N
+    num_groups = K // GROUP
+    num_kb = tl.cdiv(num_groups, GPB)
+    per_split = tl.cdiv(num_kb, SPLIT_K)
+    kb_lo = pid_k * per_split
+    kb_hi = tl.minimum(kb_lo + per_split, num_kb)
+    g0 = kb_lo * GPB
+    wcol = offs_g[:, None] * HW + offs_w[None, :]                      # [GPB, HW] word column
+    w_ptrs = W + (offs_n.to(tl.int64) * stride_wn)[:, None, None] + (g0 * HW + wcol)[None, :, :]
+    xcol = (offs_g[:, None, None] * GROUP + offs_w[None, :, None] * 4 + offs_b[None, None, :])  # [GPB, HW, 4]
+    # x pointers broadcast to the full tile shape, so x is loaded directly in the weight tile's
+    # register layout (no shared-memory layout conversion); a thread's rows share the loads.
+    x_ptrs = (X + pid_m.to(tl.int64) * stride_xm + g0 * GROUP + xcol)[None, :, :, :] \
+        + (offs_n * 0)[:, None, None, None]
+    shifts = (offs_b * 8)[None, None, None, :]
+    s_ptrs = S + (g0 + offs_g)[None, :].to(tl.int64) * N + offs_n[:, None]   # [BN, GPB]
+    z_ptrs = Z + (g0 + offs_g)[None, :].to(tl.int64) * N + offs_n[:, None]
+    acc = tl.zeros([BLOCK_N, GPB, HW, 4], dtype=tl.float32)
+    accz = tl.zeros([BLOCK_N, GPB], dtype=tl.float32)
+    for kb in range(kb_lo, kb_hi):
+        if EVEN_G:
+            if EVEN_N:
+                w = tl.load(w_ptrs, eviction_policy="evict_first")
+                s = tl.load(s_ptrs)
+            else:
+                w = tl.load(w_ptrs, mask=n_mask[:, None, None], other=0, eviction_policy="evict_first")
+                s = tl.load(s_ptrs, mask=n_mask[:, None], other=0.0)
+            xl = tl.load(x_ptrs)
+            xh = tl.load(x_ptrs + HALF)
+        else:
+            g_ok = kb * GPB + offs_g < num_groups   # constant along a group: keeps wide loads
+            w = tl.load(w_ptrs, mask=n_mask[:, None, None] & g_ok[None, :, None], other=0,
+                        eviction_policy="evict_first")
+            s = tl.load(s_ptrs, mask=n_mask[:, None] & g_ok[None, :], other=0.0)
+            xl = tl.load(x_ptrs, mask=g_ok[None, :, None, None], other=0.0)
+            xh = tl.load(x_ptrs + HALF, mask=g_ok[None, :, None, None], other=0.0)
+        t = w[:, :, :, None] >> shifts    # arithmetic shift: only bits 0..7 are used below
+        lo = ((t & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - MAGIC
+        hi = (((t >> 4) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - MAGIC
+        xlf = xl.to(tl.float32)
+        xhf = xh.to(tl.float32)
+        sf = s.to(tl.float32)
+        d = lo * xlf + hi * xhf
+        acc += d * sf[:, :, None, None]
+        if HAS_ZERO:
+            if EVEN_G and EVEN_N:
+                z = tl.load(z_ptrs)
+            else:
+                z = tl.load(z_ptrs, mask=n_mask[:, None] & (kb * GPB + offs_g < num_groups)[None, :], other=0.0)
+            xs = tl.sum(tl.sum(xlf + xhf, axis=3), axis=2)   # [BN, GPB] (rows equal): sum of x per group
+            accz += z.to(tl.float32) * sf * xs
+        w_ptrs += GPB * HW
+        x_ptrs += BLOCK_K
+        s_ptrs += GPB * N
+        z_ptrs += GPB * N
+    y = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
+    if HAS_ZERO:
+        y -= tl.sum(accz, axis=1)
+    offs_m = pid_m + tl.arange(0, BLOCK_M)
+    _epilogue(y[:, None], Y, B, WS, CNT, offs_n, offs_m, pid_m, pid_n, NUM_PID_N, M, N, stride_ym, SPLIT_K,
+              HAS_BIAS, BLOCK_N, BLOCK_M)
+
+
 # Dequantize to a dense weight in the activation dtype (prefill "dequant" path):
 #   int4: W[n, k] = (q[n, k] - z[g, n]) * s[g, n];   int8/fp8: W[n, k] = w[n, k] * s[n].
 @triton.jit
@@ -541,6 +657,19 @@ _GEMV8 = [
     _cfg(4, 1, BLOCK_N=8, BLOCK_K=1024, PREFETCH=True),
     _cfg(4, 1, BLOCK_N=4, BLOCK_K=1024, PREFETCH=True),
 ]
+# int4 CUDA-core GEMV (path "gemv"): BLOCK_M = 1; SPLIT_TARGET = programs per SM the split-K
+# heuristic aims at (0: no split).  Offline SASS (sm_90a), loop instructions per weight byte:
+# 11.4-11.9 with triton 3.9, 14.6 with triton 3.6 (the H100's; BLOCK_N = 8 spills there).  H100
+# run 3 autotune: 1 warp, BLOCK_N = 4, BLOCK_K = 1024 (BLOCK_N = 8 at 8192x8192) everywhere at
+# M = 1..4; still slower than the mma path.  The first entry is what the interpreter runs.
+_GEMV4 = [
+    _cfg(2, 1, BLOCK_N=4, BLOCK_M=1, BLOCK_K=2048, SPLIT_TARGET=4),
+    _cfg(4, 1, BLOCK_N=4, BLOCK_M=1, BLOCK_K=4096, SPLIT_TARGET=4),
+    _cfg(4, 1, BLOCK_N=2, BLOCK_M=1, BLOCK_K=4096, SPLIT_TARGET=4),
+    _cfg(1, 1, BLOCK_N=4, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=4),
+    _cfg(2, 1, BLOCK_N=8, BLOCK_M=1, BLOCK_K=2048, SPLIT_TARGET=4),
+    _cfg(1, 1, BLOCK_N=8, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=4),
+]
 _DQ4 = dict(BLOCK_N=32, num_warps=4)
 _DQ8 = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4)
 
@@ -570,17 +699,35 @@ _KERNELS = {
     "mm8_decode": (_mm8_kernel, _MM8_DECODE),
     "mm8_prefill": (_mm8_kernel, _MM8_PREFILL),
     "gemv8": (_gemv8_kernel, _GEMV8),
+    "gemv4": (_gemv4_kernel, _GEMV4),
 }
 _TUNE_KEYS = {
     "mm4": ["M_BUCKET", "N", "K", "GROUP", "HAS_ZERO", "USE_ASM"],
     "mm8": ["M_BUCKET", "N", "K", "IS_FP8"],
     "gemv8": ["N", "K", "IS_FP8"],
+    "gemv4": ["M_BUCKET", "N", "K", "GROUP", "HAS_ZERO"],
 }
 
 
 def _heuristics(name: str, sms: int) -> dict:
     """Meta-parameters derived from the chosen config (EVEN_* mask elision, SPLIT_K)."""
     h = {"EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0}
+    if name == "gemv4":
+        def blocks(a):  # K blocks of BLOCK_K // GROUP groups
+            return triton.cdiv(a["K"] // a["GROUP"], a["BLOCK_K"] // a["GROUP"])
+
+        def split4(a):
+            target = a.get("SPLIT_TARGET", 0) * sms
+            n_tiles = a["M"] * triton.cdiv(a["N"], a["BLOCK_N"])
+            if target == 0 or n_tiles >= target:
+                return 1
+            steps = blocks(a)
+            s = max(1, min(triton.cdiv(target, n_tiles), steps, 32))
+            return triton.cdiv(steps, triton.cdiv(steps, s))  # no empty splits
+
+        h["EVEN_G"] = lambda a: (a["K"] // a["GROUP"]) % (a["BLOCK_K"] // a["GROUP"]) == 0
+        h["SPLIT_K"] = split4
+        return h
     if not name.startswith("mm4"):
         h["EVEN_K"] = lambda a: a["K"] % a["BLOCK_K"] == 0
     if name.startswith("mm"):
@@ -710,13 +857,11 @@ def _pick_path(fmt: str, M: int, path: str) -> str:
     valid = ("auto", "gemv", "mma", "dequant")
     if path not in valid:
         raise ValueError(f"path must be one of {valid}, got {path!r}")
-    if path == "gemv" and fmt == "int4":
-        raise ValueError("int4 has no 'gemv' path (its decode path is 'mma' with split-K)")
     if path != "auto":
         return path
     if M > DECODE_MAX_M:
         return "dequant" if M >= PREFILL_DEQUANT_MIN_M[fmt] else "mma"
-    if fmt != "int4" and M <= GEMV_MAX_M:
+    if M <= (GEMV4_MAX_M if fmt == "int4" else GEMV_MAX_M):
         return "gemv"
     return "mma"
 
@@ -726,7 +871,7 @@ def _mm_launch(kernel: str, x2: torch.Tensor, w_args: tuple, kw: dict, M: int, N
     """Launch _mm4_kernel / _mm8_kernel: split-K workspace sized for every candidate config,
     tile counters, grid (output tiles, SPLIT_K)."""
     dev = x2.device
-    name = f"{kernel}_{'decode' if M <= DECODE_MAX_M else 'prefill'}"
+    name = kernel if kernel == "gemv4" else f"{kernel}_{'decode' if M <= DECODE_MAX_M else 'prefill'}"
     sms = _num_sms(dev)
     fn, configs = _KERNELS[name]
     args = (x2,) + w_args + (bias if bias is not None else out, out, None, None,
@@ -735,7 +880,8 @@ def _mm_launch(kernel: str, x2: torch.Tensor, w_args: tuple, kw: dict, M: int, N
     kwargs = dict(kw, HAS_BIAS=bias is not None, X_BF16=bf16, DOT_F32=bf16 and _interpret(), GROUP_M=8)
     nargs = dict(zip(_arg_names(fn), args), **kwargs)
     ws_elems, max_tiles = 1, 0
-    for c in ([config] if config is not None else _prune(configs, nargs)):
+    # every config the launch may use: the pruned autotune list, and configs[0] (interpreter)
+    for c in ([config] if config is not None else _prune(configs, nargs) + [configs[0]]):
         meta, _, _ = _meta_for(name, sms, nargs, c)
         tiles = triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(M, meta["BLOCK_M"])
         max_tiles = max(max_tiles, tiles)
@@ -759,8 +905,9 @@ def int4_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
                        config: Optional[dict] = None) -> torch.Tensor:
     """``x [..., K]`` (bf16/fp16) -> ``[..., N]``; layouts as in :func:`.pack.pack_int4`.
 
-    ``path``: ``"auto"`` | ``"mma"`` | ``"dequant"``; ``use_asm``: PTX unpacking (default: on the
-    GPU, off under the interpreter); ``config``: fixed block sizes instead of autotuning (tests).
+    ``path``: ``"auto"`` | ``"gemv"`` (CUDA-core GEMV, small M) | ``"mma"`` | ``"dequant"``;
+    ``use_asm``: PTX unpacking of the mma path (default: on the GPU, off under the interpreter;
+    the gemv path has none); ``config``: fixed block sizes instead of autotuning (tests).
     """
     N, K = check_int4_linear_args(x, qweight, scales, zeros, group_size, bias, "int4_linear")
     _check_launch("int4_linear", x, {"qweight": qweight, "scales": scales, "zeros": zeros})
@@ -779,7 +926,8 @@ def int4_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     if use_asm and _interpret():
         raise ValueError("int4_linear: use_asm=True cannot run under TRITON_INTERPRET=1")
     kw = dict(GROUP=group_size, HAS_ZERO=zeros is not None, USE_ASM=bool(use_asm))
-    _mm_launch("mm4", x2, (qweight, scales, zeros if zeros is not None else scales),
+    wq = qweight.view(torch.int32) if p == "gemv" else qweight  # gemv reads 4-byte words
+    _mm_launch("gemv4" if p == "gemv" else "mm4", x2, (wq, scales, zeros if zeros is not None else scales),
                kw, M, N, K, out, bias, config)
     return out.reshape(*lead, N)
 
