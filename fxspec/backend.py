@@ -53,6 +53,11 @@ class GraphReport:
     events: list[PassEvent] = field(default_factory=list)
     fallback: str | None = None  # the reason, when the backend fell back to plain Inductor
 
+    @classmethod
+    def new(cls, graph_id: int, config: FxspecConfig, example_inputs: list) -> GraphReport:
+        return cls(graph_id, "?", is_training(example_inputs), None,
+                   [p.name for p in PIPELINE if p.enabled(config)])
+
     def describe(self) -> dict[str, Any]:
         return {
             "graph_id": self.graph_id,
@@ -80,8 +85,7 @@ def fxspec_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict | 
 def compile_graph(gm: fx.GraphModule, example_inputs: list, config: FxspecConfig) -> Callable:
     """Compile one Dynamo graph under ``config`` (see the module docstring)."""
     set_level(config.log_level)
-    report = GraphReport(next(_GRAPH_IDS), "?", is_training(example_inputs), None,
-                         [p.name for p in PIPELINE if p.enabled(config)])
+    report = GraphReport.new(next(_GRAPH_IDS), config, example_inputs)
     try:
         work, ctx = prepare(gm, example_inputs, config, report)
         compiled = ctx.frozen.wrap(lower(work, example_inputs, config, report.target))

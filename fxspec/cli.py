@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import os
 import sys
 from typing import Any
 
@@ -66,7 +67,6 @@ def load_model(spec: str, dtype: str = "float32") -> tuple[Any, tuple | None]:
     else:
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        import os
         has_weights = any(f.endswith((".safetensors", ".bin")) for f in os.listdir(spec))
         if has_weights:
             model = AutoModelForCausalLM.from_pretrained(spec, dtype=getattr(torch, dtype)).eval()

@@ -14,7 +14,6 @@ import torch
 
 from .backend import GraphReport, prepare
 from .config import ConfigError, FxspecConfig, load_config
-from .passes import PIPELINE, is_training
 
 
 @dataclass
@@ -44,8 +43,7 @@ def explain(model: Any, *args: Any, config: dict | FxspecConfig | None = None, g
     report = Report(cfg)
 
     def backend(gm, example_inputs, **_):
-        g = GraphReport(len(report.graphs), "?", is_training(example_inputs), None,
-                        [p.name for p in PIPELINE if p.enabled(cfg)])
+        g = GraphReport.new(len(report.graphs), cfg, example_inputs)
         report.graphs.append(g)
         try:
             prepare(gm, example_inputs, cfg, g)

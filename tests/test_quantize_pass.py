@@ -154,3 +154,28 @@ def test_fp8_on_gpu_without_fp8_is_a_clear_error(monkeypatch):
     with pytest.raises(ConfigError, match="compute capability >= 8.9.*A100 is 8.0"):
         qp._check_device_support(cfg, "cuda")
     qp._check_device_support(cfg, "cpu")  # the CPU reference path works anywhere
+
+
+def test_calibration_file_rewritten_in_place_is_reloaded(tmp_path):
+    """Statistics are cached per process; a file rewritten at the same path must not be served stale."""
+    import os
+
+    from fxspec.runtime.calibrate import calibrate
+
+    m = tiny_model("llama")
+    tokens = torch.randint(0, 128, (2048,), generator=torch.Generator().manual_seed(2))
+    path = str(tmp_path / "stats.pt")
+
+    def compile_with(method):
+        calibrate(m, tokens, method=method, bits=4, group_size=32, samples=4, seq_len=64).save(path)
+        st = os.stat(path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9 * (method == "gptq")))  # distinct mtimes
+        torch._dynamo.reset()
+        opts = {"quantize": {"bits": 4, "group_size": 32, "method": method, "calibration": path,
+                             "min_features": 1}, "strict": True}
+        with torch.no_grad():
+            torch.compile(m, backend="fxspec", options=opts)(IDS)
+
+    compile_with("awq")
+    compile_with("gptq")  # same path, new contents: must load the gptq statistics
+    assert fxspec.counters["quantize_weights"]["int4_g32"] == 28

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import os
 import torch
 import torch.fx as fx
 
@@ -120,7 +121,12 @@ def _load_stats(cfg: QuantizeConfig):
                           f"made by `fxspec calibrate MODEL --method {cfg.method} --data TOKENS.pt --out FILE`")
     from ..runtime.calibrate import CalibrationStats
 
-    stats = _cached_stats(cfg.calibration)
+    try:
+        st = os.stat(cfg.calibration)
+    except FileNotFoundError:
+        raise ConfigError(f"quantize.calibration = {cfg.calibration!r}: no such file") from None
+    # keyed by the file's identity too: a file rewritten in place (a new `fxspec calibrate`) is reloaded
+    stats = _cached_stats(cfg.calibration, st.st_mtime_ns, st.st_size)
     if stats.method != cfg.method or stats.bits != cfg.bits or \
             (cfg.bits == 4 and stats.group_size != cfg.group_size) or stats.symmetric != cfg.symmetric:
         raise ConfigError(f"quantize.calibration = {cfg.calibration!r} was made for method={stats.method} "
@@ -132,15 +138,12 @@ def _load_stats(cfg: QuantizeConfig):
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_stats(path: str):
+def _cached_stats(path: str, mtime_ns: int, size: int):
     from ..runtime.calibrate import CalibrationStats
 
-    try:
-        # torch.load inside Dynamo's tracing context yields meta tensors; the statistics must be real
-        with torch._guards.tracing(None):
-            return CalibrationStats.load(path)
-    except FileNotFoundError:
-        raise ConfigError(f"quantize.calibration = {path!r}: no such file") from None
+    # torch.load inside Dynamo's tracing context yields meta tensors; the statistics must be real
+    with torch._guards.tracing(None):
+        return CalibrationStats.load(path)
 
 
 # ---------------------------------------------------------------------------------------------
