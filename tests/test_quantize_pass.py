@@ -179,3 +179,35 @@ def test_calibration_file_rewritten_in_place_is_reloaded(tmp_path):
     compile_with("awq")
     compile_with("gptq")  # same path, new contents: must load the gptq statistics
     assert fxspec.counters["quantize_weights"]["int4_g32"] == 28
+
+
+@pytest.mark.parametrize("opts, counter", [
+    ({"bits": 8}, "int8"),
+    ({"bits": 4, "group_size": 32, "symmetric": False}, "int4_g32_asym"),
+])
+def test_projections_sharing_an_input_are_packed_together(opts, counter):
+    """q/k/v and gate/up are packed as one matrix each (one launch); the numbers are those of packing each
+    linear alone, and a change of one member's weight re-derives the group."""
+    m = tiny_model("llama")
+    q = {"quantize": {**opts, "min_features": 1}, "strict": True}
+    with torch.no_grad():
+        grouped = torch.compile(m, backend="fxspec", options=q)
+        out = grouped(IDS).logits
+        ev = fxspec.recent_reports[-1].events
+        notes = [e.detail for e in ev if e.action == "note"]
+        assert sum("packed as one 128x64" in n for n in notes) == 2, notes  # q 64 + k 32 + v 32, per layer
+        assert sum("packed as one 256x64" in n for n in notes) == 2, notes  # gate 128 + up 128
+        assert fxspec.counters["quantize_weights"][counter] == 14  # still counted per linear
+        assert fxspec.counters["quantize_weights"]["groups"] == 4
+        torch._dynamo.reset()
+        alone = torch.compile(m, backend="fxspec",
+                              options={"quantize": {**q["quantize"], "group_projections": False}, "strict": True})
+        torch.testing.assert_close(out, alone(IDS).logits, rtol=1e-5, atol=1e-5)
+        assert fxspec.counters["quantize_weights"]["groups"] == 4  # unchanged by the second compile
+        # a change of k_proj alone re-derives the q/k/v group
+        m.model.layers[0].self_attn.k_proj.weight.mul_(-2.0)
+        after = grouped(IDS).logits
+        torch._dynamo.reset()
+        fresh = torch.compile(m, backend="fxspec", options=q)(IDS).logits
+    torch.testing.assert_close(after, fresh)
+    assert not torch.allclose(after, out)

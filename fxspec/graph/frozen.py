@@ -45,17 +45,19 @@ def mark_weights_changed() -> None:
 
 
 Derive = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+#: derive for a group of parameters (e.g. q/k/v packed into one matrix): one tensor per member, in order
+DeriveGroup = Callable[[list[torch.Tensor]], dict[str, torch.Tensor]]
 
 
 @dataclass
 class _Entry:
-    index: int
+    indices: tuple[int, ...]  # graph-input positions of the member parameters
     qualname: str
-    derive: Derive
+    derive: DeriveGroup
     buffers: dict[str, str]  # derived key -> attribute name on the GraphModule
-    tensor: torch.Tensor
-    ptr: int
-    version: int
+    tensors: list[torch.Tensor]
+    ptrs: list[int]
+    versions: list[int]
 
 
 @dataclass
@@ -72,8 +74,14 @@ class FrozenParams:
         """Derive constants from ``value`` (the parameter), register them as buffers of ``gm`` and return
         ``get_attr`` nodes for them, inserted before ``insert_before``. The parameter placeholder stays (the
         caller still passes it) and is what the guard watches."""
+        return self.freeze_group([index], [value], qualname, lambda ts: derive(ts[0]), insert_before)
+
+    def freeze_group(self, indices: list[int], values: list[torch.Tensor], qualname: str, derive: DeriveGroup,
+                     insert_before: fx.Node) -> dict[str, fx.Node]:
+        """:meth:`freeze` for constants derived from several parameters together (e.g. the q/k/v weights
+        packed into one matrix): a change of any member re-derives the whole group."""
         with torch.no_grad():
-            derived = derive(value.detach())
+            derived = derive([v.detach() for v in values])
         entry_id = len(self.entries)
         names: dict[str, str] = {}
         nodes: dict[str, fx.Node] = {}
@@ -86,8 +94,9 @@ class FrozenParams:
             node.meta["val"] = tensor
             node.meta["example_value"] = tensor
             nodes[key] = node
-        self.entries.append(_Entry(index, qualname, derive, names, value, value.data_ptr(), value._version))
-        counters["frozen"]["params"] += 1
+        self.entries.append(_Entry(tuple(indices), qualname, derive, names, list(values),
+                                   [v.data_ptr() for v in values], [v._version for v in values]))
+        counters["frozen"]["params"] += len(values)
         return nodes
 
     # -- the guard -----------------------------------------------------------------------------
@@ -95,12 +104,14 @@ class FrozenParams:
         """Called before every run of the compiled graph with its positional inputs."""
         forced = self.generation != _GENERATION[0]
         for e in self.entries:
-            t = args[e.index]
-            if forced or t is not e.tensor or t._version != e.version or t.data_ptr() != e.ptr:
-                self._changed(e, t)
+            for i, idx in enumerate(e.indices):
+                t = args[idx]
+                if forced or t is not e.tensors[i] or t._version != e.versions[i] or t.data_ptr() != e.ptrs[i]:
+                    self._changed(e, [args[j] for j in e.indices])
+                    break
         self.generation = _GENERATION[0]
 
-    def _changed(self, e: _Entry, t: torch.Tensor) -> None:
+    def _changed(self, e: _Entry, ts: list[torch.Tensor]) -> None:
         if self.on_change == "raise":
             raise StaleWeightError(
                 f"fxspec: the weight '{e.qualname}' changed after it was frozen into a compiled graph "
@@ -109,7 +120,7 @@ class FrozenParams:
         counters["frozen"]["refresh"] += 1
         log.info("frozen weight %s changed; re-deriving its packed constants", e.qualname)
         with torch.no_grad():
-            derived = e.derive(t.detach())
+            derived = e.derive([t.detach() for t in ts])
             for key, attr in e.buffers.items():
                 buf = getattr(self.gm, attr)
                 new = derived[key]
@@ -118,7 +129,7 @@ class FrozenParams:
                                            f"{tuple(new.shape)} {new.dtype}, the graph holds "
                                            f"{tuple(buf.shape)} {buf.dtype}; recompile")
                 buf.copy_(new)
-        e.tensor, e.ptr, e.version = t, t.data_ptr(), t._version
+        e.tensors, e.ptrs, e.versions = list(ts), [t.data_ptr() for t in ts], [t._version for t in ts]
 
     def wrap(self, compiled: Callable) -> Callable:
         """Put the guard in front of a compiled function (Dynamo calls it with the graph's inputs as

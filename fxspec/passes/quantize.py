@@ -26,7 +26,9 @@ import torch
 import torch.fx as fx
 
 from ..config import ConfigError, QuantizeConfig
+from ..graph.rewrite import eliminate_dead_code
 from ..graph.types import LinearInfo
+from .._log import counters
 from .base import PassContext, register_pass
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -50,30 +52,92 @@ def quantize_weights(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     lm_head = analysis.lm_head.linear.node if analysis.lm_head is not None else None
     scaled_inputs: dict[tuple[fx.Node, str], fx.Node] = {}
 
+    eligible = []
     for li in analysis.linears:
         reason = _why_not(li, cfg, ctx, is_lm_head=li.node is lm_head, stats=stats)
         if reason:
             ctx.skip(li.name, reason)
+        else:
+            eligible.append(li)
+    for group in _groups(eligible, cfg, ctx, stats):
+        _quantize_group(gm, ctx, cfg, fmt, group, stats, scaled_inputs)
+    eliminate_dead_code(gm)
+    return gm
+
+
+def _groups(eligible: list[LinearInfo], cfg: QuantizeConfig, ctx: PassContext, stats) -> list[list[LinearInfo]]:
+    """Eligible linears in packing groups: with ``group_projections``, linears of form F.linear without
+    bias that read the same input (q/k/v, gate/up) with one dtype and in_features form one group
+    (packed as one matrix: one kernel launch instead of several); every other linear is alone."""
+    if not cfg.group_projections:
+        return [[li] for li in eligible]
+    by_input: dict[tuple, list[LinearInfo]] = {}
+    out: list[list[LinearInfo]] = []
+    for li in eligible:
+        if li.form != "linear" or li.bias is not None:
+            out.append([li])
             continue
         layer = stats.layers[li.name] if stats is not None else None
-        derive = functools.partial(_derive, cfg=cfg, layer=layer, transposed=li.weight_transposed)
-        value = ctx.example_value(li.weight.index)
-        consts = ctx.frozen.freeze(li.weight.node, li.weight.index, value, f"{li.name}.weight", derive,
-                                   insert_before=li.node)
-        x = li.input
-        if layer is not None and layer.awq_scale is not None:
-            x = _scaled_input(gm, ctx, x, layer, li, scaled_inputs)
-        bias = li.bias.node if li.bias is not None else None
-        with gm.graph.inserting_before(li.node):
-            new = _emit(gm.graph, cfg, x, consts, bias)
-        new.meta.update({k: v for k, v in li.node.meta.items() if k in ("example_value", "val", "stack_trace",
-                                                                       "nn_module_stack", "source_fn_stack")})
-        li.node.replace_all_uses_with(new)
+        awq_group = layer.group if layer is not None and layer.awq_scale is not None else None
+        w = ctx.example_value(li.weight.index)
+        key = (li.input, awq_group, w.dtype, li.in_features)
+        by_input.setdefault(key, []).append(li)
+    out += list(by_input.values())
+    return out
+
+
+def _quantize_group(gm: fx.GraphModule, ctx: PassContext, cfg: QuantizeConfig, fmt: str, lis: list[LinearInfo],
+                    stats, scaled_inputs: dict) -> None:
+    """Pack ``lis`` (one linear, or several sharing their input: concatenated along the output features)
+    and replace them by one quantized-linear op (and ``narrow`` views of its result for a group)."""
+    first = min(lis, key=lambda li: _position(gm, li.node))
+    layers = [stats.layers[li.name] if stats is not None else None for li in lis]
+    derives = [functools.partial(_derive, cfg=cfg, layer=layer, transposed=li.weight_transposed)
+               for li, layer in zip(lis, layers)]
+    n_axis = 1 if (cfg.bits == 4 and not cfg.fp8) else 0  # int4 scales/zeros are [K/G, N]
+
+    def derive_group(ws: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        parts = [d(w) for d, w in zip(derives, ws)]
+        if len(parts) == 1:
+            return parts[0]
+        return {k: torch.cat([p[k] for p in parts], dim=0 if k == "qweight" else n_axis) for k in parts[0]}
+
+    values = [ctx.example_value(li.weight.index) for li in lis]
+    name = lis[0].name if len(lis) == 1 else "+".join(li.name for li in lis)
+    consts = ctx.frozen.freeze_group([li.weight.index for li in lis], values,
+                                     f"{name}.weight", derive_group, insert_before=first.node)
+    x = lis[0].input
+    if layers[0] is not None and layers[0].awq_scale is not None:
+        x = _scaled_input(gm, ctx, x, layers[0], first, scaled_inputs)
+    bias = lis[0].bias.node if len(lis) == 1 and lis[0].bias is not None else None
+    with gm.graph.inserting_before(first.node):
+        new = _emit(gm.graph, cfg, x, consts, bias)
+    keep = ("stack_trace", "nn_module_stack", "source_fn_stack")
+    new.meta.update({k: v for k, v in first.node.meta.items() if k in keep + (("example_value", "val")
+                                                                              if len(lis) == 1 else ())})
+    start = 0
+    for li in lis:
+        out = new
+        if len(lis) > 1:
+            with gm.graph.inserting_before(li.node):
+                out = gm.graph.call_function(torch.narrow, (new, -1, start, li.out_features))
+            out.meta.update(li.node.meta)
+            start += li.out_features
+        li.node.replace_all_uses_with(out)
         gm.graph.erase_node(li.node)
         ctx.rewrote(li.name, f"{fmt} {li.out_features}x{li.in_features}"
                     + (f" ({cfg.method})" if cfg.method != "rtn" else ""), counter=fmt)
-    gm.graph.eliminate_dead_code()
-    return gm
+    if len(lis) > 1:
+        counters["quantize_weights"]["groups"] += 1
+        ctx.note(name, f"packed as one {sum(li.out_features for li in lis)}x{lis[0].in_features} {fmt} matrix "
+                 f"(one launch)")
+
+
+def _position(gm: fx.GraphModule, node: fx.Node) -> int:
+    for i, n in enumerate(gm.graph.nodes):
+        if n is node:
+            return i
+    return -1
 
 
 # ---------------------------------------------------------------------------------------------
