@@ -330,10 +330,19 @@ class Bench:
             row["kernels_per_step"] = float("nan")
         table = avg.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=40,
                           max_name_column_width=90)
+        seq = ""
+        if cuda:  # the kernels of one replay in launch order, with their device times
+            evs = sorted((e for e in prof.events() if str(e.device_type).endswith("CUDA")),
+                         key=lambda e: e.time_range.start)
+            per = len(evs) // 10
+            one = evs[-per:] if per else []
+            seq = "\n\nOne replayed step in order (us, name):\n" + "\n".join(
+                f"{e.time_range.elapsed_us():8.1f}  {e.name[:110]}" for e in one)
+        Path(self.args.out).mkdir(parents=True, exist_ok=True)
         path = Path(self.args.out) / f"profile_{name}_b{batch}.txt"
         path.write_text(f"{name} batch {batch}: {row['graph_ms_per_step']:.3f} ms per replayed decode step, "
                         f"{row['kernels_per_step']:.0f} kernel launches per step (10 replays profiled)\n\n"
-                        + table)
+                        + table + seq)
         print(table[:6000], flush=True)
         row.update(status="ok", tok_s=batch / row["graph_ms_per_step"] * 1e3,
                    ms_per_step=row["graph_ms_per_step"], note=f"{row['kernels_per_step']:.0f} kernels/step; "
@@ -404,6 +413,9 @@ def run(args) -> Bench:
                 row, out = bench.fxspec(name, model, b, ids, n, {}, "fxspec " + bench.meta["dtype"])
                 if out is not None:
                     greedy_ref[(name, b)] = out
+            elif what == "fxspec bf16 no-rewrites":  # last session's state: decode rewrites off
+                row, _ = bench.fxspec(name, model, b, ids, n, {"decode": {"enabled": False}},
+                                      "fxspec " + bench.meta["dtype"] + " (decode rewrites off)")
             elif what == "profile":
                 row = bench.profile(name, model, b, ids, n)
             elif what == "hf eager":
@@ -553,7 +565,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--budget-s", type=float, default=1e9)
     ap.add_argument("--only", default=None, help="run exactly these rows, in order: 'model:batch:method;...' "
-                    "(methods: fxspec bf16, hf eager, fxspec int8, fxspec int4, profile, "
+                    "(methods: fxspec bf16, fxspec bf16 no-rewrites, hf eager, fxspec int8, fxspec int4, profile, "
                     "hf static+inductor (default|reduce-overhead))")
     ap.add_argument("--eager-prefill", default="llama-1.1b,llama3-8b",
                     help="models whose prefill runs eagerly (saves a compile; decode tok/s excludes prefill)")

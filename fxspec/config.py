@@ -97,6 +97,8 @@ class QuantizeConfig(_Section):
     exclude: list[str] = _opt(factory=list, doc="fnmatch patterns over layer names to leave alone")
     include_lm_head: bool = _opt(False, doc="also quantize the LM head (excluded by default)")
     min_features: int = _opt(64, doc="skip linears with fewer input or output features", lo=1)
+    group_projections: bool = _opt(True, doc="pack linears that share their input (q/k/v, gate/up) into one "
+                                   "matrix: one kernel launch instead of several (same numbers)")
     calibration: str | None = _opt(None, doc="calibration data for gptq/awq: a .pt file of token ids "
                                    "(1-D or 2-D long tensor)")
     calibration_samples: int = _opt(32, doc="calibration sequences", lo=1, hi=100_000)
@@ -160,8 +162,26 @@ class DraftHeadsConfig(_ReservedSection):
     _section = "draft_heads"
 
 
+@dataclass
+class DecodeConfig(_Section):
+    """Exact rewrites for small-batch decode graphs (on by default; same math, fp32 accumulation: results
+    differ from the unfused kernels by floating-point rounding only, as any Inductor fusion does)."""
+
+    _section = "decode"
+    enabled: bool = _opt(True, doc="run the decode rewrites (fuse_projections, decode_attention)")
+    fuse_projections: bool = _opt(True, doc="linears that share their input (q/k/v, gate/up) become one "
+                                  "fxspec.linear_group launch that reads each weight in place (no copy)")
+    attention: bool = _opt(True, doc="GQA repeat + SDPA of one query token become fxspec.decode_attention "
+                           "(split-K over the cache, each KV head read once)")
+    max_tokens: int = _opt(16, doc="apply where a step has at most this many query rows (batch x tokens)",
+                           lo=1, hi=16)
+    apply_on_cpu: bool = _opt(False, doc="also rewrite CPU graphs (the ops run their exact references "
+                              "there: no speed-up; for tests)")
+
+
 PASS_SECTIONS: dict[str, type[_Section]] = {
     "quantize": QuantizeConfig,
+    "decode": DecodeConfig,
     "sparse_ffn": SparseFFNConfig,
     "moe": MoEConfig,
     "sparse_attention": SparseAttentionConfig,
@@ -187,6 +207,7 @@ class FxspecConfig(_Section):
                                      choices=("default", "reduce-overhead", "max-autotune",
                                               "max-autotune-no-cudagraphs"))
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
     sparse_ffn: SparseFFNConfig = field(default_factory=SparseFFNConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     sparse_attention: SparseAttentionConfig = field(default_factory=SparseAttentionConfig)

@@ -9,8 +9,13 @@ from fxspec.config import ConfigError, FxspecConfig, describe_schema, from_dict,
 
 
 def test_defaults_apply_no_lossy_transform():
+    from fxspec.passes import PIPELINE
+
     cfg = load_config({}, env={})
-    assert cfg.enabled_passes() == []
+    # only the exact decode rewrites are on by default; no lossy pass is
+    assert cfg.enabled_passes() == ["decode"]
+    assert [p.name for p in PIPELINE if p.enabled(cfg) and p.lossy] == []
+    assert {p.name for p in PIPELINE if p.enabled(cfg)} == {"fuse_projections", "decode_attention"}
     assert cfg.quantize.enabled is False
     assert cfg.target == "auto" and cfg.strict is False
 

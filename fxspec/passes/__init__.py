@@ -6,7 +6,7 @@ See ``fxspec/passes/README.md`` for the invariants every pass keeps.
 from .base import PIPELINE, Pass, PassContext, PassEvent, is_training, register_pass, run_pipeline
 
 # Importing a pass module registers it in PIPELINE.
-from . import quantize  # noqa: E402,F401
+from . import decode, quantize  # noqa: E402,F401
 
 __all__ = ["PIPELINE", "Pass", "PassContext", "PassEvent", "is_training", "register_pass", "run_pipeline",
            "pipeline_text"]

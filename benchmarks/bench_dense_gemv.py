@@ -1,0 +1,405 @@
+"""Benchmark: fxspec ``linear_group`` (one Triton launch per group of linears sharing an input) vs cuBLAS.
+
+Per shape group (Llama 1.1B and 8B decode projections: q/k/v, gate/up, o, down), bf16, at M = 1
+and M = 8 rows of x:
+
+  cublas_separate  F.linear(x, Wi) for each weight of the group: what the model runs today
+  cublas_concat    F.linear(x, cat(Wi)) on a pre-concatenated weight: the upper bound of fusing
+                   into one cuBLAS call (costs a second copy of the weights; reference only)
+  fxspec           fxspec.lowering.dense.gemv.linear_group_triton(x, [Wi]): one launch, every
+                   weight through its own pointer, the launcher's config (heuristic, or autotune
+                   with FXSPEC_TUNE=1)
+  fxspec_fma / fxspec_mma  (M = 8, with --variants) the launcher forced to one kernel, to check
+                   the M threshold between them (FMA_MAX_M)
+
+Timing: a CUDA graph replays the calls over enough weight copies (>= 400 MB in all, 8x the H100's
+50 MB L2) that no call finds its weights in L2; time per group = median replay time / groups per
+replay, so launch gaps inside a graph are included (the steady state of a CUDA-graph decode loop).
+GB/s = weight bytes / time; "% copy" = that over the device-to-device copy bandwidth measured in
+the same run (2 * bytes / time of ``dst.copy_(src)`` on a 1 GiB buffer).
+
+``--check`` first compares every method's output with the fp32 reference for every group
+(M = 1, 3, 8, 16; max abs error, allclose at bf16 tolerance, bitwise-equal reruns).
+
+    PYTHONPATH=. python benchmarks/bench_dense_gemv.py --check [--out DIR]     # GPU, < 60 s
+    PYTHONPATH=. python benchmarks/bench_dense_gemv.py --device cpu --quick --out /tmp/dg  # smoke
+Writes DIR/dense_gemv.json and DIR/dense_gemv.md (DIR defaults to benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+# (model, name, Ns, K)
+GROUPS = [
+    ("1.1B", "qkv", [2048, 256, 256], 2048),
+    ("1.1B", "gate_up", [5632, 5632], 2048),
+    ("1.1B", "o", [2048], 2048),
+    ("1.1B", "down", [2048], 5632),
+    ("8B", "qkv", [4096, 1024, 1024], 4096),
+    ("8B", "gate_up", [14336, 14336], 4096),
+    ("8B", "o", [4096], 4096),
+    ("8B", "down", [4096], 14336),
+]
+# --quick (CPU smoke): the same groups scaled down 16x along N and K
+QUICK_SCALE = 16
+MS = [1, 8]
+CHECK_MS = [1, 3, 8, 16]
+ROTATE_BYTES = 400 * 2**20
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# ------------------------------------------------------------------------------------- timing
+
+def copy_bandwidth(device: str, nbytes: int, reps: int = 10) -> float:
+    """Device-to-device (CPU: memory-to-memory) copy, bytes read + written per second (median)."""
+    a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    b = torch.empty_like(a)
+    for _ in range(2):
+        b.copy_(a)
+    ts = []
+    for _ in range(reps):
+        if device == "cuda":
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            b.copy_(a)
+            e1.record()
+            e1.synchronize()
+            ts.append(e0.elapsed_time(e1) * 1e-3)
+        else:
+            t = time.perf_counter()
+            b.copy_(a)
+            ts.append(time.perf_counter() - t)
+    del a, b
+    return 2 * nbytes / statistics.median(ts)
+
+
+_SIDE = None
+
+
+def time_calls(calls, device: str, reps: int = 15, min_calls: int = 8) -> tuple:
+    """Median seconds per call over ``calls`` (each on its own weight copy).  CUDA: CUDA-graph
+    replays (warm-up on the capture stream first: cuBLAS workspaces, Triton compilation and
+    autotune, the split-K counters of that stream all exist before capture).  CPU: wall clock.
+    Returns (seconds, method)."""
+    seq = list(calls)
+    while len(seq) < min_calls:
+        seq += list(calls)
+    if device != "cuda":
+        for c in calls:
+            c()
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            for c in seq:
+                c()
+            ts.append(time.perf_counter() - t)
+        return statistics.median(ts) / len(seq), "wallclock"
+    global _SIDE
+    if _SIDE is None:
+        _SIDE = torch.cuda.Stream()
+    cur = torch.cuda.current_stream()
+    _SIDE.wait_stream(cur)
+    with torch.cuda.stream(_SIDE):
+        for c in calls:
+            c()
+    cur.wait_stream(_SIDE)
+    torch.cuda.synchronize()
+    try:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=_SIDE):
+            for c in seq:
+                c()
+        g.replay()
+        torch.cuda.synchronize()
+        run, method = g.replay, "cudagraph"
+    except Exception as e:  # pragma: no cover - device dependent
+        log(f"    (graph capture failed: {type(e).__name__}: {e}; timing eager)")
+        torch.cuda.synchronize()
+
+        def run():
+            for c in seq:
+                c()
+        method = "eager"
+    ts = []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        run()
+        e1.record()
+        e1.synchronize()
+        ts.append(e0.elapsed_time(e1) * 1e-3)
+    return statistics.median(ts) / len(seq), method
+
+
+# ------------------------------------------------------------------------------------ methods
+
+class Impl:
+    """The fxspec entry points for this device: the Triton launcher on CUDA, the op (its
+    reference implementation) on the CPU."""
+
+    def __init__(self, device: str):
+        self.device = device
+        import fxspec.lowering.dense as D  # registers torch.ops.fxspec.linear_group
+        self.D = D
+        self.G = None
+        if device == "cuda":
+            from fxspec.lowering.dense import gemv as G
+            self.G = G
+
+    def group(self, x, ws, config=None):
+        if self.G is not None:
+            return self.G.linear_group_triton(x, ws, config=config)
+        if len(ws) == 1:  # the op takes 2-4 weights; the launcher (GPU) takes one too
+            return F.linear(x, ws[0])
+        return torch.ops.fxspec.linear_group(x, *ws)
+
+    def op(self, x, ws):
+        return torch.ops.fxspec.linear_group(x, *ws) if len(ws) >= 2 else None
+
+    def forced(self, kernel: str, M: int, Ns, K: int):
+        """The heuristic's config of ``kernel`` for this shape (other fields as the heuristic)."""
+        G = self.G
+        if kernel == "fma":
+            c = G._heuristic(1, Ns, K)
+            return c._replace(block_n=4 if M <= 4 else 2)
+        return G._heuristic(G.FMA_MAX_M + 1, Ns, K)
+
+
+def _ref(x, ws):
+    return torch.cat([F.linear(x.float(), w.float()) for w in ws], dim=-1)
+
+
+def run_checks(impl: Impl, groups, device: str, ms) -> list:
+    """Every method vs the fp32 reference: max abs error, allclose at bf16 tolerance
+    (torch.testing's bf16 rtol 1.6e-2; atol 1e-2 for O(1) outputs), bitwise-equal rerun."""
+    rows = []
+    g = torch.Generator(device=device).manual_seed(0)
+    for (model, name, Ns, K) in groups:
+        ws = [torch.randn(n, K, device=device, dtype=torch.bfloat16, generator=g) * 0.02 for n in Ns]
+        for M in ms:
+            x = torch.randn(M, K, device=device, dtype=torch.bfloat16, generator=g)
+            ref = _ref(x, ws)
+            methods = {
+                "cublas_separate": lambda: torch.cat([F.linear(x, w) for w in ws], -1),
+                "cublas_concat": lambda: F.linear(x, torch.cat(ws)),
+                "fxspec": lambda: impl.group(x, ws),
+            }
+            if len(ws) >= 2:
+                methods["fxspec_op"] = lambda: impl.op(x, ws)
+            if impl.G is not None and M == max(MS):  # the forced kernels where they are timed
+                for k in ("fma", "mma"):
+                    methods[f"fxspec_{k}"] = lambda k=k: impl.group(x, ws, impl.forced(k, M, Ns, K))
+            for meth, fn in methods.items():
+                row = dict(model=model, group=name, Ns=Ns, K=K, M=M, method=meth)
+                try:
+                    y, y2 = fn(), fn()
+                    err = (y.float() - ref).abs().max().item()
+                    row.update(max_abs_err=err, ref_max=ref.abs().max().item(),
+                               allclose=bool(torch.allclose(y.float(), ref, rtol=1.6e-2, atol=1e-2)),
+                               deterministic=bool(torch.equal(y, y2)), shape_ok=tuple(y.shape) == tuple(ref.shape))
+                    row["ok"] = row["allclose"] and row["deterministic"] and row["shape_ok"]
+                except Exception as e:
+                    row.update(ok=False, error=f"{type(e).__name__}: {e}"[:300])
+                rows.append(row)
+                if not row["ok"]:
+                    log("  CHECK FAIL", json.dumps(row))
+    n_ok = sum(r["ok"] for r in rows)
+    worst = max((r["max_abs_err"] for r in rows if "max_abs_err" in r and r["method"].startswith("fxspec")), default=None)
+    log(f"checks: {n_ok}/{len(rows)} ok; worst fxspec max abs err {worst}")
+    return rows
+
+
+def measure_group(impl: Impl, model, name, Ns, K, device, copy_bw, ms, variants, rotate_bytes, results):
+    dt = torch.bfloat16
+    torch.manual_seed(sum(Ns) + K)
+    ws0 = [torch.randn(n, K, device=device, dtype=dt) * 0.02 for n in Ns]
+    wbytes = sum(w.numel() * w.element_size() for w in ws0)
+    n_copies = max(2, math.ceil(rotate_bytes / wbytes))
+    sets = [[w.clone() for w in ws0] for _ in range(n_copies)]
+    cats = [torch.cat(s) for s in sets]
+    del ws0
+    for M in ms:
+        x = torch.randn(M, K, device=device, dtype=dt)
+        methods = {
+            "cublas_separate": [lambda s=s: [F.linear(x, w) for w in s] for s in sets],
+            "cublas_concat": [lambda c=c: F.linear(x, c) for c in cats],
+            "fxspec": [lambda s=s: impl.group(x, s) for s in sets],
+        }
+        if variants and impl.G is not None and M > 1:
+            for k in ("fma", "mma"):
+                cfg = impl.forced(k, M, Ns, K)
+                methods[f"fxspec_{k}"] = [lambda s=s, cfg=cfg: impl.group(x, s, cfg) for s in sets]
+        for meth, calls in methods.items():
+            t0 = time.time()
+            row = dict(model=model, group=name, Ns=Ns, K=K, M=M, method=meth, weight_bytes=wbytes,
+                       n_weight_copies=n_copies)
+            try:
+                sec, how = time_calls(calls, device)
+                bw = wbytes / sec
+                row.update(us=sec * 1e6, GBps=bw / 1e9, frac_copy=bw / copy_bw, timing=how)
+                if meth == "fxspec" and impl.G is not None:
+                    key = impl.G._key(x, M, Ns, K)
+                    cfg = impl.G._CHOSEN.get(key)
+                    row["config"] = cfg.describe() if cfg is not None else None
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+            results.append(row)
+            if "us" in row:
+                log(f"  {model:>4s} {name:<8s} M={M:<2d} {meth:<16s} {row['us']:9.2f} us {row['GBps']:8.1f} GB/s "
+                    f"{row['frac_copy'] * 100:5.1f}% copy  {row.get('config') or ''} ({time.time() - t0:.1f}s)")
+            else:
+                log(f"  {model:>4s} {name:<8s} M={M:<2d} {meth:<16s} ERROR {row['error']}")
+    del sets, cats
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------- report
+
+def markdown(meta, copy_bw, results, checks) -> str:
+    L = [f"# fxspec linear_group vs cuBLAS ({meta['device_name']})", "",
+         f"- date: {meta['date']}  \n- device: {meta['device_name']}  \n- torch {meta['torch']}, triton {meta['triton']}, "
+         f"Python {meta['python']}  \n- commit: {meta['commit']}",
+         f"- copy bandwidth (read + write, {meta['copy_bytes'] >> 20} MiB buffer): **{copy_bw / 1e9:.1f} GB/s**",
+         f"- timing: {meta['timing']}; weights rotated over >= {meta['rotate_bytes'] >> 20} MiB; FXSPEC_TUNE={meta['tune']}"]
+    if checks:
+        n_ok = sum(c["ok"] for c in checks)
+        worst = max((c["max_abs_err"] for c in checks if "max_abs_err" in c and c["method"].startswith("fxspec")), default=None)
+        L.append(f"- correctness (--check): {n_ok}/{len(checks)} ok; worst fxspec max abs error {worst}")
+    if meta["device"] != "cuda":
+        L.append("- CPU smoke run: the 'cuBLAS' columns are ATen's CPU matmul and fxspec is the op's reference "
+                 "implementation (torch.cat of F.linear); the numbers say nothing about the GPU kernel")
+    L += ["", "Time in us (GB/s of weights, % of copy bandwidth); speedup = cuBLAS separate / fxspec.", "",
+          "| model | group | Ns x K | MB | M | cuBLAS separate | cuBLAS concat | fxspec | speedup | fxspec config | variants |",
+          "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    by = {}
+    for r in results:
+        by.setdefault((r["model"], r["group"], r["M"]), {})[r["method"]] = r
+
+    def cell(r):
+        if r is None:
+            return "-"
+        if "us" not in r:
+            return "error"
+        return f"{r['us']:.2f} ({r['GBps']:.0f}, {r['frac_copy'] * 100:.0f}%)"
+    order = {(m, n): i for i, (m, n, _, _) in enumerate(GROUPS)}
+    for (model, name, M), d in sorted(by.items(), key=lambda kv: (kv[0][2], order.get(kv[0][:2], 99))):
+        r0 = next(iter(d.values()))
+        sep, cat, fx = d.get("cublas_separate"), d.get("cublas_concat"), d.get("fxspec")
+        sp = f"{sep['us'] / fx['us']:.2f}x" if sep and fx and "us" in sep and "us" in fx else "-"
+        var = ", ".join(f"{k[7:]} {v['us']:.2f}" for k, v in d.items() if k.startswith("fxspec_") and "us" in v)
+        L.append(f"| {model} | {name} | {'+'.join(map(str, r0['Ns']))} x {r0['K']} | {r0['weight_bytes'] / 1e6:.2f} | {M} | "
+                 f"{cell(sep)} | {cell(cat)} | {cell(fx)} | {sp} | {(fx or {}).get('config') or '-'} | {var or '-'} |")
+    if checks:
+        L += ["", "Checks (max abs error vs the fp32 reference; ok = allclose(rtol 1.6e-2, atol 1e-2) and bitwise-equal rerun):", "",
+              "| model | group | M | method | max abs err | ok |", "|---|---|---:|---|---:|---|"]
+        for c in checks:
+            e = f"{c['max_abs_err']:.3g}" if "max_abs_err" in c else c.get("error", "")
+            L.append(f"| {c['model']} | {c['group']} | {c['M']} | {c['method']} | {e} | {'ok' if c['ok'] else 'FAIL'} |")
+    return "\n".join(L) + "\n"
+
+
+def _git_commit() -> str:
+    env = os.environ.get("FXSPEC_COMMIT")
+    if env:
+        return env
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=ROOT).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5, cwd=ROOT).stdout.strip()
+        return (head + ("+worktree" if dirty else "")) if head else "unknown"
+    except Exception:
+        return "unknown"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (N, K / 16), few weight copies: a smoke run")
+    ap.add_argument("--check", action="store_true", help="compare every method with the fp32 reference first")
+    ap.add_argument("--no-bench", action="store_true", help="only the checks")
+    ap.add_argument("--variants", action=argparse.BooleanOptionalAction, default=True,
+                    help="at M > 1 also time fxspec forced to each kernel (fma, mma)")
+    ap.add_argument("--ms", default=None, help="comma list of M (default 1,8)")
+    ap.add_argument("--groups", default="all", help="'all' or indices into GROUPS, e.g. 0,4")
+    ap.add_argument("--budget-s", type=float, default=50.0, help="stop starting new groups after this many seconds")
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    args = ap.parse_args()
+    t_start = time.time()
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_dense_gemv: no CUDA device (use --device cpu --quick for a smoke run)")
+    groups = GROUPS if args.groups == "all" else [GROUPS[int(i)] for i in args.groups.split(",")]
+    if args.quick:
+        groups = [(m, n, [max(1, v // QUICK_SCALE) for v in Ns], max(16, K // QUICK_SCALE)) for (m, n, Ns, K) in groups]
+    ms = [int(m) for m in args.ms.split(",")] if args.ms else MS
+    rotate = (8 << 20) if args.quick else ROTATE_BYTES
+    copy_bytes = (64 << 20) if args.quick else (1 << 30)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    impl = Impl(device)
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                device=device,
+                device_name=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                sms=torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else None,
+                torch=torch.__version__, triton=triton_version, cuda=torch.version.cuda,
+                python=sys.version.split()[0], commit=_git_commit(), quick=args.quick,
+                timing="CUDA-graph replay, median of 15" if device == "cuda" else "CPU wall clock, median of 15",
+                rotate_bytes=rotate, copy_bytes=copy_bytes, tune=os.environ.get("FXSPEC_TUNE", "0"),
+                fma_max_m=getattr(impl.G, "FMA_MAX_M", None), groups=groups, ms=ms)
+    log("meta", json.dumps(meta))
+    os.makedirs(args.out, exist_ok=True)
+    results, checks = [], []
+    copy_bw = None
+
+    def dump():
+        rep = impl.G.tuning_report() if impl.G is not None else {}
+        with open(os.path.join(args.out, "dense_gemv.json"), "w") as f:
+            json.dump(dict(meta=meta, copy_bw=copy_bw, results=results, checks=checks, tuning=rep), f, indent=1)
+
+    if args.check or args.no_bench:
+        t0 = time.time()
+        checks = run_checks(impl, groups, device, CHECK_MS)
+        log(f"checks took {time.time() - t0:.1f}s")
+        dump()
+    if not args.no_bench:
+        copy_bw = copy_bandwidth(device, copy_bytes)
+        log(f"copy bandwidth (read+write): {copy_bw / 1e9:.1f} GB/s")
+        for (model, name, Ns, K) in groups:
+            if time.time() - t_start > args.budget_s:
+                log(f"budget reached: skipping {model} {name}")
+                continue
+            measure_group(impl, model, name, Ns, K, device, copy_bw, ms, args.variants, rotate, results)
+            dump()
+    md = markdown(meta, copy_bw or float("nan"), results, checks)
+    with open(os.path.join(args.out, "dense_gemv.md"), "w") as f:
+        f.write(md)
+    dump()
+    log(md)
+    log(f"total {time.time() - t_start:.1f}s; wrote {args.out}/dense_gemv.json and dense_gemv.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""Split-K ("flash-decoding") attention for one query token per row, GQA-aware, over a static cache.
+
+The decode step of a transformers model with a static cache computes, per layer::
+
+    k, v = repeat_kv(cache_k), repeat_kv(cache_v)           # [B, Hkv, L, D] -> [B, H, L, D] copies
+    o = scaled_dot_product_attention(q, k, v, attn_mask)      # q [B, H, 1, D], mask [B, 1, 1, L] bool
+
+On the H100 Inductor runs this as two copy kernels (the GQA repeat of the whole cache) plus cuDNN's
+prefill-shaped flash kernel: 11-18 us per layer (``benchmarks/results/decode.md``), for a few MB of
+K/V. This kernel reads each KV head once for all ``G = H / Hkv`` query heads that share it and splits
+the cache length over programs so that a batch-1 step still fills the GPU:
+
+    program (b, kv head j, split s):  keys t in [s * T, (s + 1) * T)
+        S[g, t]   = (q[b, j*G + g] . k[b, j, t]) * scale * log2(e)     (tl.dot, M padded to 16)
+        S[g, t]   = -inf where mask[b, t] is False (bool) / + mask * log2(e) (additive)
+        m, l, acc = running max, sum of exp2(S - m), sum of exp2(S - m) * v[b, j, t]
+    combine (b, h): o = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s,  M = max_s m_s
+
+Masked keys are not loaded (the K/V loads are predicated on the mask), so the slots after the
+current position cost only their mask bytes. With one split the first kernel normalises and writes
+the output itself (no combine launch). The probabilities are rounded to the K/V dtype before the
+P @ V product, as flash attention does; scores and accumulators are fp32. A row whose keys are all
+masked gives NaN, as the math SDPA does.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+@triton.jit
+def _decode_attn_kernel(Q, K, V, Mask, O, OP, ML,
+                        stride_qb, stride_qh, stride_qd,
+                        stride_kb, stride_kh, stride_kl, stride_kd,
+                        stride_vb, stride_vh, stride_vl, stride_vd,
+                        stride_mb, stride_ml,
+                        stride_ob, stride_oh, stride_od,
+                        L, H_KV, keys_per_split, num_splits, qk_scale,
+                        G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                        BLOCK_L: tl.constexpr, MASK_KIND: tl.constexpr, SINGLE: tl.constexpr,
+                        DOT_F32: tl.constexpr):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid // H_KV
+    j = pid % H_KV
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    g_ok = offs_g < G
+    d_ok = offs_d < D
+    heads = j * G + offs_g
+
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+
+    start = split * keys_per_split
+    end = tl.minimum(start + keys_per_split, L)
+    k_base = K + b * stride_kb + j * stride_kh
+    v_base = V + b * stride_vb + j * stride_vh
+    for l0 in range(start, end, BLOCK_L):
+        offs_l = l0 + tl.arange(0, BLOCK_L)
+        valid = offs_l < end
+        if MASK_KIND == 1:
+            mv = tl.load(Mask + b * stride_mb + offs_l * stride_ml, mask=valid, other=0)
+            valid = valid & (mv != 0)
+        kv_mask = valid[:, None] & d_ok[None, :]
+        k = tl.load(k_base + offs_l[:, None] * stride_kl + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        if DOT_F32:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # [G_PAD, BLOCK_L], log2 units
+        if MASK_KIND == 2:
+            add = tl.load(Mask + b * stride_mb + offs_l * stride_ml, mask=valid, other=0.0).to(tl.float32)
+            s = s + add[None, :] * 1.4426950408889634
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_l[:, None] * stride_vl + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        if DOT_F32:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    if SINGLE:
+        out = acc / l_i[:, None]
+        tl.store(O + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
+                 out.to(O.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+    else:
+        # partials: OP [B * H, S, D_PAD] fp32, ML [B * H, S, 2] fp32 (max, sum)
+        row = b * (H_KV * G) + heads
+        tl.store(OP + (row[:, None] * num_splits + split) * D_PAD + offs_d[None, :], acc,
+                 mask=g_ok[:, None])
+        tl.store(ML + (row * num_splits + split) * 2, m_i, mask=g_ok)
+        tl.store(ML + (row * num_splits + split) * 2 + 1, l_i, mask=g_ok)
+
+
+@triton.jit
+def _combine_kernel(OP, ML, O, H, num_splits, stride_ob, stride_oh, stride_od,
+                    D: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr):
+    row = tl.program_id(0)  # b * H + h
+    b = row // H
+    h = row % H
+    offs_s = tl.arange(0, S_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    s_ok = offs_s < num_splits
+    m = tl.load(ML + (row * num_splits + offs_s) * 2, mask=s_ok, other=float("-inf"))
+    l = tl.load(ML + (row * num_splits + offs_s) * 2 + 1, mask=s_ok, other=0.0)
+    acc = tl.load(OP + (row * num_splits + offs_s[:, None]) * D_PAD + offs_d[None, :], mask=s_ok[:, None],
+                  other=0.0)
+    m_max = tl.max(m, 0)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_safe))
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+    tl.store(O + b * stride_ob + h * stride_oh + offs_d * stride_od, out.to(O.dtype.element_ty),
+             mask=offs_d < D)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# Keys per loop step; 64 x 128 x 2 bytes = 16 KB of K (and of V) per step.
+BLOCK_L = 64
+
+
+def plan_splits(B: int, H_kv: int, L: int, sms: int, block_l: int = BLOCK_L) -> tuple[int, int]:
+    """(number of splits, keys per split): enough programs for ~2 per SM, each at least one block."""
+    blocks = triton.cdiv(L, block_l)
+    want = max(1, triton.cdiv(2 * sms, max(1, B * H_kv)))
+    splits = max(1, min(blocks, want))
+    per = triton.cdiv(blocks, splits) * block_l
+    return triton.cdiv(L, per), per
+
+
+def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                            scale: float, *, splits: int | None = None) -> torch.Tensor:
+    """``q [B, H, 1, D]``, ``k, v [B, Hkv, L, D]``, ``mask`` None or ``[B|1, 1, 1, L]`` (bool: True =
+    attend; float: added to the scores) -> ``[B, H, 1, D]`` in ``q.dtype``. ``splits`` overrides the plan
+    (tests)."""
+    B, H, T, D = q.shape
+    _, H_kv, L, _ = k.shape
+    assert T == 1 and H % H_kv == 0
+    G = H // H_kv
+    out = torch.empty((B, H, 1, D), dtype=q.dtype, device=q.device)
+    if mask is None:
+        kind, m, smb, sml = 0, q, 0, 0
+    else:
+        m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+        kind = 1 if mask.dtype == torch.bool else 2
+        smb = m.stride(0) if m.shape[0] > 1 else 0
+        sml = m.stride(3)
+    interp = _interpret()
+    block_l = BLOCK_L
+    if splits is None:
+        S, per = plan_splits(B, H_kv, L, _sm_count(q.device), block_l)
+    else:
+        per = triton.cdiv(triton.cdiv(L, splits), block_l) * block_l
+        S = triton.cdiv(L, per)
+    D_PAD = max(16, _next_pow2(D))
+    G_PAD = max(16, _next_pow2(G))
+    single = S == 1
+    if single:
+        op = ml = out  # unused
+    else:
+        op = torch.empty((B * H, S, D_PAD), dtype=torch.float32, device=q.device)
+        ml = torch.empty((B * H, S, 2), dtype=torch.float32, device=q.device)
+    _decode_attn_kernel[(B * H_kv, S)](
+        q, k, v, m, out, op, ml,
+        q.stride(0), q.stride(1), q.stride(3),
+        k.stride(0), k.stride(1), k.stride(2), k.stride(3),
+        v.stride(0), v.stride(1), v.stride(2), v.stride(3),
+        smb, sml,
+        out.stride(0), out.stride(1), out.stride(3),
+        L, H_kv, per, S, float(scale) * LOG2E,
+        G=G, G_PAD=G_PAD, D=D, D_PAD=D_PAD, BLOCK_L=block_l, MASK_KIND=kind, SINGLE=single,
+        DOT_F32=interp or q.dtype == torch.float32, num_warps=4, num_stages=2)
+    if not single:
+        _combine_kernel[(B * H,)](op, ml, out, H, S, out.stride(0), out.stride(1), out.stride(3),
+                                  D=D, D_PAD=D_PAD, S_PAD=max(2, _next_pow2(S)), num_warps=4)
+    return out
+
+
+def expected_splits(B: int, H_kv: int, L: int, device: torch.device) -> int:
+    return plan_splits(B, H_kv, L, _sm_count(device))[0]
+
+
+__all__ = ["decode_attention_triton", "plan_splits", "expected_splits", "BLOCK_L", "LOG2E"]

@@ -1,0 +1,324 @@
+"""The ``[decode]`` rewrites (``fuse_projections``, ``decode_attention``), the decode-attention kernel, and
+the dead-code elimination every pass uses (it must keep in-place KV-cache writes).
+
+CPU tests run the rewrites with ``decode.apply_on_cpu = true`` (the ops then run their exact references,
+so generated tokens must equal ``model.generate``). The Triton kernel runs under ``TRITON_INTERPRET=1`` in
+one subprocess (this file executed with ``--interp``; see ``tests/test_quant_kernels.py`` for why).
+GPU tests are skipped without CUDA.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.fx as fx
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+HAS_CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (Triton decode-attention kernel)")
+
+ON_CPU = {"decode": {"apply_on_cpu": True}}
+
+
+# ------------------------------------------------------------------------------- helpers
+
+def _tiny(family="llama", seed=0, **over):
+    transformers = pytest.importorskip("transformers")
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=256)
+    common.update(over)
+    cfg = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[family](
+        num_key_value_heads=2, **common)
+    torch.manual_seed(seed)
+    m = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    m.generation_config.eos_token_id = None
+    m.generation_config.pad_token_id = 0
+    return m
+
+
+def _prompt(b=1, n=7, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 128, (b, n), generator=g)
+
+
+def _events(n_before: int, pass_name: str) -> list[str]:
+    import fxspec.backend as fb
+    return [str(e) for r in list(fb.recent_reports)[n_before:] for e in r.events if e.pass_name == pass_name]
+
+
+def _n_reports() -> int:
+    import fxspec.backend as fb
+    return len(fb.recent_reports)
+
+
+def _generate(model, config, ids, n=10, batch=None):
+    from fxspec.runtime import Generator
+    gen = Generator(model, max_batch_size=batch or ids.shape[0], max_cache_len=64, config=config,
+                    cuda_graphs=False)
+    return gen.generate(ids, n)
+
+
+def _hf(model, ids, n=10):
+    with torch.no_grad():
+        return model.generate(ids, do_sample=False, max_new_tokens=n)
+
+
+# ------------------------------------------------------------------------------- dead-code elimination
+
+def test_dce_keeps_inplace_method_writes():
+    from fxspec.graph.rewrite import eliminate_dead_code
+
+    class M(torch.nn.Module):
+        def forward(self, cache, x, idx):
+            cache.index_copy_(0, idx, x)  # result unused: a call_method FX would consider pure
+            unused = x * 2  # noqa: F841  (really dead)
+            return cache.sum()
+
+    gm = fx.symbolic_trace(M())
+    plain = copy.deepcopy(gm)
+    plain.graph.eliminate_dead_code()
+    assert not any(n.target == "index_copy_" for n in plain.graph.nodes), "FX's own DCE behaviour changed"
+    eliminate_dead_code(gm)
+    targets = [n.target for n in gm.graph.nodes]
+    assert "index_copy_" in targets
+    assert not any(getattr(t, "__name__", "") == "mul" for t in targets)
+
+
+def test_quantized_decode_keeps_cache_writes():
+    """Regression: the quantize pass's dead-code elimination deleted transformers' ``index_copy_`` cache
+    writes in decode graphs, so decode attended over a cache that was never written."""
+    from fxspec.lowering.quant import quantize_weight
+    model = _tiny()
+    ids = _prompt()
+    out = _generate(model, {"quantize": {"bits": 8, "min_features": 1}}, ids)
+    ref_model = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, mod in ref_model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+                mod.weight.copy_(quantize_weight(mod.weight, 8).dequantize(torch.float32))
+    assert torch.equal(out, _hf(ref_model, ids))
+
+
+# ------------------------------------------------------------------------------- the rewrites on CPU
+
+def test_rewrites_fire_and_tokens_match_hf():
+    model = _tiny()
+    ids = _prompt(2, 7)
+    n0 = _n_reports()
+    out = _generate(model, ON_CPU, ids)
+    assert torch.equal(out, _hf(model, ids))
+    fused = [e for e in _events(n0, "fuse_projections") if "rewrote" in e]
+    attn = [e for e in _events(n0, "decode_attention") if "rewrote" in e]
+    # decode graph: per layer q/k/v (3) and gate/up (2) fused; both attentions rewritten
+    assert sum("3 linears 64+32+32x64" in e for e in fused) == 2, fused
+    assert sum("2 linears 128+128x64" in e for e in fused) == 2, fused
+    assert len(attn) == 2, attn
+    # the prefill graph (16 rows) is left alone
+    skipped = _events(n0, "decode_attention")
+    assert any("16 query tokens" in e for e in skipped), skipped
+
+
+def test_rewritten_decode_graph_contents(tmp_path):
+    """The last dumped stage of the decode graph calls both ops, keeps the cache writes and no longer
+    repeats K/V over the query heads."""
+    import glob
+    model = _tiny()
+    _generate(model, dict(ON_CPU, dump_dir=str(tmp_path)), _prompt(), n=3)
+    finals = []
+    for d in sorted(glob.glob(str(tmp_path / "graph_*"))):
+        stages = sorted(glob.glob(os.path.join(d, "[0-9][0-9]_*.py")))
+        finals.append(open(stages[-1]).read())
+    decode = [c for c in finals if "decode_attention" in c]
+    assert len(decode) == 1, [c[:200] for c in finals]
+    code = decode[0]
+    assert code.count("torch.ops.fxspec.decode_attention.default") == 2
+    assert code.count("torch.ops.fxspec.linear_group.default") == 4
+    assert code.count(".index_copy_(") == 4  # K and V of two layers
+    assert "expand" not in code.split("decode_attention", 1)[1].split("\n", 1)[0]
+    assert code.count(".expand(") <= 2  # only the mask / position broadcasts remain, not repeat_kv
+
+
+def test_cpu_default_leaves_graph_alone():
+    model = _tiny()
+    ids = _prompt()
+    n0 = _n_reports()
+    out = _generate(model, {}, ids, n=4)
+    assert torch.equal(out, _hf(model, ids, 4))
+    evs = _events(n0, "decode_attention") + _events(n0, "fuse_projections")
+    assert evs and all("skipped graph (CPU target" in e for e in evs), evs
+
+
+def test_disabled_sections_do_nothing():
+    model = _tiny()
+    ids = _prompt()
+    n0 = _n_reports()
+    _generate(model, {"decode": {"enabled": False}}, ids, n=3)
+    assert _events(n0, "decode_attention") == [] and _events(n0, "fuse_projections") == []
+    n0 = _n_reports()
+    _generate(model, {"decode": {"apply_on_cpu": True, "attention": False, "fuse_projections": False}}, ids, n=3)
+    assert _events(n0, "decode_attention") == [] and _events(n0, "fuse_projections") == []
+
+
+def test_bias_projections_are_not_grouped_but_attention_is():
+    model = _tiny("qwen2")  # q/k/v have biases
+    ids = _prompt()
+    n0 = _n_reports()
+    out = _generate(model, ON_CPU, ids)
+    assert torch.equal(out, _hf(model, ids))
+    fused = _events(n0, "fuse_projections")
+    assert any("has a bias" in e for e in fused), fused
+    # gate/up still grouped: in the decode graph and in the 16-row prefill (16 <= decode.max_tokens)
+    assert sum("rewrote" in e and "2 linears" in e for e in fused) == 4, fused
+    assert sum("rewrote" in e for e in _events(n0, "decode_attention")) == 2
+
+
+def test_quantize_then_decode_rewrites_compose():
+    """Quantized linears are not grouped (they are no longer F.linear); attention still is."""
+    model = _tiny()
+    ids = _prompt()
+    n0 = _n_reports()
+    out = _generate(model, {"quantize": {"bits": 8, "min_features": 1}, **ON_CPU}, ids)
+    assert out.shape == (1, 17)
+    assert not any("rewrote" in e for e in _events(n0, "fuse_projections"))
+    assert sum("rewrote" in e for e in _events(n0, "decode_attention")) == 2
+
+
+def test_decode_config_validation():
+    from fxspec.config import ConfigError, load_config
+    assert load_config({}).decode.enabled is True
+    with pytest.raises(ConfigError, match="decode.max_tokens"):
+        load_config({"decode": {"max_tokens": 64}})
+    with pytest.raises(ConfigError, match="did you mean"):
+        load_config({"decode": {"atention": False}})
+
+
+def test_decode_attention_op_reference_and_errors():
+    from fxspec.lowering.attention import decode_attention, decode_attention_ref, repeat_kv
+    torch.manual_seed(0)
+    q = torch.randn(2, 8, 1, 16)
+    k = torch.randn(2, 2, 20, 16)
+    v = torch.randn(2, 2, 20, 16)
+    mask = torch.rand(2, 1, 1, 20) > 0.3
+    mask[..., 0] = True
+    out = decode_attention(q, k, v, mask, 0.25)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, repeat_kv(k, 4), repeat_kv(v, 4), attn_mask=mask,
+                                                           scale=0.25)
+    assert torch.equal(out, ref)
+    assert torch.equal(out, decode_attention_ref(q, k, v, mask, 0.25))
+    # head j*4 .. j*4+3 use KV head j
+    assert torch.equal(repeat_kv(k, 4)[:, 5], k[:, 1])
+    with pytest.raises(ValueError, match="one query token"):
+        decode_attention(torch.randn(2, 8, 2, 16), k, v, None, 0.25)
+    with pytest.raises(ValueError, match="not a multiple"):
+        decode_attention(torch.randn(2, 6, 1, 16), torch.randn(2, 4, 20, 16), torch.randn(2, 4, 20, 16), None, 1.0)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        decode_attention(q, k, v, torch.ones(2, 1, 1, 19, dtype=torch.bool), 0.25)
+
+
+# ------------------------------------------------------------------------------- kernel (interpreter)
+
+_CASES = [
+    # id, B, H, Hkv, L, D, splits, mask kind, dtype
+    ("b1_gqa2_bool_auto", 1, 4, 2, 64, 16, None, "bool", "float32"),
+    ("b2_gqa4_bool_split3_fp16", 2, 8, 2, 100, 32, 3, "bool", "float16"),
+    ("b2_gqa2_float_split2_oddD", 2, 6, 3, 70, 24, 2, "float", "float32"),
+    ("b1_mha_nomask_single_bf16", 1, 4, 4, 33, 16, 1, None, "bfloat16"),
+    ("b3_mqa_bool_split4_bf16", 3, 8, 1, 130, 64, 4, "bool", "bfloat16"),
+    ("b2_bcastmask_masked_split", 2, 4, 2, 128, 16, 4, "bool_bcast_tail", "float16"),
+]
+_TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 2e-2}
+
+
+def _interp_main():
+    from fxspec.lowering.attention.decode import decode_attention_triton
+    from fxspec.lowering.attention.ops import decode_attention_ref
+    for cid, B, H, Hkv, L, D, splits, mk, dt in _CASES:
+        g = torch.Generator().manual_seed(len(cid))
+        dtype = getattr(torch, dt)
+        # q as transformers makes it: a transposed view of [B, 1, H, D]
+        q = torch.randn(B, 1, H, D, generator=g).to(dtype).transpose(1, 2)
+        k = torch.randn(B, Hkv, L, D, generator=g).to(dtype)
+        v = torch.randn(B, Hkv, L, D, generator=g).to(dtype)
+        if mk == "bool":
+            m = torch.rand(B, 1, 1, L, generator=g) > 0.3
+            m[..., 0] = True
+        elif mk == "bool_bcast_tail":  # one mask for all rows; the last 3 of 4 splits fully masked
+            m = torch.zeros(1, 1, 1, L, dtype=torch.bool)
+            m[..., :20] = True
+        elif mk == "float":
+            m = torch.randn(B, 1, 1, L, generator=g)
+        else:
+            m = None
+        out = decode_attention_triton(q, k, v, m, 0.3, splits=splits)
+        mref = None if m is None else (m if m.dtype == torch.bool else m.float())
+        ref = decode_attention_ref(q.float(), k.float(), v.float(), mref, 0.3)
+        err = (out.float() - ref).abs().max().item()
+        print(json.dumps({"id": cid, "err": err, "shape": list(out.shape), "dtype": str(out.dtype)}), flush=True)
+
+
+@pytest.fixture(scope="module")
+def interp_results():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--interp"], capture_output=True, text=True,
+                       env=env, timeout=600, cwd=ROOT)
+    res = {}
+    for line in r.stdout.splitlines():
+        if line.startswith("{"):
+            d = json.loads(line)
+            res[d["id"]] = d
+    if not res:
+        pytest.fail(f"interpreter subprocess produced no results (rc={r.returncode}):\n{r.stderr[-4000:]}")
+    return res, r.stderr
+
+
+@pytest.mark.parametrize("case", _CASES, ids=[c[0] for c in _CASES])
+def test_decode_attention_kernel_interpreter(interp_results, case):
+    res, stderr = interp_results
+    cid, B, H, Hkv, L, D, splits, mk, dt = case
+    assert cid in res, stderr[-3000:]
+    assert res[cid]["shape"] == [B, H, 1, D]
+    assert res[cid]["dtype"] == f"torch.{dt}"
+    assert res[cid]["err"] <= _TOL[dt], res[cid]
+
+
+def test_plan_splits_fills_the_gpu():
+    from fxspec.lowering.attention.decode import BLOCK_L, plan_splits
+    S, per = plan_splits(1, 8, 288, 132)
+    assert S * per >= 288 and per % BLOCK_L == 0 and (S - 1) * per < 288
+    assert S == 5  # 288 keys = 5 blocks of 64; 8 KV heads want 33 splits each, capped by the blocks
+    S, per = plan_splits(8, 8, 4096, 132)
+    assert S == 5 and S * per >= 4096  # 64 programs per split; ~2 per SM
+    assert plan_splits(64, 8, 4096, 132)[0] == 1
+
+
+# ------------------------------------------------------------------------------- GPU
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("L", [288, 2048])
+def test_gpu_decode_attention_matches_reference(dtype, L):
+    from fxspec.lowering.attention import decode_attention, decode_attention_ref
+    torch.manual_seed(0)
+    B, H, Hkv, D = 2, 32, 8, 128
+    q = torch.randn(B, 1, H, D, device="cuda", dtype=dtype).transpose(1, 2)
+    k = torch.randn(B, Hkv, L, D, device="cuda", dtype=dtype)
+    v = torch.randn(B, Hkv, L, D, device="cuda", dtype=dtype)
+    m = torch.zeros(B, 1, 1, L, device="cuda", dtype=torch.bool)
+    m[0, ..., : L // 3] = True
+    m[1, ..., 5: L - 7] = True
+    out = decode_attention(q, k, v, m, D ** -0.5)
+    ref = decode_attention_ref(q.float(), k.float(), v.float(), m, D ** -0.5)
+    assert (out.float() - ref).abs().max().item() < 2e-2
+
+
+if __name__ == "__main__" and "--interp" in sys.argv:
+    _interp_main()
