@@ -171,6 +171,8 @@ class DecodeConfig(_Section):
     enabled: bool = _opt(True, doc="run the decode rewrites (fuse_projections, decode_attention)")
     fuse_projections: bool = _opt(True, doc="linears that share their input (q/k/v, gate/up) become one "
                                   "fxspec.linear_group launch that reads each weight in place (no copy)")
+    single_linears: bool = _opt(True, doc="bias-free linears outside a group (o_proj, down_proj, LM head) also "
+                                "use the decode GEMV when a step has at most 4 rows")
     attention: bool = _opt(True, doc="GQA repeat + SDPA of one query token become fxspec.decode_attention "
                            "(split-K over the cache, each KV head read once)")
     max_tokens: int = _opt(16, doc="apply where a step has at most this many query rows (batch x tokens)",

@@ -141,7 +141,8 @@ def test_rewritten_decode_graph_contents(tmp_path):
     assert len(decode) == 1, [c[:200] for c in finals]
     code = decode[0]
     assert code.count("torch.ops.fxspec.decode_attention.default") == 2
-    assert code.count("torch.ops.fxspec.linear_group.default") == 4
+    # 2 layers x (q/k/v, gate/up, o_proj alone, down_proj alone) + the LM head alone
+    assert code.count("torch.ops.fxspec.linear_group.default") == 9
     assert code.count(".index_copy_(") == 4  # K and V of two layers
     assert "expand" not in code.split("decode_attention", 1)[1].split("\n", 1)[0]
     assert code.count(".expand(") <= 2  # only the mask / position broadcasts remain, not repeat_kv
@@ -182,13 +183,16 @@ def test_bias_projections_are_not_grouped_but_attention_is():
 
 
 def test_quantize_then_decode_rewrites_compose():
-    """Quantized linears are not grouped (they are no longer F.linear); attention still is."""
+    """Quantized linears are not grouped (they are no longer F.linear; quantize packs its own groups); the
+    float LM head goes through the decode GEMV; attention is rewritten."""
     model = _tiny()
     ids = _prompt()
     n0 = _n_reports()
     out = _generate(model, {"quantize": {"bits": 8, "min_features": 1}, **ON_CPU}, ids)
     assert out.shape == (1, 17)
-    assert not any("rewrote" in e for e in _events(n0, "fuse_projections"))
+    rewrites = [e for e in _events(n0, "fuse_projections") if "rewrote" in e]
+    # prefill and decode both compute logits of one row per sequence (logits_to_keep=1)
+    assert len(rewrites) == 2 and all("rewrote lm_head (128x64 -> decode GEMV)" in e for e in rewrites), rewrites
     assert sum("rewrote" in e for e in _events(n0, "decode_attention")) == 2
 
 

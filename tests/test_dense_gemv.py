@@ -110,12 +110,13 @@ def test_argument_errors(case, match):
             op(*args)
 
 
-def test_check_accepts_one_weight_only_when_asked():
+def test_weight_count_limits():
     x, w = torch.randn(1, 16), torch.randn(4, 16)
+    assert dense_ops.check_linear_group_args(x, [w]) == ([4], 16)  # one weight: a plain linear
+    assert torch.equal(torch.ops.fxspec.linear_group(x, w), torch.nn.functional.linear(x, w))
     with pytest.raises(ValueError, match="takes 2 to 4 weights"):
-        dense_ops.check_linear_group_args(x, [w])
-    assert dense_ops.check_linear_group_args(x, [w], min_weights=1) == ([4], 16)
-    with pytest.raises(ValueError, match="takes 2 to 4 weights"):
+        dense_ops.check_linear_group_args(x, [w], min_weights=2)
+    with pytest.raises(ValueError, match="takes 1 to 4 weights"):
         dense_ops.check_linear_group_args(x, [w] * 5)
 
 

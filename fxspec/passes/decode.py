@@ -9,6 +9,10 @@ Inductor fusion does). Measured effect and the profile behind them: ``benchmarks
     after:   qkv = fxspec.linear_group(x, Wq, Wk, Wv)                         # 1 launch, weights in place
              q = qkv.narrow(-1, 0, Nq); k = qkv.narrow(-1, Nq, Nk); v = qkv.narrow(-1, Nq + Nk, Nv)
 
+With ``decode.single_linears`` a bias-free linear outside a group (o_proj, down_proj, the LM head) becomes
+``fxspec.linear_group(x, W)`` when the step has at most ``SINGLE_MAX_M`` (4) rows: the same GEMV kernel,
+measured faster than cuBLAS there on most decode shapes (``benchmarks/results/dense_gemv.md``).
+
 ``decode_attention`` (order 96)::
 
     before:  k = cache_k[:, :, None].expand(B, Hkv, n, L, D).reshape(B, H, L, D)   # GQA repeat (copy)
@@ -85,19 +89,28 @@ def fuse_projections(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     if why:
         ctx.skip("graph", why)
         return gm
-    from ..lowering.dense import ops as _dense_ops  # noqa: F401  (registers fxspec::linear_group)
+    from ..lowering.dense.ops import SINGLE_MAX_M  # (importing registers fxspec::linear_group)
 
     groups: dict[fx.Node, list] = {}
     for li in ctx.analysis(gm).linears:
         groups.setdefault(li.input, []).append(li)
     for x, lis in groups.items():
-        if len(lis) < 2:
-            continue
         names = ", ".join(li.name for li in lis)
-        reason = _why_not_group(x, lis, ctx)
-        if reason:
-            ctx.skip(names, reason)
-            continue
+        if len(lis) < 2:
+            if not cfg.single_linears:
+                continue
+            rows = _rows(x)
+            if rows is None or rows > min(SINGLE_MAX_M, cfg.max_tokens):
+                continue  # cuBLAS's regime: nothing to gain, nothing to report
+            reason = _why_not_group(x, lis, ctx)
+            if reason:
+                ctx.skip(names, reason)
+                continue
+        else:
+            reason = _why_not_group(x, lis, ctx)
+            if reason:
+                ctx.skip(names, reason)
+                continue
         lis = sorted(lis, key=lambda li: _position(gm, li.node))
         first = lis[0].node
         weights = [li.weight.node for li in lis]
@@ -118,8 +131,11 @@ def fuse_projections(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         # part sits where its linear was, so the order holds.
         for li in lis:
             gm.graph.erase_node(li.node)
-        ctx.rewrote(names, f"{len(lis)} linears {'+'.join(str(li.out_features) for li in lis)}x"
-                    f"{lis[0].in_features} -> one launch", counter=f"group{len(lis)}")
+        if len(lis) == 1:
+            ctx.rewrote(names, f"{lis[0].out_features}x{lis[0].in_features} -> decode GEMV", counter="single")
+        else:
+            ctx.rewrote(names, f"{len(lis)} linears {'+'.join(str(li.out_features) for li in lis)}x"
+                        f"{lis[0].in_features} -> one launch", counter=f"group{len(lis)}")
     eliminate_dead_code(gm)
     return gm
 

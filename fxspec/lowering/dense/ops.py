@@ -3,11 +3,13 @@
 
 Signature (``x`` is ``[..., K]``)::
 
-    torch.ops.fxspec.linear_group(Tensor x, Tensor w0, Tensor w1, Tensor? w2=None, Tensor? w3=None) -> Tensor
+    torch.ops.fxspec.linear_group(Tensor x, Tensor w0, Tensor? w1=None, Tensor? w2=None, Tensor? w3=None) -> Tensor
         wi [Ni, K], same dtype and device as x; result [..., N0 + N1 (+ N2 + N3)] in x.dtype
         == torch.cat([F.linear(x, wi) for wi in ws], -1)
 
-The consumer narrows the result back into the per-linear outputs (q/k/v, gate/up).
+The consumer narrows the result back into the per-linear outputs (q/k/v, gate/up). With w0 alone it is a
+plain bias-free linear through the same decode GEMV (faster than cuBLAS at M <= 4 on most decode shapes
+of the H100: ``benchmarks/results/dense_gemv.md``).
 
 Implementations: CUDA with bf16/fp16 ``x``, contiguous weights and at most DECODE_MAX_M rows
 (``M = x.numel() // K``) -> one Triton launch that reads every weight through its own pointer
@@ -28,7 +30,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["linear_group", "linear_group_ref", "check_linear_group_args", "triton_available", "DECODE_MAX_M"]
+__all__ = ["linear_group", "linear_group_ref", "check_linear_group_args", "triton_available", "DECODE_MAX_M",
+           "SINGLE_MAX_M"]
 
 log = logging.getLogger(__name__)
 _TRITON: Optional[bool] = None
@@ -36,10 +39,14 @@ _TRITON: Optional[bool] = None
 # Rows of x (M = x.numel() // K) up to which the CUDA implementation takes the Triton kernel:
 # decode with batch 1..16.  Larger M (prefill) is cuBLAS's regime: the reference.
 DECODE_MAX_M = 16
+# Rows up to which a single (ungrouped) linear is worth routing through the op: the CUDA-core kernel's
+# regime (gemv.FMA_MAX_M). Measured on the H100 at M = 1 it beat cuBLAS on 3 of 4 single-weight decode
+# shapes (1.05-1.16x; 1.1B down_proj 0.93x); at M = 8 (tensor-core kernel) cuBLAS was faster on all four.
+SINGLE_MAX_M = 4
 
 
 def check_linear_group_args(x: torch.Tensor, weights: Sequence[Optional[torch.Tensor]],
-                            op: str = "linear_group", min_weights: int = 2):
+                            op: str = "linear_group", min_weights: int = 1):
     """Validate; return ``(Ns, K)``.  ``weights`` may end in Nones (the optional w2, w3)."""
     ws = list(weights)
     while ws and ws[-1] is None:
@@ -98,15 +105,16 @@ def _weights(w0, w1, w2, w3) -> list:
 
 
 @torch.library.custom_op("fxspec::linear_group", mutates_args=())
-def linear_group(x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, w2: Optional[torch.Tensor] = None,
+def linear_group(x: torch.Tensor, w0: torch.Tensor, w1: Optional[torch.Tensor] = None,
+                 w2: Optional[torch.Tensor] = None,
                  w3: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``cat([F.linear(x, wi) for wi in (w0, w1[, w2[, w3]])], -1)``: linears sharing one input."""
+    """``cat([F.linear(x, wi) for wi in (w0[, w1[, w2[, w3]]])], -1)``: linears sharing one input."""
     check_linear_group_args(x, (w0, w1, w2, w3))
     return linear_group_ref(x, _weights(w0, w1, w2, w3))
 
 
 @linear_group.register_kernel("cuda")
-def _linear_group_cuda(x, w0, w1, w2=None, w3=None):
+def _linear_group_cuda(x, w0, w1=None, w2=None, w3=None):
     _, K = check_linear_group_args(x, (w0, w1, w2, w3))
     ws = _weights(w0, w1, w2, w3)
     if _use_triton(x, ws, K):
@@ -116,7 +124,7 @@ def _linear_group_cuda(x, w0, w1, w2=None, w3=None):
 
 
 @linear_group.register_fake
-def _linear_group_fake(x, w0, w1, w2=None, w3=None):
+def _linear_group_fake(x, w0, w1=None, w2=None, w3=None):
     Ns, _ = check_linear_group_args(x, (w0, w1, w2, w3))
     return x.new_empty((*x.shape[:-1], sum(Ns)))
 
