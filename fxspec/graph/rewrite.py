@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import operator
 
-import torch
 import torch.fx as fx
 
 _MUTATING_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
@@ -42,3 +41,11 @@ def is_mutating(node: fx.Node) -> bool:
 def eliminate_dead_code(gm: fx.GraphModule) -> bool:
     """Remove nodes whose results are unused, keeping every in-place write (see the module docstring)."""
     return gm.graph.eliminate_dead_code(is_impure_node=is_mutating)
+
+
+def node_position(gm: fx.GraphModule, node: fx.Node) -> int:
+    """Index of ``node`` in ``gm.graph``'s node order (-1 when absent): to find the earliest of several."""
+    for i, n in enumerate(gm.graph.nodes):
+        if n is node:
+            return i
+    return -1

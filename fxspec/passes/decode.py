@@ -36,7 +36,7 @@ import torch
 import torch.fx as fx
 
 from ..graph.nodes import arg, is_any, is_op, shape, static_int
-from ..graph.rewrite import eliminate_dead_code
+from ..graph.rewrite import eliminate_dead_code, node_position
 from .base import PassContext, register_pass
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -97,27 +97,20 @@ def fuse_projections(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     for x, lis in groups.items():
         names = ", ".join(li.name for li in lis)
         if len(lis) < 2:
-            if not cfg.single_linears:
-                continue
             rows = _rows(x)
-            if rows is None or rows > min(SINGLE_MAX_M, cfg.max_tokens):
+            if not cfg.single_linears or rows is None or rows > min(SINGLE_MAX_M, cfg.max_tokens):
                 continue  # cuBLAS's regime: nothing to gain, nothing to report
-            reason = _why_not_group(x, lis, ctx)
-            if reason:
-                ctx.skip(names, reason)
-                continue
-        else:
-            reason = _why_not_group(x, lis, ctx)
-            if reason:
-                ctx.skip(names, reason)
-                continue
-        lis = sorted(lis, key=lambda li: _position(gm, li.node))
+        reason = _why_not_group(x, lis, ctx)
+        if reason:
+            ctx.skip(names, reason)
+            continue
+        lis = sorted(lis, key=lambda li: node_position(gm, li.node))
         first = lis[0].node
         weights = [li.weight.node for li in lis]
         with gm.graph.inserting_before(first):
             fused = gm.graph.call_function(torch.ops.fxspec.linear_group.default, (x, *weights))
         _copy_meta(fused, first)
-        ev = _example(lambda xv, *ws: torch.ops.fxspec.linear_group.default(xv, *ws), x, *weights)
+        ev = _example(torch.ops.fxspec.linear_group.default, x, *weights)
         if ev is not None:
             fused.meta["example_value"] = ev
         start = 0
@@ -138,13 +131,6 @@ def fuse_projections(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                         f"{lis[0].in_features} -> one launch", counter=f"group{len(lis)}")
     eliminate_dead_code(gm)
     return gm
-
-
-def _position(gm: fx.GraphModule, node: fx.Node) -> int:
-    for i, n in enumerate(gm.graph.nodes):
-        if n is node:
-            return i
-    return -1
 
 
 def _why_not_group(x: fx.Node, lis: list, ctx: PassContext) -> str | None:

@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 
 from ..config import ConfigError, QuantizeConfig
-from ..graph.rewrite import eliminate_dead_code
+from ..graph.rewrite import eliminate_dead_code, node_position
 from ..graph.types import LinearInfo
 from .._log import counters
 from .base import PassContext, register_pass
@@ -90,7 +90,7 @@ def _quantize_group(gm: fx.GraphModule, ctx: PassContext, cfg: QuantizeConfig, f
                     stats, scaled_inputs: dict) -> None:
     """Pack ``lis`` (one linear, or several sharing their input: concatenated along the output features)
     and replace them by one quantized-linear op (and ``narrow`` views of its result for a group)."""
-    first = min(lis, key=lambda li: _position(gm, li.node))
+    first = min(lis, key=lambda li: node_position(gm, li.node))
     layers = [stats.layers[li.name] if stats is not None else None for li in lis]
     derives = [functools.partial(_derive, cfg=cfg, layer=layer, transposed=li.weight_transposed)
                for li, layer in zip(lis, layers)]
@@ -131,13 +131,6 @@ def _quantize_group(gm: fx.GraphModule, ctx: PassContext, cfg: QuantizeConfig, f
         counters["quantize_weights"]["groups"] += 1
         ctx.note(name, f"packed as one {sum(li.out_features for li in lis)}x{lis[0].in_features} {fmt} matrix "
                  f"(one launch)")
-
-
-def _position(gm: fx.GraphModule, node: fx.Node) -> int:
-    for i, n in enumerate(gm.graph.nodes):
-        if n is node:
-            return i
-    return -1
 
 
 # ---------------------------------------------------------------------------------------------
