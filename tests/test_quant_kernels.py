@@ -300,7 +300,10 @@ def _interp_cases():
                 (3, 45, 512, 128, True, None), (1, 40, 512, 256, False, None),
                 (1, 43, 768, 64, True, dict(BLOCK_N=8, BLOCK_M=1, BLOCK_K=256, SPLIT_K=3)),
                 (3, 37, 640, 32, False, dict(BLOCK_N=16, BLOCK_M=1, BLOCK_K=128, SPLIT_K=2)),
-                (2, 40, 1024, 128, False, dict(BLOCK_N=4, BLOCK_M=1, BLOCK_K=512, num_warps=1))]:
+                (2, 40, 1024, 128, False, dict(BLOCK_N=4, BLOCK_M=1, BLOCK_K=512, num_warps=1)),
+                # FOLD (magic terms subtracted per word): masked last block (640 = 2.5 x 256), split-K
+                (3, 37, 640, 32, False, dict(BLOCK_N=16, BLOCK_M=1, BLOCK_K=256, FOLD=True)),
+                (1, 43, 1536, 64, True, dict(BLOCK_N=8, BLOCK_M=1, BLOCK_K=256, SPLIT_K=2, FOLD=True))]:
             cases.append(dict(fmt="int4", dt=dt, M=M, N=N, K=K, G=G, sym=sym, path="gemv", cfg=cfg, bias=M == 3))
         for fmt in ("int8", "fp8"):
             for (M, N, K) in [(1, 48, 64), (3, 40, 100), (17, 40, 256)]:

@@ -14,7 +14,7 @@ Paths (``path=`` of the launchers; ``"auto"`` picks by M, see ``_pick_path``):
     16/clk/SM int->float conversion). H100: 82-95% of copy bandwidth from 14336x4096 up, 61% at
     4096x4096.
 
-``gemv`` (int4, explicit ``path="gemv"`` only: ``GEMV4_MAX_M = 0``)
+``gemv`` (int4, explicit ``path="gemv"`` only: ``GEMV4_MAX_M = 1``)
     CUDA-core int4 GEMV (``_gemv4_kernel``): BLOCK_N rows per program, K in blocks of several
     groups, codes read as int32 words, fp32 FMA accumulation, x loaded once per block in the
     weight tile's layout, scales once per group, optional split-K through the workspace
@@ -91,9 +91,10 @@ DECODE_MAX_M = 16
 # int8/fp8: M <= GEMV_MAX_M takes the CUDA-core GEMV, larger M the tensor-core kernel.
 GEMV_MAX_M = 1
 # int4: M <= GEMV4_MAX_M takes the CUDA-core GEMV (path "gemv"), larger M the tensor-core kernel.
-# 0 = "auto" never picks it: on the H100 (run 3) the int4 GEMV was slower than the split-K mma
-# kernel on all five decode shapes at M = 1, 2 and 4 (1.04-1.48x at M = 1).
-GEMV4_MAX_M = 0
+# H100, 2026-11-23 (benchmarks/results/quant_kernels.md, run 4): at M = 1 the GEMV is 1.11-1.29x
+# faster than the split-K mma kernel on all five decode shapes (8B int4 decode 313 vs 271 tok/s);
+# at M = 2 and 4 it is 1.2-2.5x slower (one program per row of x re-reads the tile from L2).
+GEMV4_MAX_M = 1
 # Prefill (M > DECODE_MAX_M): fused "mma" below PREFILL_DEQUANT_MIN_M, "dequant" (dequantize to
 # an N x K temporary in the activation dtype, then cuBLAS) from there on.  Measured on the H100
 # (benchmarks/results/quant_kernels.md): at M = 2048 the fused kernels are 39-50% slower than
@@ -465,19 +466,123 @@ def _gemv8_kernel(X, W, S, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
 
 
 # int4 CUDA-core GEMV (decode, small M; path "gemv"):
-#   y[m, n] = sum_g s[g, n] * ( sum_{j < G/2} (lo[n, g, j] - z) * x[m, gG + j]
-#                                              + (hi[n, g, j] - z) * x[m, gG + G/2 + j] )  (+ b[n])
+#   y[m, n] = sum_g s[g, n] * ( sum_{k in g} (q[n, k] - z[g, n]) * x[m, k] )  (+ b[n])
 # A program owns BLOCK_N rows (and one row m of x) and walks its share of K in blocks of
-# BLOCK_K = GPB groups: the weight tile is [BLOCK_N, GPB, G/2] bytes (16-byte loads along a row),
-# the x tile two contiguous [GPB, G/2] slices (low nibbles <-> x[gG : gG+G/2], high nibbles <->
-# x[gG+G/2 : (g+1)G]; loaded once per block, shared by the BLOCK_N rows), the scales one
-# [BLOCK_N, GPB] load per block.  Codes -> fp32 by the exact magic 2^23 (one logic op + one FADD;
-# the symmetric zero point 8 is folded into the FADD constant), then per byte
-# d = lo * xl + hi * xh (FMUL + FFMA) and acc += d * s (FFMA), element-wise in fp32; one
-# cross-thread reduction at the end.  Asymmetric: lo/hi are q, and z * s * sum_{k in g} x is
-# subtracted per (row, group) (exact for float zero points too).  K is split across programs
-# (SPLIT_K, from the config's SPLIT_TARGET programs per SM) when the row tiles alone do not fill
-# the GPU; the partials meet in the deterministic workspace/counter epilogue (_epilogue).
+# BLOCK_K = GPB groups; the weight tile is [BLOCK_N, GPB, G/8] int32 words (16-byte loads along a
+# row).  Word w of group g holds bytes 4w..4w+3, i.e. the 8 codes of
+#   nibble p = 2b + h (bits 4p..4p+3)  <->  k = gG + h*G/2 + 4w + b     (b = 0..3, h = 0/1)
+# so code p of every word meets one x vector x_p[g, w] (8 loads per block, shared by the rows).
+# Unpacking works in place, with no per-code shift: for p <= 4 the nibble already sits in the
+# mantissa of the float whose exponent is 23 - 4p, so
+#   ((w & (15 << 4p)) | bits(2^(23-4p))) as fp32  ==  2^(23-4p) + q   exactly,
+# and one FADD of -(2^(23-4p) + 8) gives q - 8 (asymmetric: -2^(23-4p) gives q).  Codes 5..7 come
+# from w >> 12 the same way.  Per 32-bit word: 1 shift + 8 LOP3 + 8 FADD + 8 FMA/FMUL + 1 FMA
+# with the group scale (~6.5 instructions per weight byte; the previous per-byte-shift version
+# needed 11-15).  Asymmetric: minus z * s * sum_{k in g} x per (row, group) (exact for float
+# zero points too).  K is split across programs (SPLIT_K, from the config's SPLIT_TARGET
+# programs per SM) when the row tiles alone do not fill the GPU; the partials meet in the
+# deterministic workspace/counter epilogue (_epilogue).
+@triton.jit
+def _code4(w, P: tl.constexpr, HAS_ZERO: tl.constexpr, USE_ASM: tl.constexpr, RAW: tl.constexpr):
+    # code p (0..4) of each int32 word, as fp32 (q - 8, or q with HAS_ZERO; RAW: 2^(23-4p) + q,
+    # the caller subtracts the magic); exact.  USE_ASM: one LOP3 with the exponent bits in a
+    # register (LLVM's and + or of two immediates becomes two SASS LOP3s, as a LOP3 takes one
+    # immediate).
+    MASK: tl.constexpr = 15 << (4 * P)
+    BITS: tl.constexpr = (150 - 4 * P) << 23                # fp32 bit pattern of 2^(23 - 4p)
+    BASE: tl.constexpr = float(1 << (23 - 4 * P)) + (0.0 if HAS_ZERO else 8.0)
+    if USE_ASM:
+        f = tl.inline_asm_elementwise(f"lop3.b32 $0, $1, {MASK}, $2, 0xEA;", "=r,r,r",
+                                      [w, tl.full(w.shape, BITS, tl.int32)], dtype=tl.int32,
+                                      is_pure=True, pack=1)
+    else:
+        f = (w & MASK) | BITS
+    if RAW:
+        return f.to(tl.float32, bitcast=True)
+    return f.to(tl.float32, bitcast=True) - BASE
+
+
+@triton.jit
+def _gemv4_load(w_ptrs, x_ptrs, s_ptrs, z_ptrs, n_mask, k_ok, HALF: tl.constexpr, MASK_N: tl.constexpr,
+                MASK_K: tl.constexpr, HAS_ZERO: tl.constexpr):
+    # one K block: weight words [BN, WB], scales (and zeros) per word [BN, WB], the 8 x vectors
+    # [WB] as fp32.  k_ok [WB] (MASK_K): the word's group exists (constant along a group, so the
+    # 16-byte weight loads stay whole); masked entries read as 0 and add nothing.
+    if MASK_K:
+        m2 = n_mask[:, None] & k_ok[None, :]
+        w = tl.load(w_ptrs, mask=m2, other=0, eviction_policy="evict_first")
+        s = tl.load(s_ptrs, mask=m2, other=0.0)
+        z = s
+        if HAS_ZERO:
+            z = tl.load(z_ptrs, mask=m2, other=0.0)
+        x0 = tl.load(x_ptrs, mask=k_ok, other=0.0)
+        x1 = tl.load(x_ptrs + HALF, mask=k_ok, other=0.0)
+        x2 = tl.load(x_ptrs + 1, mask=k_ok, other=0.0)
+        x3 = tl.load(x_ptrs + (HALF + 1), mask=k_ok, other=0.0)
+        x4 = tl.load(x_ptrs + 2, mask=k_ok, other=0.0)
+        x5 = tl.load(x_ptrs + (HALF + 2), mask=k_ok, other=0.0)
+        x6 = tl.load(x_ptrs + 3, mask=k_ok, other=0.0)
+        x7 = tl.load(x_ptrs + (HALF + 3), mask=k_ok, other=0.0)
+    else:
+        if MASK_N:
+            w = tl.load(w_ptrs, mask=n_mask[:, None], other=0, eviction_policy="evict_first")
+            s = tl.load(s_ptrs, mask=n_mask[:, None], other=0.0)
+            z = s
+            if HAS_ZERO:
+                z = tl.load(z_ptrs, mask=n_mask[:, None], other=0.0)
+        else:
+            w = tl.load(w_ptrs, eviction_policy="evict_first")
+            s = tl.load(s_ptrs)
+            z = s
+            if HAS_ZERO:
+                z = tl.load(z_ptrs)
+        x0 = tl.load(x_ptrs)
+        x1 = tl.load(x_ptrs + HALF)
+        x2 = tl.load(x_ptrs + 1)
+        x3 = tl.load(x_ptrs + (HALF + 1))
+        x4 = tl.load(x_ptrs + 2)
+        x5 = tl.load(x_ptrs + (HALF + 2))
+        x6 = tl.load(x_ptrs + 3)
+        x7 = tl.load(x_ptrs + (HALF + 3))
+    return w, s, z, x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _gemv4_dot(w, s, z, x0, x1, x2, x3, x4, x5, x6, x7, HAS_ZERO: tl.constexpr, USE_ASM: tl.constexpr,
+               FOLD: tl.constexpr):
+    # [BN, WB] fp32: s * sum over each word's 8 codes of (q - z) * x.  FOLD: the codes under the
+    # two smallest magics (2^11, 2^7: codes 3, 4 of w and of w >> 12) skip their FADD; the word's
+    # magic terms sum_p C_p * x_p do not depend on the row, so they are subtracted once per word
+    # and row (saves 3 of ~26 instructions per word; the products ~2^11 |x| keep ~2^-11 |x| fp32
+    # error per word, ~4e-5 of a word's dot, far below the output's bf16/fp16 rounding)
+    x0 = x0.to(tl.float32)
+    x1 = x1.to(tl.float32)
+    x2 = x2.to(tl.float32)
+    x3 = x3.to(tl.float32)
+    x4 = x4.to(tl.float32)
+    x5 = x5.to(tl.float32)
+    x6 = x6.to(tl.float32)
+    x7 = x7.to(tl.float32)
+    wh = w >> 12            # codes 5..7 to bit offsets 8..16 (top bits are never read)
+    d = _code4(w, 0, HAS_ZERO, USE_ASM, False) * x0[None, :]
+    d += _code4(w, 1, HAS_ZERO, USE_ASM, False) * x1[None, :]
+    d += _code4(w, 2, HAS_ZERO, USE_ASM, False) * x2[None, :]
+    d += _code4(w, 3, HAS_ZERO, USE_ASM, FOLD) * x3[None, :]
+    d += _code4(w, 4, HAS_ZERO, USE_ASM, FOLD) * x4[None, :]
+    d += _code4(wh, 2, HAS_ZERO, USE_ASM, False) * x5[None, :]
+    d += _code4(wh, 3, HAS_ZERO, USE_ASM, FOLD) * x6[None, :]
+    d += _code4(wh, 4, HAS_ZERO, USE_ASM, FOLD) * x7[None, :]
+    if FOLD:
+        C3: tl.constexpr = 2048.0 + (0.0 if HAS_ZERO else 8.0)
+        C4: tl.constexpr = 128.0 + (0.0 if HAS_ZERO else 8.0)
+        d -= (C3 * (x3 + x6) + C4 * (x4 + x7))[None, :]
+    if HAS_ZERO:
+        # (q - z) . x over the word = q . x - z * (sum of the word's 8 x values)
+        xs = (x0 + x1) + (x2 + x3) + (x4 + x5) + (x6 + x7)
+        d -= z.to(tl.float32) * xs[None, :]
+    return d * s.to(tl.float32)
+
+
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _gemv4_kernel(X, W, S, Z, B, Y, WS, CNT,
                   M, N, K, stride_xm, stride_wn, stride_ym, M_BUCKET, SPLIT_K,
@@ -485,25 +590,25 @@ def _gemv4_kernel(X, W, S, Z, B, Y, WS, CNT,
                   X_BF16: tl.constexpr, USE_ASM: tl.constexpr, DOT_F32: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                   GROUP_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_G: tl.constexpr,
-                  SPLIT_TARGET: tl.constexpr = 0):
-    # W: the uint8 codes read as int32 words ([N, K/8], stride_wn in words): byte b of word w
-    # of group g holds the codes of k = gG + 4w + b (low nibble) and gG + G/2 + 4w + b (high).
-    # Tiles are 4-D [BLOCK_N, GPB, G/8 words, 4 bytes]; the byte axis lives in one thread's
-    # registers, so the per-byte shifts are immediates (SHF + LOP3 per code, no byte unpacking).
-    # BLOCK_M == 1 (one row of x per program; the M programs of a weight tile are adjacent in
-    # launch order, so for M > 1 the tile's second read comes from L2).  X_BF16 / USE_ASM /
-    # DOT_F32 / SPLIT_TARGET are unused here (launcher and heuristics uniformity).
+                  SPLIT_TARGET: tl.constexpr = 0, FOLD: tl.constexpr = False):
+    # W: the uint8 codes read as int32 words ([N, K/8], stride_wn in words).  The tile is 2-D
+    # [BLOCK_N, BLOCK_K/8 words] (groups flattened into the word axis) so that Triton's layout
+    # puts a thread's 16-byte vectors of several rows on the same words: the x vectors and
+    # their conversions are then shared by the rows.  BLOCK_M == 1 (one row of x per program;
+    # the M programs of a weight tile are adjacent in launch order, so for M > 1 the tile's
+    # second read comes from L2).  FOLD: see _gemv4_dot.  X_BF16 / DOT_F32 / SPLIT_TARGET are
+    # unused here.  (Register double buffering of the next block's loads was tried: never faster
+    # on the H100, 2026-11-23.)
     HALF: tl.constexpr = GROUP // 2
-    HW: tl.constexpr = GROUP // 8          # words per half group
+    GW: tl.constexpr = GROUP // 8          # words per group
     GPB: tl.constexpr = BLOCK_K // GROUP
-    MAGIC: tl.constexpr = 8388608.0 if HAS_ZERO else 8388616.0  # 2^23 -> q;  2^23 + 8 -> q - 8
+    WB: tl.constexpr = BLOCK_K // 8        # words per block
     NUM_PID_N = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = _tile_ids(M, NUM_PID_N, GROUP_M)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_g = tl.arange(0, GPB)
-    offs_w = tl.arange(0, HW)
-    offs_b = tl.arange(0, 4)
+    offs_w = tl.arange(0, WB)
+    grp = offs_w // GW                     # group of each word within the block
     n_mask = offs_n < N
     num_groups = K // GROUP
     num_kb = tl.cdiv(num_groups, GPB)
@@ -511,57 +616,21 @@ def _gemv4_kernel(X, W, S, Z, B, Y, WS, CNT,
     kb_lo = pid_k * per_split
     kb_hi = tl.minimum(kb_lo + per_split, num_kb)
     g0 = kb_lo * GPB
-    wcol = offs_g[:, None] * HW + offs_w[None, :]                      # [GPB, HW] word column
-    w_ptrs = W + (offs_n.to(tl.int64) * stride_wn)[:, None, None] + (g0 * HW + wcol)[None, :, :]
-    xcol = (offs_g[:, None, None] * GROUP + offs_w[None, :, None] * 4 + offs_b[None, None, :])  # [GPB, HW, 4]
-    # x pointers broadcast to the full tile shape, so x is loaded directly in the weight tile's
-    # register layout (no shared-memory layout conversion); a thread's rows share the loads.
-    x_ptrs = (X + pid_m.to(tl.int64) * stride_xm + g0 * GROUP + xcol)[None, :, :, :] \
-        + (offs_n * 0)[:, None, None, None]
-    shifts = (offs_b * 8)[None, None, None, :]
-    s_ptrs = S + (g0 + offs_g)[None, :].to(tl.int64) * N + offs_n[:, None]   # [BN, GPB]
-    z_ptrs = Z + (g0 + offs_g)[None, :].to(tl.int64) * N + offs_n[:, None]
-    acc = tl.zeros([BLOCK_N, GPB, HW, 4], dtype=tl.float32)
-    accz = tl.zeros([BLOCK_N, GPB], dtype=tl.float32)
+    w_ptrs = W + (offs_n.to(tl.int64) * stride_wn)[:, None] + (g0 * GW + offs_w)[None, :]
+    x_ptrs = X + pid_m.to(tl.int64) * stride_xm + g0 * GROUP + grp * GROUP + (offs_w % GW) * 4
+    s_ptrs = S + (g0 + grp)[None, :].to(tl.int64) * N + offs_n[:, None]   # [BN, WB]
+    z_ptrs = Z + (g0 + grp)[None, :].to(tl.int64) * N + offs_n[:, None]
+    acc = tl.zeros([BLOCK_N, WB], dtype=tl.float32)
     for kb in range(kb_lo, kb_hi):
-        if EVEN_G:
-            if EVEN_N:
-                w = tl.load(w_ptrs, eviction_policy="evict_first")
-                s = tl.load(s_ptrs)
-            else:
-                w = tl.load(w_ptrs, mask=n_mask[:, None, None], other=0, eviction_policy="evict_first")
-                s = tl.load(s_ptrs, mask=n_mask[:, None], other=0.0)
-            xl = tl.load(x_ptrs)
-            xh = tl.load(x_ptrs + HALF)
-        else:
-            g_ok = kb * GPB + offs_g < num_groups   # constant along a group: keeps wide loads
-            w = tl.load(w_ptrs, mask=n_mask[:, None, None] & g_ok[None, :, None], other=0,
-                        eviction_policy="evict_first")
-            s = tl.load(s_ptrs, mask=n_mask[:, None] & g_ok[None, :], other=0.0)
-            xl = tl.load(x_ptrs, mask=g_ok[None, :, None, None], other=0.0)
-            xh = tl.load(x_ptrs + HALF, mask=g_ok[None, :, None, None], other=0.0)
-        t = w[:, :, :, None] >> shifts    # arithmetic shift: only bits 0..7 are used below
-        lo = ((t & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - MAGIC
-        hi = (((t >> 4) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - MAGIC
-        xlf = xl.to(tl.float32)
-        xhf = xh.to(tl.float32)
-        sf = s.to(tl.float32)
-        d = lo * xlf + hi * xhf
-        acc += d * sf[:, :, None, None]
-        if HAS_ZERO:
-            if EVEN_G and EVEN_N:
-                z = tl.load(z_ptrs)
-            else:
-                z = tl.load(z_ptrs, mask=n_mask[:, None] & (kb * GPB + offs_g < num_groups)[None, :], other=0.0)
-            xs = tl.sum(tl.sum(xlf + xhf, axis=3), axis=2)   # [BN, GPB] (rows equal): sum of x per group
-            accz += z.to(tl.float32) * sf * xs
-        w_ptrs += GPB * HW
+        w, s, z, x0, x1, x2, x3, x4, x5, x6, x7 = _gemv4_load(
+            w_ptrs, x_ptrs, s_ptrs, z_ptrs, n_mask, kb * GPB + grp < num_groups, HALF,
+            not EVEN_N, not EVEN_G, HAS_ZERO)
+        acc += _gemv4_dot(w, s, z, x0, x1, x2, x3, x4, x5, x6, x7, HAS_ZERO, USE_ASM, FOLD)
+        w_ptrs += WB
         x_ptrs += BLOCK_K
         s_ptrs += GPB * N
         z_ptrs += GPB * N
-    y = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
-    if HAS_ZERO:
-        y -= tl.sum(accz, axis=1)
+    y = tl.sum(acc, axis=1)
     offs_m = pid_m + tl.arange(0, BLOCK_M)
     _epilogue(y[:, None], Y, B, WS, CNT, offs_n, offs_m, pid_m, pid_n, NUM_PID_N, M, N, stride_ym, SPLIT_K,
               HAS_BIAS, BLOCK_N, BLOCK_M)
@@ -658,17 +727,20 @@ _GEMV8 = [
     _cfg(4, 1, BLOCK_N=4, BLOCK_K=1024, PREFETCH=True),
 ]
 # int4 CUDA-core GEMV (path "gemv"): BLOCK_M = 1; SPLIT_TARGET = programs per SM the split-K
-# heuristic aims at (0: no split).  Offline SASS (sm_90a), loop instructions per weight byte:
-# 11.4-11.9 with triton 3.9, 14.6 with triton 3.6 (the H100's; BLOCK_N = 8 spills there).  H100
-# run 3 autotune: 1 warp, BLOCK_N = 4, BLOCK_K = 1024 (BLOCK_N = 8 at 8192x8192) everywhere at
-# M = 1..4; still slower than the mma path.  The first entry is what the interpreter runs.
+# heuristic aims at (0: no split), matched to the residency the registers allow (168 regs -> 3
+# programs of 4 warps per SM, 118-128 -> 4, 254 -> 2) so a split grid is one wave.  Offline SASS
+# (sm_90a, triton 3.6 = the H100's), loop instructions per weight byte: BLOCK_N = 32: 8.45
+# (FOLD 7.69), BLOCK_N = 16: 9.34 (FOLD 8.83).  H100 autotune (2026-11-23, without FOLD):
+# 4 warps, BLOCK_N = 16/32, BLOCK_K = 1024 (512 at 4096x4096).  The first entry is what the
+# interpreter runs.
 _GEMV4 = [
-    _cfg(2, 1, BLOCK_N=4, BLOCK_M=1, BLOCK_K=2048, SPLIT_TARGET=4),
-    _cfg(4, 1, BLOCK_N=4, BLOCK_M=1, BLOCK_K=4096, SPLIT_TARGET=4),
-    _cfg(4, 1, BLOCK_N=2, BLOCK_M=1, BLOCK_K=4096, SPLIT_TARGET=4),
-    _cfg(1, 1, BLOCK_N=4, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=4),
-    _cfg(2, 1, BLOCK_N=8, BLOCK_M=1, BLOCK_K=2048, SPLIT_TARGET=4),
-    _cfg(1, 1, BLOCK_N=8, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=4),
+    _cfg(4, 1, BLOCK_N=32, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=3),
+    _cfg(4, 1, BLOCK_N=32, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=4),
+    _cfg(4, 1, BLOCK_N=32, BLOCK_M=1, BLOCK_K=512, SPLIT_TARGET=3),
+    _cfg(4, 1, BLOCK_N=16, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=4),
+    _cfg(4, 1, BLOCK_N=16, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=4, FOLD=True),
+    _cfg(4, 1, BLOCK_N=32, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=2, FOLD=True),
+    _cfg(2, 1, BLOCK_N=16, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=8),
 ]
 _DQ4 = dict(BLOCK_N=32, num_warps=4)
 _DQ8 = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4)
