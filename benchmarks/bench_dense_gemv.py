@@ -21,9 +21,27 @@ the same run (2 * bytes / time of ``dst.copy_(src)`` on a 1 GiB buffer).
 ``--check`` first compares every method's output with the fp32 reference for every group
 (M = 1, 3, 8, 16; max abs error, allclose at bf16 tolerance, bitwise-equal reruns).
 
+``--fused``: instead, ``fxspec.fused_linear`` (RMSNorm prologue / SiLU*mul / residual-add epilogue
+in the GEMV launch) vs the unfused sequence it replaces, per fused call of a Llama decoder layer
+(1.1B and 8B, bf16, M = 1 by default) and for one whole layer's four projections:
+
+  unfused         what the decode graph runs today: Inductor-compiled RMSNorm (or residual add +
+                  RMSNorm, in "layer"), fxspec's linear_group GEMV, Inductor-compiled SiLU*mul /
+                  residual add -- one launch each
+  unfused_cublas  the same with cuBLAS (F.linear per weight) instead of linear_group
+  fused           fxspec.lowering.dense.gemv.fused_linear_triton: ONE launch per fused call
+
+  cases: norm_qkv (RMSNorm + q/k/v), o_res (o_proj + residual), gate_up_silu (gate/up + SiLU*mul),
+  norm_gate_up_silu (RMSNorm + gate/up + SiLU*mul), down_res (down_proj + residual), layer (all of
+  them in sequence; unfused: add+RMSNorm, qkv, o, add+RMSNorm, gate/up, SiLU*mul, down = 7 launches,
+  fused: 4).  Same timing as above (CUDA graphs, weights rotated out of L2); ``--check`` first
+  compares fused and unfused with the eager reference (fraction of bitwise-equal outputs, max ulps).
+
     PYTHONPATH=. python benchmarks/bench_dense_gemv.py --check [--out DIR]     # GPU, < 60 s
+    PYTHONPATH=. python benchmarks/bench_dense_gemv.py --fused --check [--out DIR]  # GPU
     PYTHONPATH=. python benchmarks/bench_dense_gemv.py --device cpu --quick --out /tmp/dg  # smoke
-Writes DIR/dense_gemv.json and DIR/dense_gemv.md (DIR defaults to benchmarks/results).
+Writes DIR/dense_gemv.json and DIR/dense_gemv.md, with --fused DIR/dense_fused.json and
+DIR/dense_fused.md (DIR: --out, else $OUT, else benchmarks/results).
 """
 
 from __future__ import annotations
@@ -273,6 +291,272 @@ def measure_group(impl: Impl, model, name, Ns, K, device, copy_bw, ms, variants,
         torch.cuda.empty_cache()
 
 
+# ------------------------------------------------------------------------ fused_linear (--fused)
+
+FUSED_EPS = 1e-5
+# (model, name, Ns, K, epilogue, norm): the fused_linear calls of a Llama decoder layer, SiLU*mul
+# also without the norm; (model, "layer", ...) : the four in sequence
+FUSED_GROUPS = [
+    ("1.1B", "norm_qkv", [2048, 256, 256], 2048, "cat", True),
+    ("1.1B", "o_res", [2048], 2048, "residual", False),
+    ("1.1B", "gate_up_silu", [5632, 5632], 2048, "silu_mul", False),
+    ("1.1B", "norm_gate_up_silu", [5632, 5632], 2048, "silu_mul", True),
+    ("1.1B", "down_res", [2048], 5632, "residual", False),
+    ("1.1B", "layer", None, 2048, None, True),
+    ("8B", "norm_qkv", [4096, 1024, 1024], 4096, "cat", True),
+    ("8B", "o_res", [4096], 4096, "residual", False),
+    ("8B", "gate_up_silu", [14336, 14336], 4096, "silu_mul", False),
+    ("8B", "norm_gate_up_silu", [14336, 14336], 4096, "silu_mul", True),
+    ("8B", "down_res", [4096], 14336, "residual", False),
+    ("8B", "layer", None, 4096, None, True),
+]
+# per model: hidden, q, kv, FFN (the layer rows)
+LAYER_SHAPES = {"1.1B": (2048, 2048, 256, 5632), "8B": (4096, 4096, 1024, 14336)}
+FUSED_MS = [1]
+FUSED_CHECK_MS = [1, 2, 4]
+FUSED_METHODS = ("unfused", "unfused_cublas", "fused")
+
+
+def _rms(x, w):
+    # HF LlamaRMSNorm (fxspec.lowering.dense.ops.rms_norm_ref), written out for Inductor
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + FUSED_EPS)
+    return w * h.to(x.dtype)
+
+
+def _add_rms(res, h, w):
+    r = res + h
+    return r, _rms(r, w)
+
+
+def _silu_mul(a, b):
+    return F.silu(a) * b
+
+
+def _silu_mul_cat(gu):
+    n = gu.shape[-1] // 2
+    return F.silu(gu[..., :n]) * gu[..., n:]
+
+
+def _add(y, r):
+    return y + r
+
+
+class FusedImpl:
+    """The pieces of the three methods on this device.  CUDA: the Triton launchers; CPU (smoke):
+    the ops, i.e. their reference implementations.  The small kernels of the unfused sequence are
+    compiled with ``backend`` (Inductor by default: what the decode graph runs)."""
+
+    def __init__(self, device: str, backend: str):
+        import fxspec.lowering.dense as D  # registers the ops
+        self.D = D
+        self.G = None
+        if device == "cuda":
+            from fxspec.lowering.dense import gemv as G
+            self.G = G
+        for knob in ("recompile_limit", "cache_size_limit"):  # one compile per shape
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, 256)
+
+        def comp(f):
+            return torch.compile(f, backend=backend, dynamic=False, fullgraph=True)
+        self.norm, self.add_norm = comp(_rms), comp(_add_rms)
+        self.silu_mul, self.silu_mul_cat, self.add = comp(_silu_mul), comp(_silu_mul_cat), comp(_add)
+
+    def gemv(self, x, ws):
+        if self.G is not None:
+            return self.G.linear_group_triton(x, ws)
+        return F.linear(x, ws[0]) if len(ws) == 1 else torch.ops.fxspec.linear_group(x, *ws)
+
+    def fused(self, x, ws, nw, epi, res):
+        if self.G is not None:
+            return self.G.fused_linear_triton(x, ws, nw, FUSED_EPS, epi, res)
+        return torch.ops.fxspec.fused_linear(x, list(ws), nw, FUSED_EPS, epi, res)
+
+    def call(self, method: str, x, ws, nw, epi, res):
+        """One fused call's worth of work by ``method``; returns the output(s)."""
+        if method == "fused":
+            return self.fused(x, ws, nw, epi, res)
+        h = self.norm(x, nw) if nw is not None else x
+        if method == "unfused_cublas":
+            outs = [F.linear(h, w) for w in ws]
+            if epi == "silu_mul":
+                return self.silu_mul(outs[0], outs[1])
+            if epi == "residual":
+                return self.add(outs[0] if len(outs) == 1 else torch.cat(outs, -1), res)
+            return outs  # the consumer takes the parts (no cat)
+        y = self.gemv(h, ws)
+        if epi == "silu_mul":
+            return self.silu_mul_cat(y)
+        if epi == "residual":
+            return self.add(y, res)
+        return y
+
+    def layer(self, method: str, st: dict, lw: dict):
+        """One decoder layer's projections; ``st``: x (the residual stream after the previous
+        layer, as the fused path has it), d_prev / res_prev (the unfused path adds them in its
+        first add+RMSNorm instead), attn (stands in for the attention output)."""
+        if method == "fused":
+            f = self.fused
+            f(st["x"], lw["qkv"], lw["n1"], "cat", None)
+            r2 = f(st["attn"], lw["o"], None, "residual", st["x"])
+            a = f(r2, lw["gu"], lw["n2"], "silu_mul", None)
+            return f(a, lw["down"], None, "residual", r2)
+        lin = self.gemv if method == "unfused" else (lambda h, ws: [F.linear(h, w) for w in ws])
+        r, n = self.add_norm(st["res_prev"], st["d_prev"], lw["n1"])
+        lin(n, lw["qkv"])
+        o = lin(st["attn"], lw["o"])
+        r2, n2 = self.add_norm(r, o if method == "unfused" else o[0], lw["n2"])
+        gu = lin(n2, lw["gu"])
+        a = self.silu_mul_cat(gu) if method == "unfused" else self.silu_mul(gu[0], gu[1])
+        return lin(a, lw["down"])
+
+
+def _fused_inputs(M, Ns, K, epi, norm, device, g, dt=torch.bfloat16):
+    x = torch.randn(M, K, device=device, dtype=dt, generator=g)
+    nw = (1 + 0.2 * torch.randn(K, device=device, generator=g)).to(dt) if norm else None
+    n_out = Ns[0] if epi == "silu_mul" else sum(Ns)
+    res = torch.randn(M, n_out, device=device, dtype=dt, generator=g) if epi == "residual" else None
+    return x, nw, res
+
+
+def _ulps(y, ref):
+    r = ref.double()
+    u = torch.exp2(torch.floor(torch.log2(r.abs().clamp_min(torch.finfo(ref.dtype).tiny))) - 7)
+    return ((y.double() - r).abs() / u).max().item()
+
+
+def run_fused_checks(impl: FusedImpl, groups, device, ms) -> list:
+    """fused and unfused vs the eager reference (fused_linear_ref on the same device): fraction of
+    bitwise-equal outputs, max error in bf16 ulps of the reference, bitwise-equal rerun.  ok: at
+    least 90% equal and allclose at bf16 tolerance."""
+    from fxspec.lowering.dense.ops import fused_linear_ref
+    rows = []
+    g = torch.Generator(device=device).manual_seed(0)
+    for (model, name, Ns, K, epi, norm) in groups:
+        if Ns is None:
+            continue  # the layer is made of the other cases
+        ws = [torch.randn(n, K, device=device, dtype=torch.bfloat16, generator=g) / math.sqrt(K) for n in Ns]
+        for M in ms:
+            x, nw, res = _fused_inputs(M, Ns, K, epi, norm, device, g)
+            ref = fused_linear_ref(x, ws, nw, FUSED_EPS, epi, res)
+            for meth in ("fused", "unfused"):
+                row = dict(model=model, case=name, Ns=Ns, K=K, M=M, method=meth)
+                try:
+                    y, y2 = impl.call(meth, x, ws, nw, epi, res), impl.call(meth, x, ws, nw, epi, res)
+                    row.update(equal_frac=(y == ref).double().mean().item(), max_ulps=_ulps(y, ref),
+                               max_abs_err=(y.float() - ref.float()).abs().max().item(),
+                               allclose=bool(torch.allclose(y.float(), ref.float(), rtol=1.6e-2, atol=1e-2)),
+                               deterministic=bool(torch.equal(y, y2)), shape_ok=tuple(y.shape) == tuple(ref.shape))
+                    row["ok"] = row["equal_frac"] >= 0.9 and row["allclose"] and row["deterministic"] and row["shape_ok"]
+                except Exception as e:
+                    row.update(ok=False, error=f"{type(e).__name__}: {e}"[:300])
+                rows.append(row)
+                if not row["ok"]:
+                    log("  CHECK FAIL", json.dumps(row))
+    n_ok = sum(r["ok"] for r in rows)
+    fused = [r for r in rows if r["method"] == "fused" and "equal_frac" in r]
+    log(f"fused checks: {n_ok}/{len(rows)} ok; fused: min equal fraction "
+        f"{min((r['equal_frac'] for r in fused), default=None)}, max ulps {max((r['max_ulps'] for r in fused), default=None)}")
+    return rows
+
+
+def measure_fused(impl: FusedImpl, model, name, Ns, K, epi, norm, device, copy_bw, ms, rotate_bytes, results,
+                  quick_scale: int = 1):
+    dt = torch.bfloat16
+    g = torch.Generator(device=device).manual_seed(K + len(name))
+    if name == "layer":
+        H, Hq, Hkv, I = (max(16, v // quick_scale) for v in LAYER_SHAPES[model])
+        shapes = dict(qkv=[(Hq, H), (Hkv, H), (Hkv, H)], o=[(H, Hq)], gu=[(I, H), (I, H)], down=[(H, I)])
+        wbytes = sum(n * k * 2 for v in shapes.values() for (n, k) in v)
+        n_copies = max(2, math.ceil(rotate_bytes / wbytes))
+        sets = []
+        for _ in range(n_copies):
+            lw = {k: [torch.randn(n, kk, device=device, dtype=dt, generator=g) / math.sqrt(kk) for (n, kk) in v]
+                  for k, v in shapes.items()}
+            lw["n1"] = (1 + 0.2 * torch.randn(H, device=device, generator=g)).to(dt)
+            lw["n2"] = (1 + 0.2 * torch.randn(H, device=device, generator=g)).to(dt)
+            sets.append(lw)
+    else:
+        wbytes = sum(n * K * 2 for n in Ns)
+        n_copies = max(2, math.ceil(rotate_bytes / wbytes))
+        sets = [[torch.randn(n, K, device=device, dtype=dt, generator=g) / math.sqrt(K) for n in Ns]
+                for _ in range(n_copies)]
+    for M in ms:
+        if name == "layer":
+            st = {k: torch.randn(M, H, device=device, dtype=dt, generator=g) for k in ("x", "res_prev", "d_prev")}
+            st["attn"] = torch.randn(M, Hq, device=device, dtype=dt, generator=g)
+            methods = {m: [lambda lw=lw, m=m: impl.layer(m, st, lw) for lw in sets] for m in FUSED_METHODS}
+        else:
+            x, nw, res = _fused_inputs(M, Ns, K, epi, norm, device, g)
+            methods = {m: [lambda s=s, m=m: impl.call(m, x, s, nw, epi, res) for s in sets] for m in FUSED_METHODS}
+        for meth, calls in methods.items():
+            t0 = time.time()
+            row = dict(model=model, case=name, Ns=Ns, K=K, M=M, method=meth, epilogue=epi, norm=norm,
+                       weight_bytes=wbytes, n_weight_copies=n_copies)
+            try:
+                sec, how = time_calls(calls, device)
+                bw = wbytes / sec
+                row.update(us=sec * 1e6, GBps=bw / 1e9, frac_copy=bw / copy_bw, timing=how)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+            results.append(row)
+            if "us" in row:
+                log(f"  {model:>4s} {name:<18s} M={M:<2d} {meth:<15s} {row['us']:9.2f} us {row['GBps']:8.1f} GB/s "
+                    f"{row['frac_copy'] * 100:5.1f}% copy ({time.time() - t0:.1f}s)")
+            else:
+                log(f"  {model:>4s} {name:<18s} M={M:<2d} {meth:<15s} ERROR {row['error']}")
+    del sets
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def fused_markdown(meta, copy_bw, results, checks) -> str:
+    L = [f"# fxspec fused_linear vs the unfused decode sequence ({meta['device_name']})", "",
+         f"- date: {meta['date']}  \n- device: {meta['device_name']}  \n- torch {meta['torch']}, triton {meta['triton']}, "
+         f"Python {meta['python']}  \n- commit: {meta['commit']}",
+         f"- copy bandwidth (read + write, {meta['copy_bytes'] >> 20} MiB buffer): **{copy_bw / 1e9:.1f} GB/s**",
+         f"- timing: {meta['timing']}; weights rotated over >= {meta['rotate_bytes'] >> 20} MiB; FXSPEC_TUNE={meta['tune']}; "
+         f"unfused small kernels compiled with backend={meta['compile_backend']}"]
+    if checks:
+        n_ok = sum(c["ok"] for c in checks)
+        L.append(f"- correctness (--check, vs the eager reference): {n_ok}/{len(checks)} ok")
+    if meta["device"] != "cuda":
+        L.append("- CPU smoke run: every method is ATen's CPU code (the ops' reference implementations); "
+                 "the numbers say nothing about the GPU kernels")
+    L += ["", "Time in us (GB/s of weights); speedup = unfused / fused.", "",
+          "| model | case | Ns x K | MB | M | unfused | unfused cuBLAS | fused | speedup | vs cuBLAS |",
+          "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    by = {}
+    for r in results:
+        by.setdefault((r["model"], r["case"], r["M"]), {})[r["method"]] = r
+
+    def cell(r):
+        if r is None:
+            return "-"
+        return f"{r['us']:.2f} ({r['GBps']:.0f})" if "us" in r else "error"
+
+    def sp(a, b):
+        return f"{a['us'] / b['us']:.2f}x" if a and b and "us" in a and "us" in b else "-"
+    order = {(m, n): i for i, (m, n, *_) in enumerate(FUSED_GROUPS)}
+    for (model, name, M), d in sorted(by.items(), key=lambda kv: (kv[0][2], order.get(kv[0][:2], 99))):
+        r0 = next(iter(d.values()))
+        shape = "layer" if r0["Ns"] is None else f"{'+'.join(map(str, r0['Ns']))} x {r0['K']}"
+        u, c, f = d.get("unfused"), d.get("unfused_cublas"), d.get("fused")
+        L.append(f"| {model} | {name} | {shape} | {r0['weight_bytes'] / 1e6:.2f} | {M} | {cell(u)} | {cell(c)} | "
+                 f"{cell(f)} | {sp(u, f)} | {sp(c, f)} |")
+    if checks:
+        L += ["", "Checks (vs fused_linear_ref; equal = fraction of bitwise-equal outputs, ulps = max error in bf16 ulps):", "",
+              "| model | case | M | method | equal | max ulps | ok |", "|---|---|---:|---|---:|---:|---|"]
+        for c in checks:
+            if "equal_frac" in c:
+                L.append(f"| {c['model']} | {c['case']} | {c['M']} | {c['method']} | {c['equal_frac']:.4f} | "
+                         f"{c['max_ulps']:.2f} | {'ok' if c['ok'] else 'FAIL'} |")
+            else:
+                L.append(f"| {c['model']} | {c['case']} | {c['M']} | {c['method']} | {c.get('error', '')} | - | FAIL |")
+    return "\n".join(L) + "\n"
+
+
 # ----------------------------------------------------------------------------------- report
 
 def markdown(meta, copy_bw, results, checks) -> str:
@@ -339,14 +623,24 @@ def main():
     ap.add_argument("--variants", action=argparse.BooleanOptionalAction, default=True,
                     help="at M > 1 also time fxspec forced to each kernel (fma, mma)")
     ap.add_argument("--ms", default=None, help="comma list of M (default 1,8)")
-    ap.add_argument("--groups", default="all", help="'all' or indices into GROUPS, e.g. 0,4")
-    ap.add_argument("--budget-s", type=float, default=50.0, help="stop starting new groups after this many seconds")
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    ap.add_argument("--groups", default="all", help="'all' or indices into GROUPS (--fused: FUSED_GROUPS), e.g. 0,4")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="stop starting new groups after this many seconds (default 50; --fused: 300)")
+    ap.add_argument("--fused", action="store_true",
+                    help="benchmark fused_linear vs the unfused sequence instead (FUSED_GROUPS; --ms default 1)")
+    ap.add_argument("--compile-backend", default="inductor",
+                    help="--fused: torch.compile backend of the unfused small kernels (RMSNorm, SiLU*mul, add)")
+    ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results"),
+                    help="output folder (default: $OUT, else benchmarks/results)")
     args = ap.parse_args()
+    if args.budget_s is None:
+        args.budget_s = 300.0 if args.fused else 50.0
     t_start = time.time()
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_dense_gemv: no CUDA device (use --device cpu --quick for a smoke run)")
+    if args.fused:
+        return main_fused(args, t_start)
     groups = GROUPS if args.groups == "all" else [GROUPS[int(i)] for i in args.groups.split(",")]
     if args.quick:
         groups = [(m, n, [max(1, v // QUICK_SCALE) for v in Ns], max(16, K // QUICK_SCALE)) for (m, n, Ns, K) in groups]
@@ -399,6 +693,70 @@ def main():
     dump()
     log(md)
     log(f"total {time.time() - t_start:.1f}s; wrote {args.out}/dense_gemv.json and dense_gemv.md")
+
+
+
+def _meta(args, device, rotate, copy_bytes, **extra) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    return dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                device=device,
+                device_name=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                sms=torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else None,
+                torch=torch.__version__, triton=triton_version, cuda=torch.version.cuda,
+                python=sys.version.split()[0], commit=_git_commit(), quick=args.quick,
+                timing="CUDA-graph replay, median of 15" if device == "cuda" else "CPU wall clock, median of 15",
+                rotate_bytes=rotate, copy_bytes=copy_bytes, tune=os.environ.get("FXSPEC_TUNE", "0"), **extra)
+
+
+def main_fused(args, t_start):
+    """--fused: fused_linear vs the unfused sequence; writes dense_fused.json / .md."""
+    device = args.device
+    groups = FUSED_GROUPS if args.groups == "all" else [FUSED_GROUPS[int(i)] for i in args.groups.split(",")]
+    scale = QUICK_SCALE if args.quick else 1
+    if args.quick:
+        groups = [(m, n, None if Ns is None else [max(1, v // scale) for v in Ns], max(16, K // scale), e, nm)
+                  for (m, n, Ns, K, e, nm) in groups]
+    ms = [int(m) for m in args.ms.split(",")] if args.ms else FUSED_MS
+    rotate = (8 << 20) if args.quick else ROTATE_BYTES
+    copy_bytes = (64 << 20) if args.quick else (1 << 30)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    impl = FusedImpl(device, args.compile_backend)
+    meta = _meta(args, device, rotate, copy_bytes, compile_backend=args.compile_backend, groups=groups, ms=ms,
+                 eps=FUSED_EPS)
+    log("meta", json.dumps(meta))
+    os.makedirs(args.out, exist_ok=True)
+    results, checks = [], []
+    copy_bw = None
+
+    def dump():
+        rep = impl.G.tuning_report() if impl.G is not None else {}
+        with open(os.path.join(args.out, "dense_fused.json"), "w") as f:
+            json.dump(dict(meta=meta, copy_bw=copy_bw, results=results, checks=checks, tuning=rep), f, indent=1)
+
+    if args.check or args.no_bench:
+        t0 = time.time()
+        checks = run_fused_checks(impl, groups, device, FUSED_CHECK_MS)
+        log(f"checks took {time.time() - t0:.1f}s")
+        dump()
+    if not args.no_bench:
+        copy_bw = copy_bandwidth(device, copy_bytes)
+        log(f"copy bandwidth (read+write): {copy_bw / 1e9:.1f} GB/s")
+        for (model, name, Ns, K, epi, norm) in groups:
+            if time.time() - t_start > args.budget_s:
+                log(f"budget reached: skipping {model} {name}")
+                continue
+            measure_fused(impl, model, name, Ns, K, epi, norm, device, copy_bw, ms, rotate, results, scale)
+            dump()
+    md = fused_markdown(meta, copy_bw or float("nan"), results, checks)
+    with open(os.path.join(args.out, "dense_fused.md"), "w") as f:
+        f.write(md)
+    dump()
+    log(md)
+    log(f"total {time.time() - t_start:.1f}s; wrote {args.out}/dense_fused.json and dense_fused.md")
 
 
 if __name__ == "__main__":

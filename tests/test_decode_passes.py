@@ -196,6 +196,66 @@ def test_quantize_then_decode_rewrites_compose():
     assert sum("rewrote" in e for e in _events(n0, "decode_attention")) == 2
 
 
+def _eager_lowering(monkeypatch):
+    """Run the rewritten graphs eagerly (no Inductor): the ops' CPU references then reproduce eager
+    transformers op by op, so outputs must be bitwise those of ``model.generate``."""
+    import fxspec.backend as fb
+    monkeypatch.setattr(fb, "lower", lambda gm, example_inputs, config, target: gm)
+
+
+def test_gemv_edges_fire_and_match_eager_bitwise(monkeypatch):
+    _eager_lowering(monkeypatch)
+    model = _tiny().to(torch.bfloat16)
+    ids = _prompt(1, 7)
+    n0 = _n_reports()
+    out = _generate(model, ON_CPU, ids)
+    assert torch.equal(out, _hf(model, ids))
+    evs = _events(n0, "fuse_gemv_edges")
+    done = [e for e in evs if "rewrote" in e]
+    # decode graph, per layer: input norm -> q/k/v, o_proj + residual, post norm -> gate/up -> SiLU*mul,
+    # down_proj + residual
+    assert sum(e.endswith("(RMSNorm prologue)") and "q_proj" in e for e in done) == 2, done
+    assert sum("RMSNorm prologue + silu_mul epilogue" in e and "gate_proj" in e for e in done) == 2, done
+    assert sum("residual epilogue" in e and ("o_proj" in e or "down_proj" in e) for e in done) == 4, done
+    assert len(done) == 8, done
+    # the prefill graph (16 rows, grouped as 16 <= max_tokens) is too tall for the fused GEMV
+    assert sum("skipped" in e and "16 rows > 4" in e for e in evs) == 4, evs
+
+
+def test_gemv_edges_graph_contents_and_switches(tmp_path, monkeypatch):
+    import glob
+    _eager_lowering(monkeypatch)
+    model = _tiny().to(torch.bfloat16)
+    _generate(model, dict(ON_CPU, dump_dir=str(tmp_path)), _prompt(), n=3)
+    finals = []
+    for d in sorted(glob.glob(str(tmp_path / "graph_*"))):
+        stages = sorted(glob.glob(os.path.join(d, "[0-9][0-9]_*.py")))
+        finals.append(open(stages[-1]).read())
+    (code,) = [c for c in finals if "decode_attention" in c]
+    assert code.count("torch.ops.fxspec.fused_linear.default") == 8
+    assert code.count("torch.ops.fxspec.linear_group.default") == 1   # the LM head
+    calls = "\n".join(ln for ln in code.splitlines() if not ln.strip().startswith("#"))
+    assert calls.count("torch.rsqrt(") == 1  # the final norm (before the LM head's slice) stays
+    assert "functional.silu(" not in calls
+    assert code.count(".index_copy_(") == 4
+    n0 = _n_reports()
+    _generate(model, {"decode": {"apply_on_cpu": True, "fuse_norm": False, "fuse_epilogues": False}}, _prompt(), n=3)
+    assert _events(n0, "fuse_gemv_edges") == []
+    n0 = _n_reports()
+    _generate(model, {"decode": {"apply_on_cpu": True, "fuse_norm": False}}, _prompt(), n=3)
+    done = [e for e in _events(n0, "fuse_gemv_edges") if "rewrote" in e]
+    assert len(done) == 6 and not any("RMSNorm" in e for e in done), done
+
+
+def test_gemv_edges_skip_float32():
+    model = _tiny()
+    n0 = _n_reports()
+    _generate(model, ON_CPU, _prompt(), n=3)
+    evs = _events(n0, "fuse_gemv_edges")
+    assert evs and not any("rewrote" in e for e in evs)
+    assert any("torch.float32 GEMV" in e for e in evs), evs
+
+
 def test_decode_config_validation():
     from fxspec.config import ConfigError, load_config
     assert load_config({}).decode.enabled is True

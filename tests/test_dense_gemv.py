@@ -1,20 +1,18 @@
 """Grouped dense linear (``fxspec::linear_group``): reference, fake shapes, errors, compile, autograd,
 and the Triton kernels under the interpreter.
 
-The Triton kernels run under ``TRITON_INTERPRET=1`` in ONE subprocess (this file executed as a
-script with ``--interp``), as in ``test_quant_kernels.py``: the variable must be set before triton
-is imported, and in a shared pytest process another module may already have imported triton.
-The subprocess prints one JSON line per case; a module-scoped fixture collects them and each case
-is its own parametrized test.  GPU tests are skipped without CUDA.
+The Triton kernels run under ``TRITON_INTERPRET=1`` in ONE subprocess (this module run with
+``--interp``, through :mod:`tests.interp_harness`): the variable must be set before triton is
+imported, and in a shared pytest process another module may already have imported triton.  The
+subprocess prints one JSON line per case; a module-scoped fixture collects them and each case is its
+own parametrized test.  GPU tests are skipped without CUDA.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -26,10 +24,12 @@ if ROOT not in sys.path:
 
 from fxspec.lowering import dense as D  # noqa: E402
 from fxspec.lowering.dense import ops as dense_ops  # noqa: E402
+from tests import interp_harness  # noqa: E402
 
 # Elementwise bound of a kernel vs the fp32 reference: one unit in the last place of the output
-# dtype (2^-7 relative for bf16, 2^-10 for fp16; the interpreter's fp32 -> bf16 cast truncates,
-# the GPU rounds) plus a small absolute term for the fp32 summation order near zero.
+# dtype (2^-7 relative for bf16, 2^-10 for fp16; the kernels round to nearest even, on the GPU and,
+# through gemv._round, under the interpreter) plus a small absolute term for the fp32 summation
+# order near zero.
 RTOL = {"bfloat16": 2.0 ** -7, "float16": 2.0 ** -10}
 ATOL_FRAC = 1e-4  # of max |ref|
 
@@ -166,11 +166,13 @@ def test_import_without_triton_uses_reference():
         "import torch, fxspec.lowering.dense as D\n"
         "assert not D.triton_available()\n"
         "y = torch.ops.fxspec.linear_group(torch.randn(2, 16), torch.randn(4, 16), torch.randn(3, 16))\n"
-        "print('OK', tuple(y.shape))\n"
+        "f = torch.ops.fxspec.fused_linear(torch.randn(2, 16), [torch.randn(4, 16)] * 2, torch.ones(16), 1e-6,\n"
+        "                                  'silu_mul', None)\n"
+        "print('OK', tuple(y.shape), tuple(f.shape))\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                        env=dict(os.environ, PYTHONPATH=ROOT), timeout=120)
-    assert r.returncode == 0 and "OK (2, 7)" in r.stdout, r.stderr[-2000:]
+    assert r.returncode == 0 and "OK (2, 7) (2, 4)" in r.stdout, r.stderr[-2000:]
 
 
 # ------------------------------------------------------------------- launcher logic (no launch)
@@ -285,16 +287,8 @@ def _run_interp_case(c) -> dict:
 
 
 def _interp_main():
-    assert os.environ.get("TRITON_INTERPRET") == "1"
     from fxspec.lowering.dense import gemv as G
-    for cid, c in _interp_cases():
-        t = time.time()
-        try:
-            res = _run_interp_case(c)
-        except Exception as e:  # reported per case
-            res = dict(error=f"{type(e).__name__}: {e}"[:2000])
-        res["seconds"] = round(time.time() - t, 3)
-        print("CASE " + json.dumps(dict(id=cid, **res)), flush=True)
+    interp_harness.emit_cases(_interp_cases(), _run_interp_case)
     extra = {}
     x = torch.randn(0, 64, dtype=torch.bfloat16)
     extra["m0_shape"] = list(G.linear_group_triton(x, [torch.randn(8, 64, dtype=torch.bfloat16)] * 2).shape)
@@ -307,27 +301,12 @@ def _interp_main():
         extra["noncontiguous_weight"] = "no error"
     except ValueError as e:
         extra["noncontiguous_weight"] = "ok: " + str(e)
-    print("EXTRA " + json.dumps(extra), flush=True)
+    interp_harness.emit_extra(extra)
 
 
 @pytest.fixture(scope="module")
 def interp_results():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    t = time.time()
-    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--interp"], capture_output=True, text=True,
-                       cwd=ROOT, env=env, timeout=600)
-    cases, extra = {}, None
-    for line in r.stdout.splitlines():
-        if line.startswith("CASE "):
-            d = json.loads(line[5:])
-            cases[d["id"]] = d
-        elif line.startswith("EXTRA "):
-            extra = json.loads(line[6:])
-    if not cases:
-        pytest.fail(f"interpreter subprocess produced no results (rc={r.returncode}):\n{r.stderr[-4000:]}")
-    print(f"\n[interpreter subprocess: {len(cases)} cases in {time.time() - t:.1f}s]")
-    return dict(cases=cases, extra=extra, rc=r.returncode, stderr=r.stderr)
+    return interp_harness.run_module(__file__)
 
 
 @pytest.mark.parametrize("cid,case", _interp_cases(), ids=[c[0] for c in _interp_cases()])

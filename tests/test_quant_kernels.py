@@ -25,7 +25,6 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import fxspec.lowering.quant as Q  # noqa: E402
-from fxspec.lowering.quant.pack import QuantizedWeight  # noqa: E402
 
 # Tolerances as data: relative Frobenius error of a kernel vs the fp32 reference.  bf16 under the
 # interpreter also absorbs its truncating fp32->bf16 cast (1 ulp = 2^-8 relative, worst case).

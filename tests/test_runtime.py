@@ -404,8 +404,16 @@ def test_gpu_ref_lm_matches_hf(dtype):
     model.generation_config.eos_token_id = None  # 64 tokens on every row, in both
     val = torch.load(path / "val_tokens.pt").long()
     ids = torch.stack([val[i * 1000:i * 1000 + 32] for i in range(4)]).cuda()
+    import fxspec.backend as fb
+    n0 = len(fb.recent_reports)
     gen = Generator(model, max_batch_size=4, max_cache_len=128, backend=BACKEND)
     out = gen.generate(ids, 64)
+    if dtype == torch.bfloat16 and BACKEND == "fxspec":
+        # the decode step (4 rows) runs the fused GEMVs: 6 layers x (norm+q/k/v, o+residual,
+        # norm+gate/up+SiLU*mul, down+residual)
+        fused = [e for r in list(fb.recent_reports)[n0:] for e in r.events
+                 if e.pass_name == "fuse_gemv_edges" and e.action == "rewrote"]
+        assert len(fused) == 24, [str(e) for e in fused]
     ref = hf_greedy(model, ids, 64)
     assert out.shape == ref.shape == (4, 96)
     for row in range(4):

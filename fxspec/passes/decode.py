@@ -35,7 +35,7 @@ import math
 import torch
 import torch.fx as fx
 
-from ..graph.nodes import arg, is_any, is_op, shape, static_int
+from ..graph.nodes import arg, const, is_any, is_op, is_scalar, other_operand, shape, static_int
 from ..graph.rewrite import eliminate_dead_code, node_position
 from .base import PassContext, register_pass
 
@@ -270,4 +270,161 @@ def _unrepeat(k: object, H: int, gqa: bool):
     return k  # plain multi-head attention: K/V are used as they are
 
 
-__all__ = ["fuse_projections", "decode_attention"]
+# --------------------------------------------------------------------------- fuse_gemv_edges
+
+@register_pass("decode", lossy=False, order=97)
+def fuse_gemv_edges(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """RMSNorm before, SiLU*mul or the residual add after a decode GEMV -> one fxspec.fused_linear launch."""
+    cfg = ctx.config.decode
+    if not (cfg.fuse_norm or cfg.fuse_epilogues):
+        return gm
+    why = _why_not_graph(ctx)
+    if why:
+        ctx.skip("graph", why)
+        return gm
+    from ..lowering.dense.ops import FUSED_MAX_M  # (importing registers fxspec::fused_linear)
+
+    params = {p.node: p for p in ctx.analysis(gm).params}
+    group_op = torch.ops.fxspec.linear_group.default
+    for lg in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is group_op]:
+        x, ws = lg.args[0], [w for w in lg.args[1:] if w is not None]
+        norm = _match_hf_rmsnorm(x, params, ctx) if cfg.fuse_norm else None
+        epi = _match_epilogue(lg, ws) if cfg.fuse_epilogues else None
+        if norm is None and epi is None:
+            continue
+        where = _site_name(lg, ws, params)
+        rows = _rows(x)
+        if _dtype(lg) not in (torch.float16, torch.bfloat16):
+            ctx.skip(where, f"{_dtype(lg)} GEMV (the fused kernel takes float16/bfloat16)")
+            continue
+        if rows is None or rows > FUSED_MAX_M:
+            ctx.skip(where, f"{rows} rows > {FUSED_MAX_M}: the fused GEMV takes at most {FUSED_MAX_M}")
+            continue
+        src, norm_w, eps = norm if norm is not None else (x, None, 0.0)
+        kind, replaced, residual = epi if epi is not None else ("cat", lg, None)
+        with gm.graph.inserting_before(replaced):
+            fused = gm.graph.call_function(torch.ops.fxspec.fused_linear.default,
+                                           (src, list(ws), norm_w, float(eps), kind, residual))
+        fused.meta.update({k: v for k, v in replaced.meta.items() if k in ("example_value", "val")})
+        _copy_meta(fused, lg)
+        replaced.replace_all_uses_with(fused)
+        if replaced is not lg:
+            gm.graph.erase_node(replaced)
+        parts = (["RMSNorm prologue"] if norm is not None else []) + ([f"{kind} epilogue"] if epi else [])
+        ctx.rewrote(where, " + ".join(parts), counter="norm+" + kind if norm is not None else kind)
+    eliminate_dead_code(gm)
+    return gm
+
+
+def _site_name(lg: fx.Node, ws: list, params: dict) -> str:
+    names = [params[w].qualname if w in params else w.name for w in ws]
+    return ", ".join(names)
+
+
+def _is_method(node: object, name: str) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_method" and node.target == name
+
+
+def _to_dtype(node: object) -> torch.dtype | None:
+    """``t.to(dtype)`` (positional or keyword, nothing else): the dtype; else None."""
+    if not _is_method(node, "to") or len(node.users) < 1:
+        return None
+    args = list(node.args[1:])
+    kw = dict(node.kwargs)
+    if "dtype" in kw and not args:
+        args = [kw.pop("dtype")]
+    if kw or len(args) != 1 or not isinstance(args[0], torch.dtype):
+        return None
+    return args[0]
+
+
+def _dtype(node: object) -> torch.dtype | None:
+    val = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+    return val.dtype if isinstance(val, torch.Tensor) else None
+
+
+def _match_hf_rmsnorm(xn: object, params: dict, ctx: PassContext):
+    """``(x, weight_node, eps)`` when ``xn`` is exactly transformers' LlamaRMSNorm of ``x``::
+
+        h = x.to(float32); var = h.pow(2).mean(-1, keepdim=True)
+        xn = weight * (h * torch.rsqrt(var + eps)).to(x.dtype)        (or (...).to(dt) * weight)
+
+    with ``weight`` a ``[K]`` parameter of x's dtype (bf16/fp16). Only this form: its rounding points
+    (the cast before the weight multiply) are the ones fxspec.fused_linear reproduces. Else None."""
+    if not (is_op(xn, "mul") and len(xn.args) == 2 and not xn.kwargs):
+        return None
+    a, b = xn.args
+    w, t = (a, b) if a in params else (b, a) if b in params else (None, None)
+    dt = _to_dtype(t)
+    if w is None or dt not in (torch.float16, torch.bfloat16):
+        return None
+    y = t.args[0]
+    if not (is_op(y, "mul") and len(y.args) == 2 and not y.kwargs):
+        return None
+    r = next((o for o in y.args if is_op(o, "rsqrt")), None)
+    if r is None:
+        return None
+    h = other_operand(y, r)
+    if _to_dtype(h) is not torch.float32:
+        return None
+    x = h.args[0]
+    add = r.args[0] if r.args else None
+    if not (is_op(add, "add") and len(add.args) == 2 and not add.kwargs):
+        return None
+    eps = next((const(e) for e in add.args if const(e) is not None), None)
+    mean = next((o for o in add.args if isinstance(o, fx.Node) and not is_scalar(o)), None)
+    if eps is None or not _is_method(mean, "mean"):
+        return None
+    dims = arg(mean, 1, "dim")
+    if dims not in (-1, (-1,), [-1]) or mean.kwargs.get("keepdim") is not True or len(mean.args) > 2:
+        return None
+    sq = mean.args[0]
+    if not (_is_method(sq, "pow") and sq.args[0] is h and len(sq.args) == 2 and sq.args[1] == 2):
+        return None
+    ref = params[w]
+    xs = shape(x)
+    if _dtype(x) is not dt or ref.dtype is not dt or xs is None or tuple(ref.shape) != (xs[-1],):
+        return None
+    return x, w, eps
+
+
+def _match_epilogue(lg: fx.Node, ws: list):
+    """``("silu_mul", mul, None)`` for ``silu(gate) * up`` over a 2-weight group's two parts,
+    ``("residual", add, r)`` for ``part + r`` (or ``r + part``) over a 1-weight GEMV; else None.
+    Every intermediate must have no other user (it disappears)."""
+    parts = list(lg.users)
+    if not all(is_op_narrow(p) for p in parts):
+        return None
+    if len(ws) == 2 and len(parts) == 2:
+        p0, p1 = sorted(parts, key=lambda p: p.args[2])
+        if p0.args[3] != p1.args[3] or len(p0.users) != 1 or len(p1.users) != 1:
+            return None
+        (act,) = p0.users
+        if not (is_op(act, "silu") and act.args[0] is p0 and len(act.args) == 1
+                and not act.kwargs.get("inplace", False) and len(act.users) == 1):
+            return None
+        (mul,) = act.users
+        if not (is_op(mul, "mul") and len(mul.args) == 2 and not mul.kwargs and set(mul.args) == {act, p1}
+                and next(iter(p1.users)) is mul):
+            return None
+        return "silu_mul", mul, None
+    if len(ws) == 1 and len(parts) == 1 and len(parts[0].users) == 1:
+        p = parts[0]
+        (add,) = p.users
+        if not (is_op(add, "add") and add.op == "call_function" and len(add.args) == 2 and not add.kwargs):
+            return None
+        r = other_operand(add, p)
+        if r is p or not isinstance(r, fx.Node) or is_scalar(r):
+            return None
+        if shape(r) != shape(p) or _dtype(r) is None or _dtype(r) != _dtype(p):
+            return None
+        return "residual", add, r
+    return None
+
+
+def is_op_narrow(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target is torch.narrow and len(node.args) == 4
+            and node.args[1] == -1)
+
+
+__all__ = ["fuse_projections", "decode_attention", "fuse_gemv_edges"]

@@ -1,8 +1,11 @@
 """Dense (unquantized) linears. ``linear_group``: several linears sharing one input (q/k/v, gate/up) in
 one Triton GEMV launch on CUDA for decode (M <= 16 rows), each weight read through its own pointer;
-the ``torch.cat`` of ``F.linear`` elsewhere. Importing registers ``torch.ops.fxspec.linear_group`` and
-never needs Triton or a GPU (the kernel module is imported lazily). See :mod:`.ops` and :mod:`.gemv`."""
+the ``torch.cat`` of ``F.linear`` elsewhere. ``fused_linear``: the same GEMV (M <= 4 rows) with an
+RMSNorm prologue and a cat / SiLU*mul / residual-add epilogue in the one launch, bit-for-bit the
+unfused eager computation off the Triton path. Importing registers ``torch.ops.fxspec.linear_group``
+and ``torch.ops.fxspec.fused_linear`` and never needs Triton or a GPU (the kernel module is imported
+lazily). See :mod:`.ops` and :mod:`.gemv`."""
 
-from .ops import linear_group, linear_group_ref, triton_available
+from .ops import fused_linear, fused_linear_ref, linear_group, linear_group_ref, rms_norm_ref, triton_available
 
-__all__ = ["linear_group", "linear_group_ref", "triton_available"]
+__all__ = ["linear_group", "linear_group_ref", "fused_linear", "fused_linear_ref", "rms_norm_ref", "triton_available"]

@@ -45,6 +45,20 @@ program) sums the ``SPLIT_K`` partials in the fixed order k = 0, 1, ... (determi
 stores: one launch, no host sync, workspace from ``torch.empty``, so it can be captured in a CUDA
 graph.  Counters: one zeroed int32 buffer per (device, stream), as in the quant kernels.
 
+``fused_linear`` (``fused_linear_triton``; :mod:`.ops` has the op and its reference): the fma kernel
+    with constexpr flags, so one launch does [RMSNorm ->] GEMV [-> epilogue]:
+    ``NORM``: each program first computes rstd = rsqrt(mean(x^2) + eps) of its rows over the whole
+    K (the row is in L2; with split-K every split recomputes it), then every x tile of the main
+    loop becomes round(g * round(x * rstd)) -- HF LlamaRMSNorm's rounding points, in the tile's own
+    layout (no conversion or shared memory in the loop; offline SASS, sm_90a, triton 3.6 and 3.9).
+    ``EPI``: cat (a plain store), residual (round(round(dot) + r)), silu_mul (a program's BLOCK_N
+    tile rows are gate row n and up row n interleaved, addressed from W0's pointer plus the
+    element offset of W1, so the loop is unchanged and keeps its 16-byte loads; the epilogue
+    splits the pairs and rounds gate, up, silu and the product as eager does).  The epilogue runs
+    where the output is stored: after the loop, or in the split-K reduction's last program.
+    With NORM = False and EPI = cat the kernel compiles to the same SASS as linear_group's did
+    before these flags existed (checked offline, triton 3.6 and 3.9).
+
 Config choice: ``_heuristic`` (documented there; not measured on a GPU yet) or, with
 ``FXSPEC_TUNE=1`` (or ``TUNE = True`` here), a per-process autotune over a few candidates on the
 first call of each (device, dtype, M, Ns, K) outside CUDA-graph capture, timed with CUDA events
@@ -53,8 +67,9 @@ with the L2 flushed before every call; ``tuning_report()`` lists what was chosen
 Interpreter (``TRITON_INTERPRET=1``, triton 3.9 CPU): arithmetic on loaded bf16 tensors and bf16
 ``tl.dot`` operands are computed on the raw bits, so both kernels convert to fp32 before any
 arithmetic (``fma``: always, which is also the GPU math; ``mma``: ``DOT_F32`` under the
-interpreter only); the final fp32 -> bf16 cast truncates there (tests allow 1 ulp).  Autotune is
-off under the interpreter.
+interpreter only); its fp32 -> bf16 cast truncates, so there ``_round`` rounds to nearest even on
+the bits (``INTERP``; on the GPU ``.to()`` is cvt.rn); libdevice has no interpreter
+implementation, so silu's exp is ``tl.exp`` there.  Autotune is off under the interpreter.
 """
 
 from __future__ import annotations
@@ -64,14 +79,17 @@ import os
 import statistics
 from typing import NamedTuple, Optional, Sequence
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
-from .ops import DECODE_MAX_M, check_linear_group_args
+from .ops import DECODE_MAX_M, EPILOGUES, check_fused_linear_args, check_linear_group_args, fused_linear_ref
 
 __all__ = [
     "linear_group_triton",
+    "fused_linear_triton",
     "tuning_report",
     "DECODE_MAX_M",
     "FMA_MAX_M",
@@ -92,6 +110,9 @@ MAX_WEIGHTS = 4
 # Per-process autotune on first call (see _autotune); FXSPEC_TUNE=1 turns it on.
 TUNE = os.environ.get("FXSPEC_TUNE", "0").lower() in ("1", "true", "on", "yes")
 _VEC = 8  # 16-byte vectors of 16-bit elements
+# fused_linear's epilogue codes (constexpr EPI of the fma kernel), in ops.EPILOGUES order
+EPI_CAT, EPI_SILU_MUL, EPI_RESIDUAL = 0, 1, 2
+_EPI_CODE = {name: i for i, name in enumerate(EPILOGUES)}
 
 
 def _interpret() -> bool:
@@ -144,15 +165,59 @@ def _k_range(K, SPLIT_K, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _finish(y, Y, y_offs, mask, WS, CNT, local, tile, num_tiles, SPLIT_K, TILE: tl.constexpr):
-    # y: fp32 output tile (any 2-D shape), y_offs / mask: where it goes in Y; local: its index in
-    # a TILE-element workspace slot.  SPLIT_K == 1 (specialised by Triton): store.  Else: store
-    # the partial, and the last program of this tile to arrive sums the SPLIT_K partials in order
-    # (deterministic), stores, and resets the counter.  All threads' partial stores happen-before
-    # the counter's release (CTA barrier + acq_rel gpu-scope atomic, once per program), as in
+def _round(v, DT: tl.constexpr, INTERP: tl.constexpr):
+    # fp32 -> DT rounding to nearest even, as torch's casts do (the GPU's cvt.rn).  Triton 3.9's
+    # interpreter truncates fp32 -> bf16, so there (INTERP) bf16 is rounded on the bits; its fp16
+    # cast (numpy) already rounds to nearest even.
+    if INTERP:
+        if DT == tl.bfloat16:
+            b = v.to(tl.uint32, bitcast=True)
+            b += 0x7FFF + ((b >> 16) & 1)
+            return (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return v.to(DT)
+    else:
+        return v.to(DT)
+
+
+@triton.jit
+def _epilogue(y, Y, R, r_offs, mask, EPI: tl.constexpr, INTERP: tl.constexpr):
+    # y: the fp32 dot tile -> the values to store in Y's dtype, rounding where eager does.
+    #   EPI_CAT:      round(y)
+    #   EPI_RESIDUAL: round(round(y) + residual)                 (bf16 add = fp32 add, rounded)
+    #   EPI_SILU_MUL: y [BM, BN] holds (gate n, up n) in adjacent columns -> [BM, BN/2]:
+    #                 g = round(gate), u = round(up), round(round(g / (1 + exp(-g))) * u)
+    #                 (F.silu in fp32 on the rounded gate, as ATen's CPU and CUDA kernels do)
+    DT: tl.constexpr = Y.dtype.element_ty
+    if EPI == 1:  # EPI_SILU_MUL (jit code sees literals, not the module's ints)
+        gate, up = tl.split(tl.reshape(y, [y.shape[0], y.shape[1] // 2, 2]))
+        g = _round(gate, DT, INTERP).to(tl.float32)
+        u = _round(up, DT, INTERP).to(tl.float32)
+        if INTERP:  # libdevice has no interpreter implementation
+            e = tl.exp(-g)
+        else:  # expf, as ATen's silu (tl.exp is ex2.approx)
+            e = libdevice.exp(-g)
+        act = _round(tl.math.div_rn(g, 1.0 + e), DT, INTERP).to(tl.float32)
+        return _round(act * u, DT, INTERP)
+    elif EPI == 2:  # EPI_RESIDUAL
+        res = tl.load(R + r_offs, mask=mask, other=0.0).to(tl.float32)
+        return _round(_round(y, DT, INTERP).to(tl.float32) + res, DT, INTERP)
+    else:
+        return _round(y, DT, INTERP)
+
+
+@triton.jit
+def _finish(y, Y, y_offs, mask, WS, CNT, local, tile, num_tiles, SPLIT_K, TILE: tl.constexpr,
+            R, r_offs, EPI: tl.constexpr, INTERP: tl.constexpr):
+    # y: fp32 output tile (any 2-D shape), y_offs / mask: where its epilogue's values go in Y (and
+    # the residual's offsets r_offs in R); local: y's index in a TILE-element workspace slot.
+    # SPLIT_K == 1 (specialised by Triton): store.  Else: store the partial, and the last program
+    # of this tile to arrive sums the SPLIT_K partials in order (deterministic), applies the
+    # epilogue, stores, and resets the counter.  All threads' partial stores happen-before the
+    # counter's release (CTA barrier + acq_rel gpu-scope atomic, once per program), as in
     # CUTLASS's semaphore and the quant kernels' _epilogue.
     if SPLIT_K == 1:
-        tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y + y_offs, _epilogue(y, Y, R, r_offs, mask, EPI, INTERP), mask=mask)
     else:
         pid_k = tl.program_id(1)
         tl.store(WS + (pid_k * num_tiles + tile).to(tl.int64) * TILE + local, y)
@@ -162,8 +227,34 @@ def _finish(y, Y, y_offs, mask, WS, CNT, local, tile, num_tiles, SPLIT_K, TILE: 
             total = tl.zeros_like(y)
             for s in range(0, SPLIT_K):
                 total += tl.load(WS + (s * num_tiles + tile).to(tl.int64) * TILE + local, cache_modifier=".cg")
-            tl.store(Y + y_offs, total.to(Y.dtype.element_ty), mask=mask)
+            tl.store(Y + y_offs, _epilogue(total, Y, R, r_offs, mask, EPI, INTERP), mask=mask)
             tl.atomic_xchg(CNT + tile, 0)  # ready for the next launch (stream order)
+
+
+@triton.jit
+def _rms_rstd(x_rows, m_mask, K, inv_k, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    # [BM] fp32 rsqrt(mean(x^2) + eps) over the whole row of x (every program, whatever its K
+    # split: the row is K elements and sits in L2).  mean = sum * fl(1/K), as ATen's CUDA mean
+    # (the CPU's divides by K; the same for power-of-two K).  Tiles of the main loop's shape and
+    # layout, so rstd[:, None] broadcasts onto them without a layout conversion.
+    offs_k = tl.arange(0, BLOCK_K)
+    ss = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kt = k0 + offs_k
+        if EVEN_K:
+            xv = tl.load(x_rows + kt[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)
+        else:
+            xv = tl.load(x_rows + kt[None, :], mask=m_mask[:, None] & (kt < K)[None, :], other=0.0).to(tl.float32)
+        ss += xv * xv
+    return tl.math.rsqrt(tl.sum(ss, axis=1) * inv_k + eps)
+
+
+@triton.jit
+def _rms_apply(xv, g, rstd, DT: tl.constexpr, INTERP: tl.constexpr):
+    # HF LlamaRMSNorm on a [BM, BK] tile of x: round(g * round(x * rstd)), g [1, BK] the norm
+    # weight (the product of two 16-bit values is exact in fp32: one rounding, as eager's).
+    xn = _round(xv.to(tl.float32) * rstd[:, None], DT, INTERP)
+    return _round(g.to(tl.float32) * xn.to(tl.float32), DT, INTERP)
 
 
 @triton.jit
@@ -175,34 +266,55 @@ def _partial_dot(xv, w, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV: tl.con
     return tl.sum(x4 * w4, axis=3)
 
 
-# CUDA-core grouped GEMV ("fma"):
-#   y[m, col_i + n] = sum_k W_i[n, k] * x[m, k]
-# per K block: acc[BM, BN, BK/8] += sum_v x[m, kv, v] * w[n, kv, v] (fp32; the v-sum stays in the
-# thread), one cross-thread reduction over kv at the end.
+# CUDA-core grouped GEMV ("fma"), optionally with fused_linear's prologue and epilogue:
+#   xg[m, k]     = x[m, k]                                       (NORM off)
+#                = round(g[k] * round(x[m, k] * rstd[m]))         (NORM: HF LlamaRMSNorm, rstd of the
+#                                                                  whole row, _rms_rstd)
+#   y[m, col_i + n] = epilogue(sum_k W_i[n, k] * xg[m, k])        (EPI: _epilogue)
+# per K block: acc[BM, BN, BK/8] += sum_v xg[m, kv, v] * w[n, kv, v] (fp32; the v-sum stays in the
+# thread), one cross-thread reduction over kv at the end.  EPI_SILU_MUL: the BN tile rows are
+# W0[n], W1[n] interleaved for BN/2 output columns n (every program owns the same rows of gate and
+# up; the loop is the same, only the row pointers differ).
 @triton.jit(do_not_specialize=["M", "N0", "N1", "N2", "N3"])
 def _gemv_group_kernel(X, W0, W1, W2, W3, Y, WS, CNT,
                        M, K, stride_xm, stride_ym, N0, N1, N2, N3, SPLIT_K,
+                       NW, R, stride_rm, inv_k, eps, w1_off,
                        NUM_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+                       BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+                       NORM: tl.constexpr, EPI: tl.constexpr, INTERP: tl.constexpr):
     VEC: tl.constexpr = 8
     KV: tl.constexpr = BLOCK_K // VEC
+    DT: tl.constexpr = Y.dtype.element_ty
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(2)
-    W, blk, rows, col = _pick_weight(pid_n, W0, W1, W2, W3, N0, N1, N2, N3, NUM_W, BLOCK_N)
-    offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    r = tl.arange(0, BLOCK_N)
+    if EPI == 1:  # EPI_SILU_MUL
+        HALF: tl.constexpr = BLOCK_N // 2
+        offs_n = pid_n * HALF + r // 2                                         # output column of tile row r
+        n_mask = offs_n < N0
+        # up rows addressed from W0 (w1_off = W1 - W0 in elements, from the launcher): a select of
+        # two pointers instead loses the alignment facts and with them the 16-byte loads
+        w_rows = W0 + (offs_n.to(tl.int64) * K + (r % 2).to(tl.int64) * w1_off)[:, None]   # [BN, 1]
+        col = 0
+    else:
+        W, blk, rows, col = _pick_weight(pid_n, W0, W1, W2, W3, N0, N1, N2, N3, NUM_W, BLOCK_N)
+        offs_n = blk * BLOCK_N + r
+        n_mask = offs_n < rows
+        w_rows = W + (offs_n.to(tl.int64) * K)[:, None]                        # [BN, 1]
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n_mask = offs_n < rows
     m_mask = offs_m < M
     # 2-D tiles contiguous along K (so Triton's coalescing puts lanes and warps along K, 8
     # elements = 16 bytes per thread, in every triton version), reshaped in registers to
     # [1, BN, KV, VEC] and [BM, 1, KV, VEC]: the VEC axis stays in one thread, the broadcast
     # product needs no data movement and the VEC-sum no shuffles.
     offs_k = tl.arange(0, BLOCK_K)
-    w_rows = W + (offs_n.to(tl.int64) * K)[:, None]                            # [BN, 1]
     x_rows = X + (offs_m.to(tl.int64) * stride_xm)[:, None]                    # [BM, 1]
+    if NORM:
+        rstd = _rms_rstd(x_rows, m_mask, K, inv_k, eps, BLOCK_M, BLOCK_K, EVEN_K)
     nfull, kb_lo, kb_hi = _k_range(K, SPLIT_K, BLOCK_K)
     w_ptrs = w_rows + (kb_lo * BLOCK_K + offs_k)[None, :]
     x_ptrs = x_rows + (kb_lo * BLOCK_K + offs_k)[None, :]
+    g_ptrs = NW + (kb_lo * BLOCK_K + offs_k)[None, :]                          # [1, BK] (NORM)
     acc = tl.zeros([BLOCK_M, BLOCK_N, KV], dtype=tl.float32)
     for _ in range(kb_lo, kb_hi):
         if EVEN_N:
@@ -210,6 +322,9 @@ def _gemv_group_kernel(X, W0, W1, W2, W3, Y, WS, CNT,
         else:
             w = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0, eviction_policy="evict_first")
         xv = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+        if NORM:
+            xv = _rms_apply(xv, tl.load(g_ptrs), rstd, DT, INTERP)
+            g_ptrs += BLOCK_K
         acc += _partial_dot(xv, w, BLOCK_M, BLOCK_N, KV, VEC)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
@@ -220,13 +335,23 @@ def _gemv_group_kernel(X, W0, W1, W2, W3, Y, WS, CNT,
             w = tl.load(w_rows + kt[None, :], mask=n_mask[:, None] & k_ok, other=0.0,
                         eviction_policy="evict_first")
             xv = tl.load(x_rows + kt[None, :], mask=m_mask[:, None] & k_ok, other=0.0)
+            if NORM:
+                xv = _rms_apply(xv, tl.load(NW + kt[None, :], mask=k_ok, other=0.0), rstd, DT, INTERP)
             acc += _partial_dot(xv, w, BLOCK_M, BLOCK_N, KV, VEC)
     y = tl.sum(acc, axis=2)                                                    # [BM, BN]
-    y_offs = offs_m.to(tl.int64)[:, None] * stride_ym + (col + offs_n)[None, :]
     local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     num_n = tl.num_programs(0)
-    _finish(y, Y, y_offs, m_mask[:, None] & n_mask[None, :], WS, CNT, local, pid_m * num_n + pid_n,
-            num_n * tl.num_programs(2), SPLIT_K, BLOCK_M * BLOCK_N)
+    if EPI == 1:  # EPI_SILU_MUL: output tile [BM, BN/2]
+        offs_o = pid_n * HALF + tl.arange(0, HALF)
+        y_offs = offs_m.to(tl.int64)[:, None] * stride_ym + offs_o[None, :]
+        mask = m_mask[:, None] & (offs_o < N0)[None, :]
+        r_offs = y_offs
+    else:
+        y_offs = offs_m.to(tl.int64)[:, None] * stride_ym + (col + offs_n)[None, :]
+        mask = m_mask[:, None] & n_mask[None, :]
+        r_offs = offs_m.to(tl.int64)[:, None] * stride_rm + (col + offs_n)[None, :]
+    _finish(y, Y, y_offs, mask, WS, CNT, local, pid_m * num_n + pid_n, num_n * tl.num_programs(2), SPLIT_K,
+            BLOCK_M * BLOCK_N, R, r_offs, EPI, INTERP)
 
 
 @triton.jit
@@ -282,7 +407,7 @@ def _mma_group_kernel(X, W0, W1, W2, W3, Y, WS, CNT,
     local = tl.arange(0, BLOCK_M)[None, :] * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
     num_n = tl.num_programs(0)
     _finish(acc, Y, y_offs, n_mask[:, None] & m_mask[None, :], WS, CNT, local, pid_m * num_n + pid_n,
-            num_n * tl.num_programs(2), SPLIT_K, BLOCK_M * BLOCK_N)
+            num_n * tl.num_programs(2), SPLIT_K, BLOCK_M * BLOCK_N, Y, y_offs, 0, DOT_F32)  # DOT_F32: interpreter
 
 
 # ------------------------------------------------------------------------------------- configs
@@ -414,20 +539,20 @@ def _counters(device: torch.device) -> torch.Tensor:
     return buf
 
 
-def _check_launch(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> None:
+def _check_launch(x: torch.Tensor, weights: Sequence[torch.Tensor], op: str = "linear_group") -> None:
     if x.dtype not in (torch.bfloat16, torch.float16):
-        raise TypeError(f"linear_group: the Triton kernel takes bfloat16/float16 activations, got {x.dtype} "
+        raise TypeError(f"{op}: the Triton kernel takes bfloat16/float16 activations, got {x.dtype} "
                         f"(float32: use the reference path)")
     if x.device.type != "cuda" and not _interpret():
-        raise ValueError(f"linear_group: x is on {x.device}; the Triton kernel needs CUDA tensors "
+        raise ValueError(f"{op}: x is on {x.device}; the Triton kernel needs CUDA tensors "
                          f"(or TRITON_INTERPRET=1 for CPU testing)")
     for i, w in enumerate(weights):
         if not w.is_contiguous():
-            raise ValueError(f"linear_group: weight {i} must be contiguous (the kernel reads rows of K "
+            raise ValueError(f"{op}: weight {i} must be contiguous (the kernel reads rows of K "
                              f"elements; no copy is made)")
 
 
-def _check_config(cfg: GroupConfig) -> None:
+def _check_config(cfg: GroupConfig, fused: Optional["_Fused"] = None) -> None:
     def pow2(v):
         return v > 0 and v & (v - 1) == 0
     if cfg.kernel not in ("fma", "mma"):
@@ -437,16 +562,53 @@ def _check_config(cfg: GroupConfig) -> None:
             and pow2(cfg.num_warps) and cfg.split_k >= 0 and cfg.num_stages >= 1):
         raise ValueError(f"linear_group: bad config {cfg} (powers of two; BLOCK_K >= {max(_VEC, lo)}"
                          f"{', BLOCK_N >= 16 for mma' if cfg.kernel == 'mma' else ''})")
+    if fused is not None:
+        if cfg.kernel != "fma":
+            raise ValueError(f"fused_linear: the prologue/epilogue exist in the fma kernel only, got config {cfg}")
+        if fused.epi == EPI_SILU_MUL and cfg.block_n < 2:
+            raise ValueError(f"fused_linear: epilogue 'silu_mul' needs BLOCK_N >= 2 (gate and up rows), got {cfg}")
+
+
+class _Fused(NamedTuple):
+    """fused_linear's additions to a launch of the fma kernel."""
+    norm_weight: Optional[torch.Tensor]  # [K] contiguous, or None (no RMSNorm prologue)
+    eps: float
+    epi: int                             # EPI_CAT | EPI_SILU_MUL | EPI_RESIDUAL
+    residual: Optional[torch.Tensor]     # [M, N_out], last dim contiguous (EPI_RESIDUAL)
+
+    def tag(self) -> str:
+        return ("norm+" if self.norm_weight is not None else "") + EPILOGUES[self.epi]
+
+
+def _inv_k(K: int) -> float:
+    # fl32(1 / K): the factor ATen's CUDA mean multiplies the fp32 sum by (exact as a Python float)
+    return float(np.float32(1.0) / np.float32(K))
+
+
+def _w1_offset(weights: Sequence[torch.Tensor]) -> int:
+    """W1's address minus W0's, in elements (silu_mul reads both weights from W0's pointer)."""
+    d = weights[1].data_ptr() - weights[0].data_ptr()
+    es = weights[0].element_size()
+    if d % es:
+        raise ValueError("fused_linear: gate and up weights are not element-aligned relative to each other")
+    return d // es
 
 
 def _launch(cfg: GroupConfig, x2: torch.Tensor, weights: Sequence[torch.Tensor], out: torch.Tensor,
-            M: int, K: int, sms: int) -> int:
-    """One launch of ``cfg`` into ``out``; returns the split-K factor used."""
-    _check_config(cfg)
+            M: int, K: int, sms: int, fused: Optional[_Fused] = None) -> int:
+    """One launch of ``cfg`` into ``out``; returns the split-K factor used.  ``fused``: the fma
+    kernel with fused_linear's prologue / epilogue (``out`` then has the epilogue's width)."""
+    _check_config(cfg, fused)
     Ns = [w.shape[0] for w in weights]
     bn, bk = cfg.block_n, cfg.block_k
     bm = _block_m(cfg.kernel, M)
-    row_blocks = sum(triton.cdiv(n, bn) for n in Ns)
+    silu = fused is not None and fused.epi == EPI_SILU_MUL
+    if silu:  # a program owns bn // 2 output columns: bn // 2 rows of gate and of up, interleaved
+        row_blocks = triton.cdiv(Ns[0], bn // 2)
+        even_n = Ns[0] % (bn // 2) == 0
+    else:
+        row_blocks = sum(triton.cdiv(n, bn) for n in Ns)
+        even_n = all(n % bn == 0 for n in Ns)
     m_blocks = triton.cdiv(M, bm)
     tiles = row_blocks * m_blocks
     nfull = K // bk
@@ -464,28 +626,36 @@ def _launch(cfg: GroupConfig, x2: torch.Tensor, weights: Sequence[torch.Tensor],
         ws, cnt = out, out  # unused (SPLIT_K == 1 is specialised away)
     w = list(weights) + [weights[0]] * (MAX_WEIGHTS - len(weights))
     Npad = Ns + [0] * (MAX_WEIGHTS - len(Ns))
-    even_n = all(n % bn == 0 for n in Ns)
     args = (x2, *w, out, ws, cnt, M, K, x2.stride(0), out.stride(0), *Npad, split)
     meta = dict(NUM_W=len(weights), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_N=even_n, EVEN_K=K % bk == 0,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     grid = (row_blocks, split, m_blocks)
     if cfg.kernel == "fma":
-        _gemv_group_kernel[grid](*args, **meta)
+        if fused is None:  # linear_group: no prologue, plain epilogue (the extra pointers are unused)
+            extra = (x2, out, out.stride(0), 0.0, 0.0, 0)
+            meta.update(NORM=False, EPI=EPI_CAT)
+        else:
+            nw = fused.norm_weight if fused.norm_weight is not None else x2
+            res = fused.residual if fused.residual is not None else out
+            extra = (nw, res, res.stride(0), _inv_k(K), float(fused.eps), _w1_offset(weights) if silu else 0)
+            meta.update(NORM=fused.norm_weight is not None, EPI=fused.epi)
+        _gemv_group_kernel[grid](*args, *extra, **meta, INTERP=_interpret())
     else:
         _mma_group_kernel[grid](*args, **meta, DOT_F32=_interpret())
     return split
 
 
-# chosen config per key; key = (device name, dtype, M, Ns, K)
+# chosen config per key; key = (device name, dtype, M, Ns, K[, fused variant])
 _CHOSEN: dict = {}
 _TUNED: dict = {}
 
 
-def _key(x2: torch.Tensor, M: int, Ns: Sequence[int], K: int) -> tuple:
+def _key(x2: torch.Tensor, M: int, Ns: Sequence[int], K: int, variant: Optional[str] = None) -> tuple:
     dev = x2.device
     name = _device_name(dev.index if dev.index is not None else torch.cuda.current_device()) \
         if dev.type == "cuda" else str(dev)
-    return (name, str(x2.dtype).replace("torch.", ""), M, tuple(Ns), K)
+    key = (name, str(x2.dtype).replace("torch.", ""), M, tuple(Ns), K)
+    return key if variant is None else key + (variant,)
 
 
 @functools.lru_cache(maxsize=None)
@@ -503,23 +673,45 @@ def _flush_buf(index: int) -> torch.Tensor:
     return torch.empty(max(2 * l2, 64 << 20) // 4, dtype=torch.int32, device=f"cuda:{index}")
 
 
-def _autotune(key, x2, weights, M, K, sms) -> GroupConfig:
+def _fused_heuristic(M: int, Ns: Sequence[int], K: int, fused: _Fused) -> GroupConfig:
+    """fused_linear's default: the fma heuristic, BLOCK_N = 8 with the RMSNorm prologue.  Reason
+    (derived, not measured): every program reads its x slice, the norm weight slice and, for the
+    statistics, the whole x row from L2 -- at M = 1 and BLOCK_N = 4 that is 0.75 L2 byte per weight
+    byte from HBM; 8 rows halve it (registers at M = 4: 32 for the accumulator, 32 for the tile)."""
+    h = _heuristic(min(M, FMA_MAX_M), Ns, K)
+    return h._replace(block_n=8) if fused.norm_weight is not None else h
+
+
+def _fused_candidates(M: int, Ns: Sequence[int], K: int, fused: _Fused) -> list:
+    h = _fused_heuristic(M, Ns, K, fused)
+    c = [h] + [x for x in _candidates(min(M, FMA_MAX_M), Ns, K) if x.kernel == "fma"]
+    c.append(h._replace(block_n=16))
+    out = []
+    for cfg in c:
+        if cfg not in out and (fused.epi != EPI_SILU_MUL or cfg.block_n >= 2):
+            out.append(cfg)
+    return out
+
+
+def _autotune(key, x2, weights, M, K, sms, fused: Optional[_Fused] = None) -> GroupConfig:
     """Time each candidate (first call compiles it), weights flushed from L2 before every call;
     median over a few calls.  Errors (e.g. out of shared memory) drop the candidate."""
     Ns = [w.shape[0] for w in weights]
     flush = _flush_buffer(x2.device)
-    out = torch.empty((M, sum(Ns)), dtype=x2.dtype, device=x2.device)
+    n_out = Ns[0] if fused is not None and fused.epi == EPI_SILU_MUL else sum(Ns)
+    out = torch.empty((M, n_out), dtype=x2.dtype, device=x2.device)
+    cands = _candidates(M, Ns, K) if fused is None else _fused_candidates(M, Ns, K, fused)
     times = {}
-    for cfg in _candidates(M, Ns, K):
+    for cfg in cands:
         try:
-            _launch(cfg, x2, weights, out, M, K, sms)
+            _launch(cfg, x2, weights, out, M, K, sms, fused)
             torch.cuda.synchronize()
             ts = []
             for _ in range(12):
                 flush.zero_()
                 e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 e0.record()
-                _launch(cfg, x2, weights, out, M, K, sms)
+                _launch(cfg, x2, weights, out, M, K, sms, fused)
                 e1.record()
                 e1.synchronize()
                 ts.append(e0.elapsed_time(e1) * 1e3)
@@ -529,28 +721,37 @@ def _autotune(key, x2, weights, M, K, sms) -> GroupConfig:
             _TUNED.setdefault(key, {}).setdefault("errors", {})[cfg.describe()] = f"{type(e).__name__}: {e}"[:200]
     best = min(times, key=times.get)
     if times[best] == float("inf"):
-        best = _heuristic(M, Ns, K)
+        best = cands[0]
     _TUNED.setdefault(key, {})["times_us"] = {c.describe(): round(t, 3) for c, t in times.items()}
     _TUNED[key]["best"] = best.describe()
     return best
 
 
-def _choose(x2: torch.Tensor, weights, M: int, K: int, sms: int, tune: Optional[bool]) -> GroupConfig:
+def _choose(x2: torch.Tensor, weights, M: int, K: int, sms: int, tune: Optional[bool],
+            fused: Optional[_Fused] = None) -> GroupConfig:
     Ns = [w.shape[0] for w in weights]
-    key = _key(x2, M, Ns, K)
+    key = _key(x2, M, Ns, K, None if fused is None else fused.tag())
     cfg = _CHOSEN.get(key)
     if cfg is not None:
         return cfg
     tune = TUNE if tune is None else tune
     if (tune and not _interpret() and x2.device.type == "cuda"
             and not torch.cuda.is_current_stream_capturing()):
-        cfg = _autotune(key, x2, weights, M, K, sms)
+        cfg = _autotune(key, x2, weights, M, K, sms, fused)
     else:
-        cfg = _heuristic(M, Ns, K)
+        cfg = _heuristic(M, Ns, K) if fused is None else _fused_heuristic(M, Ns, K, fused)
         if tune and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return cfg  # tune later, on a call outside capture
     _CHOSEN[key] = cfg
     return cfg
+
+
+def _rows(x: torch.Tensor, M: int, K: int) -> torch.Tensor:
+    """x as [M, K] rows that are K-contiguous (and 16-byte aligned for vector loads)."""
+    x2 = x.reshape(M, K)
+    if x2.stride(-1) != 1 or (M > 1 and x2.stride(0) % _VEC != 0):
+        x2 = x2.contiguous()
+    return x2
 
 
 def linear_group_triton(x: torch.Tensor, weights: Sequence[torch.Tensor], *, config=None,
@@ -573,13 +774,41 @@ def linear_group_triton(x: torch.Tensor, weights: Sequence[torch.Tensor], *, con
         return out.reshape(*lead, Ntot)
     if K == 0:
         return out.zero_().reshape(*lead, Ntot)
-    x2 = x.reshape(M, K)
-    if x2.stride(-1) != 1 or (M > 1 and x2.stride(0) % _VEC != 0):
-        x2 = x2.contiguous()  # rows must be K-contiguous (and 16-byte aligned for vector loads)
+    x2 = _rows(x, M, K)
     sms = _num_sms(x.device)
     cfg = _as_config(config) if config is not None else _choose(x2, weights, M, K, sms, tune)
     _launch(cfg, x2, weights, out, M, K, sms)
     return out.reshape(*lead, Ntot)
+
+
+def fused_linear_triton(x: torch.Tensor, weights: Sequence[torch.Tensor], norm_weight: Optional[torch.Tensor] = None,
+                        eps: float = 1e-6, epilogue: str = "cat", residual: Optional[torch.Tensor] = None, *,
+                        config=None, tune: Optional[bool] = None) -> torch.Tensor:
+    """``fused_linear`` (see :mod:`.ops`) in ONE launch of the fma kernel: ``x [..., K]``
+    (bf16/fp16), 1..4 contiguous weights ``[Ni, K]``, optional RMSNorm weight ``[K]``, epilogue
+    ``cat`` | ``silu_mul`` | ``residual`` (with ``residual`` of the output's shape).  Any M (the
+    op takes this path for M <= FUSED_MAX_M).  ``config`` / ``tune`` as in
+    :func:`linear_group_triton` (fma configs only; BLOCK_N >= 2 for silu_mul)."""
+    weights = list(weights)
+    Ns, K, n_out = check_fused_linear_args(x, weights, norm_weight, eps, epilogue, residual)
+    _check_launch(x, weights, op="fused_linear")
+    lead = x.shape[:-1]
+    M = lead.numel()
+    if M == 0 or n_out == 0 or K == 0:  # nothing to launch (K = 0: the reference's zeros / NaN-free result)
+        return fused_linear_ref(x, weights, norm_weight, eps, epilogue, residual)
+    x2 = _rows(x, M, K)
+    out = torch.empty((M, n_out), dtype=x.dtype, device=x.device)
+    r2 = None
+    if residual is not None:
+        r2 = residual.reshape(M, n_out)
+        if r2.stride(-1) != 1:
+            r2 = r2.contiguous()
+    nw = norm_weight.contiguous() if norm_weight is not None else None  # [K]: a copy at most K elements
+    fused = _Fused(nw, float(eps), _EPI_CODE[epilogue], r2)
+    sms = _num_sms(x.device)
+    cfg = _as_config(config) if config is not None else _choose(x2, weights, M, K, sms, tune, fused)
+    _launch(cfg, x2, weights, out, M, K, sms, fused)
+    return out.reshape(*lead, n_out)
 
 
 def tuning_report() -> dict:

@@ -20,18 +20,37 @@ changes no bit).  ``register_fake`` gives Dynamo/Inductor the output shape, so t
 ``torch.compile(fullgraph=True)`` graphs.  ``custom_op`` rather than ``triton_op``: the launcher
 picks a kernel and config by shape, may autotune and keeps a split-K workspace, which
 ``wrap_triton`` cannot trace (the choice made for :mod:`fxspec.lowering.quant.ops` too).
+
+``torch.ops.fxspec.fused_linear``: the same decode GEMV with the small kernels around it folded in
+(per layer of a Llama decode step: the two RMSNorms, the SiLU*mul, the residual adds)::
+
+    torch.ops.fxspec.fused_linear(Tensor x, Tensor[] weights, Tensor? norm_weight, float eps,
+                                  str epilogue, Tensor? residual) -> Tensor
+        prologue (norm_weight given): x <- LlamaRMSNorm(x) with weight norm_weight [K], x's dtype
+        weights: 1-4 bias-free [Ni, K], x's dtype and device
+        epilogue "cat":      cat([F.linear(x, wi)], -1)                      [..., sum Ni]
+                 "silu_mul": F.silu(F.linear(x, w0)) * F.linear(x, w1)        [..., N]  (2 weights, N0 == N1)
+                 "residual": cat([F.linear(x, wi)], -1) + residual            [..., sum Ni]
+
+:func:`fused_linear_ref` is the exact eager computation (HF ``LlamaRMSNorm``, ``LlamaMLP`` and the
+decoder layer's ``residual + h``), rounding to x's dtype wherever eager does.  CUDA, bf16/fp16,
+contiguous weights and at most FUSED_MAX_M rows -> one Triton launch of the CUDA-core GEMV with the
+prologue and epilogue compiled in (:func:`.gemv.fused_linear_triton`, same rounding points);
+everything else -> the reference, so on the CPU the op changes no bit versus the unfused graph.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence
+import math
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 __all__ = ["linear_group", "linear_group_ref", "check_linear_group_args", "triton_available", "DECODE_MAX_M",
-           "SINGLE_MAX_M"]
+           "SINGLE_MAX_M", "fused_linear", "fused_linear_ref", "rms_norm_ref", "check_fused_linear_args",
+           "EPILOGUES", "FUSED_MAX_M"]
 
 log = logging.getLogger(__name__)
 _TRITON: Optional[bool] = None
@@ -43,6 +62,11 @@ DECODE_MAX_M = 16
 # regime (gemv.FMA_MAX_M). Measured on the H100 at M = 1 it beat cuBLAS on 3 of 4 single-weight decode
 # shapes (1.05-1.16x; 1.1B down_proj 0.93x); at M = 8 (tensor-core kernel) cuBLAS was faster on all four.
 SINGLE_MAX_M = 4
+# Rows up to which fused_linear takes its Triton kernel: the CUDA-core "fma" GEMV's regime
+# (gemv.FMA_MAX_M, checked equal by the tests); the prologue/epilogue exist only in that kernel.
+FUSED_MAX_M = 4
+# fused_linear's epilogues (the order is the kernel's constexpr code, gemv.EPI_*)
+EPILOGUES = ("cat", "silu_mul", "residual")
 
 
 def check_linear_group_args(x: torch.Tensor, weights: Sequence[Optional[torch.Tensor]],
@@ -150,3 +174,132 @@ def _backward(ctx, grad):
 
 
 linear_group.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------- fused_linear
+
+def check_fused_linear_args(x: torch.Tensor, weights: Sequence[torch.Tensor], norm_weight: Optional[torch.Tensor],
+                            eps: float, epilogue: str, residual: Optional[torch.Tensor]):
+    """Validate ``fused_linear``'s arguments; return ``(Ns, K, N_out)``."""
+    op = "fused_linear"
+    if not isinstance(epilogue, str):
+        raise TypeError(f"{op}: epilogue must be a str, one of {EPILOGUES}; got {type(epilogue).__name__}")
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"{op}: unknown epilogue {epilogue!r}; valid: {', '.join(EPILOGUES)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"{op}: eps must be a float, got {type(eps).__name__}")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"{op}: eps must be finite and >= 0, got {eps}")
+    if isinstance(weights, torch.Tensor) or not all(isinstance(w, torch.Tensor) for w in weights):
+        raise TypeError(f"{op}: weights must be a list of 1-4 [N, K] tensors")
+    Ns, K = check_linear_group_args(x, weights, op=op)
+    if epilogue == "silu_mul":
+        if len(Ns) != 2:
+            raise ValueError(f"{op}: epilogue 'silu_mul' takes exactly 2 weights (gate, up), got {len(Ns)}")
+        if Ns[0] != Ns[1]:
+            raise ValueError(f"{op}: epilogue 'silu_mul' needs gate and up of equal N, got {Ns[0]} and {Ns[1]}")
+        n_out = Ns[0]
+    else:
+        n_out = sum(Ns)
+    if norm_weight is not None:
+        if tuple(norm_weight.shape) != (K,):
+            raise ValueError(f"{op}: norm_weight must have shape [K] = [{K}], got {list(norm_weight.shape)}")
+        if norm_weight.dtype != x.dtype:
+            raise ValueError(f"{op}: norm_weight dtype {norm_weight.dtype} != x dtype {x.dtype}")
+        if norm_weight.device != x.device:
+            raise ValueError(f"{op}: norm_weight is on {norm_weight.device} but x is on {x.device}")
+    out_shape = (*x.shape[:-1], n_out)
+    if epilogue == "residual":
+        if residual is None:
+            raise ValueError(f"{op}: epilogue 'residual' needs a residual tensor of the output's shape {list(out_shape)}")
+        if tuple(residual.shape) != out_shape:
+            raise ValueError(f"{op}: residual has shape {list(residual.shape)}, the output has {list(out_shape)}")
+        if residual.dtype != x.dtype:
+            raise ValueError(f"{op}: residual dtype {residual.dtype} != x dtype {x.dtype}")
+        if residual.device != x.device:
+            raise ValueError(f"{op}: residual is on {residual.device} but x is on {x.device}")
+    elif residual is not None:
+        raise ValueError(f"{op}: a residual is only taken with epilogue 'residual' (got epilogue {epilogue!r})")
+    return Ns, K, n_out
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF ``LlamaRMSNorm.forward`` step by step (fp32 statistics, the normalised x rounded to x's
+    dtype, then the weight product in x's dtype)."""
+    h = x.to(torch.float32)
+    var = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(var + eps)
+    return weight * h.to(x.dtype)
+
+
+def fused_linear_ref(x: torch.Tensor, weights: Sequence[torch.Tensor], norm_weight: Optional[torch.Tensor] = None,
+                     eps: float = 1e-6, epilogue: str = "cat", residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The reference: the unfused eager computation (no validation; see :func:`check_fused_linear_args`)."""
+    if norm_weight is not None:
+        x = rms_norm_ref(x, norm_weight, eps)
+    if epilogue == "silu_mul":
+        return F.silu(F.linear(x, weights[0])) * F.linear(x, weights[1])
+    y = linear_group_ref(x, weights)
+    return y + residual if epilogue == "residual" else y
+
+
+def _use_triton_fused(x: torch.Tensor, weights: Sequence[torch.Tensor], K: int) -> bool:
+    return (K > 0 and x.numel() // K <= FUSED_MAX_M) and _use_triton(x, weights, K)
+
+
+@torch.library.custom_op("fxspec::fused_linear", mutates_args=())
+def fused_linear(x: torch.Tensor, weights: List[torch.Tensor], norm_weight: Optional[torch.Tensor], eps: float,
+                 epilogue: str, residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """[RMSNorm ->] linears sharing one input [-> cat | silu(a) * b | + residual] (see the module docstring)."""
+    check_fused_linear_args(x, weights, norm_weight, eps, epilogue, residual)
+    return fused_linear_ref(x, weights, norm_weight, eps, epilogue, residual)
+
+
+@fused_linear.register_kernel("cuda")
+def _fused_linear_cuda(x, weights, norm_weight, eps, epilogue, residual):
+    _, K, _ = check_fused_linear_args(x, weights, norm_weight, eps, epilogue, residual)
+    if _use_triton_fused(x, weights, K):
+        from .gemv import fused_linear_triton
+        return fused_linear_triton(x, weights, norm_weight, eps, epilogue, residual)
+    return fused_linear_ref(x, weights, norm_weight, eps, epilogue, residual)
+
+
+@fused_linear.register_fake
+def _fused_linear_fake(x, weights, norm_weight, eps, epilogue, residual):
+    _, _, n_out = check_fused_linear_args(x, weights, norm_weight, eps, epilogue, residual)
+    return x.new_empty((*x.shape[:-1], n_out))
+
+
+def _fused_setup_context(ctx, inputs, output):
+    x, weights, norm_weight, eps, epilogue, residual = inputs
+    ctx.save_for_backward(x, norm_weight, *weights)
+    ctx.eps, ctx.epilogue, ctx.has_residual = eps, epilogue, residual is not None
+
+
+def _fused_backward(ctx, grad):
+    """Gradients of the reference's math (rounding steps treated as identity, as autograd does)."""
+    x, nw, *ws = ctx.saved_tensors
+    K = x.shape[-1]
+    xn = rms_norm_ref(x, nw, ctx.eps) if nw is not None else x
+    if ctx.epilogue == "silu_mul":
+        a, b = F.linear(xn, ws[0]), F.linear(xn, ws[1])
+        sig = torch.sigmoid(a)
+        parts = [grad * b * (sig * (1 + a * (1 - sig))), grad * F.silu(a)]
+    else:
+        parts = list(torch.split(grad, [w.shape[0] for w in ws], dim=-1))
+    gxn = sum(g @ w for g, w in zip(parts, ws))
+    gws = [g.reshape(-1, g.shape[-1]).t() @ xn.reshape(-1, K) for g in parts]
+    gnw = None
+    if nw is not None:  # d/dx of nw * x * rsqrt(mean(x^2) + eps)
+        h = x.float()
+        rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + ctx.eps)
+        xhat = h * rstd
+        gnw = (gxn.float() * xhat).reshape(-1, K).sum(0).to(nw.dtype)
+        gh = gxn.float() * nw.float()
+        gx = (rstd * (gh - xhat * (gh * xhat).mean(-1, keepdim=True))).to(x.dtype)
+    else:
+        gx = gxn
+    return gx, gws, gnw, None, None, (grad if ctx.has_residual else None)
+
+
+fused_linear.register_autograd(_fused_backward, setup_context=_fused_setup_context)
