@@ -19,6 +19,18 @@ measured faster than cuBLAS there on most decode shapes (``benchmarks/results/de
              o = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=s)     # q: one token
     after:   o = fxspec.decode_attention(q, cache_k, cache_v, m, s)               # split-K, no copy
 
+``fuse_gemv_edges`` (order 97; ``decode.fuse_norm``, ``decode.fuse_epilogues``), on the GEMVs above, steps of
+at most 4 rows, bf16/fp16::
+
+    before:  xn = w_n * (h * rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(dt)   # h = x.to(float32)
+             gu = fxspec.linear_group(xn, Wg, Wu); a = F.silu(gu[..., :N]) * gu[..., N:]
+             y = r + fxspec.linear_group(a, Wd)
+    after:   a = fxspec.fused_linear(x, [Wg, Wu], w_n, eps, "silu_mul", None)     # 1 launch, not 3
+             y = fxspec.fused_linear(a, [Wd], None, 0.0, "residual", r)
+
+The norm is matched only in transformers' Llama form (its rounding points are the ones the kernel
+reproduces); every intermediate must have no other user.
+
 Legality (a skipped site is left exactly as it was, with the reason in the log):
 - inference graph; target CUDA (CPU only with ``decode.apply_on_cpu``: the ops run their exact
   references there); at most ``decode.max_tokens`` query rows, known statically;

@@ -91,7 +91,7 @@ DECODE_MAX_M = 16
 # int8/fp8: M <= GEMV_MAX_M takes the CUDA-core GEMV, larger M the tensor-core kernel.
 GEMV_MAX_M = 1
 # int4: M <= GEMV4_MAX_M takes the CUDA-core GEMV (path "gemv"), larger M the tensor-core kernel.
-# H100, 2026-11-23 (benchmarks/results/quant_kernels.md, run 4): at M = 1 the GEMV is 1.11-1.29x
+# H100, 2026-11-23 (benchmarks/results/quant_kernels.md, run 4): at M = 1 the GEMV is 1.09-1.29x
 # faster than the split-K mma kernel on all five decode shapes (8B int4 decode 313 vs 271 tok/s);
 # at M = 2 and 4 it is 1.2-2.5x slower (one program per row of x re-reads the tile from L2).
 GEMV4_MAX_M = 1
