@@ -649,20 +649,8 @@ def main():
     copy_bytes = (64 << 20) if args.quick else (1 << 30)
     torch.backends.cuda.matmul.allow_tf32 = False
     impl = Impl(device)
-    try:
-        import triton
-        triton_version = triton.__version__
-    except Exception:
-        triton_version = None
-    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                device=device,
-                device_name=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                sms=torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else None,
-                torch=torch.__version__, triton=triton_version, cuda=torch.version.cuda,
-                python=sys.version.split()[0], commit=_git_commit(), quick=args.quick,
-                timing="CUDA-graph replay, median of 15" if device == "cuda" else "CPU wall clock, median of 15",
-                rotate_bytes=rotate, copy_bytes=copy_bytes, tune=os.environ.get("FXSPEC_TUNE", "0"),
-                fma_max_m=getattr(impl.G, "FMA_MAX_M", None), groups=groups, ms=ms)
+    meta = _meta(args, device, rotate, copy_bytes, fma_max_m=getattr(impl.G, "FMA_MAX_M", None), groups=groups,
+                 ms=ms)
     log("meta", json.dumps(meta))
     os.makedirs(args.out, exist_ok=True)
     results, checks = [], []

@@ -1,20 +1,17 @@
 """Weight-only quantized linears: packing, reference, Triton kernels (interpreter), ops, compile.
 
 The Triton kernels run under ``TRITON_INTERPRET=1`` in ONE subprocess (this file executed as a
-script with ``--interp``): the variable must be set before triton is imported, and in a shared
-pytest process another module may already have imported triton, so an in-process switch would
-not be reliable.  The subprocess prints one JSON line per case; a module-scoped fixture collects
-them and each case is its own parametrized test.  GPU tests are skipped without CUDA.
+module with ``--interp``, through :mod:`tests.interp_harness`): the variable must be set before
+triton is imported, and in a shared pytest process another module may already have imported
+triton, so an in-process switch would not be reliable.  Each case is its own parametrized test.  GPU tests are skipped without CUDA.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -25,6 +22,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import fxspec.lowering.quant as Q  # noqa: E402
+from tests import interp_harness  # noqa: E402
 
 # Tolerances as data: relative Frobenius error of a kernel vs the fp32 reference.  bf16 under the
 # interpreter also absorbs its truncating fp32->bf16 cast (1 ulp = 2^-8 relative, worst case).
@@ -364,16 +362,8 @@ def _run_interp_case(c) -> dict:
 
 
 def _interp_main():
-    assert os.environ.get("TRITON_INTERPRET") == "1"
     from fxspec.lowering.quant import triton_kernels as tk
-    for cid, c in _interp_cases():
-        t = time.time()
-        try:
-            res = _run_interp_case(c)
-        except Exception as e:  # reported per case
-            res = dict(error=f"{type(e).__name__}: {e}"[:2000])
-        res["seconds"] = round(time.time() - t, 3)
-        print("CASE " + json.dumps(dict(id=cid, **res)), flush=True)
+    interp_harness.emit_cases(_interp_cases(), _run_interp_case)
     # launcher errors that only make sense in interpreter mode
     x = torch.randn(1, 64, dtype=torch.bfloat16)
     q4 = Q.quantize_int4(torch.randn(16, 64), 32, dtype=torch.bfloat16)
@@ -391,27 +381,12 @@ def _interp_main():
             checks[name] = "ok: " + str(e)[:200]
         except Exception as e:
             checks[name] = f"wrong error {type(e).__name__}: {e}"[:300]
-    print("ERRORS " + json.dumps(checks), flush=True)
+    interp_harness.emit_extra(checks)
 
 
 @pytest.fixture(scope="module")
 def interp_results():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    t = time.time()
-    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--interp"], capture_output=True, text=True,
-                       cwd=ROOT, env=env, timeout=600)
-    cases, errors = {}, None
-    for line in r.stdout.splitlines():
-        if line.startswith("CASE "):
-            d = json.loads(line[5:])
-            cases[d["id"]] = d
-        elif line.startswith("ERRORS "):
-            errors = json.loads(line[7:])
-    if not cases:
-        pytest.fail(f"interpreter subprocess produced no results (rc={r.returncode}):\n{r.stderr[-4000:]}")
-    print(f"\n[interpreter subprocess: {len(cases)} cases in {time.time() - t:.1f}s]")
-    return dict(cases=cases, errors=errors, rc=r.returncode, stderr=r.stderr)
+    return interp_harness.run_module(__file__)
 
 
 @pytest.mark.parametrize("cid,case", _interp_cases(), ids=[c[0] for c in _interp_cases()])
@@ -425,7 +400,7 @@ def test_triton_kernel_matches_reference_interpreter(interp_results, cid, case):
 
 
 def test_triton_launcher_errors_interpreter(interp_results):
-    errs = interp_results["errors"]
+    errs = interp_results["extra"]
     assert errs is not None, interp_results["stderr"][-3000:]
     for name, msg in errs.items():
         assert msg.startswith("ok: "), (name, msg)

@@ -304,7 +304,7 @@ def fuse_gemv_edges(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         epi = _match_epilogue(lg, ws) if cfg.fuse_epilogues else None
         if norm is None and epi is None:
             continue
-        where = _site_name(lg, ws, params)
+        where = _site_name(ws, params)
         rows = _rows(x)
         if _dtype(lg) not in (torch.float16, torch.bfloat16):
             ctx.skip(where, f"{_dtype(lg)} GEMV (the fused kernel takes float16/bfloat16)")
@@ -328,7 +328,7 @@ def fuse_gemv_edges(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     return gm
 
 
-def _site_name(lg: fx.Node, ws: list, params: dict) -> str:
+def _site_name(ws: list, params: dict) -> str:
     names = [params[w].qualname if w in params else w.name for w in ws]
     return ", ".join(names)
 
@@ -405,7 +405,7 @@ def _match_epilogue(lg: fx.Node, ws: list):
     ``("residual", add, r)`` for ``part + r`` (or ``r + part``) over a 1-weight GEMV; else None.
     Every intermediate must have no other user (it disappears)."""
     parts = list(lg.users)
-    if not all(is_op_narrow(p) for p in parts):
+    if not all(_is_narrow(p) for p in parts):
         return None
     if len(ws) == 2 and len(parts) == 2:
         p0, p1 = sorted(parts, key=lambda p: p.args[2])
@@ -434,7 +434,7 @@ def _match_epilogue(lg: fx.Node, ws: list):
     return None
 
 
-def is_op_narrow(node: fx.Node) -> bool:
+def _is_narrow(node: fx.Node) -> bool:
     return (node.op == "call_function" and node.target is torch.narrow and len(node.args) == 4
             and node.args[1] == -1)
 
