@@ -270,6 +270,9 @@ def measure_group(impl: Impl, model, name, Ns, K, device, copy_bw, ms, variants,
             t0 = time.time()
             row = dict(model=model, group=name, Ns=Ns, K=K, M=M, method=meth, weight_bytes=wbytes,
                        n_weight_copies=n_copies)
+            saved = os.environ.get("FXSPEC_PDL")
+            if meth.endswith("_nopdl"):
+                os.environ["FXSPEC_PDL"] = "0"
             try:
                 sec, how = time_calls(calls, device)
                 bw = wbytes / sec
@@ -314,7 +317,9 @@ FUSED_GROUPS = [
 LAYER_SHAPES = {"1.1B": (2048, 2048, 256, 5632), "8B": (4096, 4096, 1024, 14336)}
 FUSED_MS = [1]
 FUSED_CHECK_MS = [1, 2, 4]
-FUSED_METHODS = ("unfused", "unfused_cublas", "fused")
+# fused_nopdl: the fused calls captured with FXSPEC_PDL=0 (programmatic dependent launch off, see
+# fxspec/lowering/pdl.py), so the PDL gain is measured in the same run
+FUSED_METHODS = ("unfused", "unfused_cublas", "fused", "fused_nopdl")
 
 
 def _rms(x, w):
@@ -375,7 +380,7 @@ class FusedImpl:
 
     def call(self, method: str, x, ws, nw, epi, res):
         """One fused call's worth of work by ``method``; returns the output(s)."""
-        if method == "fused":
+        if method.startswith("fused"):
             return self.fused(x, ws, nw, epi, res)
         h = self.norm(x, nw) if nw is not None else x
         if method == "unfused_cublas":
@@ -396,7 +401,7 @@ class FusedImpl:
         """One decoder layer's projections; ``st``: x (the residual stream after the previous
         layer, as the fused path has it), d_prev / res_prev (the unfused path adds them in its
         first add+RMSNorm instead), attn (stands in for the attention output)."""
-        if method == "fused":
+        if method.startswith("fused"):
             f = self.fused
             f(st["x"], lw["qkv"], lw["n1"], "cat", None)
             r2 = f(st["attn"], lw["o"], None, "residual", st["x"])
@@ -494,12 +499,20 @@ def measure_fused(impl: FusedImpl, model, name, Ns, K, epi, norm, device, copy_b
             t0 = time.time()
             row = dict(model=model, case=name, Ns=Ns, K=K, M=M, method=meth, epilogue=epi, norm=norm,
                        weight_bytes=wbytes, n_weight_copies=n_copies)
+            saved = os.environ.get("FXSPEC_PDL")
+            if meth.endswith("_nopdl"):
+                os.environ["FXSPEC_PDL"] = "0"
             try:
                 sec, how = time_calls(calls, device)
                 bw = wbytes / sec
                 row.update(us=sec * 1e6, GBps=bw / 1e9, frac_copy=bw / copy_bw, timing=how)
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
+            finally:
+                if saved is None:
+                    os.environ.pop("FXSPEC_PDL", None)
+                else:
+                    os.environ["FXSPEC_PDL"] = saved
             results.append(row)
             if "us" in row:
                 log(f"  {model:>4s} {name:<18s} M={M:<2d} {meth:<15s} {row['us']:9.2f} us {row['GBps']:8.1f} GB/s "
@@ -524,9 +537,10 @@ def fused_markdown(meta, copy_bw, results, checks) -> str:
     if meta["device"] != "cuda":
         L.append("- CPU smoke run: every method is ATen's CPU code (the ops' reference implementations); "
                  "the numbers say nothing about the GPU kernels")
-    L += ["", "Time in us (GB/s of weights); speedup = unfused / fused.", "",
-          "| model | case | Ns x K | MB | M | unfused | unfused cuBLAS | fused | speedup | vs cuBLAS |",
-          "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    L += ["", "Time in us (GB/s of weights); speedup = unfused / fused; PDL gain = fused with programmatic "
+          "dependent launch off / fused (both captured in this run).", "",
+          "| model | case | Ns x K | MB | M | unfused | unfused cuBLAS | fused, PDL off | fused | speedup | vs cuBLAS | PDL gain |",
+          "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     by = {}
     for r in results:
         by.setdefault((r["model"], r["case"], r["M"]), {})[r["method"]] = r
@@ -542,9 +556,9 @@ def fused_markdown(meta, copy_bw, results, checks) -> str:
     for (model, name, M), d in sorted(by.items(), key=lambda kv: (kv[0][2], order.get(kv[0][:2], 99))):
         r0 = next(iter(d.values()))
         shape = "layer" if r0["Ns"] is None else f"{'+'.join(map(str, r0['Ns']))} x {r0['K']}"
-        u, c, f = d.get("unfused"), d.get("unfused_cublas"), d.get("fused")
+        u, c, f, fn = d.get("unfused"), d.get("unfused_cublas"), d.get("fused"), d.get("fused_nopdl")
         L.append(f"| {model} | {name} | {shape} | {r0['weight_bytes'] / 1e6:.2f} | {M} | {cell(u)} | {cell(c)} | "
-                 f"{cell(f)} | {sp(u, f)} | {sp(c, f)} |")
+                 f"{cell(fn)} | {cell(f)} | {sp(u, f)} | {sp(c, f)} | {sp(fn, f)} |")
     if checks:
         L += ["", "Checks (vs fused_linear_ref; equal = fraction of bitwise-equal outputs, ulps = max error in bf16 ulps):", "",
               "| model | case | M | method | equal | max ulps | ok |", "|---|---|---:|---|---:|---:|---|"]

@@ -23,6 +23,7 @@ Writes $OUT/quant_kernels.json and $OUT/quant_kernels.md when OUT is set; prints
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -122,6 +123,22 @@ def time_calls(calls, reps: int = 15, min_calls: int = 8) -> tuple:
 
 
 # --------------------------------------------------------------------------------- baselines
+
+@contextlib.contextmanager
+def pdl_env(off: bool):
+    """Methods named ``*_nopdl`` are captured with FXSPEC_PDL=0 (programmatic dependent launch off,
+    fxspec/lowering/pdl.py): the same kernel without the launch overlap, measured in the same run."""
+    saved = os.environ.get("FXSPEC_PDL")
+    if off:
+        os.environ["FXSPEC_PDL"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("FXSPEC_PDL", None)
+        else:
+            os.environ["FXSPEC_PDL"] = saved
+
 
 def tinygemm_pack(q4: torch.Tensor, scales_gn: torch.Tensor):
     """q4: uint8 codes [N, K] (0..15); scales [K/G, N] -> (packed, scales_and_zeros) for
@@ -271,6 +288,8 @@ def measure_shape(Q, tk, N, K, copy_bw, results, only_m=None, sweep=True):
             "fxspec_int4": ("int4", [lambda q=q, s=s: tk.int4_linear_triton(x, q, s, None, GROUP) for q, s in q4s]),
         }
         if M == 1:
+            methods["fxspec_int8_nopdl"] = methods["fxspec_int8"]
+            methods["fxspec_int4_nopdl"] = methods["fxspec_int4"]
             methods["inductor_int8"] = ("int8", [lambda q=q, s=s: ind(x, q, s) for q, s in q8b])
             methods["fxspec_fp8"] = ("fp8", [lambda q=q, s=s: tk.fp8_linear_triton(x, q, s) for q, s in qfs])
             methods["fxspec_int8_mma"] = ("int8", [lambda q=q, s=s: tk.int8_linear_triton(x, q, s, path="mma") for q, s in q8s])
@@ -287,7 +306,8 @@ def measure_shape(Q, tk, N, K, copy_bw, results, only_m=None, sweep=True):
         for name, (kind, calls) in methods.items():
             t0 = time.time()
             try:
-                sec, how = time_calls(calls, reps=15 if M <= 16 else 7)
+                with pdl_env(name.endswith("_nopdl")):
+                    sec, how = time_calls(calls, reps=15 if M <= 16 else 7)
                 bw = bytes_[kind] / sec
                 row = dict(N=N, K=K, M=M, method=name, us=sec * 1e6, weight_bytes=bytes_[kind],
                            GBps=bw / 1e9, frac_copy=bw / copy_bw, tflops=2 * M * N * K / sec / 1e12, timing=how)
@@ -394,9 +414,11 @@ def measure_int4_decode(Q, tk, N, K, copy_bw, results, ms):
             "fxspec_int4_mma": (b4, [lambda q=q, s=s: tk.int4_linear_triton(x, q, s, None, GROUP, path="mma") for q, s in q4s]),
             "tinygemm_int4": (btg, [lambda p=p, s=s: torch.ops.aten._weight_int4pack_mm(x, p, GROUP, s) for p, s in tgs]),
         }
+        methods["fxspec_int4_gemv_nopdl"] = methods["fxspec_int4_gemv"]
         for name, (nb, calls) in methods.items():
             try:
-                sec, how = time_calls(calls, reps=15)
+                with pdl_env(name.endswith("_nopdl")):
+                    sec, how = time_calls(calls, reps=15)
                 bw = nb / sec
                 row = dict(N=N, K=K, M=M, method=name, us=sec * 1e6, weight_bytes=nb, GBps=bw / 1e9,
                            frac_copy=bw / copy_bw, tflops=2 * M * N * K / sec / 1e12, timing=how)
@@ -412,8 +434,8 @@ def measure_int4_decode(Q, tk, N, K, copy_bw, results, ms):
 
 def int4_decode_table(copy_bw, results) -> str:
     lines = [f"copy bandwidth {copy_bw/1e12:.3f} TB/s",
-             "| N x K | M | fxspec int4 gemv | fxspec int4 mma | tinygemm | gemv vs tinygemm |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| N x K | M | fxspec int4 gemv | gemv, PDL off | fxspec int4 mma | tinygemm | gemv vs tinygemm | PDL off vs tinygemm |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     by = {}
     for r in results:
         by.setdefault((r["N"], r["K"], r["M"]), {})[r["method"]] = r
@@ -422,8 +444,12 @@ def int4_decode_table(copy_bw, results) -> str:
         return f"{r['us']:.2f} ({r['frac_copy']*100:.0f}%)" if r and "us" in r else "error"
     for (N, K, M), d in sorted(by.items(), key=lambda kv: (kv[0][2], SHAPES.index(kv[0][:2]) if kv[0][:2] in SHAPES else 99)):
         gv, mm, tg = d.get("fxspec_int4_gemv"), d.get("fxspec_int4_mma"), d.get("tinygemm_int4")
-        ratio = f"{tg['us']/gv['us']:.2f}x" if gv and tg and "us" in gv and "us" in tg else "-"
-        lines.append(f"| {N}x{K} | {M} | {cell(gv)} | {cell(mm)} | {cell(tg)} | {ratio} |")
+        gn = d.get("fxspec_int4_gemv_nopdl")
+
+        def ratio(a, b):
+            return f"{b['us']/a['us']:.2f}x" if a and b and "us" in a and "us" in b else "-"
+        lines.append(f"| {N}x{K} | {M} | {cell(gv)} | {cell(gn)} | {cell(mm)} | {cell(tg)} | {ratio(gv, tg)} | "
+                     f"{ratio(gn, tg)} |")
     return "\n".join(lines)
 
 

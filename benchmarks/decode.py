@@ -172,6 +172,7 @@ class Bench:
             "torch": torch.__version__,
             "transformers": __import__("transformers").__version__,
             "triton": _version("triton"),
+            "pdl": os.environ.get("FXSPEC_PDL", "auto"),
             "commit": os.environ.get("FXSPEC_COMMIT") or _git_commit(),
             "prompt": args.prompt, "new_tokens": args.new,
             "dtype": {torch.bfloat16: "bf16", torch.float32: "fp32"}[self.dtype],
@@ -407,6 +408,12 @@ def run(args) -> Bench:
         model = get(name)
         vocab = model.config.vocab_size
         ids = make_prompts(name, b, args.prompt, vocab, bench.device, args.ref_lm)
+        pdl_off = what.endswith(" no-pdl")  # same row with programmatic dependent launch off
+        if pdl_off:
+            what = what[:-len(" no-pdl")]
+        saved_pdl = os.environ.get("FXSPEC_PDL")
+        if pdl_off:
+            os.environ["FXSPEC_PDL"] = "0"
         try:
             t_row = time.perf_counter()
             if what == "fxspec bf16":
@@ -439,6 +446,14 @@ def run(args) -> Bench:
             traceback.print_exc()
             row = {"model": name, "batch": b, "method": what, "status": "error",
                    "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+        finally:
+            if pdl_off:
+                if saved_pdl is None:
+                    os.environ.pop("FXSPEC_PDL", None)
+                else:
+                    os.environ["FXSPEC_PDL"] = saved_pdl
+        if pdl_off:
+            row["method"] += " (PDL off)"
         bench.add(row)
     bench.meta["total_s"] = time.perf_counter() - bench.t0
     bench.write()
@@ -566,6 +581,7 @@ def main(argv=None) -> None:
     ap.add_argument("--budget-s", type=float, default=1e9)
     ap.add_argument("--only", default=None, help="run exactly these rows, in order: 'model:batch:method;...' "
                     "(methods: fxspec bf16, fxspec bf16 no-rewrites, hf eager, fxspec int8, fxspec int4, profile, "
+                         "any fxspec method + ' no-pdl' (programmatic dependent launch off), "
                     "hf static+inductor (default|reduce-overhead))")
     ap.add_argument("--eager-prefill", default="llama-1.1b,llama3-8b",
                     help="models whose prefill runs eagerly (saves a compile; decode tok/s excludes prefill)")

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import pdl
+
 LOG2E = 1.4426950408889634
 
 
@@ -48,7 +50,10 @@ def _decode_attn_kernel(Q, K, V, Mask, O, OP, ML,
                         L, H_KV, keys_per_split, num_splits, qk_scale,
                         G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                         BLOCK_L: tl.constexpr, MASK_KIND: tl.constexpr, SINGLE: tl.constexpr,
-                        DOT_F32: tl.constexpr):
+                        DOT_F32: tl.constexpr, PDL: tl.constexpr = False):
+    # PDL (fxspec.lowering.pdl): nothing here is a weight, so no prefetch, only the two phases
+    pdl.launch_dependents(PDL)
+    pdl.wait(PDL)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // H_KV
@@ -114,7 +119,9 @@ def _decode_attn_kernel(Q, K, V, Mask, O, OP, ML,
 
 @triton.jit
 def _combine_kernel(OP, ML, O, H, num_splits, stride_ob, stride_oh, stride_od,
-                    D: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr):
+                    D: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr, PDL: tl.constexpr = False):
+    pdl.launch_dependents(PDL)
+    pdl.wait(PDL)
     row = tl.program_id(0)  # b * H + h
     b = row // H
     h = row % H
@@ -175,6 +182,7 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
         sml = m.stride(3)
     interp = _interpret()
     block_l = BLOCK_L
+    launch = dict(PDL=True, launch_pdl=True) if pdl.enabled(q.device) else {}
     if splits is None:
         S, per = plan_splits(B, H_kv, L, _sm_count(q.device), block_l)
     else:
@@ -197,10 +205,10 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
         out.stride(0), out.stride(1), out.stride(3),
         L, H_kv, per, S, float(scale) * LOG2E,
         G=G, G_PAD=G_PAD, D=D, D_PAD=D_PAD, BLOCK_L=block_l, MASK_KIND=kind, SINGLE=single,
-        DOT_F32=interp or q.dtype == torch.float32, num_warps=4, num_stages=2)
+        DOT_F32=interp or q.dtype == torch.float32, num_warps=4, num_stages=2, **launch)
     if not single:
         _combine_kernel[(B * H,)](op, ml, out, H, S, out.stride(0), out.stride(1), out.stride(3),
-                                  D=D, D_PAD=D_PAD, S_PAD=max(2, _next_pow2(S)), num_warps=4)
+                                  D=D, D_PAD=D_PAD, S_PAD=max(2, _next_pow2(S)), num_warps=4, **launch)
     return out
 
 

@@ -85,6 +85,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from .. import pdl
 from .ops import DECODE_MAX_M, EPILOGUES, check_fused_linear_args, check_linear_group_args, fused_linear_ref
 
 __all__ = [
@@ -162,6 +163,12 @@ def _k_range(K, SPLIT_K, BLOCK_K: tl.constexpr):
     kb_lo = tl.program_id(1) * per
     kb_hi = tl.minimum(kb_lo + per, nfull)
     return nfull, kb_lo, kb_hi
+
+
+@triton.jit
+def _k_end(K, nfull, kb_hi, SPLIT_K, BLOCK_K: tl.constexpr):
+    # one past the last column program_id(1) reads (the last split also reads the tail)
+    return tl.where(tl.program_id(1) == SPLIT_K - 1, K, kb_hi * BLOCK_K)
 
 
 @triton.jit
@@ -281,7 +288,8 @@ def _gemv_group_kernel(X, W0, W1, W2, W3, Y, WS, CNT,
                        NW, R, stride_rm, inv_k, eps, w1_off,
                        NUM_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                       NORM: tl.constexpr, EPI: tl.constexpr, INTERP: tl.constexpr):
+                       NORM: tl.constexpr, EPI: tl.constexpr, INTERP: tl.constexpr,
+                       PDL: tl.constexpr = False, PF_BYTES: tl.constexpr = 0):
     VEC: tl.constexpr = 8
     KV: tl.constexpr = BLOCK_K // VEC
     DT: tl.constexpr = Y.dtype.element_ty
@@ -301,6 +309,11 @@ def _gemv_group_kernel(X, W0, W1, W2, W3, Y, WS, CNT,
         offs_n = blk * BLOCK_N + r
         n_mask = offs_n < rows
         w_rows = W + (offs_n.to(tl.int64) * K)[:, None]                        # [BN, 1]
+    nfull, kb_lo, kb_hi = _k_range(K, SPLIT_K, BLOCK_K)
+    if PDL:  # weights only before the wait (fxspec.lowering.pdl)
+        pdl.prefetch_rows(w_rows, n_mask, kb_lo * BLOCK_K, _k_end(K, nfull, kb_hi, SPLIT_K, BLOCK_K), PF_BYTES)
+    pdl.launch_dependents(PDL)
+    pdl.wait(PDL)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     # 2-D tiles contiguous along K (so Triton's coalescing puts lanes and warps along K, 8
@@ -311,7 +324,6 @@ def _gemv_group_kernel(X, W0, W1, W2, W3, Y, WS, CNT,
     x_rows = X + (offs_m.to(tl.int64) * stride_xm)[:, None]                    # [BM, 1]
     if NORM:
         rstd = _rms_rstd(x_rows, m_mask, K, inv_k, eps, BLOCK_M, BLOCK_K, EVEN_K)
-    nfull, kb_lo, kb_hi = _k_range(K, SPLIT_K, BLOCK_K)
     w_ptrs = w_rows + (kb_lo * BLOCK_K + offs_k)[None, :]
     x_ptrs = x_rows + (kb_lo * BLOCK_K + offs_k)[None, :]
     g_ptrs = NW + (kb_lo * BLOCK_K + offs_k)[None, :]                          # [1, BK] (NORM)
@@ -371,7 +383,7 @@ def _mma_group_kernel(X, W0, W1, W2, W3, Y, WS, CNT,
                       M, K, stride_xm, stride_ym, N0, N1, N2, N3, SPLIT_K,
                       NUM_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                      DOT_F32: tl.constexpr):
+                      DOT_F32: tl.constexpr, PDL: tl.constexpr = False, PF_BYTES: tl.constexpr = 0):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(2)
     W, blk, rows, col = _pick_weight(pid_n, W0, W1, W2, W3, N0, N1, N2, N3, NUM_W, BLOCK_N)
@@ -383,6 +395,10 @@ def _mma_group_kernel(X, W0, W1, W2, W3, Y, WS, CNT,
     w_rows = W + (offs_n.to(tl.int64) * K)[:, None]                            # [BN, 1]
     x_cols = X + (offs_m.to(tl.int64) * stride_xm)[None, :]                    # [1, BM]
     nfull, kb_lo, kb_hi = _k_range(K, SPLIT_K, BLOCK_K)
+    if PDL:  # weights only before the wait (fxspec.lowering.pdl)
+        pdl.prefetch_rows(w_rows, n_mask, kb_lo * BLOCK_K, _k_end(K, nfull, kb_hi, SPLIT_K, BLOCK_K), PF_BYTES)
+    pdl.launch_dependents(PDL)
+    pdl.wait(PDL)
     w_ptrs = w_rows + (kb_lo * BLOCK_K + offs_k)[None, :]
     x_ptrs = x_cols + (kb_lo * BLOCK_K + offs_k)[:, None]
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -630,6 +646,8 @@ def _launch(cfg: GroupConfig, x2: torch.Tensor, weights: Sequence[torch.Tensor],
     meta = dict(NUM_W=len(weights), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_N=even_n, EVEN_K=K % bk == 0,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     grid = (row_blocks, split, m_blocks)
+    if pdl.enabled(dev):
+        meta.update(PDL=True, PF_BYTES=pdl.PREFETCH_BYTES, launch_pdl=True)
     if cfg.kernel == "fma":
         if fused is None:  # linear_group: no prologue, plain epilogue (the extra pointers are unused)
             extra = (x2, out, out.stride(0), 0.0, 0.0, 0)

@@ -68,6 +68,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import pdl
 from .reference import check_fp8_linear_args, check_int4_linear_args, check_int8_linear_args
 
 __all__ = [
@@ -284,7 +285,8 @@ def _mm4_kernel(X, W, S, Z, B, Y, WS, CNT,
                 GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                 X_BF16: tl.constexpr, USE_ASM: tl.constexpr, DOT_F32: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                GROUP_M: tl.constexpr, EVEN_N: tl.constexpr, SCALE_W: tl.constexpr = False):
+                GROUP_M: tl.constexpr, EVEN_N: tl.constexpr, SCALE_W: tl.constexpr = False,
+                PDL: tl.constexpr = False, PF_BYTES: tl.constexpr = 0):
     HALF: tl.constexpr = GROUP // 2
     NUM_PID_M = tl.cdiv(M, BLOCK_M)
     NUM_PID_N = tl.cdiv(N, BLOCK_N)
@@ -299,6 +301,10 @@ def _mm4_kernel(X, W, S, Z, B, Y, WS, CNT,
     per_split = tl.cdiv(num_groups, SPLIT_K)
     g_lo = pid_k * per_split
     g_hi = tl.minimum(g_lo + per_split, num_groups)
+    if PDL:  # weights only before the wait (fxspec.lowering.pdl)
+        pdl.prefetch_rows(W + (offs_n.to(tl.int64) * stride_wn)[:, None], n_mask, g_lo * HALF, g_hi * HALF, PF_BYTES)
+    pdl.launch_dependents(PDL)
+    pdl.wait(PDL)
     w_ptrs = W + (offs_n.to(tl.int64) * stride_wn)[:, None] + (g_lo * HALF + offs_j)[None, :]
     x_ptrs = X + (offs_m.to(tl.int64) * stride_xm)[None, :] + (g_lo * GROUP + offs_j)[:, None]
     # Scales (and zeros) are loaded in the iteration that uses them.  v2 prefetched them one
@@ -355,7 +361,8 @@ def _mm8_kernel(X, W, S, B, Y, WS, CNT,
                 DOT_F32: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                 GROUP_M: tl.constexpr,
-                EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+                EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+                PDL: tl.constexpr = False, PF_BYTES: tl.constexpr = 0):
     NUM_PID_M = tl.cdiv(M, BLOCK_M)
     NUM_PID_N = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = _tile_ids(NUM_PID_M, NUM_PID_N, GROUP_M)
@@ -369,6 +376,11 @@ def _mm8_kernel(X, W, S, B, Y, WS, CNT,
     per_split = tl.cdiv(num_kb, SPLIT_K)
     kb_lo = pid_k * per_split
     kb_hi = tl.minimum(kb_lo + per_split, num_kb)
+    if PDL:  # weights only before the wait (fxspec.lowering.pdl)
+        pdl.prefetch_rows(W + (offs_n.to(tl.int64) * stride_wn)[:, None], n_mask, kb_lo * BLOCK_K,
+                          tl.minimum(kb_hi * BLOCK_K, K), PF_BYTES)
+    pdl.launch_dependents(PDL)
+    pdl.wait(PDL)
     w_ptrs = W + (offs_n.to(tl.int64) * stride_wn)[:, None] + (kb_lo * BLOCK_K + offs_k)[None, :]
     x_ptrs = X + (offs_m.to(tl.int64) * stride_xm)[None, :] + (kb_lo * BLOCK_K + offs_k)[:, None]
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -432,12 +444,17 @@ def _gemv8_deq(w, IS_FP8: tl.constexpr):
 def _gemv8_kernel(X, W, S, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
                   IS_FP8: tl.constexpr, HAS_BIAS: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr = False):
+                  EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr = False,
+                  PDL: tl.constexpr = False, PF_BYTES: tl.constexpr = 0):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
+    if PDL:  # weights only before the wait (fxspec.lowering.pdl)
+        pdl.prefetch_rows(W + (offs_n.to(tl.int64) * stride_wn)[:, None], n_mask, 0, K, PF_BYTES)
+    pdl.launch_dependents(PDL)
+    pdl.wait(PDL)
     w_ptrs = W + (offs_n.to(tl.int64) * stride_wn)[:, None] + offs_k[None, :]
     x_ptrs = X + pid_m.to(tl.int64) * stride_xm + offs_k
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -590,7 +607,8 @@ def _gemv4_kernel(X, W, S, Z, B, Y, WS, CNT,
                   X_BF16: tl.constexpr, USE_ASM: tl.constexpr, DOT_F32: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                   GROUP_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_G: tl.constexpr,
-                  SPLIT_TARGET: tl.constexpr = 0, FOLD: tl.constexpr = False):
+                  SPLIT_TARGET: tl.constexpr = 0, FOLD: tl.constexpr = False,
+                  PDL: tl.constexpr = False, PF_BYTES: tl.constexpr = 0):
     # W: the uint8 codes read as int32 words ([N, K/8], stride_wn in words).  The tile is 2-D
     # [BLOCK_N, BLOCK_K/8 words] (groups flattened into the word axis) so that Triton's layout
     # puts a thread's 16-byte vectors of several rows on the same words: the x vectors and
@@ -616,6 +634,11 @@ def _gemv4_kernel(X, W, S, Z, B, Y, WS, CNT,
     kb_lo = pid_k * per_split
     kb_hi = tl.minimum(kb_lo + per_split, num_kb)
     g0 = kb_lo * GPB
+    if PDL:  # weights only before the wait (fxspec.lowering.pdl)
+        pdl.prefetch_rows(W + (offs_n.to(tl.int64) * stride_wn)[:, None], n_mask, g0 * GW,
+                          tl.minimum(kb_hi * GPB, num_groups) * GW, PF_BYTES)
+    pdl.launch_dependents(PDL)
+    pdl.wait(PDL)
     w_ptrs = W + (offs_n.to(tl.int64) * stride_wn)[:, None] + (g0 * GW + offs_w)[None, :]
     x_ptrs = X + pid_m.to(tl.int64) * stride_xm + g0 * GROUP + grp * GROUP + (offs_w % GW) * 4
     s_ptrs = S + (g0 + grp)[None, :].to(tl.int64) * N + offs_n[:, None]   # [BN, WB]
@@ -773,6 +796,9 @@ _KERNELS = {
     "gemv8": (_gemv8_kernel, _GEMV8),
     "gemv4": (_gemv4_kernel, _GEMV4),
 }
+# decode-shaped launches use programmatic dependent launch (fxspec.lowering.pdl); every kernel here
+# has the PDL phases, and BLOCK_N <= 128 in these lists (PF_BYTES covers a line per row)
+_PDL_KERNELS = ("gemv4", "gemv8", "mm4_decode", "mm8_decode")
 _TUNE_KEYS = {
     "mm4": ["M_BUCKET", "N", "K", "GROUP", "HAS_ZERO", "USE_ASM"],
     "mm8": ["M_BUCKET", "N", "K", "IS_FP8"],
@@ -872,6 +898,8 @@ def _launch(name: str, grid, args: tuple, kwargs: dict, config, sms: int) -> Non
     """Autotuned launch, or a fixed config (tests; under the interpreter autotune cannot time,
     so the first config of the list is used)."""
     fn, configs = _KERNELS[name]
+    if name in _PDL_KERNELS and pdl.enabled(args[0].device):
+        kwargs = dict(kwargs, PDL=True, PF_BYTES=pdl.PREFETCH_BYTES, launch_pdl=True)
     if config is None and not _interpret():
         _TUNED_KEYS.add((name, sms))
         _tuned(name, sms)[grid](*args, **kwargs)
