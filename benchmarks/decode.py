@@ -408,12 +408,18 @@ def run(args) -> Bench:
         model = get(name)
         vocab = model.config.vocab_size
         ids = make_prompts(name, b, args.prompt, vocab, bench.device, args.ref_lm)
-        pdl_off = what.endswith(" no-pdl")  # same row with programmatic dependent launch off
-        if pdl_off:
-            what = what[:-len(" no-pdl")]
-        saved_pdl = os.environ.get("FXSPEC_PDL")
-        if pdl_off:
-            os.environ["FXSPEC_PDL"] = "0"
+        # variants of a row with programmatic dependent launch (fxspec/lowering/pdl.py) changed:
+        # "<method> no-pdl" (off), "<method> pdl-no-prefetch" (launch overlap only),
+        # "<method> pdl-prefetch<=N" (weight prefetch only for launches of <= N MB of weights)
+        variant, env = None, {}
+        for suffix, e in ((" no-pdl", {"FXSPEC_PDL": "0"}), (" pdl-no-prefetch", {"FXSPEC_PDL_PREFETCH": "0"})):
+            if what.endswith(suffix):
+                what, variant, env = what[:-len(suffix)], suffix.strip(), e
+        if " pdl-prefetch<=" in what:
+            what, mb = what.split(" pdl-prefetch<=")
+            variant, env = f"pdl-prefetch<={mb}", {"FXSPEC_PDL_PREFETCH_MAX_MB": mb}
+        saved_env = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
         try:
             t_row = time.perf_counter()
             if what == "fxspec bf16":
@@ -447,13 +453,13 @@ def run(args) -> Bench:
             row = {"model": name, "batch": b, "method": what, "status": "error",
                    "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
         finally:
-            if pdl_off:
-                if saved_pdl is None:
-                    os.environ.pop("FXSPEC_PDL", None)
+            for k, v in saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
                 else:
-                    os.environ["FXSPEC_PDL"] = saved_pdl
-        if pdl_off:
-            row["method"] += " (PDL off)"
+                    os.environ[k] = v
+        if variant:
+            row["method"] += f" ({variant})"
         bench.add(row)
     bench.meta["total_s"] = time.perf_counter() - bench.t0
     bench.write()
@@ -581,7 +587,7 @@ def main(argv=None) -> None:
     ap.add_argument("--budget-s", type=float, default=1e9)
     ap.add_argument("--only", default=None, help="run exactly these rows, in order: 'model:batch:method;...' "
                     "(methods: fxspec bf16, fxspec bf16 no-rewrites, hf eager, fxspec int8, fxspec int4, profile, "
-                         "any fxspec method + ' no-pdl' (programmatic dependent launch off), "
+                         "any fxspec method + ' no-pdl' | ' pdl-no-prefetch' | ' pdl-prefetch<=MB' (PDL variants), "
                     "hf static+inductor (default|reduce-overhead))")
     ap.add_argument("--eager-prefill", default="llama-1.1b,llama3-8b",
                     help="models whose prefill runs eagerly (saves a compile; decode tok/s excludes prefill)")

@@ -40,6 +40,21 @@ def test_mode_rejects_unknown(monkeypatch):
         pdl.mode()
 
 
+def test_prefetch_bytes(monkeypatch):
+    for k in ("FXSPEC_PDL_PREFETCH", "FXSPEC_PDL_PREFETCH_MAX_MB"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(pdl, "MAX_PREFETCH_WEIGHT_BYTES", 32e6)
+    assert pdl.prefetch_bytes(8 << 20) == pdl.PREFETCH_BYTES
+    assert pdl.prefetch_bytes(64 << 20) == 0
+    monkeypatch.setenv("FXSPEC_PDL_PREFETCH_MAX_MB", "100")
+    assert pdl.prefetch_bytes(64 << 20) == pdl.PREFETCH_BYTES
+    monkeypatch.setenv("FXSPEC_PDL_PREFETCH", "0")
+    assert pdl.prefetch_bytes(1 << 20) == 0
+    monkeypatch.setenv("FXSPEC_PDL_PREFETCH", "5000")
+    with pytest.raises(ValueError, match="power of two"):
+        pdl.prefetch_bytes(1 << 20)
+
+
 def test_never_on_cpu(monkeypatch):
     monkeypatch.setenv(pdl.ENV, "1")
     assert not pdl.enabled(torch.device("cpu"))
@@ -92,7 +107,7 @@ def _ptx(kernel, ptrs, floats, consts, pdl_on: bool) -> str:
     from triton.compiler import ASTSource
     consts = dict(consts, PDL=pdl_on)
     if "PF_BYTES" in kernel.arg_names:
-        consts["PF_BYTES"] = pdl.PREFETCH_BYTES
+        consts["PF_BYTES"] = pdl.PREFETCH_BYTES if pdl_on else 0
     sig = {}
     for name in kernel.arg_names:
         if name in consts:
@@ -228,7 +243,7 @@ def test_gpu_attention_then_gemv_bitwise(monkeypatch):
         q = q0
         for _ in range(4):  # attention -> combine -> o_proj GEMV -> next attention's query
             o = decode_attention_triton(q, k, v, None, 1 / math.sqrt(D))
-            q = torch.ops.fxspec.linear_group(o.reshape(B, H * D), [wo]).reshape(B, H, 1, D)
+            q = torch.ops.fxspec.linear_group(o.reshape(B, H * D), wo).reshape(B, H, 1, D)
         return q
     on = _graph_run(chain, True, monkeypatch)
     off = _graph_run(chain, False, monkeypatch)

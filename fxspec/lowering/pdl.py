@@ -53,7 +53,7 @@ except ImportError:  # pragma: no cover - older triton: PDL stays off
     def gdc_launch_dependents():
         pass
 
-__all__ = ["enabled", "mode", "prefetch_l2", "prefetch_rows", "PREFETCH_BYTES", "wait", "launch_dependents", "LINE_BYTES", "HAVE_GDC"]
+__all__ = ["enabled", "mode", "prefetch_l2", "prefetch_rows", "prefetch_bytes", "PREFETCH_BYTES", "wait", "launch_dependents", "LINE_BYTES", "HAVE_GDC"]
 
 ENV = "FXSPEC_PDL"
 LINE_BYTES = 128  # L2 line
@@ -63,6 +63,8 @@ LINE: tl.constexpr = tl.constexpr(LINE_BYTES)
 # measured: enough to cover the DRAM round trip of the programs resident while the previous
 # kernel drains, small against L2 (50 MB on an H100).
 PREFETCH_BYTES = 16384
+# Launches reading more weight bytes than this get no prefetch (None: no limit).
+MAX_PREFETCH_WEIGHT_BYTES = None
 
 
 def mode() -> str:
@@ -75,6 +77,19 @@ def mode() -> str:
     if v in ("0", "off", "false", "no"):
         return "off"
     raise ValueError(f"{ENV}={v!r}: expected auto, 1 or 0")
+
+
+def prefetch_bytes(weight_bytes: int) -> int:
+    """PF_BYTES for a PDL launch that reads ``weight_bytes`` of weights: :data:`PREFETCH_BYTES`
+    per program, or 0 (no prefetch, launch overlap only) above ``MAX_PREFETCH_WEIGHT_BYTES``.
+    Overrides for experiments: ``FXSPEC_PDL_PREFETCH`` (bytes per program, a power of two, 0 = off)
+    and ``FXSPEC_PDL_PREFETCH_MAX_MB``."""
+    per = int(os.environ.get("FXSPEC_PDL_PREFETCH", PREFETCH_BYTES))
+    if per and (per & (per - 1) or per < 4096):
+        raise ValueError(f"FXSPEC_PDL_PREFETCH={per}: a power of two >= 4096, or 0")
+    cap = os.environ.get("FXSPEC_PDL_PREFETCH_MAX_MB")
+    cap_bytes = MAX_PREFETCH_WEIGHT_BYTES if cap is None else float(cap) * 1e6
+    return per if cap_bytes is None or weight_bytes <= cap_bytes else 0
 
 
 def _interpret() -> bool:

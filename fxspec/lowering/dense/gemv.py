@@ -310,7 +310,7 @@ def _gemv_group_kernel(X, W0, W1, W2, W3, Y, WS, CNT,
         n_mask = offs_n < rows
         w_rows = W + (offs_n.to(tl.int64) * K)[:, None]                        # [BN, 1]
     nfull, kb_lo, kb_hi = _k_range(K, SPLIT_K, BLOCK_K)
-    if PDL:  # weights only before the wait (fxspec.lowering.pdl)
+    if PF_BYTES > 0:  # weights only before the wait (fxspec.lowering.pdl)
         pdl.prefetch_rows(w_rows, n_mask, kb_lo * BLOCK_K, _k_end(K, nfull, kb_hi, SPLIT_K, BLOCK_K), PF_BYTES)
     pdl.launch_dependents(PDL)
     pdl.wait(PDL)
@@ -395,7 +395,7 @@ def _mma_group_kernel(X, W0, W1, W2, W3, Y, WS, CNT,
     w_rows = W + (offs_n.to(tl.int64) * K)[:, None]                            # [BN, 1]
     x_cols = X + (offs_m.to(tl.int64) * stride_xm)[None, :]                    # [1, BM]
     nfull, kb_lo, kb_hi = _k_range(K, SPLIT_K, BLOCK_K)
-    if PDL:  # weights only before the wait (fxspec.lowering.pdl)
+    if PF_BYTES > 0:  # weights only before the wait (fxspec.lowering.pdl)
         pdl.prefetch_rows(w_rows, n_mask, kb_lo * BLOCK_K, _k_end(K, nfull, kb_hi, SPLIT_K, BLOCK_K), PF_BYTES)
     pdl.launch_dependents(PDL)
     pdl.wait(PDL)
@@ -647,7 +647,8 @@ def _launch(cfg: GroupConfig, x2: torch.Tensor, weights: Sequence[torch.Tensor],
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     grid = (row_blocks, split, m_blocks)
     if pdl.enabled(dev):
-        meta.update(PDL=True, PF_BYTES=pdl.PREFETCH_BYTES, launch_pdl=True)
+        wbytes = sum(w.numel() * w.element_size() for w in weights)
+        meta.update(PDL=True, PF_BYTES=pdl.prefetch_bytes(wbytes), launch_pdl=True)
     if cfg.kernel == "fma":
         if fused is None:  # linear_group: no prologue, plain epilogue (the extra pointers are unused)
             extra = (x2, out, out.stride(0), 0.0, 0.0, 0)

@@ -301,7 +301,7 @@ def _mm4_kernel(X, W, S, Z, B, Y, WS, CNT,
     per_split = tl.cdiv(num_groups, SPLIT_K)
     g_lo = pid_k * per_split
     g_hi = tl.minimum(g_lo + per_split, num_groups)
-    if PDL:  # weights only before the wait (fxspec.lowering.pdl)
+    if PF_BYTES > 0:  # weights only before the wait (fxspec.lowering.pdl)
         pdl.prefetch_rows(W + (offs_n.to(tl.int64) * stride_wn)[:, None], n_mask, g_lo * HALF, g_hi * HALF, PF_BYTES)
     pdl.launch_dependents(PDL)
     pdl.wait(PDL)
@@ -376,7 +376,7 @@ def _mm8_kernel(X, W, S, B, Y, WS, CNT,
     per_split = tl.cdiv(num_kb, SPLIT_K)
     kb_lo = pid_k * per_split
     kb_hi = tl.minimum(kb_lo + per_split, num_kb)
-    if PDL:  # weights only before the wait (fxspec.lowering.pdl)
+    if PF_BYTES > 0:  # weights only before the wait (fxspec.lowering.pdl)
         pdl.prefetch_rows(W + (offs_n.to(tl.int64) * stride_wn)[:, None], n_mask, kb_lo * BLOCK_K,
                           tl.minimum(kb_hi * BLOCK_K, K), PF_BYTES)
     pdl.launch_dependents(PDL)
@@ -451,7 +451,7 @@ def _gemv8_kernel(X, W, S, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
-    if PDL:  # weights only before the wait (fxspec.lowering.pdl)
+    if PF_BYTES > 0:  # weights only before the wait (fxspec.lowering.pdl)
         pdl.prefetch_rows(W + (offs_n.to(tl.int64) * stride_wn)[:, None], n_mask, 0, K, PF_BYTES)
     pdl.launch_dependents(PDL)
     pdl.wait(PDL)
@@ -634,7 +634,7 @@ def _gemv4_kernel(X, W, S, Z, B, Y, WS, CNT,
     kb_lo = pid_k * per_split
     kb_hi = tl.minimum(kb_lo + per_split, num_kb)
     g0 = kb_lo * GPB
-    if PDL:  # weights only before the wait (fxspec.lowering.pdl)
+    if PF_BYTES > 0:  # weights only before the wait (fxspec.lowering.pdl)
         pdl.prefetch_rows(W + (offs_n.to(tl.int64) * stride_wn)[:, None], n_mask, g0 * GW,
                           tl.minimum(kb_hi * GPB, num_groups) * GW, PF_BYTES)
     pdl.launch_dependents(PDL)
@@ -899,7 +899,8 @@ def _launch(name: str, grid, args: tuple, kwargs: dict, config, sms: int) -> Non
     so the first config of the list is used)."""
     fn, configs = _KERNELS[name]
     if name in _PDL_KERNELS and pdl.enabled(args[0].device):
-        kwargs = dict(kwargs, PDL=True, PF_BYTES=pdl.PREFETCH_BYTES, launch_pdl=True)
+        kwargs = dict(kwargs, PDL=True, PF_BYTES=pdl.prefetch_bytes(args[1].numel() * args[1].element_size()),
+                      launch_pdl=True)
     if config is None and not _interpret():
         _TUNED_KEYS.add((name, sms))
         _tuned(name, sms)[grid](*args, **kwargs)
