@@ -409,15 +409,17 @@ def run(args) -> Bench:
         vocab = model.config.vocab_size
         ids = make_prompts(name, b, args.prompt, vocab, bench.device, args.ref_lm)
         # variants of a row with programmatic dependent launch (fxspec/lowering/pdl.py) changed:
-        # "<method> no-pdl" (off), "<method> pdl-no-prefetch" (launch overlap only),
-        # "<method> pdl-prefetch<=N" (weight prefetch only for launches of <= N MB of weights)
+        # "<method> no-pdl" (off), "<method> pdl-no-prefetch" (launch overlap only, the default),
+        # "<method> pdl-prefetch" (+ 16 KB of weights per program prefetched into L2),
+        # "<method> pdl-prefetch<=N" (the prefetch only for launches of <= N MB of weights)
         variant, env = None, {}
-        for suffix, e in ((" no-pdl", {"FXSPEC_PDL": "0"}), (" pdl-no-prefetch", {"FXSPEC_PDL_PREFETCH": "0"})):
+        for suffix, e in ((" no-pdl", {"FXSPEC_PDL": "0"}), (" pdl-no-prefetch", {"FXSPEC_PDL_PREFETCH": "0"}),
+                          (" pdl-prefetch", {"FXSPEC_PDL_PREFETCH": "16384"})):
             if what.endswith(suffix):
                 what, variant, env = what[:-len(suffix)], suffix.strip(), e
         if " pdl-prefetch<=" in what:
             what, mb = what.split(" pdl-prefetch<=")
-            variant, env = f"pdl-prefetch<={mb}", {"FXSPEC_PDL_PREFETCH_MAX_MB": mb}
+            variant, env = f"pdl-prefetch<={mb}", {"FXSPEC_PDL_PREFETCH_MAX_MB": mb, "FXSPEC_PDL_PREFETCH": "16384"}
         saved_env = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:

@@ -43,6 +43,8 @@ def test_mode_rejects_unknown(monkeypatch):
 def test_prefetch_bytes(monkeypatch):
     for k in ("FXSPEC_PDL_PREFETCH", "FXSPEC_PDL_PREFETCH_MAX_MB"):
         monkeypatch.delenv(k, raising=False)
+    assert pdl.prefetch_bytes(8 << 20) == pdl.DEFAULT_PREFETCH_BYTES
+    monkeypatch.setenv("FXSPEC_PDL_PREFETCH", str(pdl.PREFETCH_BYTES))
     monkeypatch.setattr(pdl, "MAX_PREFETCH_WEIGHT_BYTES", 32e6)
     assert pdl.prefetch_bytes(8 << 20) == pdl.PREFETCH_BYTES
     assert pdl.prefetch_bytes(64 << 20) == 0
@@ -187,8 +189,9 @@ def _dense_chain(x0, layers):
 
 
 @needs_gpu
-@pytest.mark.parametrize("rows", [1, 4])
-def test_gpu_dense_chain_bitwise(monkeypatch, rows):
+@pytest.mark.parametrize("rows,prefetch", [(1, "0"), (4, "0"), (1, "16384")])
+def test_gpu_dense_chain_bitwise(monkeypatch, rows, prefetch):
+    monkeypatch.setenv("FXSPEC_PDL_PREFETCH", prefetch)
     torch.manual_seed(0)
     H, I, dt = 1024, 2816, torch.bfloat16
     dev = "cuda"
@@ -208,8 +211,10 @@ def test_gpu_dense_chain_bitwise(monkeypatch, rows):
 
 
 @needs_gpu
-@pytest.mark.parametrize("bits,rows", [(4, 1), (8, 1), (4, 8), (8, 8)])
-def test_gpu_quant_chain_bitwise(monkeypatch, bits, rows):
+@pytest.mark.parametrize("bits,rows,prefetch", [(4, 1, "0"), (8, 1, "0"), (4, 8, "0"), (8, 8, "0"), (4, 1, "16384"),
+                                                (8, 8, "16384")])
+def test_gpu_quant_chain_bitwise(monkeypatch, bits, rows, prefetch):
+    monkeypatch.setenv("FXSPEC_PDL_PREFETCH", prefetch)
     from fxspec.lowering.quant import quantize_int4, quantize_int8, quantized_linear
     torch.manual_seed(1)
     K, dt = 2048, torch.bfloat16

@@ -58,13 +58,16 @@ __all__ = ["enabled", "mode", "prefetch_l2", "prefetch_rows", "prefetch_bytes", 
 ENV = "FXSPEC_PDL"
 LINE_BYTES = 128  # L2 line
 LINE: tl.constexpr = tl.constexpr(LINE_BYTES)
-# Weight bytes each program prefetches into L2 before its wait (launchers pass it as PF_BYTES):
-# about two K blocks of the fma GEMV's default tile (4 rows x 2 x 2 KB of bf16).  Derived, not
-# measured: enough to cover the DRAM round trip of the programs resident while the previous
-# kernel drains, small against L2 (50 MB on an H100).
+# A prefetch budget per program (FXSPEC_PDL_PREFETCH=16384): about two K blocks of the fma GEMV's
+# default tile (4 rows x 2 x 2 KB of bf16), meant to cover the DRAM round trip of the programs
+# resident while the previous kernel drains.
 PREFETCH_BYTES = 16384
 # Launches reading more weight bytes than this get no prefetch (None: no limit).
 MAX_PREFETCH_WEIGHT_BYTES = None
+# The prefetch is OFF by default: measured end to end on the H100 (2026-11-23, batch-1 decode, bf16,
+# same run), PDL with a 16 KB prefetch per program gave 813.8 tok/s (1.1B) / 172.5 (8B), PDL without
+# it 857.7 / 177.9, PDL off 815.6 / 175.1 (benchmarks/results/decode_session4.md).
+DEFAULT_PREFETCH_BYTES = 0
 
 
 def mode() -> str:
@@ -80,11 +83,11 @@ def mode() -> str:
 
 
 def prefetch_bytes(weight_bytes: int) -> int:
-    """PF_BYTES for a PDL launch that reads ``weight_bytes`` of weights: :data:`PREFETCH_BYTES`
-    per program, or 0 (no prefetch, launch overlap only) above ``MAX_PREFETCH_WEIGHT_BYTES``.
-    Overrides for experiments: ``FXSPEC_PDL_PREFETCH`` (bytes per program, a power of two, 0 = off)
-    and ``FXSPEC_PDL_PREFETCH_MAX_MB``."""
-    per = int(os.environ.get("FXSPEC_PDL_PREFETCH", PREFETCH_BYTES))
+    """PF_BYTES for a PDL launch that reads ``weight_bytes`` of weights: ``FXSPEC_PDL_PREFETCH``
+    bytes per program (default :data:`DEFAULT_PREFETCH_BYTES` = 0: launch overlap only; a power of
+    two >= 4096 turns the L2 prefetch on, e.g. :data:`PREFETCH_BYTES`), or 0 for launches above
+    ``FXSPEC_PDL_PREFETCH_MAX_MB`` (default :data:`MAX_PREFETCH_WEIGHT_BYTES`)."""
+    per = int(os.environ.get("FXSPEC_PDL_PREFETCH", DEFAULT_PREFETCH_BYTES))
     if per and (per & (per - 1) or per < 4096):
         raise ValueError(f"FXSPEC_PDL_PREFETCH={per}: a power of two >= 4096, or 0")
     cap = os.environ.get("FXSPEC_PDL_PREFETCH_MAX_MB")
