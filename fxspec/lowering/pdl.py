@@ -1,15 +1,16 @@
 """Programmatic dependent launch (PDL) for the decode kernels: a kernel starts while the one before
-it in the stream is still finishing, and pulls its first weight bytes into L2 meanwhile.
+it in the stream is still finishing (and can, optionally, pull its first weight bytes into L2 then).
 
 Why: a batch-1 decode step is a chain of small kernels.  On an H100 a 1.1B-shape o_proj GEMV reads
 8.4 MB (2.7 us at copy bandwidth) and took 5.3 us in the session-3 profile
 (``benchmarks/results/profile_llama-1.1b_b1_session3.txt``): the launch, the first DRAM round trip
 and the tail of each kernel are paid one after the other.  With PDL (compute capability >= 9;
 CUDA graphs capture it as a programmatic edge) a kernel launched with ``launch_pdl=True`` may be
-scheduled before the previous kernel has completed.  fxspec's decode kernels then run in three
+scheduled before the previous kernel has completed.  fxspec's decode kernels then run in
 phases::
 
-    1. compute addresses; prefetch_l2(the first bytes of this program's WEIGHT slice)
+    1. compute addresses; [prefetch_l2(the first bytes of this program's WEIGHT slice): off by
+       default, FXSPEC_PDL_PREFETCH turns it on -- measured slower end to end, see below]
     2. launch_dependents(PDL)   # the next kernel may launch once every program got here
     3. wait(PDL)                # block until the previous kernel completed, its writes visible
     4. everything else: activations, KV cache, workspaces, counters, every store
@@ -24,6 +25,10 @@ Rules that make this safe (each kernel family's tests run with it on the GPU):
   residual) sees it by transitivity.
 * Kernels launched without the attribute (Inductor's, cuBLAS) wait for full completion as always;
   ``griddepcontrol`` instructions are no-ops in a kernel launched without it.
+
+Measured (H100, batch-1 decode, same-run baselines, ``benchmarks/results/decode_session4.md``): 1.1B bf16
+1.05x, 8B bf16 1.01-1.02x, 8B int4 1.04x, 8B int8 1.00x against PDL off; adding the 16 KB prefetch per
+program made the 1.1B and 8B bf16 steps slower than PDL alone (813.8 vs 857.7, 172.5 vs 177.9 tok/s).
 
 Switch: ``FXSPEC_PDL`` = ``auto`` (default: on for CUDA devices of compute capability >= 9 when
 Triton has the ``griddepcontrol`` helpers), ``1`` (on wherever supported), ``0`` (off).  Never
@@ -53,7 +58,8 @@ except ImportError:  # pragma: no cover - older triton: PDL stays off
     def gdc_launch_dependents():
         pass
 
-__all__ = ["enabled", "mode", "prefetch_l2", "prefetch_rows", "prefetch_bytes", "PREFETCH_BYTES", "wait", "launch_dependents", "LINE_BYTES", "HAVE_GDC"]
+__all__ = ["enabled", "mode", "prefetch_l2", "prefetch_rows", "prefetch_bytes", "PREFETCH_BYTES",
+           "wait", "launch_dependents", "LINE_BYTES", "HAVE_GDC"]
 
 ENV = "FXSPEC_PDL"
 LINE_BYTES = 128  # L2 line
