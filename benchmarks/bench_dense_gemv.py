@@ -63,6 +63,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from fxspec.lowering import pdl  # noqa: E402  (after the path fix; needs no GPU or Triton kernel)
+
 # (model, name, Ns, K)
 GROUPS = [
     ("1.1B", "qkv", [2048, 256, 256], 2048),
@@ -270,9 +272,6 @@ def measure_group(impl: Impl, model, name, Ns, K, device, copy_bw, ms, variants,
             t0 = time.time()
             row = dict(model=model, group=name, Ns=Ns, K=K, M=M, method=meth, weight_bytes=wbytes,
                        n_weight_copies=n_copies)
-            saved = os.environ.get("FXSPEC_PDL")
-            if meth.endswith("_nopdl"):
-                os.environ["FXSPEC_PDL"] = "0"
             try:
                 sec, how = time_calls(calls, device)
                 bw = wbytes / sec
@@ -499,20 +498,13 @@ def measure_fused(impl: FusedImpl, model, name, Ns, K, epi, norm, device, copy_b
             t0 = time.time()
             row = dict(model=model, case=name, Ns=Ns, K=K, M=M, method=meth, epilogue=epi, norm=norm,
                        weight_bytes=wbytes, n_weight_copies=n_copies)
-            saved = os.environ.get("FXSPEC_PDL")
-            if meth.endswith("_nopdl"):
-                os.environ["FXSPEC_PDL"] = "0"
             try:
-                sec, how = time_calls(calls, device)
+                with pdl.override({"FXSPEC_PDL": "0"} if meth.endswith("_nopdl") else {}):
+                    sec, how = time_calls(calls, device)
                 bw = wbytes / sec
                 row.update(us=sec * 1e6, GBps=bw / 1e9, frac_copy=bw / copy_bw, timing=how)
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
-            finally:
-                if saved is None:
-                    os.environ.pop("FXSPEC_PDL", None)
-                else:
-                    os.environ["FXSPEC_PDL"] = saved
             results.append(row)
             if "us" in row:
                 log(f"  {model:>4s} {name:<18s} M={M:<2d} {meth:<15s} {row['us']:9.2f} us {row['GBps']:8.1f} GB/s "

@@ -23,7 +23,6 @@ Writes $OUT/quant_kernels.json and $OUT/quant_kernels.md when OUT is set; prints
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import math
@@ -124,20 +123,11 @@ def time_calls(calls, reps: int = 15, min_calls: int = 8) -> tuple:
 
 # --------------------------------------------------------------------------------- baselines
 
-@contextlib.contextmanager
 def pdl_env(off: bool):
     """Methods named ``*_nopdl`` are captured with FXSPEC_PDL=0 (programmatic dependent launch off,
     fxspec/lowering/pdl.py): the same kernel without the launch overlap, measured in the same run."""
-    saved = os.environ.get("FXSPEC_PDL")
-    if off:
-        os.environ["FXSPEC_PDL"] = "0"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("FXSPEC_PDL", None)
-        else:
-            os.environ["FXSPEC_PDL"] = saved
+    from fxspec.lowering import pdl
+    return pdl.override({"FXSPEC_PDL": "0"} if off else {})
 
 
 def tinygemm_pack(q4: torch.Tensor, scales_gn: torch.Tensor):

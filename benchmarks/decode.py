@@ -395,6 +395,8 @@ def run(args) -> Bench:
         plan = [(m, int(b), w) for m, b, w in plan]
     greedy_ref = {}
     seen: dict = {}  # (model, kind) -> measured seconds of the last such row
+    from fxspec.lowering import pdl
+
     for name, b, what in plan:
         if what.startswith("fxspec int") and not args.quant:
             continue
@@ -420,46 +422,39 @@ def run(args) -> Bench:
         if " pdl-prefetch<=" in what:
             what, mb = what.split(" pdl-prefetch<=")
             variant, env = f"pdl-prefetch<={mb}", {"FXSPEC_PDL_PREFETCH_MAX_MB": mb, "FXSPEC_PDL_PREFETCH": "16384"}
-        saved_env = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            t_row = time.perf_counter()
-            if what == "fxspec bf16":
-                row, out = bench.fxspec(name, model, b, ids, n, {}, "fxspec " + bench.meta["dtype"])
-                if out is not None:
-                    greedy_ref[(name, b)] = out
-            elif what == "fxspec bf16 no-rewrites":  # last session's state: decode rewrites off
-                row, _ = bench.fxspec(name, model, b, ids, n, {"decode": {"enabled": False}},
-                                      "fxspec " + bench.meta["dtype"] + " (decode rewrites off)")
-            elif what == "profile":
-                row = bench.profile(name, model, b, ids, n)
-            elif what == "hf eager":
-                k = n if args.quick else min(n, args.eager_tokens)
-                row = bench.hf_eager(name, model, b, ids, k)
-                if k != n:
-                    row["note"] = f"timed over {k} new tokens (eager speed is flat in length)"
-            elif what.startswith("fxspec int"):
-                bits = int(what[-1])
-                row, out = bench.fxspec(name, model, b, ids, n, {"quantize": {"bits": bits}}, what, bits=bits)
-                if row.get("note", "").startswith("backend fell back"):
-                    row["method"] += " (NOT quantized: fell back)"
-                ref = greedy_ref.get((name, b))
-                if out is not None and ref is not None:
-                    row["token_match_vs_bf16"] = float((out[:, args.prompt:] == ref[:, args.prompt:]).float().mean())
-            else:
-                mode = what[what.index("(") + 1:-1]
-                row = bench.hf_inductor(name, model, b, ids, n, mode)
-            seen[(name, what.split(" (")[0].rstrip("0123456789"))] = time.perf_counter() - t_row
-        except Exception as e:  # a row must never end the run
-            traceback.print_exc()
-            row = {"model": name, "batch": b, "method": what, "status": "error",
-                   "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
-        finally:
-            for k, v in saved_env.items():
-                if v is None:
-                    os.environ.pop(k, None)
+        with pdl.override(env):  # the row's kernels launch (and are captured) with these settings
+            try:
+                t_row = time.perf_counter()
+                if what == "fxspec bf16":
+                    row, out = bench.fxspec(name, model, b, ids, n, {}, "fxspec " + bench.meta["dtype"])
+                    if out is not None:
+                        greedy_ref[(name, b)] = out
+                elif what == "fxspec bf16 no-rewrites":  # last session's state: decode rewrites off
+                    row, _ = bench.fxspec(name, model, b, ids, n, {"decode": {"enabled": False}},
+                                          "fxspec " + bench.meta["dtype"] + " (decode rewrites off)")
+                elif what == "profile":
+                    row = bench.profile(name, model, b, ids, n)
+                elif what == "hf eager":
+                    k = n if args.quick else min(n, args.eager_tokens)
+                    row = bench.hf_eager(name, model, b, ids, k)
+                    if k != n:
+                        row["note"] = f"timed over {k} new tokens (eager speed is flat in length)"
+                elif what.startswith("fxspec int"):
+                    bits = int(what[-1])
+                    row, out = bench.fxspec(name, model, b, ids, n, {"quantize": {"bits": bits}}, what, bits=bits)
+                    if row.get("note", "").startswith("backend fell back"):
+                        row["method"] += " (NOT quantized: fell back)"
+                    ref = greedy_ref.get((name, b))
+                    if out is not None and ref is not None:
+                        row["token_match_vs_bf16"] = float((out[:, args.prompt:] == ref[:, args.prompt:]).float().mean())
                 else:
-                    os.environ[k] = v
+                    mode = what[what.index("(") + 1:-1]
+                    row = bench.hf_inductor(name, model, b, ids, n, mode)
+                seen[(name, what.split(" (")[0].rstrip("0123456789"))] = time.perf_counter() - t_row
+            except Exception as e:  # a row must never end the run
+                traceback.print_exc()
+                row = {"model": name, "batch": b, "method": what, "status": "error",
+                       "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
         if variant:
             row["method"] += f" ({variant})"
         bench.add(row)

@@ -118,8 +118,6 @@ def _ptx(kernel, ptrs, floats, consts, pdl_on: bool) -> str:
             sig[name] = ptrs[name]
         else:
             sig[name] = "fp32" if name in floats else "i32"
-    missing = [n for n in kernel.arg_names if n not in consts and sig[n] == "constexpr"]
-    assert not missing
     src = ASTSource(kernel, sig, constexprs=consts)
     try:
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))

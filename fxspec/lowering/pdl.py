@@ -37,8 +37,10 @@ under ``TRITON_INTERPRET=1`` (inline PTX has no interpreter implementation).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from typing import Iterator, Mapping
 
 import torch
 import triton
@@ -58,7 +60,7 @@ except ImportError:  # pragma: no cover - older triton: PDL stays off
     def gdc_launch_dependents():
         pass
 
-__all__ = ["enabled", "mode", "prefetch_l2", "prefetch_rows", "prefetch_bytes", "PREFETCH_BYTES",
+__all__ = ["enabled", "mode", "prefetch_l2", "prefetch_rows", "prefetch_bytes", "override", "PREFETCH_BYTES",
            "wait", "launch_dependents", "LINE_BYTES", "HAVE_GDC"]
 
 ENV = "FXSPEC_PDL"
@@ -99,6 +101,24 @@ def prefetch_bytes(weight_bytes: int) -> int:
     cap = os.environ.get("FXSPEC_PDL_PREFETCH_MAX_MB")
     cap_bytes = MAX_PREFETCH_WEIGHT_BYTES if cap is None else float(cap) * 1e6
     return per if cap_bytes is None or weight_bytes <= cap_bytes else 0
+
+
+@contextlib.contextmanager
+def override(env: Mapping[str, str]) -> Iterator[None]:
+    """Set these environment variables (``FXSPEC_PDL``, ``FXSPEC_PDL_PREFETCH``, ...) for the block and
+    restore them after: launches read the switches at launch time, so kernels launched (or
+    captured into a CUDA graph) inside the block use these settings.  For benchmarks measuring PDL
+    on against off in one run."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _interpret() -> bool:
