@@ -168,13 +168,16 @@ class DecodeConfig(_Section):
     differ from the unfused kernels by floating-point rounding only, as any Inductor fusion does)."""
 
     _section = "decode"
-    enabled: bool = _opt(True, doc="run the decode rewrites (fuse_projections, decode_attention, fuse_gemv_edges)")
+    enabled: bool = _opt(True, doc="run the decode rewrites (fuse_projections, decode_attention, fuse_rope_cache, "
+                           "fuse_gemv_edges)")
     fuse_projections: bool = _opt(True, doc="linears that share their input (q/k/v, gate/up) become one "
                                   "fxspec.linear_group launch that reads each weight in place (no copy)")
     single_linears: bool = _opt(True, doc="bias-free linears outside a group (o_proj, down_proj, LM head) also "
                                 "use the decode GEMV when a step has at most 4 rows")
     attention: bool = _opt(True, doc="GQA repeat + SDPA of one query token become fxspec.decode_attention "
                            "(split-K over the cache, each KV head read once)")
+    fuse_rope_cache: bool = _opt(True, doc="the rotary embedding of q/k and the KV-cache write before a decode "
+                                 "attention are done inside its kernel (fxspec.decode_attention_rope)")
     fuse_norm: bool = _opt(True, doc="an RMSNorm (transformers' Llama form) feeding a decode GEMV is computed in "
                            "the GEMV's prologue (fxspec.fused_linear; steps of at most 4 rows)")
     fuse_epilogues: bool = _opt(True, doc="SiLU(gate) * up after a gate/up GEMV and the residual add after "

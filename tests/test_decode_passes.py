@@ -140,10 +140,13 @@ def test_rewritten_decode_graph_contents(tmp_path):
     decode = [c for c in finals if "decode_attention" in c]
     assert len(decode) == 1, [c[:200] for c in finals]
     code = decode[0]
-    assert code.count("torch.ops.fxspec.decode_attention.default") == 2
+    # fuse_rope_cache: the attention op of each layer also rotates q/k and writes the caches
+    assert code.count("torch.ops.fxspec.decode_attention_rope.default") == 2
+    assert code.count("torch.ops.fxspec.decode_attention.default") == 0
     # 2 layers x (q/k/v, gate/up, o_proj alone, down_proj alone) + the LM head alone
     assert code.count("torch.ops.fxspec.linear_group.default") == 9
-    assert code.count(".index_copy_(") == 4  # K and V of two layers
+    assert code.count(".index_copy_(") == 0  # K and V writes of both layers moved into the op
+    assert "rotate" not in code and code.count("torch.cat(") == 1  # only the cos/sin table's cat is left
     assert "expand" not in code.split("decode_attention", 1)[1].split("\n", 1)[0]
     assert code.count(".expand(") <= 2  # only the mask / position broadcasts remain, not repeat_kv
 
@@ -196,6 +199,149 @@ def test_quantize_then_decode_rewrites_compose():
     assert sum("rewrote" in e for e in _events(n0, "decode_attention")) == 2
 
 
+
+# ------------------------------------------------------------------------------- fuse_rope_cache
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_rope_cache_fusion_fires_and_tokens_match_hf(family):
+    model = _tiny(family)
+    ids = _prompt(2, 7)
+    ids[1, :3] = 0  # a ragged batch: row 1 is left-padded
+    attn = torch.ones_like(ids)
+    attn[1, :3] = 0
+    from fxspec.runtime import Generator
+
+    def generate(config):
+        gen = Generator(model, max_batch_size=2, max_cache_len=64, config=config, cuda_graphs=False)
+        return gen.generate(ids, 10, attention_mask=attn)
+
+    n0 = _n_reports()
+    out = generate(ON_CPU)
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=attn, do_sample=False, max_new_tokens=10)
+    evs = _events(n0, "fuse_rope_cache")
+    done = [e for e in evs if "rewrote" in e]
+    assert len(done) == 2 and all("model.layers." in e for e in done), evs
+    assert torch.equal(out, ref)
+    # switched off: the plain decode_attention rewrite stays, tokens the same
+    n0 = _n_reports()
+    out_off = generate({"decode": {"apply_on_cpu": True, "fuse_rope_cache": False}})
+    assert _events(n0, "fuse_rope_cache") == []
+    assert sum("rewrote" in e for e in _events(n0, "decode_attention")) == 2
+    assert torch.equal(out_off, out)
+
+
+def _rope_case(B=2, H=4, Hkv=2, L=12, D=8, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, 1, (H + 2 * Hkv) * D, generator=g).to(dtype)
+    q = qkv[..., : H * D].view(B, 1, H, D).transpose(1, 2)
+    k = qkv[..., H * D: (H + Hkv) * D].view(B, 1, Hkv, D).transpose(1, 2)
+    v = qkv[..., (H + Hkv) * D:].view(B, 1, Hkv, D).transpose(1, 2)
+    ang = torch.randn(B, 1, D // 2, generator=g).repeat(1, 1, 2)
+    cos, sin = ang.cos().to(dtype)[:, None], ang.sin().to(dtype)[:, None]
+    kc = torch.randn(B, Hkv, L, D, generator=g).to(dtype)
+    vc = torch.randn(B, Hkv, L, D, generator=g).to(dtype)
+    return q, k, v, cos, sin, kc, vc
+
+
+def test_decode_attention_rope_op_reference_and_errors():
+    from fxspec.lowering.attention import ops
+    q, k, v, cos, sin, kc, vc = _rope_case()
+    slot = torch.tensor([5])
+    mask = torch.zeros(2, 1, 1, 12, dtype=torch.bool)
+    mask[..., :6] = True
+    kc2, vc2 = kc.clone(), vc.clone()
+    out = torch.ops.fxspec.decode_attention_rope(q, k, v, cos, sin, kc, vc, slot, mask, 0.3)
+    # what the graph computed before the rewrite (transformers' apply_rotary_pos_emb + index_copy_ + SDPA)
+    rot = lambda x: torch.cat((-x[..., 4:], x[..., :4]), dim=-1)  # noqa: E731
+    q2, k2 = q * cos + rot(q) * sin, k * cos + rot(k) * sin
+    kc2.index_copy_(2, slot, k2)
+    vc2.index_copy_(2, slot, v)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    assert torch.equal(out, ops.decode_attention_ref(q2, kc2, vc2, mask, 0.3))
+    # only the slot changed
+    assert not torch.equal(kc[:, :, 5], _rope_case()[5][:, :, 5]) and torch.equal(kc[:, :, :5], _rope_case()[5][:, :, :5])
+    f = torch.ops.fxspec.decode_attention_rope
+    with pytest.raises(ValueError, match="slot must be a 1-element int64"):
+        f(q, k, v, cos, sin, kc, vc, torch.tensor([5, 6]), mask, 0.3)
+    with pytest.raises(ValueError, match="slot must be a 1-element int64"):
+        f(q, k, v, cos, sin, kc, vc, torch.tensor([5], dtype=torch.int32), mask, 0.3)
+    with pytest.raises(ValueError, match=r"cos must be \[B\|1, 1, 1, D=8\]"):
+        f(q, k, v, cos[:, 0], sin, kc, vc, slot, mask, 0.3)
+    with pytest.raises(ValueError, match="k must be"):
+        f(q, k[:, :1], v, cos, sin, kc, vc, slot, mask, 0.3)
+    with pytest.raises(ValueError, match="odd"):
+        q3, k3, v3, c3, s3, kc3, vc3 = _rope_case(D=8)
+        f(q3[..., :7], k3[..., :7], v3[..., :7], c3[..., :7], s3[..., :7], kc3[..., :7], vc3[..., :7], slot,
+          None, 0.3)
+
+
+def _traced_rope_site(rope_q=None, rope_k=None, extra_read=False, slot_0d=False, write_v_at=None):
+    """A decode-attention site as transformers traces it, built with symbolic_trace + ShapeProp."""
+    from fxspec.lowering.attention import ops  # noqa: F401  (registers the ops)
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    def hf_rope(x, cos, sin):
+        return x * cos + torch.cat((-x[..., 4:], x[..., :4]), dim=-1) * sin
+
+    rope_q, rope_k = rope_q or hf_rope, rope_k or hf_rope
+
+    class Site(torch.nn.Module):
+        def forward(self, q, k, v, cos, sin, kc, vc, slot, slot_v, mask):
+            q2, k2 = rope_q(q, cos, sin), rope_k(k, cos, sin)
+            kc.index_copy_(2, slot, k2)
+            vc.index_copy_(2, slot_v if write_v_at else slot, v)
+            o = torch.ops.fxspec.decode_attention.default(q2, kc, vc, mask, 0.3)
+            return o + kc.sum() if extra_read else o
+
+    gm = fx.symbolic_trace(Site())
+    q, k, v, cos, sin, kc, vc = _rope_case()
+    mask = torch.ones(2, 1, 1, 12, dtype=torch.bool)
+    ShapeProp(gm).propagate(q, k, v, cos, sin, kc, vc, torch.tensor(3) if slot_0d else torch.tensor([3]), torch.tensor([4]), mask)
+    att = next(n for n in gm.graph.nodes if n.target is torch.ops.fxspec.decode_attention.default)
+    return gm, att
+
+
+def test_fuse_rope_cache_matcher_accepts_and_rejects():
+    from fxspec.passes.decode import _match_rope_cache
+    gm, att = _traced_rope_site()
+    site = _match_rope_cache(gm, att)
+    assert not isinstance(site, str), site
+    args, writes = site
+    assert [a.name for a in args[:8]] == ["q", "k", "v", "cos", "sin", "kc", "vc", "slot"]
+    assert all(w.target == "index_copy_" for w in writes)
+
+    def swapped(x, cos, sin):  # other operand orders are the same math
+        return torch.cat((-x[..., 4:], x[..., :4]), dim=-1) * sin + cos * x
+
+    assert not isinstance(_match_rope_cache(*_traced_rope_site(rope_q=swapped)), str)
+
+    def interleaved(x, cos, sin):  # GPT-J form: not what the kernel computes
+        return x * cos + torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2) * sin
+
+    def wrong_split(x, cos, sin):
+        return x * cos + torch.cat((-x[..., 2:], x[..., :2]), dim=-1) * sin
+
+    def partial(x, cos, sin):  # rotary on the first half of the head only
+        r = x[..., :4]
+        return torch.cat((r * cos[..., :4] + torch.cat((-r[..., 2:], r[..., :2]), -1) * sin[..., :4], x[..., 4:]), -1)
+
+    def other_tables(x, cos, sin):
+        return x * sin + torch.cat((-x[..., 4:], x[..., :4]), dim=-1) * cos
+
+    cases = [
+        (dict(rope_q=interleaved), "no full-width rotate_half rotary embedding on the query"),
+        (dict(rope_k=wrong_split), "no full-width rotate_half rotary embedding on the key"),
+        (dict(rope_q=partial), "no full-width rotate_half rotary embedding on the query"),
+        (dict(rope_k=other_tables), "different cos/sin"),
+        (dict(extra_read=True), "has users other than one index_copy_ write and the attention"),
+        (dict(slot_0d=True), "one-element int64"),  # a 0-d index: index_copy_ takes it, the op not
+        (dict(write_v_at=True), "different slot tensors"),
+    ]
+    for kw, why in cases:
+        reason = _match_rope_cache(*_traced_rope_site(**kw))
+        assert isinstance(reason, str) and why in reason, (kw, reason)
+
 def _eager_lowering(monkeypatch):
     """Run the rewritten graphs eagerly (no Inductor): the ops' CPU references then reproduce eager
     transformers op by op, so outputs must be bitwise those of ``model.generate``."""
@@ -237,7 +383,8 @@ def test_gemv_edges_graph_contents_and_switches(tmp_path, monkeypatch):
     calls = "\n".join(ln for ln in code.splitlines() if not ln.strip().startswith("#"))
     assert calls.count("torch.rsqrt(") == 1  # the final norm (before the LM head's slice) stays
     assert "functional.silu(" not in calls
-    assert code.count(".index_copy_(") == 4
+    # the cache writes live on in the attention ops (fuse_rope_cache), in bf16 too
+    assert code.count(".index_copy_(") == 0 and code.count("torch.ops.fxspec.decode_attention_rope.default") == 2
     n0 = _n_reports()
     _generate(model, {"decode": {"apply_on_cpu": True, "fuse_norm": False, "fuse_epilogues": False}}, _prompt(), n=3)
     assert _events(n0, "fuse_gemv_edges") == []
@@ -327,6 +474,40 @@ def _interp_main():
         ref = decode_attention_ref(q.float(), k.float(), v.float(), mref, 0.3)
         err = (out.float() - ref).abs().max().item()
         print(json.dumps({"id": cid, "err": err, "shape": list(out.shape), "dtype": str(out.dtype)}), flush=True)
+    _interp_rope()
+
+
+_ROPE_CASES = [
+    # id, B, H, Hkv, L, D, slot, splits, dtype: the slot in the first, a middle and the last split
+    ("rope_b1_gqa2_slot0_split3", 1, 4, 2, 150, 16, 0, 3, "float32"),
+    ("rope_b2_gqa4_mid_split3_bf16", 2, 8, 2, 150, 32, 70, 3, "bfloat16"),
+    ("rope_b2_mha_last_single", 2, 4, 4, 40, 16, 39, 1, "float32"),
+]
+
+
+def _interp_rope():
+    from fxspec.lowering.attention.decode import decode_attention_triton
+    from fxspec.lowering.attention.ops import decode_attention_rope_ref
+    for cid, B, H, Hkv, L, D, slot, splits, dt in _ROPE_CASES:
+        dtype = getattr(torch, dt)
+        q, k, v, cos, sin, kc, vc = _rope_case(B, H, Hkv, L, D, dtype, seed=len(cid))
+        s = torch.tensor([slot])
+        mask = torch.zeros(B, 1, 1, L, dtype=torch.bool)
+        mask[..., : slot + 1] = True
+        mask[-1, ..., : slot // 2] = False  # the last row is left-padded
+        kr, vr = kc.float(), vc.float()
+        ref = decode_attention_rope_ref(q.float(), k.float(), v.float(), cos.float(), sin.float(), kr, vr, s,
+                                        mask, 0.3)
+        before = kc.clone()
+        out = decode_attention_triton(q, kc, vc, mask, 0.3, splits=splits, rope=(k, v, cos, sin, s))
+        others = torch.ones(L, dtype=torch.bool)
+        others[slot] = False
+        print(json.dumps({"id": cid, "err": (out.float() - ref).abs().max().item(),
+                          # the written slot vs the reference rounded to the cache dtype
+                          "k_err": (kc[:, :, slot].float() - kr[:, :, slot].to(dtype).float()).abs().max().item(),
+                          "v_err": (vc[:, :, slot].float() - vr[:, :, slot]).abs().max().item(),
+                          "others_kept": bool(torch.equal(kc[:, :, others], before[:, :, others])),
+                          "shape": list(out.shape), "dtype": str(out.dtype)}), flush=True)
 
 
 @pytest.fixture(scope="module")
@@ -352,6 +533,19 @@ def test_decode_attention_kernel_interpreter(interp_results, case):
     assert res[cid]["shape"] == [B, H, 1, D]
     assert res[cid]["dtype"] == f"torch.{dt}"
     assert res[cid]["err"] <= _TOL[dt], res[cid]
+
+
+@pytest.mark.parametrize("case", _ROPE_CASES, ids=[c[0] for c in _ROPE_CASES])
+def test_decode_attention_rope_kernel_interpreter(interp_results, case):
+    res, stderr = interp_results
+    cid, B, H, Hkv, L, D, slot, splits, dt = case
+    assert cid in res, stderr[-3000:]
+    r = res[cid]
+    assert r["shape"] == [B, H, 1, D] and r["dtype"] == f"torch.{dt}"
+    assert r["err"] <= _TOL[dt], r
+    # fp32: exact up to the order of two products; bf16: the kernel rounds once, the reference per op
+    assert r["k_err"] <= (1e-6 if dt == "float32" else 2 ** -6 * 4), r
+    assert r["v_err"] == 0.0 and r["others_kept"], r
 
 
 def test_plan_splits_fills_the_gpu():
@@ -382,6 +576,31 @@ def test_gpu_decode_attention_matches_reference(dtype, L):
     out = decode_attention(q, k, v, m, D ** -0.5)
     ref = decode_attention_ref(q.float(), k.float(), v.float(), m, D ** -0.5)
     assert (out.float() - ref).abs().max().item() < 2e-2
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("L,slot", [(288, 0), (288, 200), (2048, 2047)])
+def test_gpu_decode_attention_rope_matches_reference(dtype, L, slot):
+    from fxspec.lowering.attention import ops
+    B, H, Hkv, D = 2, 32, 8, 128
+    q, k, v, cos, sin, kc, vc = (t.cuda() for t in _rope_case(B, H, Hkv, L, D, dtype))
+    s = torch.tensor([slot], device="cuda")
+    m = torch.zeros(B, 1, 1, L, device="cuda", dtype=torch.bool)
+    m[..., : slot + 1] = True
+    m[1, ..., : slot // 3] = False
+    before = kc.clone()
+    kr, vr = kc.float(), vc.float()
+    ref = ops.decode_attention_rope_ref(q.float(), k.float(), v.float(), cos.float(), sin.float(), kr, vr, s, m,
+                                        D ** -0.5)
+    out = torch.ops.fxspec.decode_attention_rope(q, k, v, cos, sin, kc, vc, s, m, D ** -0.5)
+    assert (out.float() - ref).abs().max().item() < 2e-2
+    ulp = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -10
+    assert ((kc[:, :, slot].float() - kr[:, :, slot]).abs() <= ulp * kr[:, :, slot].abs().clamp(min=1)).all()
+    assert torch.equal(vc[:, :, slot], v[:, :, 0])
+    others = torch.ones(L, dtype=torch.bool, device="cuda")
+    others[slot] = False
+    assert torch.equal(kc[:, :, others], before[:, :, others])
 
 
 if __name__ == "__main__" and "--interp" in sys.argv:

@@ -69,6 +69,8 @@ def _kernels():
     from fxspec.lowering.dense import gemv as g
     from fxspec.lowering.quant import triton_kernels as tk
     bf = "*bf16"
+    attn_ptrs = dict(Q=bf, K=bf, V=bf, Mask="*u8", O=bf, OP="*fp32", ML="*fp32", KN=bf, VN=bf, COS=bf, SIN=bf,
+                     SLOT="*i64")
     return {
         # name: (kernel, pointer types, float scalars, constexprs, has a weight prefetch)
         "dense_fma": (g._gemv_group_kernel,
@@ -94,10 +96,12 @@ def _kernels():
         "mm8": (tk._mm8_kernel, dict(X=bf, W="*u8", S="*fp32", B=bf, Y=bf, WS="*fp32", CNT="*i32"), (),
                 dict(IS_FP8=False, HAS_BIAS=False, X_BF16=True, DOT_F32=False, BLOCK_N=64, BLOCK_M=16,
                      BLOCK_K=128, GROUP_M=8, EVEN_N=True, EVEN_K=True), True),
-        "decode_attn": (attn._decode_attn_kernel,
-                        dict(Q=bf, K=bf, V=bf, Mask="*u8", O=bf, OP="*fp32", ML="*fp32"), ("qk_scale",),
-                        dict(G=4, G_PAD=16, D=64, D_PAD=64, BLOCK_L=64, MASK_KIND=1, SINGLE=False, DOT_F32=False),
-                        False),
+        "decode_attn": (attn._decode_attn_kernel, attn_ptrs, ("qk_scale",),
+                        dict(G=4, G_PAD=16, D=64, D_PAD=64, BLOCK_L=64, MASK_KIND=1, SINGLE=False, DOT_F32=False,
+                             ROPE=False), False),
+        "decode_attn_rope": (attn._decode_attn_kernel, attn_ptrs, ("qk_scale",),
+                             dict(G=4, G_PAD=16, D=64, D_PAD=64, BLOCK_L=64, MASK_KIND=1, SINGLE=False,
+                                  DOT_F32=False, ROPE=True), False),
         "combine": (attn._combine_kernel, dict(OP="*fp32", ML="*fp32", O=bf), (),
                     dict(D=64, D_PAD=64, S_PAD=8), False),
     }
@@ -131,7 +135,8 @@ def kernels():
     return _kernels()
 
 
-@pytest.mark.parametrize("name", ["dense_fma", "dense_mma", "gemv8", "gemv4", "mm4", "mm8", "decode_attn", "combine"])
+@pytest.mark.parametrize("name", ["dense_fma", "dense_mma", "gemv8", "gemv4", "mm4", "mm8", "decode_attn",
+                                  "decode_attn_rope", "combine"])
 def test_ptx_phases(kernels, name):
     kernel, ptrs, floats, consts, prefetch = kernels[name]
     ptx = _ptx(kernel, ptrs, floats, consts, True)

@@ -19,7 +19,14 @@ measured faster than cuBLAS there on most decode shapes (``benchmarks/results/de
              o = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=s)     # q: one token
     after:   o = fxspec.decode_attention(q, cache_k, cache_v, m, s)               # split-K, no copy
 
-``fuse_gemv_edges`` (order 97; ``decode.fuse_norm``, ``decode.fuse_epilogues``), on the GEMVs above, steps of
+``fuse_rope_cache`` (order 97; ``decode.fuse_rope_cache``), on the attention above::
+
+    before:  q2 = q * cos + rotate_half(q) * sin;  k2 = k * cos + rotate_half(k) * sin
+             cache_k.index_copy_(2, slot, k2);  cache_v.index_copy_(2, slot, v)          # 4-5 small kernels
+             o = fxspec.decode_attention(q2, cache_k, cache_v, m, s)
+    after:   o = fxspec.decode_attention_rope(q, k, v, cos, sin, cache_k, cache_v, slot, m, s)   # 1 launch
+
+``fuse_gemv_edges`` (order 98; ``decode.fuse_norm``, ``decode.fuse_epilogues``), on the GEMVs above, steps of
 at most 4 rows, bf16/fp16::
 
     before:  xn = w_n * (h * rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(dt)   # h = x.to(float32)
@@ -37,12 +44,17 @@ Legality (a skipped site is left exactly as it was, with the reason in the log):
 - fuse_projections: 2-4 linears of form ``F.linear`` on the same input node, no bias, weights 2-D
   parameters of one dtype (fp16/bf16/fp32) and device, contiguous;
 - decode_attention: SDPA with one query token, no dropout, not ``is_causal``, K/V either the GQA
-  repeat of a ``[B, Hkv, L, D]`` tensor or un-repeated, a mask that is None or ``[B|1, 1, 1, L]``.
+  repeat of a ``[B, Hkv, L, D]`` tensor or un-repeated, a mask that is None or ``[B|1, 1, 1, L]``;
+- fuse_rope_cache: transformers' full-width, non-interleaved rotary form on q and k with the same cos/sin
+  ``[B|1, 1, 1, D]`` (:func:`fxspec.graph.rope.rope_half_parts`); each cache written exactly once, by
+  ``cache.index_copy_(2, slot, new)`` before the attention, with a one-element int64 ``slot``, and read by
+  nothing else; the rotated q/k used only there; one dtype throughout (no promotion by cos/sin).
 """
 
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.fx as fx
@@ -282,9 +294,123 @@ def _unrepeat(k: object, H: int, gqa: bool):
     return k  # plain multi-head attention: K/V are used as they are
 
 
-# --------------------------------------------------------------------------- fuse_gemv_edges
+# ------------------------------------------------------------------------------ fuse_rope_cache
 
 @register_pass("decode", lossy=False, order=97)
+def fuse_rope_cache(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """Rotary embedding + KV-cache write before a decode attention -> fxspec.decode_attention_rope."""
+    cfg = ctx.config.decode
+    if not (cfg.attention and cfg.fuse_rope_cache):
+        return gm
+    why = _why_not_graph(ctx)
+    if why:
+        ctx.skip("graph", why)
+        return gm
+    from ..lowering.attention import ops as _attn_ops  # noqa: F401  (registers fxspec::decode_attention_rope)
+
+    att_op = torch.ops.fxspec.decode_attention.default
+    for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is att_op]:
+        where = _module_path(node)
+        site = _match_rope_cache(gm, node)
+        if isinstance(site, str):
+            ctx.skip(where, site)
+            continue
+        args, writes = site
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(torch.ops.fxspec.decode_attention_rope.default, args)
+        new.meta.update({k: v for k, v in node.meta.items() if k in ("example_value", "val", "stack_trace",
+                                                                   "nn_module_stack", "source_fn_stack")})
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        for w in writes:
+            gm.graph.erase_node(w)
+        ctx.rewrote(where, "rotary embedding of q/k and the K/V cache write done by the attention kernel",
+                    counter="rope+cache")
+    eliminate_dead_code(gm)
+    return gm
+
+
+def _module_path(node: fx.Node) -> str:
+    """The qualified name of the module a node was traced in (``model.layers.0.self_attn``), else its name."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return node.name
+    path = re.sub(r"^[A-Za-z_]\w*\[['\"][^'\"]*['\"]\]", "", str(list(stack.values())[-1][0]))  # L['model'].
+    path = re.sub(r"\._modules\[['\"]([^'\"]+)['\"]\]|\[['\"]?([^\]'\"]+)['\"]?\]",
+                  lambda m: "." + (m.group(1) or m.group(2)), path)
+    return path.strip(".") or node.name
+
+
+def _is_index_copy_(node: object) -> bool:
+    return isinstance(node, fx.Node) and (
+        (node.op == "call_method" and node.target == "index_copy_")
+        or (node.op == "call_function" and node.target in (torch.Tensor.index_copy_,)))
+
+
+def _cache_write(gm: fx.GraphModule, cache: object, att: fx.Node):
+    """``(slot, new)`` of the single ``cache.index_copy_(2, slot, new)`` before ``att``, or a reason."""
+    if not isinstance(cache, fx.Node):
+        return "the K/V cache is not a graph value"
+    others = [u for u in cache.users if u is not att]
+    if len(others) != 1 or not _is_index_copy_(others[0]):
+        return (f"the cache {cache.name} has users other than one index_copy_ write and the attention "
+                f"({', '.join(u.name for u in others) or 'no write'})")
+    w = others[0]
+    if w.args[0] is not cache or w.kwargs or len(w.args) != 4 or w.users:
+        return f"{w.name} is not a plain cache.index_copy_(dim, slot, new)"
+    if node_position(gm, w) > node_position(gm, att):
+        return f"{w.name} writes the cache after the attention reads it"
+    dim, slot, new = w.args[1:]
+    cs = shape(cache)
+    if not isinstance(dim, int) or cs is None or dim not in (2, 2 - len(cs)):
+        return f"{w.name} writes along dim {dim}, not the sequence dim 2"
+    return w, slot, new
+
+
+def _match_rope_cache(gm: fx.GraphModule, att: fx.Node):
+    """``((q, k, v, cos, sin, k_cache, v_cache, slot, mask, scale), (write_k, write_v))`` or a reason."""
+    from ..graph.rope import rope_half_parts
+
+    q2, kc, vc, mask, scale = att.args
+    wk, wv = _cache_write(gm, kc, att), _cache_write(gm, vc, att)
+    if isinstance(wk, str) or isinstance(wv, str):
+        return wk if isinstance(wk, str) else wv
+    (write_k, slot, k2), (write_v, slot_v, v) = wk, wv
+    if slot_v is not slot:
+        return "the K and V caches are written at different slot tensors"
+    ss = shape(slot)
+    if ss is None or len(ss) != 1 or static_int(ss[0]) != 1 or _dtype(slot) != torch.int64:
+        return f"the slot is not a one-element int64 tensor (shape {ss})"
+    if not isinstance(k2, fx.Node) or list(k2.users) != [write_k]:
+        return "the new key is used outside the cache write"
+    if not isinstance(q2, fx.Node) or list(q2.users) != [att]:
+        return "the rotated query is used outside the attention"
+    rq, rk = rope_half_parts(q2), rope_half_parts(k2)
+    if rq is None or rk is None:
+        return f"no full-width rotate_half rotary embedding on the {'query' if rq is None else 'key'}"
+    (q, cos, sin), (k, cos_k, sin_k) = rq, rk
+    if cos_k is not cos or sin_k is not sin:
+        return "q and k are rotated with different cos/sin tensors"
+    qs, ks, vs = shape(q), shape(k), shape(v)
+    cache_s = shape(kc)
+    if qs is None or len(qs) != 4 or cache_s is None or static_int(qs[2]) != 1:
+        return f"query shape {qs} is not [B, H, 1, D]"
+    B, D, Hkv = qs[0], qs[3], cache_s[1]
+    if ks != (B, Hkv, 1, D) or vs != (B, Hkv, 1, D):
+        return f"new key/value shapes {ks}, {vs} are not [B, Hkv, 1, D] = {(B, Hkv, 1, D)}"
+    for t, name in ((cos, "cos"), (sin, "sin")):
+        ts = shape(t)
+        if ts is None or len(ts) != 4 or ts[1] != 1 or ts[2] != 1 or ts[3] != D or ts[0] not in (1, B):
+            return f"{name} shape {ts} is not [B|1, 1, 1, D]"
+    dts = {_dtype(n) for n in (q, q2, k, k2, v, kc, vc, cos, sin)}
+    if len(dts) != 1 or None in dts:
+        return f"mixed dtypes along the rotation / cache write ({', '.join(sorted(map(str, dts)))})"
+    return (q, k, v, cos, sin, kc, vc, slot, mask, scale), (write_k, write_v)
+
+
+# --------------------------------------------------------------------------- fuse_gemv_edges
+
+@register_pass("decode", lossy=False, order=98)
 def fuse_gemv_edges(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """RMSNorm before, SiLU*mul or the residual add after a decode GEMV -> one fxspec.fused_linear launch."""
     cfg = ctx.config.decode
@@ -351,8 +477,12 @@ def _to_dtype(node: object) -> torch.dtype | None:
 
 
 def _dtype(node: object) -> torch.dtype | None:
-    val = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
-    return val.dtype if isinstance(val, torch.Tensor) else None
+    if not isinstance(node, fx.Node):
+        return None
+    val = node.meta.get("example_value", node.meta.get("val"))
+    if isinstance(val, torch.Tensor):
+        return val.dtype
+    return getattr(node.meta.get("tensor_meta"), "dtype", None)  # (graphs annotated by ShapeProp)
 
 
 def _match_hf_rmsnorm(xn: object, params: dict, ctx: PassContext):

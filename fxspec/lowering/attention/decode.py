@@ -41,16 +41,18 @@ def _interpret() -> bool:
 
 
 @triton.jit
-def _decode_attn_kernel(Q, K, V, Mask, O, OP, ML,
+def _decode_attn_kernel(Q, K, V, Mask, O, OP, ML, KN, VN, COS, SIN, SLOT,
                         stride_qb, stride_qh, stride_qd,
                         stride_kb, stride_kh, stride_kl, stride_kd,
                         stride_vb, stride_vh, stride_vl, stride_vd,
                         stride_mb, stride_ml,
                         stride_ob, stride_oh, stride_od,
+                        stride_knb, stride_knh, stride_knd, stride_vnb, stride_vnh, stride_vnd,
+                        stride_cb, stride_cd, stride_sb, stride_sd,
                         L, H_KV, keys_per_split, num_splits, qk_scale,
                         G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                         BLOCK_L: tl.constexpr, MASK_KIND: tl.constexpr, SINGLE: tl.constexpr,
-                        DOT_F32: tl.constexpr, PDL: tl.constexpr = False):
+                        DOT_F32: tl.constexpr, ROPE: tl.constexpr = False, PDL: tl.constexpr = False):
     # PDL (fxspec.lowering.pdl): nothing here is a weight, so no prefetch, only the two phases
     pdl.launch_dependents(PDL)
     pdl.wait(PDL)
@@ -63,9 +65,39 @@ def _decode_attn_kernel(Q, K, V, Mask, O, OP, ML,
     g_ok = offs_g < G
     d_ok = offs_d < D
     heads = j * G + offs_g
+    start = split * keys_per_split
+    end = tl.minimum(start + keys_per_split, L)
+    k_base = K + b * stride_kb + j * stride_kh
+    v_base = V + b * stride_vb + j * stride_vh
 
-    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    q_ptrs = Q + b * stride_qb + heads[:, None] * stride_qh
+    q_mask = g_ok[:, None] & d_ok[None, :]
+    if ROPE:
+        # x * cos + rotate_half(x) * sin, rotate_half(x)[d] = -x[d + D/2] (d < D/2), x[d - D/2] (else);
+        # fp32, one rounding to the storage dtype (the rounding of an Inductor-fused rotary kernel)
+        HALF: tl.constexpr = D // 2
+        offs_r = tl.where(offs_d < HALF, offs_d + HALF, offs_d - HALF)
+        sign = tl.where(offs_d < HALF, -1.0, 1.0)
+        c = tl.load(COS + b * stride_cb + offs_d * stride_cd, mask=d_ok, other=0.0).to(tl.float32)
+        sn = tl.load(SIN + b * stride_sb + offs_d * stride_sd, mask=d_ok, other=0.0).to(tl.float32) * sign
+        qa = tl.load(q_ptrs + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
+        qb = tl.load(q_ptrs + offs_r[None, :] * stride_qd, mask=q_mask, other=0.0)
+        q = (qa.to(tl.float32) * c[None, :] + qb.to(tl.float32) * sn[None, :]).to(qa.dtype)
+        # the new token's key (rotated) and value; the program whose split holds the slot writes them
+        # to the cache and uses them from registers (its loads of that slot may see the old values)
+        kn_ptrs = KN + b * stride_knb + j * stride_knh
+        ka = tl.load(kn_ptrs + offs_d * stride_knd, mask=d_ok, other=0.0).to(tl.float32)
+        kb = tl.load(kn_ptrs + offs_r * stride_knd, mask=d_ok, other=0.0).to(tl.float32)
+        k_new = (ka * c + kb * sn).to(K.dtype.element_ty)
+        v_new = tl.load(VN + b * stride_vnb + j * stride_vnh + offs_d * stride_vnd, mask=d_ok,
+                        other=0.0).to(V.dtype.element_ty)
+        slot = tl.load(SLOT)
+        slot_d = tl.zeros([D_PAD], tl.int64) + slot  # (a vector mask: the interpreter rejects scalar ones)
+        own = d_ok & (slot_d >= start) & (slot_d < end)
+        tl.store(k_base + slot_d * stride_kl + offs_d * stride_kd, k_new, mask=own)
+        tl.store(v_base + slot_d * stride_vl + offs_d * stride_vd, v_new, mask=own)
+    else:
+        q = tl.load(q_ptrs + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
     if DOT_F32:
         q = q.to(tl.float32)
 
@@ -73,10 +105,6 @@ def _decode_attn_kernel(Q, K, V, Mask, O, OP, ML,
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D_PAD], tl.float32)
 
-    start = split * keys_per_split
-    end = tl.minimum(start + keys_per_split, L)
-    k_base = K + b * stride_kb + j * stride_kh
-    v_base = V + b * stride_vb + j * stride_vh
     for l0 in range(start, end, BLOCK_L):
         offs_l = l0 + tl.arange(0, BLOCK_L)
         valid = offs_l < end
@@ -85,6 +113,8 @@ def _decode_attn_kernel(Q, K, V, Mask, O, OP, ML,
             valid = valid & (mv != 0)
         kv_mask = valid[:, None] & d_ok[None, :]
         k = tl.load(k_base + offs_l[:, None] * stride_kl + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        if ROPE:
+            k = tl.where((offs_l == slot)[:, None], k_new[None, :], k)
         if DOT_F32:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k)) * qk_scale  # [G_PAD, BLOCK_L], log2 units
@@ -98,6 +128,8 @@ def _decode_attn_kernel(Q, K, V, Mask, O, OP, ML,
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_l[:, None] * stride_vl + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        if ROPE:
+            v = tl.where((offs_l == slot)[:, None], v_new[None, :], v)
         if DOT_F32:
             acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
         else:
@@ -164,10 +196,16 @@ def plan_splits(B: int, H_kv: int, L: int, sms: int, block_l: int = BLOCK_L) -> 
 
 
 def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                            scale: float, *, splits: int | None = None) -> torch.Tensor:
+                            scale: float, *, splits: int | None = None, rope: tuple | None = None) -> torch.Tensor:
     """``q [B, H, 1, D]``, ``k, v [B, Hkv, L, D]``, ``mask`` None or ``[B|1, 1, 1, L]`` (bool: True =
     attend; float: added to the scores) -> ``[B, H, 1, D]`` in ``q.dtype``. ``splits`` overrides the plan
-    (tests)."""
+    (tests).
+
+    ``rope = (k_new, v_new, cos, sin, slot)``: ``q`` is not rotated yet; the kernel applies the rotary
+    embedding (``x * cos + rotate_half(x) * sin``, ``cos``/``sin`` ``[B|1, 1, 1, D]``) to ``q`` and to
+    ``k_new [B, Hkv, 1, D]``, writes the rotated key and ``v_new`` into slot ``slot`` (a 1-element int64
+    tensor, read on the device) of the caches ``k``/``v``, and attends over the caches including them. A
+    slot outside ``[0, L)`` is not written (the caller checks the cache length)."""
     B, H, T, D = q.shape
     _, H_kv, L, _ = k.shape
     assert T == 1 and H % H_kv == 0
@@ -196,16 +234,28 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     else:
         op = torch.empty((B * H, S, D_PAD), dtype=torch.float32, device=q.device)
         ml = torch.empty((B * H, S, 2), dtype=torch.float32, device=q.device)
+    if rope is None:
+        kn = vn = cos = sin = slot = q  # unused
+        rs = (0,) * 10
+    else:
+        kn, vn, cos, sin, slot = rope
+
+        def bstride(t):  # [B|1, 1, 1, D]: batch stride 0 when broadcast
+            return t.stride(0) if t.shape[0] > 1 else 0
+
+        rs = (kn.stride(0), kn.stride(1), kn.stride(3), vn.stride(0), vn.stride(1), vn.stride(3),
+              bstride(cos), cos.stride(3), bstride(sin), sin.stride(3))
     _decode_attn_kernel[(B * H_kv, S)](
-        q, k, v, m, out, op, ml,
+        q, k, v, m, out, op, ml, kn, vn, cos, sin, slot,
         q.stride(0), q.stride(1), q.stride(3),
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),
         v.stride(0), v.stride(1), v.stride(2), v.stride(3),
         smb, sml,
         out.stride(0), out.stride(1), out.stride(3),
+        *rs,
         L, H_kv, per, S, float(scale) * LOG2E,
         G=G, G_PAD=G_PAD, D=D, D_PAD=D_PAD, BLOCK_L=block_l, MASK_KIND=kind, SINGLE=single,
-        DOT_F32=interp or q.dtype == torch.float32, num_warps=4, num_stages=2, **launch)
+        DOT_F32=interp or q.dtype == torch.float32, ROPE=rope is not None, num_warps=4, num_stages=2, **launch)
     if not single:
         _combine_kernel[(B * H,)](op, ml, out, H, S, out.stride(0), out.stride(1), out.stride(3),
                                   D=D, D_PAD=D_PAD, S_PAD=max(2, _next_pow2(S)), num_warps=4, **launch)

@@ -11,6 +11,23 @@ Implementations: CUDA with bf16/fp16 q and a mask of shape [B|1, 1, 1, L] -> the
 (:mod:`.decode`); everything else -> :func:`decode_attention_ref`, which is exactly what the graph computed
 before the rewrite (transformers' repeat_kv, then ``F.scaled_dot_product_attention``), so on the CPU the
 rewrite changes no bit.
+
+``torch.ops.fxspec.decode_attention_rope`` also takes the step's rotary embedding and KV-cache write::
+
+    torch.ops.fxspec.decode_attention_rope(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin,
+                                           Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot,
+                                           Tensor? mask, float scale) -> Tensor
+        q [B, H, 1, D], k, v [B, Hkv, 1, D]: this step's projections, q and k not rotated yet;
+        cos, sin [B|1, 1, 1, D]; k_cache, v_cache [B, Hkv, L, D]; slot: int64 [1], the cache position;
+        computes  q' = q * cos + rotate_half(q) * sin,  k' = k * cos + rotate_half(k) * sin
+                  (rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2]), transformers' Llama form),
+                  k_cache[:, :, slot] = k';  v_cache[:, :, slot] = v
+                  return decode_attention(q', k_cache, v_cache, mask, scale)
+
+It replaces four to five small kernels per layer (the rotations, the two cache writes, their index
+arithmetic) with work done inside the attention kernel. The reference runs exactly those torch ops (so
+the CPU rewrite changes no bit); the CUDA kernel rotates in fp32 and rounds once, as an Inductor-fused
+rotary kernel does.
 """
 
 from __future__ import annotations
@@ -107,4 +124,64 @@ def _decode_attention_cuda(q, k, v, mask, scale):
 @decode_attention.register_fake
 def _decode_attention_fake(q, k, v, mask, scale):
     check_decode_attention_args(q, k, v, mask)
+    return q.new_empty(q.shape)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def check_decode_attention_rope_args(q, k, v, cos, sin, k_cache, v_cache, slot, mask) -> None:
+    check_decode_attention_args(q, k_cache, v_cache, mask)
+    B, H, _, D = q.shape
+    Hkv = k_cache.shape[1]
+    for name, t in (("k", k), ("v", v)):
+        if tuple(t.shape) != (B, Hkv, 1, D):
+            raise ValueError(f"decode_attention_rope: {name} must be [B={B}, Hkv={Hkv}, 1, D={D}] (this step's "
+                             f"projection), got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"decode_attention_rope: {name} dtype {t.dtype} != q dtype {q.dtype}")
+    if D % 2:
+        raise ValueError(f"decode_attention_rope: head dim {D} is odd (rotate_half needs an even one)")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dim() != 4 or t.shape[1] != 1 or t.shape[2] != 1 or t.shape[3] != D or t.shape[0] not in (1, B):
+            raise ValueError(f"decode_attention_rope: {name} must be [B|1, 1, 1, D={D}], got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"decode_attention_rope: {name} must be floating point, got {t.dtype}")
+    if slot.dtype != torch.int64 or slot.numel() != 1 or slot.dim() != 1:
+        raise ValueError(f"decode_attention_rope: slot must be a 1-element int64 tensor [1], got "
+                         f"{slot.dtype} {tuple(slot.shape)}")
+
+
+def decode_attention_rope_ref(q, k, v, cos, sin, k_cache, v_cache, slot, mask, scale):
+    """The torch ops the rewrite replaced, in their order (bitwise what the graph computed)."""
+    q_rot = q * cos + rotate_half(q) * sin
+    k_rot = k * cos + rotate_half(k) * sin
+    k_cache.index_copy_(2, slot, k_rot)
+    v_cache.index_copy_(2, slot, v)
+    return decode_attention_ref(q_rot, k_cache, v_cache, mask, scale)
+
+
+@torch.library.custom_op("fxspec::decode_attention_rope", mutates_args=("k_cache", "v_cache"))
+def decode_attention_rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, slot: torch.Tensor,
+                          mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """Rotary embedding + KV-cache write + one-token attention (see the module docstring)."""
+    check_decode_attention_rope_args(q, k, v, cos, sin, k_cache, v_cache, slot, mask)
+    return decode_attention_rope_ref(q, k, v, cos, sin, k_cache, v_cache, slot, mask, scale)
+
+
+@decode_attention_rope.register_kernel("cuda")
+def _decode_attention_rope_cuda(q, k, v, cos, sin, k_cache, v_cache, slot, mask, scale):
+    check_decode_attention_rope_args(q, k, v, cos, sin, k_cache, v_cache, slot, mask)
+    if _use_triton(q, k_cache, mask) and cos.is_cuda and sin.is_cuda and slot.is_cuda:
+        from .decode import decode_attention_triton
+        return decode_attention_triton(q, k_cache, v_cache, mask, scale, rope=(k, v, cos, sin, slot))
+    return decode_attention_rope_ref(q, k, v, cos, sin, k_cache, v_cache, slot, mask, scale)
+
+
+@decode_attention_rope.register_fake
+def _decode_attention_rope_fake(q, k, v, cos, sin, k_cache, v_cache, slot, mask, scale):
+    check_decode_attention_rope_args(q, k, v, cos, sin, k_cache, v_cache, slot, mask)
     return q.new_empty(q.shape)
