@@ -452,6 +452,7 @@ _TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 2e-2}
 def _interp_main():
     from fxspec.lowering.attention.decode import decode_attention_triton
     from fxspec.lowering.attention.ops import decode_attention_ref
+    from fxspec.lowering.workspace import split_counters
     for cid, B, H, Hkv, L, D, splits, mk, dt in _CASES:
         g = torch.Generator().manual_seed(len(cid))
         dtype = getattr(torch, dt)
@@ -473,7 +474,16 @@ def _interp_main():
         mref = None if m is None else (m if m.dtype == torch.bool else m.float())
         ref = decode_attention_ref(q.float(), k.float(), v.float(), mref, 0.3)
         err = (out.float() - ref).abs().max().item()
-        print(json.dumps({"id": cid, "err": err, "shape": list(out.shape), "dtype": str(out.dtype)}), flush=True)
+        # the same with the combine as a second launch (FXSPEC_ATTN_COMBINE=launch)
+        os.environ["FXSPEC_ATTN_COMBINE"] = "launch"
+        try:
+            out2 = decode_attention_triton(q, k, v, m, 0.3, splits=splits)
+        finally:
+            del os.environ["FXSPEC_ATTN_COMBINE"]
+        print(json.dumps({"id": cid, "err": err, "shape": list(out.shape), "dtype": str(out.dtype),
+                          "vs_launch": (out.float() - out2.float()).abs().max().item(),
+                          "counters_zero": int(split_counters(torch.device("cpu")).count_nonzero()) == 0}),
+              flush=True)
     _interp_rope()
 
 
@@ -533,6 +543,10 @@ def test_decode_attention_kernel_interpreter(interp_results, case):
     assert res[cid]["shape"] == [B, H, 1, D]
     assert res[cid]["dtype"] == f"torch.{dt}"
     assert res[cid]["err"] <= _TOL[dt], res[cid]
+    # in-kernel combine (the last split reduces) vs the two-launch form: the same sums in the same order,
+    # up to the exp2 of each split's max being taken once here and per split there
+    assert res[cid]["vs_launch"] <= _TOL[dt] / 10, res[cid]
+    assert res[cid]["counters_zero"], "the split counters must be left at zero for the next launch"
 
 
 @pytest.mark.parametrize("case", _ROPE_CASES, ids=[c[0] for c in _ROPE_CASES])
@@ -601,6 +615,42 @@ def test_gpu_decode_attention_rope_matches_reference(dtype, L, slot):
     others = torch.ones(L, dtype=torch.bool, device="cuda")
     others[slot] = False
     assert torch.equal(kc[:, :, others], before[:, :, others])
+
+
+@gpu
+def test_gpu_in_kernel_combine_replays_deterministically(monkeypatch):
+    """The last-split combine inside a CUDA graph: replays give bitwise-equal outputs (the counters are
+    reset by every launch), and agree with the two-launch combine."""
+    from fxspec.lowering.attention import decode_attention
+    from fxspec.lowering.workspace import split_counters
+    torch.manual_seed(0)
+    B, H, Hkv, D, L = 1, 32, 4, 64, 1024
+    q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16)
+    m = torch.zeros(B, 1, 1, L, device="cuda", dtype=torch.bool)
+    m[..., :700] = True
+    monkeypatch.setenv("FXSPEC_ATTN_COMBINE", "launch")
+    two_launch = decode_attention(q, k, v, m, 0.125)
+    monkeypatch.setenv("FXSPEC_ATTN_COMBINE", "kernel")
+    out = decode_attention(q, k, v, m, 0.125)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        decode_attention(q, k, v, m, 0.125)
+        torch.cuda.synchronize()
+        with torch.cuda.graph(g, stream=s):
+            res = decode_attention(q, k, v, m, 0.125)
+    outs = []
+    for _ in range(3):
+        g.replay()
+        torch.cuda.synchronize()
+        outs.append(res.clone())
+    assert all(torch.equal(o, outs[0]) for o in outs) and torch.equal(outs[0], out)
+    assert (out.float() - two_launch.float()).abs().max().item() < 1e-2
+    assert int(split_counters(q.device).count_nonzero()) == 0
 
 
 if __name__ == "__main__" and "--interp" in sys.argv:

@@ -69,8 +69,8 @@ def _kernels():
     from fxspec.lowering.dense import gemv as g
     from fxspec.lowering.quant import triton_kernels as tk
     bf = "*bf16"
-    attn_ptrs = dict(Q=bf, K=bf, V=bf, Mask="*u8", O=bf, OP="*fp32", ML="*fp32", KN=bf, VN=bf, COS=bf, SIN=bf,
-                     SLOT="*i64")
+    attn_ptrs = dict(Q=bf, K=bf, V=bf, Mask="*u8", O=bf, OP="*fp32", ML="*fp32", CNT="*i32", KN=bf, VN=bf, COS=bf,
+                     SIN=bf, SLOT="*i64")
     return {
         # name: (kernel, pointer types, float scalars, constexprs, has a weight prefetch)
         "dense_fma": (g._gemv_group_kernel,
@@ -98,10 +98,10 @@ def _kernels():
                      BLOCK_K=128, GROUP_M=8, EVEN_N=True, EVEN_K=True), True),
         "decode_attn": (attn._decode_attn_kernel, attn_ptrs, ("qk_scale",),
                         dict(G=4, G_PAD=16, D=64, D_PAD=64, BLOCK_L=64, MASK_KIND=1, SINGLE=False, DOT_F32=False,
-                             ROPE=False), False),
+                             ROPE=False, COMBINE=False, S_PAD=8), False),
         "decode_attn_rope": (attn._decode_attn_kernel, attn_ptrs, ("qk_scale",),
                              dict(G=4, G_PAD=16, D=64, D_PAD=64, BLOCK_L=64, MASK_KIND=1, SINGLE=False,
-                                  DOT_F32=False, ROPE=True), False),
+                                  DOT_F32=False, ROPE=True, COMBINE=True, S_PAD=8), False),
         "combine": (attn._combine_kernel, dict(OP="*fp32", ML="*fp32", O=bf), (),
                     dict(D=64, D_PAD=64, S_PAD=8), False),
     }

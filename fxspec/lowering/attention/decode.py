@@ -15,6 +15,9 @@ the cache length over programs so that a batch-1 step still fills the GPU:
         S[g, t]   = -inf where mask[b, t] is False (bool) / + mask * log2(e) (additive)
         m, l, acc = running max, sum of exp2(S - m), sum of exp2(S - m) * v[b, j, t]
     combine (b, h): o = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s,  M = max_s m_s
+                    done by the last split program of (b, j) to finish (counter in
+                    fxspec.lowering.workspace; splits summed in order 0..S-1), or by a second kernel
+                    with FXSPEC_ATTN_COMBINE=launch
 
 Masked keys are not loaded (the K/V loads are predicated on the mask), so the slots after the
 current position cost only their mask bytes. With one split the first kernel normalises and writes
@@ -32,6 +35,7 @@ import triton
 import triton.language as tl
 
 from .. import pdl
+from ..workspace import COUNTER_LEN, split_counters
 
 LOG2E = 1.4426950408889634
 
@@ -41,7 +45,7 @@ def _interpret() -> bool:
 
 
 @triton.jit
-def _decode_attn_kernel(Q, K, V, Mask, O, OP, ML, KN, VN, COS, SIN, SLOT,
+def _decode_attn_kernel(Q, K, V, Mask, O, OP, ML, CNT, KN, VN, COS, SIN, SLOT,
                         stride_qb, stride_qh, stride_qd,
                         stride_kb, stride_kh, stride_kl, stride_kd,
                         stride_vb, stride_vh, stride_vl, stride_vd,
@@ -52,7 +56,8 @@ def _decode_attn_kernel(Q, K, V, Mask, O, OP, ML, KN, VN, COS, SIN, SLOT,
                         L, H_KV, keys_per_split, num_splits, qk_scale,
                         G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                         BLOCK_L: tl.constexpr, MASK_KIND: tl.constexpr, SINGLE: tl.constexpr,
-                        DOT_F32: tl.constexpr, ROPE: tl.constexpr = False, PDL: tl.constexpr = False):
+                        DOT_F32: tl.constexpr, ROPE: tl.constexpr = False, COMBINE: tl.constexpr = False,
+                        S_PAD: tl.constexpr = 2, PDL: tl.constexpr = False):
     # PDL (fxspec.lowering.pdl): nothing here is a weight, so no prefetch, only the two phases
     pdl.launch_dependents(PDL)
     pdl.wait(PDL)
@@ -147,6 +152,33 @@ def _decode_attn_kernel(Q, K, V, Mask, O, OP, ML, KN, VN, COS, SIN, SLOT,
                  mask=g_ok[:, None])
         tl.store(ML + (row * num_splits + split) * 2, m_i, mask=g_ok)
         tl.store(ML + (row * num_splits + split) * 2 + 1, l_i, mask=g_ok)
+        if COMBINE:
+            # the last split of (b, j) to finish combines all of them (fixed split order: deterministic).
+            # All threads' partial stores happen-before the counter's release (CTA barrier + acq_rel
+            # gpu-scope atomic, once per program); the partials are read back past L1 (.cg).
+            tl.debug_barrier()
+            prev = tl.atomic_add(CNT + pid, 1, sem="acq_rel")
+            if prev == num_splits - 1:
+                offs_s = tl.arange(0, S_PAD)
+                ms = tl.load(ML + (row[:, None] * num_splits + offs_s[None, :]) * 2,
+                             mask=g_ok[:, None] & (offs_s < num_splits)[None, :], other=float("-inf"),
+                             cache_modifier=".cg")
+                m_max = tl.max(ms, 1)
+                m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+                num = tl.zeros([G_PAD, D_PAD], tl.float32)
+                den = tl.zeros([G_PAD], tl.float32)
+                for s in range(0, num_splits):
+                    base = row * num_splits + s
+                    m_s = tl.load(ML + base * 2, mask=g_ok, other=float("-inf"), cache_modifier=".cg")
+                    l_s = tl.load(ML + base * 2 + 1, mask=g_ok, other=0.0, cache_modifier=".cg")
+                    a_s = tl.load(OP + base[:, None] * D_PAD + offs_d[None, :], mask=g_ok[:, None], other=0.0,
+                                  cache_modifier=".cg")
+                    w = tl.where(m_s == float("-inf"), 0.0, tl.exp2(m_s - m_safe))
+                    num += a_s * w[:, None]
+                    den += l_s * w
+                tl.store(O + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
+                         (num / den[:, None]).to(O.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+                tl.atomic_xchg(CNT + pid, 0)  # ready for the next launch (stream order)
 
 
 @triton.jit
@@ -170,6 +202,15 @@ def _combine_kernel(OP, ML, O, H, num_splits, stride_ob, stride_oh, stride_od,
     out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
     tl.store(O + b * stride_ob + h * stride_oh + offs_d * stride_od, out.to(O.dtype.element_ty),
              mask=offs_d < D)
+
+
+COMBINE_ENV = "FXSPEC_ATTN_COMBINE"
+
+
+def combine_in_kernel() -> bool:
+    """Whether the last split program combines the partials (default) instead of a second launch
+    (``FXSPEC_ATTN_COMBINE=launch``: the earlier two-kernel form, kept for A/B measurements)."""
+    return os.environ.get(COMBINE_ENV, "kernel").lower() != "launch"
 
 
 def _next_pow2(n: int) -> int:
@@ -245,8 +286,12 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
 
         rs = (kn.stride(0), kn.stride(1), kn.stride(3), vn.stride(0), vn.stride(1), vn.stride(3),
               bstride(cos), cos.stride(3), bstride(sin), sin.stride(3))
+    fused_combine = not single and combine_in_kernel()
+    cnt = split_counters(q.device) if fused_combine else out
+    if fused_combine and B * H_kv > COUNTER_LEN:
+        raise ValueError(f"decode_attention: {B * H_kv} (batch x KV heads) programs exceed the counter buffer")
     _decode_attn_kernel[(B * H_kv, S)](
-        q, k, v, m, out, op, ml, kn, vn, cos, sin, slot,
+        q, k, v, m, out, op, ml, cnt, kn, vn, cos, sin, slot,
         q.stride(0), q.stride(1), q.stride(3),
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),
         v.stride(0), v.stride(1), v.stride(2), v.stride(3),
@@ -255,8 +300,9 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
         *rs,
         L, H_kv, per, S, float(scale) * LOG2E,
         G=G, G_PAD=G_PAD, D=D, D_PAD=D_PAD, BLOCK_L=block_l, MASK_KIND=kind, SINGLE=single,
-        DOT_F32=interp or q.dtype == torch.float32, ROPE=rope is not None, num_warps=4, num_stages=2, **launch)
-    if not single:
+        DOT_F32=interp or q.dtype == torch.float32, ROPE=rope is not None, COMBINE=fused_combine,
+        S_PAD=max(2, _next_pow2(S)), num_warps=4, num_stages=2, **launch)
+    if not single and not fused_combine:
         _combine_kernel[(B * H,)](op, ml, out, H, S, out.stride(0), out.stride(1), out.stride(3),
                                   D=D, D_PAD=D_PAD, S_PAD=max(2, _next_pow2(S)), num_warps=4, **launch)
     return out

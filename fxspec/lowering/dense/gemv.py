@@ -86,6 +86,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from .. import pdl
+from ..workspace import COUNTER_LEN, split_counters
 from .ops import DECODE_MAX_M, EPILOGUES, check_fused_linear_args, check_linear_group_args, fused_linear_ref
 
 __all__ = [
@@ -537,24 +538,6 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-_COUNTERS: dict = {}
-_COUNTER_LEN = 1 << 16
-
-
-def _counters(device: torch.device) -> torch.Tensor:
-    """Zeroed int32 tile counters for the split-K reduction, one buffer per (device, stream);
-    every launch leaves them zero again."""
-    if device.type == "cuda":
-        key = (device.type, device.index, torch.cuda.current_stream(device).cuda_stream)
-    else:
-        key = (device.type, device.index, 0)
-    buf = _COUNTERS.get(key)
-    if buf is None:
-        buf = torch.zeros(_COUNTER_LEN, dtype=torch.int32, device=device)
-        _COUNTERS[key] = buf
-    return buf
-
-
 def _check_launch(x: torch.Tensor, weights: Sequence[torch.Tensor], op: str = "linear_group") -> None:
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise TypeError(f"{op}: the Triton kernel takes bfloat16/float16 activations, got {x.dtype} "
@@ -634,10 +617,10 @@ def _launch(cfg: GroupConfig, x2: torch.Tensor, weights: Sequence[torch.Tensor],
         split = triton.cdiv(nfull, triton.cdiv(nfull, split))  # no empty split
     dev = x2.device
     if split > 1:
-        if tiles > _COUNTER_LEN:
-            raise ValueError(f"linear_group: {tiles} output tiles exceed the counter buffer ({_COUNTER_LEN})")
+        if tiles > COUNTER_LEN:
+            raise ValueError(f"linear_group: {tiles} output tiles exceed the counter buffer ({COUNTER_LEN})")
         ws = torch.empty(split * tiles * bm * bn, dtype=torch.float32, device=dev)
-        cnt = _counters(dev)
+        cnt = split_counters(dev)
     else:
         ws, cnt = out, out  # unused (SPLIT_K == 1 is specialised away)
     w = list(weights) + [weights[0]] * (MAX_WEIGHTS - len(weights))
