@@ -15,9 +15,9 @@ the cache length over programs so that a batch-1 step still fills the GPU:
         S[g, t]   = -inf where mask[b, t] is False (bool) / + mask * log2(e) (additive)
         m, l, acc = running max, sum of exp2(S - m), sum of exp2(S - m) * v[b, j, t]
     combine (b, h): o = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s,  M = max_s m_s
-                    done by the last split program of (b, j) to finish (counter in
-                    fxspec.lowering.workspace; splits summed in order 0..S-1), or by a second kernel
-                    with FXSPEC_ATTN_COMBINE=launch
+                    done by a second kernel (default), or with FXSPEC_ATTN_COMBINE=kernel by the last
+                    split program of (b, j) to finish (counter in fxspec.lowering.workspace; splits
+                    summed in order 0..S-1; measured slower, see combine_in_kernel)
 
 Masked keys are not loaded (the K/V loads are predicated on the mask), so the slots after the
 current position cost only their mask bytes. With one split the first kernel normalises and writes
@@ -208,9 +208,11 @@ COMBINE_ENV = "FXSPEC_ATTN_COMBINE"
 
 
 def combine_in_kernel() -> bool:
-    """Whether the last split program combines the partials (default) instead of a second launch
-    (``FXSPEC_ATTN_COMBINE=launch``: the earlier two-kernel form, kept for A/B measurements)."""
-    return os.environ.get(COMBINE_ENV, "kernel").lower() != "launch"
+    """Whether the last split program combines the partials (``FXSPEC_ATTN_COMBINE=kernel``) instead of a
+    second, PDL-overlapped launch (the default). Measured on the H100 (2026-11-23, 1.1B bf16 batch-1 decode):
+    the in-kernel combine was slower end to end (864-870 vs 896 tok/s): the serial tail of the last program
+    costs more than the overlapped launch it saves."""
+    return os.environ.get(COMBINE_ENV, "launch").lower() == "kernel"
 
 
 def _next_pow2(n: int) -> int:
