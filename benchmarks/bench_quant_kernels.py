@@ -405,6 +405,16 @@ def measure_int4_decode(Q, tk, N, K, copy_bw, results, ms):
             "tinygemm_int4": (btg, [lambda p=p, s=s: torch.ops.aten._weight_int4pack_mm(x, p, GROUP, s) for p, s in tgs]),
         }
         methods["fxspec_int4_gemv_nopdl"] = methods["fxspec_int4_gemv"]
+        # experimental packed-bf16x2 GEMV, fixed configs (no autotuning), next to the fp32 GEMV's
+        # first config (same tile: BLOCK_N=32, BLOCK_K=1024, 4 warps)
+        c0 = tk._GEMV4[0]
+        fixed = {"fxspec_int4_gemv_bn32_fp32": c0}
+        for c in getattr(tk, "_GEMV4_PACKED", []):
+            fixed[f"fxspec_int4_gemv_bn{c.kwargs['BLOCK_N']}_pk{c.kwargs['PACKED']}"] = c
+        for name, c in fixed.items():
+            cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+            methods[name] = (b4, [lambda q=q, s=s, cfg=cfg: tk.int4_linear_triton(x, q, s, None, GROUP, path="gemv", config=cfg)
+                                  for q, s in q4s])
         for name, (nb, calls) in methods.items():
             try:
                 with pdl_env(name.endswith("_nopdl")):
@@ -440,6 +450,11 @@ def int4_decode_table(copy_bw, results) -> str:
             return f"{b['us']/a['us']:.2f}x" if a and b and "us" in a and "us" in b else "-"
         lines.append(f"| {N}x{K} | {M} | {cell(gv)} | {cell(gn)} | {cell(mm)} | {cell(tg)} | {ratio(gv, tg)} | "
                      f"{ratio(gn, tg)} |")
+    extra = sorted({m for d in by.values() for m in d if m.startswith("fxspec_int4_gemv_bn")})
+    if extra:  # fixed-config GEMV rows (packed-bf16x2 experiment)
+        lines += ["", "| N x K | M | " + " | ".join(extra) + " |", "|---|---:|" + "---:|" * len(extra)]
+        for (N, K, M), d in sorted(by.items()):
+            lines.append(f"| {N}x{K} | {M} | " + " | ".join(cell(d.get(m)) for m in extra) + " |")
     return "\n".join(lines)
 
 

@@ -21,6 +21,9 @@ Paths (``path=`` of the launchers; ``"auto"`` picks by M, see ``_pick_path``):
     epilogue.  H100 (run 3): 26-43% of copy bandwidth at M = 1, 1.04-1.48x *slower* than the
     mma path and 1.54-1.73x slower than tinygemm, time linear in M (issue bound: 14.6 SASS
     instructions per weight byte with the device's triton 3.6), so "auto" does not pick it.
+    Experimental, opt-in: ``PACKED`` configs (bf16x2 partial products, ``_gemv4_dot_packed``;
+    5.45 SASS instructions per weight byte against 8.45), in autotuning only with
+    ``FXSPEC_INT4_PACKED=1``; not timed yet.
 
 ``mma`` (int4 decode M <= 16 and prefill; int8/fp8 decode 1 < M <= 16 and prefill)
     Tensor-core kernel with the roles swapped (weights are the *A* operand, ``x^T`` the B
@@ -600,6 +603,142 @@ def _gemv4_dot(w, s, z, x0, x1, x2, x3, x4, x5, x6, x7, HAS_ZERO: tl.constexpr, 
     return d * s.to(tl.float32)
 
 
+# Experimental packed-bf16x2 variant of _gemv4_dot (``PACKED`` = F > 0, opt-in; symmetric codes
+# and bf16 activations only, otherwise the fp32 path runs; f16x2 is not an option: bf16
+# activations can overflow fp16).  A word's 8 codes pair up as (bit offset 4p, 4p + 16), p = 0..3,
+# i.e. (x_p, x_{p+4}) in _gemv4_load's numbering: one LOP3 of (w >> 4p) with 0x000F000F under the
+# magic 0x43004300 gives the bf16x2 {128 + q_p, 128 + q_{p+4}}, one packed fma subtracts 136
+# (exact: q - 8), one packed fma multiplies by the bf16x2 {x_p, x_{p+4}} (built once per block and
+# thread, before the layout conversion, and shared by the thread's rows) and adds into a bf16x2
+# partial.  The partial (two lanes of 4F products) is flushed every F adjacent words (one
+# thread's 16-byte vector, one group): (lo + hi) * s into the fp32 accumulator.  Per word: 3 SHF
+# + 4 LOP3 + 8 HFMA2 + (2 unpack + FADD + FFMA) / F, against 1 SHF + 8 LOP3 + 8 FADD + 9 FFMA/FMUL;
+# SASS (triton 3.6, sm_90a, BLOCK_N = 32, BLOCK_K = 1024, 4 warps): 5.45 (F = 2) / 6.11 (F = 1)
+# loop instructions per weight byte against 8.45.  Numerics: every packed fma rounds to bf16
+# (8 bits); measured on random data (N x K up to 4096 x 14336, activations with and without
+# outliers) the output's relative error before its own bf16 rounding is 2.4-2.7e-3 (F = 1) /
+# 3.3-3.5e-3 (F = 2), rms 0.4-0.6 / 0.5-0.8 bf16 ulps of the rms output, against 1.6e-3 for
+# that final rounding and ~0.11 (SQNR 19 dB, unchanged to 0.02 dB) for int4 g128 quantization;
+# F = 4 reaches ~1 ulp rms.  USE_ASM False (the interpreter): the same bits from plain Triton
+# (bit manipulation, exact fp32 products, explicit round-to-nearest-even to bf16); they differ from
+# the PTX only where a partial is < 2^-24 of the next product (the fp32 sum rounds first).
+def _asm_packed(nw: int) -> str:
+    # $0: the bf16x2 partial; $1..$nw: the words; then 4 x pairs per word
+    s = ["{", ".reg .b32 t, u, d, a, m, one, off, mz;", "mov.b32 m, 0x43004300;",
+         "mov.b32 one, 0x3F803F80;", "mov.b32 off, 0xC308C308;", "mov.b32 mz, 0x80008000;"]
+    for i in range(nw):
+        for p in range(4):
+            src = f"${1 + i}"
+            if p:
+                s.append(f"shr.b32 t, {src}, {4 * p};")
+                src = "t"
+            s.append(f"lop3.b32 u, {src}, 0x000F000F, m, 0xEA;")   # bf16x2 128 + q
+            s.append("fma.rn.bf16x2 d, u, one, off;")                 # q - 8, exact
+            s.append(f"fma.rn.bf16x2 a, d, ${1 + nw + 4 * i + p}, {'mz' if i == 0 and p == 0 else 'a'};")
+    s += ["mov.b32 $0, a;", "}"]
+    return "\n".join(s)
+
+
+_ASM_PACKED1 = tl.constexpr(_asm_packed(1))
+_ASM_PACKED2 = tl.constexpr(_asm_packed(2))
+
+
+@triton.jit
+def _bf16_pair(a, b):
+    # int32 bits of the bf16x2 {lo: a, hi: b} (a, b: bf16)
+    lo = a.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    hi = b.to(tl.int16, bitcast=True).to(tl.int32)
+    return (hi << 16) | lo
+
+
+@triton.jit
+def _rne_bf16(f):
+    # fp32 -> the nearest bf16 (ties to even), kept as fp32 (interpreter emulation; finite values)
+    b = f.to(tl.int32, bitcast=True)
+    b = (b + (0x7FFF + ((b >> 16) & 1))) & -65536
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _packed_step(w, SH: tl.constexpr, xp, plo, phi, FIRST: tl.constexpr):
+    # emulation of lop3 / fma(u, 1, -136) / fma(d, x, partial) on both bf16 lanes, as fp32
+    u = ((w >> SH) & 0x000F000F) | 0x43004300
+    dlo = (u << 16).to(tl.float32, bitcast=True) - 136.0
+    dhi = (u & -65536).to(tl.float32, bitcast=True) - 136.0
+    xlo = (xp << 16).to(tl.float32, bitcast=True)[None, :]
+    xhi = (xp & -65536).to(tl.float32, bitcast=True)[None, :]
+    if FIRST:
+        plo = _rne_bf16(dlo * xlo)
+        phi = _rne_bf16(dhi * xhi)
+    else:
+        plo = _rne_bf16(dlo * xlo + plo)
+        phi = _rne_bf16(dhi * xhi + phi)
+    return plo, phi
+
+
+@triton.jit
+def _packed_word(w, p0, p1, p2, p3, plo, phi, FIRST: tl.constexpr):
+    plo, phi = _packed_step(w, 0, p0, plo, phi, FIRST)
+    plo, phi = _packed_step(w, 4, p1, plo, phi, False)
+    plo, phi = _packed_step(w, 8, p2, plo, phi, False)
+    plo, phi = _packed_step(w, 12, p3, plo, phi, False)
+    return plo, phi
+
+
+@triton.jit
+def _halves(t):
+    # [R, 2n] -> the even and odd columns [R, n] (adjacent words: in a thread's 16-byte vector)
+    return tl.split(tl.reshape(t, [t.shape[0], t.shape[1] // 2, 2]))
+
+
+@triton.jit
+def _halves1(t):
+    # [2n] -> the even and odd entries [n]
+    return tl.split(tl.reshape(t, [t.shape[0] // 2, 2]))
+
+
+@triton.jit
+def _gemv4_dot_packed(w, s, x0, x1, x2, x3, x4, x5, x6, x7, USE_ASM: tl.constexpr, F: tl.constexpr):
+    # [BN, WB / F] fp32: s * (the bf16x2 partial of F adjacent words, both lanes); see above
+    p0 = _bf16_pair(x0, x4)
+    p1 = _bf16_pair(x1, x5)
+    p2 = _bf16_pair(x2, x6)
+    p3 = _bf16_pair(x3, x7)
+    if F == 2:
+        wa, wb = _halves(w)
+        s, _ = _halves(s)          # the two words share their group's scale
+        p0, q0 = _halves1(p0)
+        p1, q1 = _halves1(p1)
+        p2, q2 = _halves1(p2)
+        p3, q3 = _halves1(p3)
+        if USE_ASM:
+            a = tl.inline_asm_elementwise(
+                _ASM_PACKED2, "=r,r,r,r,r,r,r,r,r,r,r",
+                [wa, wb, tl.broadcast_to(p0[None, :], wa.shape), tl.broadcast_to(p1[None, :], wa.shape),
+                 tl.broadcast_to(p2[None, :], wa.shape), tl.broadcast_to(p3[None, :], wa.shape),
+                 tl.broadcast_to(q0[None, :], wa.shape), tl.broadcast_to(q1[None, :], wa.shape),
+                 tl.broadcast_to(q2[None, :], wa.shape), tl.broadcast_to(q3[None, :], wa.shape)],
+                dtype=tl.int32, is_pure=True, pack=1)
+            plo = (a << 16).to(tl.float32, bitcast=True)
+            phi = (a & -65536).to(tl.float32, bitcast=True)
+        else:
+            plo, phi = _packed_word(wa, p0, p1, p2, p3, wa, wa, True)
+            plo, phi = _packed_word(wb, q0, q1, q2, q3, plo, phi, False)
+    else:
+        tl.static_assert(F == 1, "PACKED: 1 or 2 words per flush")
+        if USE_ASM:
+            a = tl.inline_asm_elementwise(
+                _ASM_PACKED1, "=r,r,r,r,r,r",
+                [w, tl.broadcast_to(p0[None, :], w.shape), tl.broadcast_to(p1[None, :], w.shape),
+                 tl.broadcast_to(p2[None, :], w.shape), tl.broadcast_to(p3[None, :], w.shape)],
+                dtype=tl.int32, is_pure=True, pack=1)
+            plo = (a << 16).to(tl.float32, bitcast=True)
+            phi = (a & -65536).to(tl.float32, bitcast=True)
+        else:
+            plo, phi = _packed_word(w, p0, p1, p2, p3, w, w, True)
+    return (plo + phi) * s.to(tl.float32)
+
+
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _gemv4_kernel(X, W, S, Z, B, Y, WS, CNT,
                   M, N, K, stride_xm, stride_wn, stride_ym, M_BUCKET, SPLIT_K,
@@ -608,15 +747,17 @@ def _gemv4_kernel(X, W, S, Z, B, Y, WS, CNT,
                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                   GROUP_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_G: tl.constexpr,
                   SPLIT_TARGET: tl.constexpr = 0, FOLD: tl.constexpr = False,
-                  PDL: tl.constexpr = False, PF_BYTES: tl.constexpr = 0):
+                  PDL: tl.constexpr = False, PF_BYTES: tl.constexpr = 0, PACKED: tl.constexpr = 0):
     # W: the uint8 codes read as int32 words ([N, K/8], stride_wn in words).  The tile is 2-D
     # [BLOCK_N, BLOCK_K/8 words] (groups flattened into the word axis) so that Triton's layout
     # puts a thread's 16-byte vectors of several rows on the same words: the x vectors and
     # their conversions are then shared by the rows.  BLOCK_M == 1 (one row of x per program;
     # the M programs of a weight tile are adjacent in launch order, so for M > 1 the tile's
-    # second read comes from L2).  FOLD: see _gemv4_dot.  X_BF16 / DOT_F32 / SPLIT_TARGET are
-    # unused here.  (Register double buffering of the next block's loads was tried: never faster
-    # on the H100, 2026-11-23.)
+    # second read comes from L2).  FOLD: see _gemv4_dot.  PACKED (experimental, opt-in): F > 0
+    # words per flush of the bf16x2 partials (_gemv4_dot_packed), symmetric bf16 only (else the
+    # fp32 path).  DOT_F32 / SPLIT_TARGET are unused here.  (Register double buffering of the
+    # next block's loads was tried: never faster on the H100, 2026-11-23.)
+    PK: tl.constexpr = PACKED if (X_BF16 and not HAS_ZERO) else 0
     HALF: tl.constexpr = GROUP // 2
     GW: tl.constexpr = GROUP // 8          # words per group
     GPB: tl.constexpr = BLOCK_K // GROUP
@@ -643,12 +784,15 @@ def _gemv4_kernel(X, W, S, Z, B, Y, WS, CNT,
     x_ptrs = X + pid_m.to(tl.int64) * stride_xm + g0 * GROUP + grp * GROUP + (offs_w % GW) * 4
     s_ptrs = S + (g0 + grp)[None, :].to(tl.int64) * N + offs_n[:, None]   # [BN, WB]
     z_ptrs = Z + (g0 + grp)[None, :].to(tl.int64) * N + offs_n[:, None]
-    acc = tl.zeros([BLOCK_N, WB], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, WB // (PK if PK > 0 else 1)], dtype=tl.float32)
     for kb in range(kb_lo, kb_hi):
         w, s, z, x0, x1, x2, x3, x4, x5, x6, x7 = _gemv4_load(
             w_ptrs, x_ptrs, s_ptrs, z_ptrs, n_mask, kb * GPB + grp < num_groups, HALF,
             not EVEN_N, not EVEN_G, HAS_ZERO)
-        acc += _gemv4_dot(w, s, z, x0, x1, x2, x3, x4, x5, x6, x7, HAS_ZERO, USE_ASM, FOLD)
+        if PK > 0:
+            acc += _gemv4_dot_packed(w, s, x0, x1, x2, x3, x4, x5, x6, x7, USE_ASM, PK)
+        else:
+            acc += _gemv4_dot(w, s, z, x0, x1, x2, x3, x4, x5, x6, x7, HAS_ZERO, USE_ASM, FOLD)
         w_ptrs += WB
         x_ptrs += BLOCK_K
         s_ptrs += GPB * N
@@ -765,6 +909,21 @@ _GEMV4 = [
     _cfg(4, 1, BLOCK_N=32, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=2, FOLD=True),
     _cfg(2, 1, BLOCK_N=16, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=8),
 ]
+# Experimental packed-bf16x2 int4 GEMV (``PACKED`` = words per flush, see _gemv4_dot_packed):
+# offline SASS (triton 3.6, sm_90a), loop instructions per weight byte, 4 warps, BLOCK_K = 1024:
+# BLOCK_N = 32: PACKED=2 5.45 (128 regs -> SPLIT_TARGET 4), PACKED=1 6.11 (168 regs), against
+# 8.45 (FOLD 7.69); BLOCK_N = 16: PACKED=2 5.84 (95 regs), against 9.34.  No spills.  Not timed
+# yet.  In the autotune list only with FXSPEC_INT4_PACKED=1 at import (the bf16 partials add
+# ~2x the output's own bf16 rounding error, see _gemv4_dot_packed); explicit ``config=`` dicts
+# (tests, benchmarks) can name them regardless.
+_GEMV4_PACKED = [
+    _cfg(4, 1, BLOCK_N=32, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=4, PACKED=2),
+    _cfg(4, 1, BLOCK_N=16, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=5, PACKED=2),
+    _cfg(4, 1, BLOCK_N=32, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=3, PACKED=1),
+]
+INT4_PACKED_ENV = "FXSPEC_INT4_PACKED"
+if os.environ.get(INT4_PACKED_ENV, "0").lower() in ("1", "true", "on", "yes"):
+    _GEMV4 = _GEMV4 + _GEMV4_PACKED
 _DQ4 = dict(BLOCK_N=32, num_warps=4)
 _DQ8 = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4)
 
