@@ -17,12 +17,17 @@ Rows (each (model, batch)):
   Inductor ``mode="default"`` and with transformers' own default (``reduce-overhead``); failures are
   rows with the error;
 * ``fxspec bf16``: ``fxspec.runtime.Generator`` (compiled prefill, compiled + CUDA-graphed decode);
-* ``fxspec int8`` / ``int4``: the same with ``config={"quantize": {"bits": 8 | 4}}``.
+* ``fxspec int8`` / ``int4``: the same with ``config={"quantize": {"bits": 8 | 4}}`` (int4: group size 128,
+  the default); the LM head stays bf16 (the quantize pass's default);
+* ``fxspec int8+head`` / ``int4+head``: the same with ``"include_lm_head": True`` too, so every linear is
+  quantized, the LM head included, as in torchao's / gpt-fast's int8 and int4 weight-only numbers (the
+  apples-to-apples rows for those; they run after the int8 / int4 rows, under the same ``--no-quant``).
 
 Columns: decode tok/s = B x (N - 1) / (t(N new tokens) - t(1 new token)), i.e. prefill excluded;
 GB/s = bytes a decode step must read (weights the step touches: every parameter but the input embedding
-unless tied to the LM head, at the row's storage width; plus the K/V of the live context, averaged over
-the run) x steps/s; % of the device-to-device copy bandwidth measured in the same run (bytes read +
+unless tied to the LM head, at the row's storage width: quantized linears at their bits plus scales, the
+LM head at bf16 unless the row is ``+head``; plus the K/V of the live context, averaged over the run)
+x steps/s; % of the device-to-device copy bandwidth measured in the same run (bytes read +
 written, as DESIGN.md quotes it); compile/warm-up seconds; peak device memory.
 
 Rows run in priority order and are skipped (with a note) once ``--budget-s`` is spent; results are
@@ -85,16 +90,21 @@ def copy_bandwidth(device) -> float:
     return 2 * a.numel() * a.element_size() / times[len(times) // 2]
 
 
-def weight_read_bytes(model, bits: int | None = None, group: int = 128) -> int:
+def weight_read_bytes(model, bits: int | None = None, group: int = 128, lm_head: bool = False) -> int:
     """Bytes of the parameters one decode step reads. The input embedding is a gather (B rows), not a
-    read of the table, unless it is tied to the LM head. With ``bits``, linears other than the LM head
-    count at that width plus bf16 scales (per output channel for 8, per ``group`` for 4)."""
+    read of the table, unless it is tied to the LM head. With ``bits``, the linears the quantize pass
+    quantizes (both dimensions >= 64, its default ``min_features``; for 4 bits ``in_features`` a multiple
+    of ``group``) count at that width plus bf16 scales (per output channel for 8, per ``group`` for 4);
+    the LM head among them only with ``lm_head`` (``quantize.include_lm_head``), else at its own width.
+    A tied head is one parameter, counted once, at the head's width."""
     emb = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
     quantized = set()
     if bits:
         for name, mod in model.named_modules():
-            if isinstance(mod, torch.nn.Linear) and mod.weight is not head and min(mod.weight.shape) >= 64:
+            if not isinstance(mod, torch.nn.Linear) or (mod.weight is head and not lm_head):
+                continue
+            if min(mod.weight.shape) >= 64 and (bits == 8 or mod.weight.shape[1] % group == 0):
                 quantized.add(id(mod.weight))
     total = 0
     for p in model.parameters():
@@ -198,7 +208,7 @@ class Bench:
         return {"model": model_name, "batch": batch, "method": method,
                 "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1)}
 
-    def finish(self, row, model, batch, t_n, t_1, n, bits=None, compile_s=None) -> dict:
+    def finish(self, row, model, batch, t_n, t_1, n, bits=None, compile_s=None, lm_head=False) -> dict:
         steps = n - 1
         dt = t_n - t_1
         if dt <= 0.2 * t_n:  # prefill dominates or timer noise (CPU smoke runs): fall back to end to end
@@ -206,7 +216,7 @@ class Bench:
             row["note"] = ((row.get("note") or "") + "; timed end to end (prefill included)").lstrip("; ")
         step_s = dt / steps
         ctx = self.args.prompt + n / 2
-        bytes_step = weight_read_bytes(model, bits) + batch * ctx * kv_bytes_per_slot(model)
+        bytes_step = weight_read_bytes(model, bits, lm_head=lm_head) + batch * ctx * kv_bytes_per_slot(model)
         row.update(tok_s=batch / step_s, ms_per_step=1e3 * step_s, GBps=bytes_step / step_s / 1e9,
                    bytes_per_step_GB=bytes_step / 1e9, e2e_tok_s=batch * n / t_n,
                    compile_s=compile_s, status="ok")
@@ -261,7 +271,7 @@ class Bench:
             torch._dynamo.reset()
         return self.finish(row, model, batch, t_n, t_1, n, compile_s=t_w)
 
-    def fxspec(self, name, model, batch, ids, n, config, label, bits=None):
+    def fxspec(self, name, model, batch, ids, n, config, label, bits=None, lm_head=False):
         import fxspec as fx
 
         row = self.base(name, model, batch, label)
@@ -294,7 +304,7 @@ class Bench:
         row["compile_prefill_s"] = gen.stats.get("compile_prefill_s")
         row["compile_decode_s"] = gen.stats.get("compile_decode_s")
         row["capture_s"] = gen.stats.get("capture_s")
-        self.finish(row, model, batch, t_n, t_1, n, bits=bits, compile_s=t_w)
+        self.finish(row, model, batch, t_n, t_1, n, bits=bits, compile_s=t_w, lm_head=lm_head)
         del gen
         return row, out
 
@@ -388,6 +398,8 @@ def run(args) -> Bench:
     plan += [(m, 1, "hf static+inductor (reduce-overhead)") for m in first]
     for bits in (8, 4):
         plan += [(m, 1, f"fxspec int{bits}") for m in models]
+    for bits in (8, 4):  # the same with the LM head quantized too (as torchao / gpt-fast count int8 / int4)
+        plan += [(m, 1, f"fxspec int{bits}+head") for m in models]
     plan += [(m, 1, f"hf static+inductor ({mode})") for m in models if m not in first
              for mode in ("default", "reduce-overhead")]
     if args.only:
@@ -440,8 +452,9 @@ def run(args) -> Bench:
                     if k != n:
                         row["note"] = f"timed over {k} new tokens (eager speed is flat in length)"
                 elif what.startswith("fxspec int"):
-                    bits = int(what[-1])
-                    row, out = bench.fxspec(name, model, b, ids, n, {"quantize": {"bits": bits}}, what, bits=bits)
+                    bits, head = quant_method(what)
+                    q = {"bits": bits, **({"include_lm_head": True} if head else {})}
+                    row, out = bench.fxspec(name, model, b, ids, n, {"quantize": q}, what, bits=bits, lm_head=head)
                     if row.get("note", "").startswith("backend fell back"):
                         row["method"] += " (NOT quantized: fell back)"
                     ref = greedy_ref.get((name, b))
@@ -462,6 +475,14 @@ def run(args) -> Bench:
     bench.write()
     plot(bench)
     return bench
+
+
+def quant_method(what: str) -> tuple[int, bool]:
+    """``"fxspec int8"`` -> (8, False); ``"fxspec int4+head"`` -> (4, True) (LM head quantized too)."""
+    base, head = (what[:-len("+head")], True) if what.endswith("+head") else (what, False)
+    if base not in ("fxspec int8", "fxspec int4"):
+        raise ValueError(f"unknown quantized method {what!r}: fxspec int8 | int4, optionally + '+head'")
+    return int(base[-1]), head
 
 
 def estimate(name: str, what: str, n: int, seen: dict) -> float:
@@ -583,7 +604,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--budget-s", type=float, default=1e9)
     ap.add_argument("--only", default=None, help="run exactly these rows, in order: 'model:batch:method;...' "
-                    "(methods: fxspec bf16, fxspec bf16 no-rewrites, hf eager, fxspec int8, fxspec int4, profile, "
+                    "(methods: fxspec bf16, fxspec bf16 no-rewrites, hf eager, fxspec int8, fxspec int4, "
+                    "fxspec int8+head, fxspec int4+head (LM head quantized too), profile, "
                          "any fxspec method + ' no-pdl' | ' pdl-no-prefetch' | ' pdl-prefetch<=MB' (PDL variants), "
                     "hf static+inductor (default|reduce-overhead))")
     ap.add_argument("--eager-prefill", default="llama-1.1b,llama3-8b",

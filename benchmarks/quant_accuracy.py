@@ -7,7 +7,17 @@ Every row runs the model through ``torch.compile(backend="fxspec", options=...)`
 calibration statistics collected on *training-distribution* text that is disjoint from the evaluation
 windows (the tail of ``val_tokens.pt``; the model never trained on it either).
 
+Configs: ``float``, ``int8``, ``int4-rtn``, ``int4-awq``, ``int4-gptq`` keep the LM head in float (the
+quantize pass's default); each ``<config>-head`` is the same with ``quantize.include_lm_head = true``, i.e.
+every linear quantized, as torchao / gpt-fast do. ref-lm ties the LM head to the input embedding: the head
+(the linear) is quantized, the embedding lookup keeps reading the float table. For the calibrated ``-head``
+rows the head is calibrated too (``calibrate(..., skip=lambda n: False)``) and, the weight being tied, its
+statistics are also stored under the embedding module's name, which is the name the quantize pass gives a
+tied head (see ``_alias_tied_head``); ``linears_quantized`` shows whether the head was quantized.
+
     python benchmarks/quant_accuracy.py --model ../shared/ref-lm [--device cuda] [--out results.json]
+    python benchmarks/quant_accuracy.py --model ../shared/ref-lm --device cpu --windows 16 --calib-samples 16 \
+        --configs float,int8,int8-head,int4-rtn,int4-rtn-head,int4-awq,int4-awq-head,int4-gptq,int4-gptq-head
 """
 
 from __future__ import annotations
@@ -47,7 +57,9 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--calib-samples", type=int, default=32)
-    ap.add_argument("--configs", default="float,int8,int4-rtn,int4-awq,int4-gptq")
+    ap.add_argument("--configs", default="float,int8,int4-rtn,int4-awq,int4-gptq",
+                    help="comma list of float, int8, int4-rtn, int4-awq, int4-gptq, and of each quantized one "
+                    "+ '-head' (LM head quantized too, quantize.include_lm_head = true)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -71,15 +83,25 @@ def main() -> None:
         "int4-awq": {"quantize": {"bits": 4, "group_size": 128, "method": "awq"}},
         "int4-gptq": {"quantize": {"bits": 4, "group_size": 128, "method": "gptq"}},
     }
+    for name in [k for k, v in configs.items() if v]:  # the same with the LM head quantized too
+        configs[f"{name}-head"] = {"quantize": {**configs[name]["quantize"], "include_lm_head": True}}
     rows, ref_argmax, ref_ppl = [], None, None
     for name in args.configs.split(","):
         opts = configs[name]
         t0 = time.perf_counter()
+        note = None
         if opts and opts["quantize"].get("method") in ("awq", "gptq"):
             q = opts["quantize"]
-            path = os.path.join(tmp, f"{q['method']}.pt")
-            calibrate(model, calib_tokens, method=q["method"], bits=4, group_size=128,
-                      samples=args.calib_samples, seq_len=512).save(path)
+            head = bool(q.get("include_lm_head"))
+            path = os.path.join(tmp, f"{q['method']}{'-head' if head else ''}.pt")
+            # calibrate() leaves the LM head out unless told otherwise (skip=...)
+            stats = calibrate(model, calib_tokens, method=q["method"], bits=4, group_size=128,
+                              samples=args.calib_samples, seq_len=512, skip=(lambda n: False) if head else None)
+            if head:
+                alias = _alias_tied_head(model, stats)
+                if alias:
+                    note = f"tied head: calibration statistics of {alias[0]} also stored as {alias[1]}"
+            stats.save(path)
             q["calibration"] = path
         calib_s = time.perf_counter() - t0
         torch._dynamo.reset()
@@ -88,13 +110,17 @@ def main() -> None:
         t0 = time.perf_counter()
         ppl, argmax = perplexity(compiled, windows, args.batch)
         run_s = time.perf_counter() - t0
-        quantized = sum(v for k, v in fxspec.counters["quantize_weights"].items() if k != "skipped")
+        # counters: one per format (int8, int4_g128, ...) counting linears, plus "skipped" and "groups"
+        # (packed q/k/v and gate/up groups), which are not linears
+        quantized = sum(v for k, v in fxspec.counters["quantize_weights"].items() if k not in ("skipped", "groups"))
         if ref_argmax is None:
             ref_argmax, ref_ppl = argmax, ppl
         rows.append({"config": name, "ppl": ppl, "delta_vs_float_pct": 100 * (ppl / ref_ppl - 1),
                      "top1_agreement": (argmax == ref_argmax).float().mean().item(),
                      "linears_quantized": quantized, "calibration_s": round(calib_s, 1),
                      "eval_s": round(run_s, 1)})
+        if note:
+            rows[-1]["note"] = note
         print(json.dumps(rows[-1]), flush=True)
 
     meta = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name()
@@ -109,6 +135,22 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+
+
+def _alias_tied_head(model, stats) -> tuple[str, str] | None:
+    """When the LM head's weight is the input embedding's, the quantize pass names the head by the path
+    Dynamo reached the shared weight by first, the embedding module (``model.embed_tokens``), while
+    ``calibrate`` keys it by its module name (``lm_head``): store the head's statistics under both names.
+    Returns (head name, embedding name), or None when the head is not tied (or was not calibrated)."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or emb is None or head.weight is not emb.weight:
+        return None
+    names = {id(m): n for n, m in model.named_modules()}
+    head_name, emb_name = names[id(head)], names[id(emb)]
+    if head_name not in stats.layers:
+        return None
+    stats.layers[emb_name] = stats.layers[head_name]
+    return head_name, emb_name
 
 
 def _commit() -> str:
