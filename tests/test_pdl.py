@@ -88,7 +88,12 @@ def _kernels():
         "gemv4": (tk._gemv4_kernel,
                   dict(X=bf, W="*i32", S=bf, Z=bf, B=bf, Y=bf, WS="*fp32", CNT="*i32"), (),
                   dict(GROUP=128, HAS_ZERO=False, HAS_BIAS=False, X_BF16=True, USE_ASM=True, DOT_F32=False,
-                       BLOCK_N=16, BLOCK_M=1, BLOCK_K=512, GROUP_M=8, EVEN_N=True, EVEN_G=True), True),
+                       BLOCK_N=16, BLOCK_M=1, BLOCK_K=512, GROUP_M=8, EVEN_N=True, EVEN_G=True, PACKED=0), True),
+        "gemv4_packed": (tk._gemv4_kernel,
+                         dict(X=bf, W="*i32", S=bf, Z=bf, B=bf, Y=bf, WS="*fp32", CNT="*i32"), (),
+                         dict(GROUP=128, HAS_ZERO=False, HAS_BIAS=False, X_BF16=True, USE_ASM=True, DOT_F32=False,
+                              BLOCK_N=32, BLOCK_M=1, BLOCK_K=1024, GROUP_M=8, EVEN_N=True, EVEN_G=True, PACKED=2),
+                         True),
         "mm4": (tk._mm4_kernel,
                 dict(X=bf, W="*u8", S=bf, Z=bf, B=bf, Y=bf, WS="*fp32", CNT="*i32"), (),
                 dict(GROUP=128, HAS_ZERO=False, HAS_BIAS=False, X_BF16=True, USE_ASM=True, DOT_F32=False,
@@ -135,7 +140,7 @@ def kernels():
     return _kernels()
 
 
-@pytest.mark.parametrize("name", ["dense_fma", "dense_mma", "gemv8", "gemv4", "mm4", "mm8", "decode_attn",
+@pytest.mark.parametrize("name", ["dense_fma", "dense_mma", "gemv8", "gemv4", "gemv4_packed", "mm4", "mm8", "decode_attn",
                                   "decode_attn_rope", "combine"])
 def test_ptx_phases(kernels, name):
     kernel, ptrs, floats, consts, prefetch = kernels[name]

@@ -8,7 +8,6 @@ triton, so an in-process switch would not be reliable.  Each case is its own par
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -476,24 +475,27 @@ def test_triton_int4_packed_matches_model_interpreter(interp_results, cid, case)
     assert res["ref_max_ulp"] > 1.0, res
 
 
-def test_int4_packed_configs_are_opt_in():
-    """The PACKED GEMV configs join the autotune list only with FXSPEC_INT4_PACKED=1 (read at
-    import: checked in a subprocess); the list's first entry (what the interpreter runs) never
-    changes."""
+def test_int4_packed_gemv_is_the_bf16_default(monkeypatch):
+    """bf16 activations with symmetric codes launch the packed-bf16x2 GEMV list ("gemv4p") unless
+    FXSPEC_INT4_PACKED=0; fp16 and asymmetric codes keep the fp32 list; the lists do not mix (so an
+    autotune choice never switches the accumulation)."""
     pytest.importorskip("triton")
     from fxspec.lowering.quant import triton_kernels as tk
-    default = [c.kwargs.get("PACKED", 0) for c in tk._KERNELS["gemv4"][1]]
-    if os.environ.get("FXSPEC_INT4_PACKED", "0") == "0":
-        assert not any(default), default
-    assert all(c.kwargs["PACKED"] > 0 for c in tk._GEMV4_PACKED)
-    code = ("import json; from fxspec.lowering.quant import triton_kernels as tk; "
-            "print('PACKED ' + json.dumps([c.kwargs.get('PACKED', 0) for c in tk._KERNELS['gemv4'][1]]))")
-    env = dict(os.environ, PYTHONPATH=ROOT, FXSPEC_INT4_PACKED="1")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    packed = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("PACKED "))[7:])
-    n = len(packed) - len(tk._GEMV4_PACKED)
-    assert packed[:n] == [0] * n and all(packed[n:]) and n >= 1, packed
+    assert all(c.kwargs.get("PACKED", 0) > 0 for c in tk._KERNELS["gemv4p"][1])
+    assert not any(c.kwargs.get("PACKED", 0) for c in tk._KERNELS["gemv4"][1])
+    seen = []
+    monkeypatch.setattr(tk, "_mm_launch", lambda kernel, *a, **k: seen.append(kernel))
+    monkeypatch.setattr(tk, "_interpret", lambda: True)  # CPU tensors pass the launch checks
+    q = torch.zeros(8, 64, dtype=torch.uint8)
+    s = torch.ones(2, 8, dtype=torch.bfloat16)
+    x = torch.zeros(1, 128, dtype=torch.bfloat16)
+    monkeypatch.delenv("FXSPEC_INT4_PACKED", raising=False)
+    tk.int4_linear_triton(x, q, s, None, 64, path="gemv")
+    tk.int4_linear_triton(x, q, s, torch.zeros_like(s), 64, path="gemv")
+    tk.int4_linear_triton(x.half(), q, s.half(), None, 64, path="gemv")
+    monkeypatch.setenv("FXSPEC_INT4_PACKED", "0")
+    tk.int4_linear_triton(x, q, s, None, 64, path="gemv")
+    assert seen == ["gemv4p", "gemv4", "gemv4", "gemv4"], seen
 
 
 def test_triton_launcher_errors_interpreter(interp_results):

@@ -14,16 +14,17 @@ Paths (``path=`` of the launchers; ``"auto"`` picks by M, see ``_pick_path``):
     16/clk/SM int->float conversion). H100: 82-95% of copy bandwidth from 14336x4096 up, 61% at
     4096x4096.
 
-``gemv`` (int4, explicit ``path="gemv"`` only: ``GEMV4_MAX_M = 1``)
+``gemv`` (int4 at M = 1: ``GEMV4_MAX_M = 1``)
     CUDA-core int4 GEMV (``_gemv4_kernel``): BLOCK_N rows per program, K in blocks of several
-    groups, codes read as int32 words, fp32 FMA accumulation, x loaded once per block in the
-    weight tile's layout, scales once per group, optional split-K through the workspace
-    epilogue.  H100 (run 3): 26-43% of copy bandwidth at M = 1, 1.04-1.48x *slower* than the
-    mma path and 1.54-1.73x slower than tinygemm, time linear in M (issue bound: 14.6 SASS
-    instructions per weight byte with the device's triton 3.6), so "auto" does not pick it.
-    Experimental, opt-in: ``PACKED`` configs (bf16x2 partial products, ``_gemv4_dot_packed``;
-    5.45 SASS instructions per weight byte against 8.45), in autotuning only with
-    ``FXSPEC_INT4_PACKED=1``; not timed yet.
+    groups, codes read as int32 words, x loaded once per block in the weight tile's layout,
+    scales once per group, optional split-K through the workspace epilogue. Two accumulations:
+    - bf16 activations, symmetric codes (default): ``PACKED`` -- two codes per bf16x2 product,
+      bf16x2 partials flushed to fp32 every 1-2 words (``_gemv4_dot_packed``; 5.45 SASS
+      instructions per weight byte). H100, session 5: 40-94% of copy bandwidth at M = 1, faster
+      than tinygemm on all five issue shapes (1.01-1.41x). Adds ~3.4e-3 relative output error
+      before the output's bf16 rounding.
+    - otherwise, or with ``FXSPEC_INT4_PACKED=0``: fp32 FMA per code (magic-number unpack, 8.45
+      instructions per byte): 31-74% of copy bandwidth.
 
 ``mma`` (int4 decode M <= 16 and prefill; int8/fp8 decode 1 < M <= 16 and prefill)
     Tensor-core kernel with the roles swapped (weights are the *A* operand, ``x^T`` the B
@@ -909,21 +910,29 @@ _GEMV4 = [
     _cfg(4, 1, BLOCK_N=32, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=2, FOLD=True),
     _cfg(2, 1, BLOCK_N=16, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=8),
 ]
-# Experimental packed-bf16x2 int4 GEMV (``PACKED`` = words per flush, see _gemv4_dot_packed):
-# offline SASS (triton 3.6, sm_90a), loop instructions per weight byte, 4 warps, BLOCK_K = 1024:
-# BLOCK_N = 32: PACKED=2 5.45 (128 regs -> SPLIT_TARGET 4), PACKED=1 6.11 (168 regs), against
-# 8.45 (FOLD 7.69); BLOCK_N = 16: PACKED=2 5.84 (95 regs), against 9.34.  No spills.  Not timed
-# yet.  In the autotune list only with FXSPEC_INT4_PACKED=1 at import (the bf16 partials add
-# ~2x the output's own bf16 rounding error, see _gemv4_dot_packed); explicit ``config=`` dicts
-# (tests, benchmarks) can name them regardless.
+# Packed-bf16x2 int4 GEMV (``PACKED`` = words per flush, see _gemv4_dot_packed), the default for
+# bf16 activations with symmetric codes (kernel name "gemv4p"; FXSPEC_INT4_PACKED=0 selects the
+# fp32-accumulating list above).  Offline SASS (triton 3.6, sm_90a), loop instructions per weight
+# byte, 4 warps, BLOCK_K = 1024: BLOCK_N = 32: PACKED=2 5.45 (128 regs -> SPLIT_TARGET 4),
+# PACKED=1 6.11 (168 regs), against 8.45 (FOLD 7.69); BLOCK_N = 16: PACKED=2 5.84 (95 regs),
+# against 9.34.  No spills.  H100 (2026-11-23, results/quant_int4_packed_session5.md), M = 1,
+# % of copy bandwidth, PACKED=2 BLOCK_N 32 / 16 vs the fp32 list's first entry: 40/41 vs 31
+# (4096x4096), 63/59 vs 53 (4096x14336), 67/67 vs 51 (8192x8192), 66/73 vs 53 (14336x4096),
+# 94/93 vs 71 (28672x8192).  The bf16 partials add ~3.4e-3 relative error before the output's own
+# bf16 rounding (1.6e-3); SQNR against the float linear unchanged (~19 dB; see _gemv4_dot_packed).
 _GEMV4_PACKED = [
     _cfg(4, 1, BLOCK_N=32, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=4, PACKED=2),
     _cfg(4, 1, BLOCK_N=16, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=5, PACKED=2),
     _cfg(4, 1, BLOCK_N=32, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=3, PACKED=1),
 ]
 INT4_PACKED_ENV = "FXSPEC_INT4_PACKED"
-if os.environ.get(INT4_PACKED_ENV, "0").lower() in ("1", "true", "on", "yes"):
-    _GEMV4 = _GEMV4 + _GEMV4_PACKED
+
+
+def int4_packed_enabled() -> bool:
+    """``FXSPEC_INT4_PACKED`` (read at every launch): on unless set to 0/false/off."""
+    return os.environ.get(INT4_PACKED_ENV, "1").lower() not in ("0", "false", "off", "no")
+
+
 _DQ4 = dict(BLOCK_N=32, num_warps=4)
 _DQ8 = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4)
 
@@ -954,22 +963,24 @@ _KERNELS = {
     "mm8_prefill": (_mm8_kernel, _MM8_PREFILL),
     "gemv8": (_gemv8_kernel, _GEMV8),
     "gemv4": (_gemv4_kernel, _GEMV4),
+    "gemv4p": (_gemv4_kernel, _GEMV4_PACKED),
 }
 # decode-shaped launches use programmatic dependent launch (fxspec.lowering.pdl); every kernel here
 # has the PDL phases, and BLOCK_N <= 128 in these lists (PF_BYTES covers a line per row)
-_PDL_KERNELS = ("gemv4", "gemv8", "mm4_decode", "mm8_decode")
+_PDL_KERNELS = ("gemv4", "gemv4p", "gemv8", "mm4_decode", "mm8_decode")
 _TUNE_KEYS = {
     "mm4": ["M_BUCKET", "N", "K", "GROUP", "HAS_ZERO", "USE_ASM"],
     "mm8": ["M_BUCKET", "N", "K", "IS_FP8"],
     "gemv8": ["N", "K", "IS_FP8"],
     "gemv4": ["M_BUCKET", "N", "K", "GROUP", "HAS_ZERO"],
+    "gemv4p": ["M_BUCKET", "N", "K", "GROUP", "HAS_ZERO"],
 }
 
 
 def _heuristics(name: str, sms: int) -> dict:
     """Meta-parameters derived from the chosen config (EVEN_* mask elision, SPLIT_K)."""
     h = {"EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0}
-    if name == "gemv4":
+    if name in ("gemv4", "gemv4p"):
         def blocks(a):  # K blocks of BLOCK_K // GROUP groups
             return triton.cdiv(a["K"] // a["GROUP"], a["BLOCK_K"] // a["GROUP"])
 
@@ -1131,7 +1142,7 @@ def _mm_launch(kernel: str, x2: torch.Tensor, w_args: tuple, kw: dict, M: int, N
     """Launch _mm4_kernel / _mm8_kernel: split-K workspace sized for every candidate config,
     tile counters, grid (output tiles, SPLIT_K)."""
     dev = x2.device
-    name = kernel if kernel == "gemv4" else f"{kernel}_{'decode' if M <= DECODE_MAX_M else 'prefill'}"
+    name = kernel if kernel.startswith("gemv4") else f"{kernel}_{'decode' if M <= DECODE_MAX_M else 'prefill'}"
     sms = _num_sms(dev)
     fn, configs = _KERNELS[name]
     args = (x2,) + w_args + (bias if bias is not None else out, out, None, None,
@@ -1187,7 +1198,11 @@ def int4_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         raise ValueError("int4_linear: use_asm=True cannot run under TRITON_INTERPRET=1")
     kw = dict(GROUP=group_size, HAS_ZERO=zeros is not None, USE_ASM=bool(use_asm))
     wq = qweight.view(torch.int32) if p == "gemv" else qweight  # gemv reads 4-byte words
-    _mm_launch("gemv4" if p == "gemv" else "mm4", x2, (wq, scales, zeros if zeros is not None else scales),
+    if p == "gemv":  # bf16 x, symmetric codes: the packed-bf16x2 GEMV unless FXSPEC_INT4_PACKED=0
+        kernel = "gemv4p" if x.dtype == torch.bfloat16 and zeros is None and int4_packed_enabled() else "gemv4"
+    else:
+        kernel = "mm4"
+    _mm_launch(kernel, x2, (wq, scales, zeros if zeros is not None else scales),
                kw, M, N, K, out, bias, config)
     return out.reshape(*lead, N)
 
