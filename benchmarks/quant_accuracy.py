@@ -11,9 +11,9 @@ Configs: ``float``, ``int8``, ``int4-rtn``, ``int4-awq``, ``int4-gptq`` keep the
 quantize pass's default); each ``<config>-head`` is the same with ``quantize.include_lm_head = true``, i.e.
 every linear quantized, as torchao / gpt-fast do. ref-lm ties the LM head to the input embedding: the head
 (the linear) is quantized, the embedding lookup keeps reading the float table. For the calibrated ``-head``
-rows the head is calibrated too (``calibrate(..., skip=lambda n: False)``) and, the weight being tied, its
-statistics are also stored under the embedding module's name, which is the name the quantize pass gives a
-tied head (see ``_alias_tied_head``); ``linears_quantized`` shows whether the head was quantized.
+rows the head is calibrated too (``calibrate(..., skip=lambda n: False)``); the quantize pass finds a tied
+head's statistics under ``lm_head`` (fixed in fxspec after the 2026-11-23 CPU run, which stored them under the
+embedding's name as well); ``linears_quantized`` shows whether the head was quantized.
 
     python benchmarks/quant_accuracy.py --model ../shared/ref-lm [--device cuda] [--out results.json]
     python benchmarks/quant_accuracy.py --model ../shared/ref-lm --device cpu --windows 16 --calib-samples 16 \
@@ -89,7 +89,6 @@ def main() -> None:
     for name in args.configs.split(","):
         opts = configs[name]
         t0 = time.perf_counter()
-        note = None
         if opts and opts["quantize"].get("method") in ("awq", "gptq"):
             q = opts["quantize"]
             head = bool(q.get("include_lm_head"))
@@ -97,10 +96,6 @@ def main() -> None:
             # calibrate() leaves the LM head out unless told otherwise (skip=...)
             stats = calibrate(model, calib_tokens, method=q["method"], bits=4, group_size=128,
                               samples=args.calib_samples, seq_len=512, skip=(lambda n: False) if head else None)
-            if head:
-                alias = _alias_tied_head(model, stats)
-                if alias:
-                    note = f"tied head: calibration statistics of {alias[0]} also stored as {alias[1]}"
             stats.save(path)
             q["calibration"] = path
         calib_s = time.perf_counter() - t0
@@ -119,8 +114,6 @@ def main() -> None:
                      "top1_agreement": (argmax == ref_argmax).float().mean().item(),
                      "linears_quantized": quantized, "calibration_s": round(calib_s, 1),
                      "eval_s": round(run_s, 1)})
-        if note:
-            rows[-1]["note"] = note
         print(json.dumps(rows[-1]), flush=True)
 
     meta = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name()
@@ -135,22 +128,6 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({"meta": meta, "rows": rows}, fh, indent=1)
-
-
-def _alias_tied_head(model, stats) -> tuple[str, str] | None:
-    """When the LM head's weight is the input embedding's, the quantize pass names the head by the path
-    Dynamo reached the shared weight by first, the embedding module (``model.embed_tokens``), while
-    ``calibrate`` keys it by its module name (``lm_head``): store the head's statistics under both names.
-    Returns (head name, embedding name), or None when the head is not tied (or was not calibrated)."""
-    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
-    if head is None or emb is None or head.weight is not emb.weight:
-        return None
-    names = {id(m): n for n, m in model.named_modules()}
-    head_name, emb_name = names[id(head)], names[id(emb)]
-    if head_name not in stats.layers:
-        return None
-    stats.layers[emb_name] = stats.layers[head_name]
-    return head_name, emb_name
 
 
 def _commit() -> str:

@@ -211,3 +211,28 @@ def test_projections_sharing_an_input_are_packed_together(opts, counter):
         fresh = torch.compile(m, backend="fxspec", options=q)(IDS).logits
     torch.testing.assert_close(after, fresh)
     assert not torch.allclose(after, out)
+
+
+def test_calibrated_tied_lm_head_is_found(tmp_path):
+    """A tied LM head is named after the embedding (the path Dynamo reaches its weight by first), while
+    calibration hooks record it as ``lm_head``: the pass must find its statistics under either name."""
+    import transformers
+
+    from fxspec.cli import TINY
+    from fxspec.runtime.calibrate import calibrate
+
+    torch.manual_seed(0)
+    m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**TINY, "tie_word_embeddings": True})).eval()
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    tokens = torch.randint(0, 128, (4096,), generator=torch.Generator().manual_seed(1))
+    path = str(tmp_path / "gptq.pt")
+    stats = calibrate(m, tokens, method="gptq", bits=4, group_size=32, samples=4, seq_len=64, skip=lambda n: False)
+    assert "lm_head" in stats.layers
+    stats.save(path)
+    opts = {"quantize": {"bits": 4, "group_size": 32, "method": "gptq", "calibration": path, "min_features": 1,
+                         "include_lm_head": True}, "strict": True}
+    with torch.no_grad():
+        ref = m(IDS).logits
+        out = torch.compile(m, backend="fxspec", options=opts)(IDS).logits
+    assert fxspec.counters["quantize_weights"]["int4_g32"] == 15  # 14 in the layers + the tied head
+    assert sqnr_db(ref, out) > 10

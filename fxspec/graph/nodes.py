@@ -12,6 +12,7 @@ import builtins
 import contextlib
 import contextvars
 import operator
+import re
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -303,3 +304,14 @@ def common_parent(names: Iterable[str]) -> str:
         else:
             break
     return ".".join(prefix)
+
+
+def module_path(node: Node) -> str:
+    """The qualified name of the module a node was traced in (``model.layers.0.self_attn``), else its name."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return node.name
+    path = re.sub(r"^[A-Za-z_]\w*\[['\"][^'\"]*['\"]\]", "", str(list(stack.values())[-1][0]))  # L['model'].
+    path = re.sub(r"\._modules\[['\"]([^'\"]+)['\"]\]|\[['\"]?([^\]'\"]+)['\"]?\]",
+                  lambda m: "." + (m.group(1) or m.group(2)), path)
+    return path.strip(".") or node.name

@@ -54,12 +54,11 @@ Legality (a skipped site is left exactly as it was, with the reason in the log):
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 import torch.fx as fx
 
-from ..graph.nodes import arg, const, is_any, is_op, is_scalar, other_operand, shape, static_int
+from ..graph.nodes import arg, const, is_any, is_op, is_scalar, module_path, other_operand, shape, static_int
 from ..graph.rewrite import eliminate_dead_code, node_position
 from .base import PassContext, register_pass
 
@@ -310,7 +309,7 @@ def fuse_rope_cache(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
 
     att_op = torch.ops.fxspec.decode_attention.default
     for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is att_op]:
-        where = _module_path(node)
+        where = module_path(node)
         site = _match_rope_cache(gm, node)
         if isinstance(site, str):
             ctx.skip(where, site)
@@ -328,17 +327,6 @@ def fuse_rope_cache(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                     counter="rope+cache")
     eliminate_dead_code(gm)
     return gm
-
-
-def _module_path(node: fx.Node) -> str:
-    """The qualified name of the module a node was traced in (``model.layers.0.self_attn``), else its name."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return node.name
-    path = re.sub(r"^[A-Za-z_]\w*\[['\"][^'\"]*['\"]\]", "", str(list(stack.values())[-1][0]))  # L['model'].
-    path = re.sub(r"\._modules\[['\"]([^'\"]+)['\"]\]|\[['\"]?([^\]'\"]+)['\"]?\]",
-                  lambda m: "." + (m.group(1) or m.group(2)), path)
-    return path.strip(".") or node.name
 
 
 def _is_index_copy_(node: object) -> bool:

@@ -26,6 +26,7 @@ import torch
 import torch.fx as fx
 
 from ..config import ConfigError, QuantizeConfig
+from ..graph.nodes import module_path
 from ..graph.rewrite import eliminate_dead_code, node_position
 from ..graph.types import LinearInfo
 from .._log import counters
@@ -77,7 +78,7 @@ def _groups(eligible: list[LinearInfo], cfg: QuantizeConfig, ctx: PassContext, s
         if li.form != "linear" or li.bias is not None:
             out.append([li])
             continue
-        layer = stats.layers[li.name] if stats is not None else None
+        layer = _layer_stats(stats, li)
         awq_group = layer.group if layer is not None and layer.awq_scale is not None else None
         w = ctx.example_value(li.weight.index)
         key = (li.input, awq_group, w.dtype, li.in_features)
@@ -91,7 +92,7 @@ def _quantize_group(gm: fx.GraphModule, ctx: PassContext, cfg: QuantizeConfig, f
     """Pack ``lis`` (one linear, or several sharing their input: concatenated along the output features)
     and replace them by one quantized-linear op (and ``narrow`` views of its result for a group)."""
     first = min(lis, key=lambda li: node_position(gm, li.node))
-    layers = [stats.layers[li.name] if stats is not None else None for li in lis]
+    layers = [_layer_stats(stats, li) for li in lis]
     derives = [functools.partial(_derive, cfg=cfg, layer=layer, transposed=li.weight_transposed)
                for li, layer in zip(lis, layers)]
     n_axis = 1 if (cfg.bits == 4 and not cfg.fp8) else 0  # int4 scales/zeros are [K/G, N]
@@ -157,9 +158,19 @@ def _why_not(li: LinearInfo, cfg: QuantizeConfig, ctx: PassContext, *, is_lm_hea
         return f"{li.out_features}x{li.in_features} is smaller than min_features = {cfg.min_features}"
     if cfg.bits == 4 and li.in_features % cfg.group_size:
         return f"in_features = {li.in_features} is not a multiple of group_size = {cfg.group_size}"
-    if stats is not None and li.name not in stats.layers:
+    if stats is not None and _layer_stats(stats, li) is None:
         return f"no calibration statistics for this layer in {cfg.calibration}"
     return None
+
+
+def _layer_stats(stats, li: LinearInfo):
+    """The layer's calibration statistics: under the linear's name (its weight's module), else under the
+    module that called it. They differ for a tied LM head: its weight is reached as ``model.embed_tokens``
+    first, while ``calibrate`` (forward hooks) records it as ``lm_head``."""
+    if stats is None:
+        return None
+    layer = stats.layers.get(li.name)
+    return layer if layer is not None else stats.layers.get(module_path(li.node))
 
 
 def _check_device_support(cfg: QuantizeConfig, target: str) -> None:
