@@ -73,6 +73,7 @@ import triton
 import triton.language as tl
 
 from .. import pdl
+from ..workspace import COUNTER_LEN, split_counters
 from .reference import check_fp8_linear_args, check_int4_linear_args, check_int8_linear_args
 
 __all__ = [
@@ -1082,25 +1083,6 @@ def _launch(name: str, grid, args: tuple, kwargs: dict, config, sms: int) -> Non
 
 # ----------------------------------------------------------------------------------- launchers
 
-_COUNTERS: dict = {}
-_COUNTER_LEN = 1 << 16
-
-
-def _counters(device: torch.device) -> torch.Tensor:
-    """Zeroed int32 tile counters for the split-K reduction, one buffer per (device, stream);
-    every launch leaves them zero again.  Kernels on one stream never overlap; concurrent
-    streams get their own buffer."""
-    if device.type == "cuda":
-        key = (device.type, device.index, torch.cuda.current_stream(device).cuda_stream)
-    else:
-        key = (device.type, device.index, 0)
-    buf = _COUNTERS.get(key)
-    if buf is None:
-        buf = torch.zeros(_COUNTER_LEN, dtype=torch.int32, device=device)
-        _COUNTERS[key] = buf
-    return buf
-
-
 def _bucket(M: int) -> int:
     return 1 if M <= 1 else min(1 << (M - 1).bit_length(), 4096)
 
@@ -1158,11 +1140,11 @@ def _mm_launch(kernel: str, x2: torch.Tensor, w_args: tuple, kw: dict, M: int, N
         max_tiles = max(max_tiles, tiles)
         if meta["SPLIT_K"] > 1:
             ws_elems = max(ws_elems, meta["SPLIT_K"] * tiles * meta["BLOCK_N"] * meta["BLOCK_M"])
-    if max_tiles > _COUNTER_LEN:
-        raise ValueError(f"{kernel}: {max_tiles} output tiles exceed the counter buffer ({_COUNTER_LEN})")
+    if max_tiles > COUNTER_LEN:
+        raise ValueError(f"{kernel}: {max_tiles} output tiles exceed the counter buffer ({COUNTER_LEN})")
     ws = torch.empty(ws_elems, dtype=torch.float32, device=dev)
     i = _arg_names(fn).index("WS")
-    args = args[:i] + (ws, _counters(dev)) + args[i + 2:]
+    args = args[:i] + (ws, split_counters(dev)) + args[i + 2:]
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
