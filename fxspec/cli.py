@@ -4,6 +4,7 @@
     fxspec config [--config FILE] [--set KEY=VALUE ...] [--schema]
     fxspec pipeline [--config FILE] [--set KEY=VALUE ...]
     fxspec calibrate MODEL --data TOKENS.pt --out STATS.pt [--bits 4] [--group-size 128] [--method awq]
+                     [--include-lm-head]
 
 MODEL is one of
   - a directory with a transformers ``config.json`` (weights are loaded when the directory has them,
@@ -132,7 +133,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     model, _ = load_model(args.model, args.dtype)
     tokens = torch.load(args.data).long()
     stats = calibrate(model, tokens, samples=args.samples, seq_len=args.seq_len, bits=args.bits,
-                      group_size=args.group_size, method=args.method)
+                      group_size=args.group_size, method=args.method,
+                      skip=(lambda name: False) if args.include_lm_head else None)
     stats.save(args.out)
     print(f"wrote calibration statistics for {len(stats.layers)} linears to {args.out}")
     return 0
@@ -175,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--samples", type=int, default=32)
     sp.add_argument("--seq-len", type=int, default=512)
     sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    sp.add_argument("--include-lm-head", action="store_true",
+                    help="calibrate the LM head too (for quantize.include_lm_head = true)")
     sp.set_defaults(fn=cmd_calibrate)
 
     args = p.parse_args(argv)

@@ -236,3 +236,17 @@ def test_calibrated_tied_lm_head_is_found(tmp_path):
         out = torch.compile(m, backend="fxspec", options=opts)(IDS).logits
     assert fxspec.counters["quantize_weights"]["int4_g32"] == 15  # 14 in the layers + the tied head
     assert sqnr_db(ref, out) > 10
+
+
+def test_cli_calibrate_include_lm_head(tmp_path):
+    from fxspec.cli import main
+    from fxspec.runtime.calibrate import CalibrationStats
+
+    tokens = torch.randint(0, 128, (2048,), generator=torch.Generator().manual_seed(2))
+    data = str(tmp_path / "tok.pt")
+    torch.save(tokens, data)
+    for flag, has_head in (([], False), (["--include-lm-head"], True)):
+        out = str(tmp_path / f"s{has_head}.pt")
+        assert main(["calibrate", "hf:llama", "--data", data, "--out", out, "--method", "gptq", "--group-size", "32",
+                     "--samples", "2", "--seq-len", "64", *flag]) == 0
+        assert ("lm_head" in CalibrationStats.load(out).layers) is has_head
