@@ -75,6 +75,14 @@ def _why_not_graph(ctx: PassContext) -> str | None:
     return None
 
 
+def _graph_applies(ctx: PassContext) -> bool:
+    """False (after logging the reason) when no decode rewrite applies to this graph."""
+    why = _why_not_graph(ctx)
+    if why:
+        ctx.skip("graph", why)
+    return why is None
+
+
 def _rows(node: fx.Node) -> int | None:
     """Static number of rows (all dims but the last) of a node's tensor value."""
     sh = shape(node)
@@ -84,9 +92,10 @@ def _rows(node: fx.Node) -> int | None:
     return None if any(d is None for d in dims) else math.prod(dims)
 
 
-def _copy_meta(new: fx.Node, old: fx.Node) -> None:
-    new.meta.update({k: v for k, v in old.meta.items() if k in ("stack_trace", "nn_module_stack",
-                                                                 "source_fn_stack")})
+def _copy_meta(new: fx.Node, old: fx.Node, values: bool = False) -> None:
+    """Provenance meta of ``old`` onto ``new``; with ``values`` also its example value (same result)."""
+    keys = ("stack_trace", "nn_module_stack", "source_fn_stack") + (("example_value", "val") if values else ())
+    new.meta.update({k: v for k, v in old.meta.items() if k in keys})
 
 
 def _example(fn, *args) -> object:
@@ -108,9 +117,7 @@ def fuse_projections(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     cfg = ctx.config.decode
     if not cfg.fuse_projections:
         return gm
-    why = _why_not_graph(ctx)
-    if why:
-        ctx.skip("graph", why)
+    if not _graph_applies(ctx):
         return gm
     from ..lowering.dense.ops import SINGLE_MAX_M  # (importing registers fxspec::linear_group)
 
@@ -193,9 +200,7 @@ def decode_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     cfg = ctx.config.decode
     if not cfg.attention:
         return gm
-    why = _why_not_graph(ctx)
-    if why:
-        ctx.skip("graph", why)
+    if not _graph_applies(ctx):
         return gm
     from ..lowering.attention import ops as _attn_ops  # noqa: F401  (registers fxspec::decode_attention)
 
@@ -210,8 +215,7 @@ def decode_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         q, k_src, v_src, mask, scale = site
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(torch.ops.fxspec.decode_attention.default, (q, k_src, v_src, mask, scale))
-        new.meta.update({k: v for k, v in node.meta.items() if k in ("example_value", "val", "stack_trace",
-                                                                   "nn_module_stack", "source_fn_stack")})
+        _copy_meta(new, node, values=True)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         kv = shape(k_src)
@@ -301,9 +305,7 @@ def fuse_rope_cache(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     cfg = ctx.config.decode
     if not (cfg.attention and cfg.fuse_rope_cache):
         return gm
-    why = _why_not_graph(ctx)
-    if why:
-        ctx.skip("graph", why)
+    if not _graph_applies(ctx):
         return gm
     from ..lowering.attention import ops as _attn_ops  # noqa: F401  (registers fxspec::decode_attention_rope)
 
@@ -317,8 +319,7 @@ def fuse_rope_cache(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         args, writes = site
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(torch.ops.fxspec.decode_attention_rope.default, args)
-        new.meta.update({k: v for k, v in node.meta.items() if k in ("example_value", "val", "stack_trace",
-                                                                   "nn_module_stack", "source_fn_stack")})
+        _copy_meta(new, node, values=True)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         for w in writes:
@@ -404,9 +405,7 @@ def fuse_gemv_edges(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     cfg = ctx.config.decode
     if not (cfg.fuse_norm or cfg.fuse_epilogues):
         return gm
-    why = _why_not_graph(ctx)
-    if why:
-        ctx.skip("graph", why)
+    if not _graph_applies(ctx):
         return gm
     from ..lowering.dense.ops import FUSED_MAX_M  # (importing registers fxspec::fused_linear)
 

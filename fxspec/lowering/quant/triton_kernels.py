@@ -654,6 +654,12 @@ def _bf16_pair(a, b):
 
 
 @triton.jit
+def _bf16x2_to_f32(a):
+    # the two bf16 halves of an int32 word as fp32 (exact): low half, high half
+    return (a << 16).to(tl.float32, bitcast=True), (a & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _rne_bf16(f):
     # fp32 -> the nearest bf16 (ties to even), kept as fp32 (interpreter emulation; finite values)
     b = f.to(tl.int32, bitcast=True)
@@ -665,10 +671,12 @@ def _rne_bf16(f):
 def _packed_step(w, SH: tl.constexpr, xp, plo, phi, FIRST: tl.constexpr):
     # emulation of lop3 / fma(u, 1, -136) / fma(d, x, partial) on both bf16 lanes, as fp32
     u = ((w >> SH) & 0x000F000F) | 0x43004300
-    dlo = (u << 16).to(tl.float32, bitcast=True) - 136.0
-    dhi = (u & -65536).to(tl.float32, bitcast=True) - 136.0
-    xlo = (xp << 16).to(tl.float32, bitcast=True)[None, :]
-    xhi = (xp & -65536).to(tl.float32, bitcast=True)[None, :]
+    dlo, dhi = _bf16x2_to_f32(u)
+    dlo -= 136.0
+    dhi -= 136.0
+    xlo, xhi = _bf16x2_to_f32(xp)
+    xlo = xlo[None, :]
+    xhi = xhi[None, :]
     if FIRST:
         plo = _rne_bf16(dlo * xlo)
         phi = _rne_bf16(dhi * xhi)
@@ -721,8 +729,7 @@ def _gemv4_dot_packed(w, s, x0, x1, x2, x3, x4, x5, x6, x7, USE_ASM: tl.constexp
                  tl.broadcast_to(q0[None, :], wa.shape), tl.broadcast_to(q1[None, :], wa.shape),
                  tl.broadcast_to(q2[None, :], wa.shape), tl.broadcast_to(q3[None, :], wa.shape)],
                 dtype=tl.int32, is_pure=True, pack=1)
-            plo = (a << 16).to(tl.float32, bitcast=True)
-            phi = (a & -65536).to(tl.float32, bitcast=True)
+            plo, phi = _bf16x2_to_f32(a)
         else:
             plo, phi = _packed_word(wa, p0, p1, p2, p3, wa, wa, True)
             plo, phi = _packed_word(wb, q0, q1, q2, q3, plo, phi, False)
@@ -734,8 +741,7 @@ def _gemv4_dot_packed(w, s, x0, x1, x2, x3, x4, x5, x6, x7, USE_ASM: tl.constexp
                 [w, tl.broadcast_to(p0[None, :], w.shape), tl.broadcast_to(p1[None, :], w.shape),
                  tl.broadcast_to(p2[None, :], w.shape), tl.broadcast_to(p3[None, :], w.shape)],
                 dtype=tl.int32, is_pure=True, pack=1)
-            plo = (a << 16).to(tl.float32, bitcast=True)
-            phi = (a & -65536).to(tl.float32, bitcast=True)
+            plo, phi = _bf16x2_to_f32(a)
         else:
             plo, phi = _packed_word(w, p0, p1, p2, p3, w, w, True)
     return (plo + phi) * s.to(tl.float32)
