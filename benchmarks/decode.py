@@ -426,7 +426,11 @@ def run(args) -> Bench:
         # "<method> no-pdl" (off), "<method> pdl-no-prefetch" (launch overlap only, the default),
         # "<method> pdl-prefetch" (+ 16 KB of weights per program prefetched into L2),
         # "<method> pdl-prefetch<=N" (the prefetch only for launches of <= N MB of weights)
-        variant, env = None, {}
+        # "<method> no-edges": the decode GEMVs' fused edges off (decode.fuse_norm / fuse_epilogues)
+        variant, env, extra = None, {}, {}
+        if what.endswith(" no-edges"):
+            what, variant, extra = what[:-len(" no-edges")], "no-edges", {"decode": {"fuse_norm": False,
+                                                                                      "fuse_epilogues": False}}
         for suffix, e in ((" no-pdl", {"FXSPEC_PDL": "0"}), (" pdl-no-prefetch", {"FXSPEC_PDL_PREFETCH": "0"}),
                           (" pdl-prefetch", {"FXSPEC_PDL_PREFETCH": "16384"})):
             if what.endswith(suffix):
@@ -438,7 +442,7 @@ def run(args) -> Bench:
             try:
                 t_row = time.perf_counter()
                 if what == "fxspec bf16":
-                    row, out = bench.fxspec(name, model, b, ids, n, {}, "fxspec " + bench.meta["dtype"])
+                    row, out = bench.fxspec(name, model, b, ids, n, dict(extra), "fxspec " + bench.meta["dtype"])
                     if out is not None:
                         greedy_ref[(name, b)] = out
                 elif what == "fxspec bf16 no-rewrites":  # last session's state: decode rewrites off
@@ -454,7 +458,8 @@ def run(args) -> Bench:
                 elif what.startswith("fxspec int"):
                     bits, head = quant_method(what)
                     q = {"bits": bits, **({"include_lm_head": True} if head else {})}
-                    row, out = bench.fxspec(name, model, b, ids, n, {"quantize": q}, what, bits=bits, lm_head=head)
+                    row, out = bench.fxspec(name, model, b, ids, n, {"quantize": q, **extra}, what, bits=bits,
+                                            lm_head=head)
                     if row.get("note", "").startswith("backend fell back"):
                         row["method"] += " (NOT quantized: fell back)"
                     ref = greedy_ref.get((name, b))
@@ -607,6 +612,7 @@ def main(argv=None) -> None:
                     "(methods: fxspec bf16, fxspec bf16 no-rewrites, hf eager, fxspec int8, fxspec int4, "
                     "fxspec int8+head, fxspec int4+head (LM head quantized too), profile, "
                          "any fxspec method + ' no-pdl' | ' pdl-no-prefetch' | ' pdl-prefetch<=MB' (PDL variants), "
+                    "fxspec bf16 / int8 / int4 + ' no-edges' (the GEMVs' fused norm / epilogues off), "
                     "hf static+inductor (default|reduce-overhead))")
     ap.add_argument("--eager-prefill", default="llama-1.1b,llama3-8b",
                     help="models whose prefill runs eagerly (saves a compile; decode tok/s excludes prefill)")

@@ -82,18 +82,28 @@ def _kernels():
                       dict(X=bf, W0=bf, W1=bf, W2=bf, W3=bf, Y=bf, WS="*fp32", CNT="*i32"), (),
                       dict(NUM_W=1, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, EVEN_N=True, EVEN_K=True, DOT_F32=False),
                       True),
-        "gemv8": (tk._gemv8_kernel, dict(X=bf, W="*u8", S="*fp32", B=bf, Y=bf), (),
+        "gemv8": (tk._gemv8_kernel, dict(X=bf, W="*u8", S="*fp32", B=bf, Y=bf, NW=bf, R=bf), ("inv_k", "eps"),
                   dict(IS_FP8=False, HAS_BIAS=False, BLOCK_N=8, BLOCK_K=1024, EVEN_N=True, EVEN_K=True,
                        PREFETCH=True), True),
+        "gemv8_fused": (tk._gemv8_kernel, dict(X=bf, W="*u8", S="*fp32", B=bf, Y=bf, NW=bf, R=bf), ("inv_k", "eps"),
+                        dict(IS_FP8=False, HAS_BIAS=False, BLOCK_N=8, BLOCK_K=1024, EVEN_N=True, EVEN_K=True,
+                             PREFETCH=True, NORM=True, EPI=1, INTERP=False), True),
         "gemv4": (tk._gemv4_kernel,
-                  dict(X=bf, W="*i32", S=bf, Z=bf, B=bf, Y=bf, WS="*fp32", CNT="*i32"), (),
+                  dict(X=bf, W="*i32", S=bf, Z=bf, B=bf, Y=bf, WS="*fp32", CNT="*i32", NW=bf, R=bf), ("inv_k", "eps"),
                   dict(GROUP=128, HAS_ZERO=False, HAS_BIAS=False, X_BF16=True, USE_ASM=True, DOT_F32=False,
                        BLOCK_N=16, BLOCK_M=1, BLOCK_K=512, GROUP_M=8, EVEN_N=True, EVEN_G=True, PACKED=0), True),
         "gemv4_packed": (tk._gemv4_kernel,
-                         dict(X=bf, W="*i32", S=bf, Z=bf, B=bf, Y=bf, WS="*fp32", CNT="*i32"), (),
+                         dict(X=bf, W="*i32", S=bf, Z=bf, B=bf, Y=bf, WS="*fp32", CNT="*i32", NW=bf, R=bf),
+                         ("inv_k", "eps"),
                          dict(GROUP=128, HAS_ZERO=False, HAS_BIAS=False, X_BF16=True, USE_ASM=True, DOT_F32=False,
                               BLOCK_N=32, BLOCK_M=1, BLOCK_K=1024, GROUP_M=8, EVEN_N=True, EVEN_G=True, PACKED=2),
                          True),
+        "gemv4_packed_fused": (tk._gemv4_kernel,
+                               dict(X=bf, W="*i32", S=bf, Z=bf, B=bf, Y=bf, WS="*fp32", CNT="*i32", NW=bf, R=bf),
+                               ("inv_k", "eps"),
+                               dict(GROUP=128, HAS_ZERO=False, HAS_BIAS=False, X_BF16=True, USE_ASM=True,
+                                    DOT_F32=False, BLOCK_N=32, BLOCK_M=1, BLOCK_K=1024, GROUP_M=8, EVEN_N=True,
+                                    EVEN_G=True, PACKED=2, NORM=True, EPI=2, INTERP=False), True),
         "mm4": (tk._mm4_kernel,
                 dict(X=bf, W="*u8", S=bf, Z=bf, B=bf, Y=bf, WS="*fp32", CNT="*i32"), (),
                 dict(GROUP=128, HAS_ZERO=False, HAS_BIAS=False, X_BF16=True, USE_ASM=True, DOT_F32=False,
@@ -140,8 +150,8 @@ def kernels():
     return _kernels()
 
 
-@pytest.mark.parametrize("name", ["dense_fma", "dense_mma", "gemv8", "gemv4", "gemv4_packed", "mm4", "mm8", "decode_attn",
-                                  "decode_attn_rope", "combine"])
+@pytest.mark.parametrize("name", ["dense_fma", "dense_mma", "gemv8", "gemv8_fused", "gemv4", "gemv4_packed",
+                                  "gemv4_packed_fused", "mm4", "mm8", "decode_attn", "decode_attn_rope", "combine"])
 def test_ptx_phases(kernels, name):
     kernel, ptrs, floats, consts, prefetch = kernels[name]
     ptx = _ptx(kernel, ptrs, floats, consts, True)

@@ -36,7 +36,9 @@ at most 4 rows, bf16/fp16::
              y = fxspec.fused_linear(a, [Wd], None, 0.0, "residual", r)
 
 The norm is matched only in transformers' Llama form (its rounding points are the ones the kernel
-reproduces); every intermediate must have no other user.
+reproduces); every intermediate must have no other user.  The same edges around a quantized decode GEMV
+(``fxspec.int8_linear`` / ``int4_linear`` / ``fp8_linear`` without bias, one row, the gate/up group packed as
+one ``[gate; up]`` matrix) become ``fxspec.int8_fused_linear`` / ``int4_fused_linear`` / ``fp8_fused_linear``.
 
 Legality (a skipped site is left exactly as it was, with the reason in the log):
 - inference graph; target CUDA (CPU only with ``decode.apply_on_cpu``: the ops run their exact
@@ -411,10 +413,14 @@ def fuse_gemv_edges(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
 
     params = {p.node: p for p in ctx.analysis(gm).params}
     group_op = torch.ops.fxspec.linear_group.default
-    for lg in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is group_op]:
+    quant_ops = _quant_fused_ops()
+    for lg in [n for n in gm.graph.nodes if n.op == "call_function" and (n.target is group_op or n.target in quant_ops)]:
+        if lg.target in quant_ops:
+            _fuse_quant_edges(gm, ctx, lg, params, quant_ops[lg.target])
+            continue
         x, ws = lg.args[0], [w for w in lg.args[1:] if w is not None]
         norm = _match_hf_rmsnorm(x, params, ctx) if cfg.fuse_norm else None
-        epi = _match_epilogue(lg, ws) if cfg.fuse_epilogues else None
+        epi = _match_epilogue(lg, len(ws)) if cfg.fuse_epilogues else None
         if norm is None and epi is None:
             continue
         where = _site_name(ws, params)
@@ -439,6 +445,61 @@ def fuse_gemv_edges(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         ctx.rewrote(where, " + ".join(parts), counter="norm+" + kind if norm is not None else kind)
     eliminate_dead_code(gm)
     return gm
+
+
+def _quant_fused_ops() -> dict:
+    """The quantized linears' ops -> (their fused form, number of leading args before ``bias``)."""
+    from ..lowering.quant import ops as _q  # noqa: F401  (registers the fxspec::*_linear ops)
+    f = torch.ops.fxspec
+    return {f.int8_linear.default: (f.int8_fused_linear.default, 3),
+            f.int4_linear.default: (f.int4_fused_linear.default, 5),
+            f.fp8_linear.default: (f.fp8_fused_linear.default, 3)}
+
+
+def _fuse_quant_edges(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, params: dict, fused_form) -> None:
+    """The RMSNorm before / the SiLU*mul or residual add after a quantized decode GEMV (made by the
+    quantize pass; a q/k/v or gate/up group is one packed matrix, narrowed) -> its *_fused_linear op.
+
+        before:  xn = RMSNorm(x);  gu = fxspec.int4_linear(xn, qw, s, z, G, None)
+                 a = F.silu(gu.narrow(-1, 0, N)) * gu.narrow(-1, N, N)
+        after:   a = fxspec.int4_fused_linear(x, qw, s, z, G, w_n, eps, "silu_mul", None)
+    """
+    from ..lowering.quant.ops import FUSED_MAX_M
+
+    cfg = ctx.config.decode
+    op, n_lead = fused_form
+    x, lead = node.args[0], node.args[:n_lead]
+    bias = node.args[n_lead] if len(node.args) > n_lead else node.kwargs.get("bias")
+    qw = node.args[1]
+    qw = getattr(gm, qw.target, None) if isinstance(qw, fx.Node) and qw.op == "get_attr" else None
+    if not isinstance(qw, torch.Tensor):
+        return  # (not made by the quantize pass: the packed weight is not a frozen constant)
+    norm = _match_hf_rmsnorm(x, params, ctx) if cfg.fuse_norm else None
+    epi = _match_epilogue(node, None, width=qw.shape[0]) if cfg.fuse_epilogues else None
+    if norm is None and epi is None:
+        return
+    where = f"{module_path(node)} ({node.target.name().split('::')[-1]})"
+    rows = _rows(x)
+    if bias is not None or len(node.args) > n_lead + 1 or set(node.kwargs) - {"bias"}:
+        ctx.skip(where, "the quantized linear has a bias (the fused GEMV takes none)")
+        return
+    if _dtype(x) not in (torch.float16, torch.bfloat16):  # (the ops return x's dtype)
+        ctx.skip(where, f"{_dtype(x)} GEMV (the fused kernel takes float16/bfloat16)")
+        return
+    if rows is None or rows > FUSED_MAX_M:
+        ctx.skip(where, f"{rows} rows > {FUSED_MAX_M}: the quantized GEMVs with fused edges take at most "
+                        f"{FUSED_MAX_M} (larger steps use the tensor-core kernels)")
+        return
+    src, norm_w, eps = norm if norm is not None else (x, None, 0.0)
+    kind, replaced, residual = epi if epi is not None else ("cat", node, None)
+    with gm.graph.inserting_before(replaced):
+        fused = gm.graph.call_function(op, (src, *lead[1:], norm_w, float(eps), kind, residual))
+    _copy_meta(fused, replaced, values=True)
+    replaced.replace_all_uses_with(fused)
+    if replaced is not node:
+        gm.graph.erase_node(replaced)
+    parts = (["RMSNorm prologue"] if norm is not None else []) + ([f"{kind} epilogue"] if epi else [])
+    ctx.rewrote(where, " + ".join(parts), counter=("quant_norm+" if norm is not None else "quant_") + kind)
 
 
 def _site_name(ws: list, params: dict) -> str:
@@ -517,16 +578,21 @@ def _match_hf_rmsnorm(xn: object, params: dict, ctx: PassContext):
     return x, w, eps
 
 
-def _match_epilogue(lg: fx.Node, ws: list):
-    """``("silu_mul", mul, None)`` for ``silu(gate) * up`` over a 2-weight group's two parts,
-    ``("residual", add, r)`` for ``part + r`` (or ``r + part``) over a 1-weight GEMV; else None.
-    Every intermediate must have no other user (it disappears)."""
-    parts = list(lg.users)
-    if not all(_is_narrow(p) for p in parts):
-        return None
-    if len(ws) == 2 and len(parts) == 2:
+def _match_epilogue(out: fx.Node, n_weights: int | None, width: int | None = None):
+    """``("silu_mul", mul, None)`` for ``silu(gate) * up`` over the two halves of ``out`` (gate first),
+    ``("residual", add, r)`` for ``y + r`` (or ``r + y``) with ``y`` the whole of ``out`` (itself or a
+    full-width narrow of it); else None.  ``n_weights``: the GEMV's weights (a linear_group: silu_mul
+    needs 2, residual 1), None for one packed matrix (a quantized linear: any group).  Every
+    intermediate must have no other user (it disappears).  ``width``: ``out``'s last dim when its
+    node carries no example value (a packed group)."""
+    parts = list(out.users)
+    if width is None:
+        width = (shape(out) or (None,))[-1]
+    if len(parts) == 2 and all(_is_narrow(p) for p in parts) and n_weights in (2, None):
         p0, p1 = sorted(parts, key=lambda p: p.args[2])
-        if p0.args[3] != p1.args[3] or len(p0.users) != 1 or len(p1.users) != 1:
+        n = p0.args[3]
+        if (p0.args[2] != 0 or p1.args[2] != n or p1.args[3] != n or width is None or static_int(width) != 2 * n
+                or len(p0.users) != 1 or len(p1.users) != 1):
             return None
         (act,) = p0.users
         if not (is_op(act, "silu") and act.args[0] is p0 and len(act.args) == 1
@@ -537,18 +603,23 @@ def _match_epilogue(lg: fx.Node, ws: list):
                 and next(iter(p1.users)) is mul):
             return None
         return "silu_mul", mul, None
-    if len(ws) == 1 and len(parts) == 1 and len(parts[0].users) == 1:
-        p = parts[0]
+    if len(parts) != 1 or n_weights not in (1, None):
+        return None
+    p = parts[0]
+    if _is_narrow(p):
+        if p.args[2] != 0 or width is None or static_int(width) != p.args[3] or len(p.users) != 1:
+            return None
         (add,) = p.users
-        if not (is_op(add, "add") and add.op == "call_function" and len(add.args) == 2 and not add.kwargs):
-            return None
-        r = other_operand(add, p)
-        if r is p or not isinstance(r, fx.Node) or is_scalar(r):
-            return None
-        if shape(r) != shape(p) or _dtype(r) is None or _dtype(r) != _dtype(p):
-            return None
-        return "residual", add, r
-    return None
+    else:
+        add, p = p, out
+    if not (is_op(add, "add") and add.op == "call_function" and len(add.args) == 2 and not add.kwargs):
+        return None
+    r = other_operand(add, p)
+    if r is p or not isinstance(r, fx.Node) or is_scalar(r):
+        return None
+    if shape(r) != shape(p) or _dtype(r) is None or _dtype(r) != _dtype(p):
+        return None
+    return "residual", add, r
 
 
 def _is_narrow(node: fx.Node) -> bool:

@@ -281,5 +281,7 @@ def _scaled_input(gm: fx.GraphModule, ctx: PassContext, x: fx.Node, layer, li: L
             inv = gm.graph.get_attr(attr)
             cache[key] = gm.graph.call_function(torch.mul, (x, inv))
         inv.meta["val"] = getattr(gm, attr)
+        # x * (1/s) has x's shape and dtype (1/s is a [K] constant of x's dtype): later passes read them
+        cache[key].meta.update({k: v for k, v in x.meta.items() if k in ("example_value", "val", "tensor_meta")})
     return cache[key]
 

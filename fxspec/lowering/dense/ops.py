@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 __all__ = ["linear_group", "linear_group_ref", "check_linear_group_args", "triton_available", "DECODE_MAX_M",
            "SINGLE_MAX_M", "fused_linear", "fused_linear_ref", "rms_norm_ref", "check_fused_linear_args",
-           "EPILOGUES", "FUSED_MAX_M"]
+           "EPILOGUES", "FUSED_MAX_M", "check_edge_args", "check_epilogue_name"]
 
 log = logging.getLogger(__name__)
 _TRITON: Optional[bool] = None
@@ -182,14 +182,7 @@ def check_fused_linear_args(x: torch.Tensor, weights: Sequence[torch.Tensor], no
                             eps: float, epilogue: str, residual: Optional[torch.Tensor]):
     """Validate ``fused_linear``'s arguments; return ``(Ns, K, N_out)``."""
     op = "fused_linear"
-    if not isinstance(epilogue, str):
-        raise TypeError(f"{op}: epilogue must be a str, one of {EPILOGUES}; got {type(epilogue).__name__}")
-    if epilogue not in EPILOGUES:
-        raise ValueError(f"{op}: unknown epilogue {epilogue!r}; valid: {', '.join(EPILOGUES)}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"{op}: eps must be a float, got {type(eps).__name__}")
-    if not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"{op}: eps must be finite and >= 0, got {eps}")
+    check_epilogue_name(op, epilogue)
     if isinstance(weights, torch.Tensor) or not all(isinstance(w, torch.Tensor) for w in weights):
         raise TypeError(f"{op}: weights must be a list of 1-4 [N, K] tensors")
     Ns, K = check_linear_group_args(x, weights, op=op)
@@ -201,6 +194,26 @@ def check_fused_linear_args(x: torch.Tensor, weights: Sequence[torch.Tensor], no
         n_out = Ns[0]
     else:
         n_out = sum(Ns)
+    check_edge_args(op, x, K, n_out, norm_weight, eps, epilogue, residual)
+    return Ns, K, n_out
+
+
+def check_epilogue_name(op: str, epilogue: str) -> None:
+    if not isinstance(epilogue, str):
+        raise TypeError(f"{op}: epilogue must be a str, one of {EPILOGUES}; got {type(epilogue).__name__}")
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"{op}: unknown epilogue {epilogue!r}; valid: {', '.join(EPILOGUES)}")
+
+
+def check_edge_args(op: str, x: torch.Tensor, K: int, n_out: int, norm_weight: Optional[torch.Tensor], eps: float,
+                    epilogue: str, residual: Optional[torch.Tensor]) -> None:
+    """The fused edges' arguments (shared by fused_linear and the quantized *_fused_linear ops): the
+    RMSNorm weight and eps of the prologue, the epilogue and its residual (the output is [..., n_out])."""
+    check_epilogue_name(op, epilogue)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"{op}: eps must be a float, got {type(eps).__name__}")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"{op}: eps must be finite and >= 0, got {eps}")
     if norm_weight is not None:
         if tuple(norm_weight.shape) != (K,):
             raise ValueError(f"{op}: norm_weight must have shape [K] = [{K}], got {list(norm_weight.shape)}")
@@ -220,7 +233,6 @@ def check_fused_linear_args(x: torch.Tensor, weights: Sequence[torch.Tensor], no
             raise ValueError(f"{op}: residual is on {residual.device} but x is on {x.device}")
     elif residual is not None:
         raise ValueError(f"{op}: a residual is only taken with epilogue 'residual' (got epilogue {epilogue!r})")
-    return Ns, K, n_out
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -10,6 +10,24 @@ Signatures (``x`` is ``[..., K]``; the result is ``[..., N]`` in ``x.dtype``; la
     torch.ops.fxspec.fp8_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? bias=None) -> Tensor
         qweight float8_e4m3fn [N, K]; scale float [N]
 
+The same linears with the small kernels around a decode GEMV folded in (the quantized counterpart
+of ``fxspec.fused_linear``; made by the ``fuse_gemv_edges`` decode pass)::
+
+    torch.ops.fxspec.int8_fused_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? norm_weight,
+                                       float eps, str epilogue, Tensor? residual) -> Tensor
+    torch.ops.fxspec.int4_fused_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros,
+                                       int group_size, Tensor? norm_weight, float eps, str epilogue,
+                                       Tensor? residual) -> Tensor
+    torch.ops.fxspec.fp8_fused_linear(...)                                (as int8_fused_linear)
+        prologue (norm_weight given): x <- LlamaRMSNorm(x) with weight norm_weight [K], x's dtype
+        epilogue "cat":      y = the linear                                  [..., N]
+                 "silu_mul": F.silu(y[..., :N/2]) * y[..., N/2:]             [..., N/2]  (matrix [gate; up])
+                 "residual": y + residual                                    [..., N]
+    no bias.  :func:`.reference.fused_edges_ref` is the unfused computation, rounding where eager
+    does; CUDA with bf16/fp16 x and at most FUSED_MAX_M rows -> one launch of the CUDA-core GEMV
+    with the edges compiled in (same rounding points); otherwise the same unfused steps around the
+    plain op, so the rewrite never changes a bit on the CPU.
+
 Implementations: CUDA with bf16/fp16 ``x`` -> the Triton launchers (:mod:`.triton_kernels`, path
 picked by M); everything else (CPU, fp32 activations, a machine without Triton) -> the plain-PyTorch
 reference, which is exact to fp32 rounding.  ``register_fake`` gives Dynamo/Inductor the output
@@ -28,14 +46,22 @@ import torch
 
 from .reference import (
     check_fp8_linear_args,
+    check_fused_edge_args,
     check_int4_linear_args,
     check_int8_linear_args,
     fp8_linear_ref,
+    fused_edges_ref,
     int4_linear_ref,
     int8_linear_ref,
 )
 
-__all__ = ["int8_linear", "int4_linear", "fp8_linear", "triton_available"]
+__all__ = ["int8_linear", "int4_linear", "fp8_linear", "int8_fused_linear", "int4_fused_linear",
+           "fp8_fused_linear", "triton_available", "FUSED_MAX_M"]
+
+# Rows of x up to which the *_fused_linear ops take their fused Triton kernel: the CUDA-core GEMV's
+# regime (triton_kernels.GEMV_MAX_M / GEMV4_MAX_M, checked equal by the tests); above, the unfused steps
+# run around the plain ops (the tensor-core kernels have no fused edges).
+FUSED_MAX_M = 1
 
 log = logging.getLogger(__name__)
 _TRITON = None
@@ -130,3 +156,92 @@ def _fp8_linear_cuda(x, qweight, scale, bias=None):
 def _fp8_linear_fake(x, qweight, scale, bias=None):
     N, _ = check_fp8_linear_args(x, qweight, scale, bias)
     return x.new_empty(_out_shape(x, N))
+
+
+# --------------------------------------------------------------------------------- fused edges
+
+def _fused_rows_ok(x: torch.Tensor, K: int) -> bool:
+    return _use_triton(x) and K > 0 and x.numel() // K <= FUSED_MAX_M
+
+
+@torch.library.custom_op("fxspec::int8_fused_linear", mutates_args=())
+def int8_fused_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                      norm_weight: Optional[torch.Tensor], eps: float, epilogue: str,
+                      residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """``[RMSNorm ->] int8_linear [-> silu_mul | + residual]`` (see the module docstring)."""
+    N, K = check_int8_linear_args(x, qweight, scale, None, "int8_fused_linear")
+    check_fused_edge_args("int8_fused_linear", x, N, K, norm_weight, eps, epilogue, residual)
+    return fused_edges_ref(lambda v: int8_linear_ref(v, qweight, scale), x, norm_weight, eps, epilogue, residual)
+
+
+@int8_fused_linear.register_kernel("cuda")
+def _int8_fused_linear_cuda(x, qweight, scale, norm_weight, eps, epilogue, residual):
+    N, K = check_int8_linear_args(x, qweight, scale, None, "int8_fused_linear")
+    check_fused_edge_args("int8_fused_linear", x, N, K, norm_weight, eps, epilogue, residual)
+    if _fused_rows_ok(x, K):
+        from .triton_kernels import int8_fused_linear_triton
+        return int8_fused_linear_triton(x, qweight, scale, norm_weight, eps, epilogue, residual)
+    return fused_edges_ref(lambda v: _int8_linear_cuda(v, qweight, scale), x, norm_weight, eps, epilogue, residual)
+
+
+@int8_fused_linear.register_fake
+def _int8_fused_linear_fake(x, qweight, scale, norm_weight, eps, epilogue, residual):
+    N, K = check_int8_linear_args(x, qweight, scale, None, "int8_fused_linear")
+    return x.new_empty(_out_shape(x, check_fused_edge_args("int8_fused_linear", x, N, K, norm_weight, eps,
+                                                           epilogue, residual)))
+
+
+@torch.library.custom_op("fxspec::int4_fused_linear", mutates_args=())
+def int4_fused_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                      group_size: int, norm_weight: Optional[torch.Tensor], eps: float, epilogue: str,
+                      residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """``[RMSNorm ->] int4_linear [-> silu_mul | + residual]`` (see the module docstring)."""
+    N, K = check_int4_linear_args(x, qweight, scales, zeros, group_size, None, "int4_fused_linear")
+    check_fused_edge_args("int4_fused_linear", x, N, K, norm_weight, eps, epilogue, residual)
+    return fused_edges_ref(lambda v: int4_linear_ref(v, qweight, scales, zeros, group_size), x, norm_weight, eps,
+                           epilogue, residual)
+
+
+@int4_fused_linear.register_kernel("cuda")
+def _int4_fused_linear_cuda(x, qweight, scales, zeros, group_size, norm_weight, eps, epilogue, residual):
+    N, K = check_int4_linear_args(x, qweight, scales, zeros, group_size, None, "int4_fused_linear")
+    check_fused_edge_args("int4_fused_linear", x, N, K, norm_weight, eps, epilogue, residual)
+    if _fused_rows_ok(x, K):
+        from .triton_kernels import int4_fused_linear_triton
+        return int4_fused_linear_triton(x, qweight, scales, zeros, group_size, norm_weight, eps, epilogue, residual)
+    return fused_edges_ref(lambda v: _int4_linear_cuda(v, qweight, scales, zeros, group_size), x, norm_weight, eps,
+                           epilogue, residual)
+
+
+@int4_fused_linear.register_fake
+def _int4_fused_linear_fake(x, qweight, scales, zeros, group_size, norm_weight, eps, epilogue, residual):
+    N, K = check_int4_linear_args(x, qweight, scales, zeros, group_size, None, "int4_fused_linear")
+    return x.new_empty(_out_shape(x, check_fused_edge_args("int4_fused_linear", x, N, K, norm_weight, eps,
+                                                           epilogue, residual)))
+
+
+@torch.library.custom_op("fxspec::fp8_fused_linear", mutates_args=())
+def fp8_fused_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                     norm_weight: Optional[torch.Tensor], eps: float, epilogue: str,
+                     residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """``[RMSNorm ->] fp8_linear [-> silu_mul | + residual]`` (see the module docstring)."""
+    N, K = check_fp8_linear_args(x, qweight, scale, None, "fp8_fused_linear")
+    check_fused_edge_args("fp8_fused_linear", x, N, K, norm_weight, eps, epilogue, residual)
+    return fused_edges_ref(lambda v: fp8_linear_ref(v, qweight, scale), x, norm_weight, eps, epilogue, residual)
+
+
+@fp8_fused_linear.register_kernel("cuda")
+def _fp8_fused_linear_cuda(x, qweight, scale, norm_weight, eps, epilogue, residual):
+    N, K = check_fp8_linear_args(x, qweight, scale, None, "fp8_fused_linear")
+    check_fused_edge_args("fp8_fused_linear", x, N, K, norm_weight, eps, epilogue, residual)
+    if _fused_rows_ok(x, K):
+        from .triton_kernels import fp8_fused_linear_triton
+        return fp8_fused_linear_triton(x, qweight, scale, norm_weight, eps, epilogue, residual)
+    return fused_edges_ref(lambda v: _fp8_linear_cuda(v, qweight, scale), x, norm_weight, eps, epilogue, residual)
+
+
+@fp8_fused_linear.register_fake
+def _fp8_fused_linear_fake(x, qweight, scale, norm_weight, eps, epilogue, residual):
+    N, K = check_fp8_linear_args(x, qweight, scale, None, "fp8_fused_linear")
+    return x.new_empty(_out_shape(x, check_fused_edge_args("fp8_fused_linear", x, N, K, norm_weight, eps,
+                                                           epilogue, residual)))

@@ -24,6 +24,8 @@ __all__ = [
     "check_int8_linear_args",
     "check_int4_linear_args",
     "check_fp8_linear_args",
+    "check_fused_edge_args",
+    "fused_edges_ref",
 ]
 
 _ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -131,3 +133,34 @@ def int4_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     s = scales.float().t().repeat_interleave(group_size, dim=1)
     z = 8.0 if zeros is None else zeros.float().t().repeat_interleave(group_size, dim=1)
     return _finish(x, (q - z) * s, bias)
+
+
+# ------------------------------------------------------------------------- fused edges (decode)
+
+def check_fused_edge_args(op: str, x: torch.Tensor, N: int, K: int, norm_weight: Optional[torch.Tensor],
+                          eps: float, epilogue: str, residual: Optional[torch.Tensor]) -> int:
+    """Validate the fused edges of a quantized ``*_fused_linear`` op over an ``[N, K]`` matrix;
+    return the output width (``N``, or ``N // 2`` for ``silu_mul``, whose matrix is ``[gate; up]``)."""
+    from ..dense.ops import check_edge_args, check_epilogue_name
+    check_epilogue_name(op, epilogue)
+    if epilogue == "silu_mul" and N % 2:
+        raise ValueError(f"{op}: epilogue 'silu_mul' takes a [gate; up] matrix of even N, got N = {N}")
+    n_out = N // 2 if epilogue == "silu_mul" else N
+    check_edge_args(op, x, K, n_out, norm_weight, eps, epilogue, residual)
+    return n_out
+
+
+def fused_edges_ref(linear, x: torch.Tensor, norm_weight: Optional[torch.Tensor], eps: float, epilogue: str,
+                    residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """``[RMSNorm ->] linear(x) [-> silu(gate) * up | + residual]`` step by step, as the unfused graph
+    computes it (``linear``: one of the quantized linears, reference or Triton): SiLU on the narrowed
+    (strided) first half of the packed [gate; up] result, as the graph does (on the CPU, ATen's SiLU of a
+    strided view and of a contiguous tensor can differ in the last bit)."""
+    from ..dense.ops import rms_norm_ref
+    if norm_weight is not None:
+        x = rms_norm_ref(x, norm_weight, eps)
+    y = linear(x)
+    if epilogue == "silu_mul":
+        n = y.shape[-1] // 2
+        return F.silu(y.narrow(-1, 0, n)) * y.narrow(-1, n, n)
+    return y + residual if epilogue == "residual" else y

@@ -73,13 +73,20 @@ import triton
 import triton.language as tl
 
 from .. import pdl
+from ..dense.gemv import _epilogue as _edge_epilogue
+from ..dense.gemv import _finish as _edge_finish
+from ..dense.gemv import _round
+from ..dense.ops import EPILOGUES
 from ..workspace import COUNTER_LEN, split_counters
-from .reference import check_fp8_linear_args, check_int4_linear_args, check_int8_linear_args
+from .reference import check_fp8_linear_args, check_fused_edge_args, check_int4_linear_args, check_int8_linear_args
 
 __all__ = [
     "int8_linear_triton",
     "int4_linear_triton",
     "fp8_linear_triton",
+    "int8_fused_linear_triton",
+    "int4_fused_linear_triton",
+    "fp8_fused_linear_triton",
     "dequantize_triton",
     "DECODE_MAX_M",
     "GEMV_MAX_M",
@@ -413,6 +420,59 @@ def _mm8_kernel(X, W, S, B, Y, WS, CNT,
 #   y[m, n] = s[n] * sum_k w[n, k] * x[m, k]  (+ b[n])
 # acc[BN, BK] += w_tile * x_chunk (fp32 FMA, 16-byte weight loads along K), one cross-thread
 # reduction at the end; int8 -> fp32 through the exact magic-number trick (_int8_to_f32).
+# Fused edges of the decode GEMVs (the *_fused_linear ops: fxspec.lowering.quant.ops), the quantized
+# counterpart of fxspec.lowering.dense's fused_linear, with the same rounding points:
+#   NORM: x <- round(g * round(x * rstd)), rstd = rsqrt(sum(x^2) * fl(1/K) + eps) over the whole row
+#         (HF LlamaRMSNorm; every program recomputes it from the K-element row, which sits in L2)
+#   EPI = 1 (silu_mul): the packed matrix is [gate; up] (N = 2 * N0 rows); tile row r of a program
+#         is gate row n = pid_n * BN/2 + r // 2 for even r and up row N0 + n for odd r, so the
+#         adjacent columns of the tile's result are (gate n, up n): round(round(silu(round g)) * round u)
+#   EPI = 2 (residual): round(round(y) + residual)
+# (EPI = 0 with NORM: round(y)); the epilogue itself is dense.gemv._epilogue.
+@triton.jit
+def _edge_rows(pid_n, N, BLOCK_N: tl.constexpr, EPI: tl.constexpr):
+    # (matrix rows of the program's tile [BN], their mask)
+    r = tl.arange(0, BLOCK_N)
+    if EPI == 1:
+        N0 = N // 2
+        col = pid_n * (BLOCK_N // 2) + r // 2
+        return col + (r % 2) * N0, col < N0
+    else:
+        rows = pid_n * BLOCK_N + r
+        return rows, rows < N
+
+
+@triton.jit
+def _edge_out(pid_m, pid_n, rows, n_mask, N, stride_ym, stride_rm, BLOCK_N: tl.constexpr, EPI: tl.constexpr):
+    # where the epilogue's [1, BN] (silu_mul: [1, BN/2]) values go: (Y offsets, mask, R offsets)
+    if EPI == 1:
+        HALF_N: tl.constexpr = BLOCK_N // 2
+        offs_o = pid_n * HALF_N + tl.arange(0, HALF_N)
+        y_offs = pid_m.to(tl.int64) * stride_ym + offs_o[None, :]
+        return y_offs, (offs_o < N // 2)[None, :], y_offs
+    else:
+        y_offs = pid_m.to(tl.int64) * stride_ym + rows[None, :]
+        return y_offs, n_mask[None, :], pid_m.to(tl.int64) * stride_rm + rows[None, :]
+
+
+@triton.jit
+def _rms_row(x_row, K, inv_k, eps, BLOCK_K: tl.constexpr):
+    # scalar fp32 rsqrt(mean(x^2) + eps) of one row of x (mean = sum * fl(1/K), as ATen's CUDA mean)
+    offs = tl.arange(0, BLOCK_K)
+    ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        xv = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        ss += xv * xv
+    return tl.math.rsqrt(tl.sum(ss, axis=0) * inv_k + eps)
+
+
+@triton.jit
+def _rms1(xv, g, rstd, DT: tl.constexpr, INTERP: tl.constexpr):
+    # HF LlamaRMSNorm of x values with their norm weights g: round(g * round(x * rstd)) in DT
+    xn = _round(xv.to(tl.float32) * rstd, DT, INTERP)
+    return _round(g.to(tl.float32) * xn.to(tl.float32), DT, INTERP)
+
+
 @triton.jit
 def _gemv8_load(w_ptrs, x_ptrs, n_mask, offs_k, k0, K, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
                 GUARD: tl.constexpr):
@@ -447,21 +507,29 @@ def _gemv8_deq(w, IS_FP8: tl.constexpr):
 
 @triton.jit
 def _gemv8_kernel(X, W, S, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
+                  NW, R, stride_rm, inv_k, eps,
                   IS_FP8: tl.constexpr, HAS_BIAS: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr = False,
-                  PDL: tl.constexpr = False, PF_BYTES: tl.constexpr = 0):
+                  PDL: tl.constexpr = False, PF_BYTES: tl.constexpr = 0,
+                  NORM: tl.constexpr = False, EPI: tl.constexpr = 0, INTERP: tl.constexpr = False):
+    # NORM / EPI: the fused edges of the *_fused_linear ops (_edge_rows, _rms_row, _rms1 and
+    # fxspec.lowering.dense.gemv._epilogue); off, the kernel is the plain GEMV.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n, n_mask = _edge_rows(pid_n, N, BLOCK_N, EPI)
     offs_k = tl.arange(0, BLOCK_K)
-    n_mask = offs_n < N
     if PF_BYTES > 0:  # weights only before the wait (fxspec.lowering.pdl)
         pdl.prefetch_rows(W + (offs_n.to(tl.int64) * stride_wn)[:, None], n_mask, 0, K, PF_BYTES)
     pdl.launch_dependents(PDL)
     pdl.wait(PDL)
+    DT: tl.constexpr = Y.dtype.element_ty
+    x_row = X + pid_m.to(tl.int64) * stride_xm
     w_ptrs = W + (offs_n.to(tl.int64) * stride_wn)[:, None] + offs_k[None, :]
-    x_ptrs = X + pid_m.to(tl.int64) * stride_xm + offs_k
+    x_ptrs = x_row + offs_k
+    rstd = 0.0
+    if NORM:
+        rstd = _rms_row(x_row, K, inv_k, eps, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     if PREFETCH:
         # register double buffering: the next tile's loads are in flight while this one is
@@ -470,6 +538,9 @@ def _gemv8_kernel(X, W, S, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
         for k0 in range(0, K, BLOCK_K):
             w_nxt, x_nxt = _gemv8_load(w_ptrs + BLOCK_K, x_ptrs + BLOCK_K, n_mask, offs_k, k0 + BLOCK_K, K,
                                        EVEN_N, EVEN_K, True)
+            if NORM:
+                x_cur = _rms1(x_cur, tl.load(NW + k0 + offs_k, mask=k0 + offs_k < K, other=0.0), rstd,
+                              DT, INTERP)
             acc += _gemv8_deq(w_cur, IS_FP8) * x_cur.to(tl.float32)[None, :]
             w_cur = w_nxt
             x_cur = x_nxt
@@ -478,13 +549,19 @@ def _gemv8_kernel(X, W, S, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
     else:
         for k0 in range(0, K, BLOCK_K):
             w, x = _gemv8_load(w_ptrs, x_ptrs, n_mask, offs_k, k0, K, EVEN_N, EVEN_K, False)
+            if NORM:
+                x = _rms1(x, tl.load(NW + k0 + offs_k, mask=k0 + offs_k < K, other=0.0), rstd, DT, INTERP)
             acc += _gemv8_deq(w, IS_FP8) * x.to(tl.float32)[None, :]
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
     y = tl.sum(acc, axis=1) * tl.load(S + offs_n, mask=n_mask, other=0.0)
     if HAS_BIAS:
         y += tl.load(B + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    tl.store(Y + pid_m.to(tl.int64) * stride_ym + offs_n, y.to(Y.dtype.element_ty), mask=n_mask)
+    if NORM or EPI != 0:
+        y_offs, mask, r_offs = _edge_out(pid_m, pid_n, offs_n, n_mask, N, stride_ym, stride_rm, BLOCK_N, EPI)
+        tl.store(Y + y_offs, _edge_epilogue(y[None, :], Y, R, r_offs, mask, EPI, INTERP), mask=mask)
+    else:
+        tl.store(Y + pid_m.to(tl.int64) * stride_ym + offs_n, y.to(DT), mask=n_mask)
 
 
 # int4 CUDA-core GEMV (decode, small M; path "gemv"):
@@ -567,6 +644,34 @@ def _gemv4_load(w_ptrs, x_ptrs, s_ptrs, z_ptrs, n_mask, k_ok, HALF: tl.constexpr
         x6 = tl.load(x_ptrs + 3)
         x7 = tl.load(x_ptrs + (HALF + 3))
     return w, s, z, x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _gemv4_norm(g_ptrs, k_ok, rstd, HALF: tl.constexpr, MASK_K: tl.constexpr, x0, x1, x2, x3, x4, x5, x6, x7,
+                DT: tl.constexpr, INTERP: tl.constexpr):
+    # the 8 x vectors of _gemv4_load through the RMSNorm (_rms1), with the norm weight read at the
+    # same positions (masked like x: a missing group reads 0 and adds nothing)
+    if MASK_K:
+        g0 = tl.load(g_ptrs, mask=k_ok, other=0.0)
+        g1 = tl.load(g_ptrs + HALF, mask=k_ok, other=0.0)
+        g2 = tl.load(g_ptrs + 1, mask=k_ok, other=0.0)
+        g3 = tl.load(g_ptrs + (HALF + 1), mask=k_ok, other=0.0)
+        g4 = tl.load(g_ptrs + 2, mask=k_ok, other=0.0)
+        g5 = tl.load(g_ptrs + (HALF + 2), mask=k_ok, other=0.0)
+        g6 = tl.load(g_ptrs + 3, mask=k_ok, other=0.0)
+        g7 = tl.load(g_ptrs + (HALF + 3), mask=k_ok, other=0.0)
+    else:
+        g0 = tl.load(g_ptrs)
+        g1 = tl.load(g_ptrs + HALF)
+        g2 = tl.load(g_ptrs + 1)
+        g3 = tl.load(g_ptrs + (HALF + 1))
+        g4 = tl.load(g_ptrs + 2)
+        g5 = tl.load(g_ptrs + (HALF + 2))
+        g6 = tl.load(g_ptrs + 3)
+        g7 = tl.load(g_ptrs + (HALF + 3))
+    return (_rms1(x0, g0, rstd, DT, INTERP), _rms1(x1, g1, rstd, DT, INTERP), _rms1(x2, g2, rstd, DT, INTERP),
+            _rms1(x3, g3, rstd, DT, INTERP), _rms1(x4, g4, rstd, DT, INTERP), _rms1(x5, g5, rstd, DT, INTERP),
+            _rms1(x6, g6, rstd, DT, INTERP), _rms1(x7, g7, rstd, DT, INTERP))
 
 
 @triton.jit
@@ -750,18 +855,22 @@ def _gemv4_dot_packed(w, s, x0, x1, x2, x3, x4, x5, x6, x7, USE_ASM: tl.constexp
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _gemv4_kernel(X, W, S, Z, B, Y, WS, CNT,
                   M, N, K, stride_xm, stride_wn, stride_ym, M_BUCKET, SPLIT_K,
+                  NW, R, stride_rm, inv_k, eps,
                   GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                   X_BF16: tl.constexpr, USE_ASM: tl.constexpr, DOT_F32: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                   GROUP_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_G: tl.constexpr,
                   SPLIT_TARGET: tl.constexpr = 0, FOLD: tl.constexpr = False,
-                  PDL: tl.constexpr = False, PF_BYTES: tl.constexpr = 0, PACKED: tl.constexpr = 0):
+                  PDL: tl.constexpr = False, PF_BYTES: tl.constexpr = 0, PACKED: tl.constexpr = 0,
+                  NORM: tl.constexpr = False, EPI: tl.constexpr = 0, INTERP: tl.constexpr = False):
     # W: the uint8 codes read as int32 words ([N, K/8], stride_wn in words).  The tile is 2-D
     # [BLOCK_N, BLOCK_K/8 words] (groups flattened into the word axis) so that Triton's layout
     # puts a thread's 16-byte vectors of several rows on the same words: the x vectors and
     # their conversions are then shared by the rows.  BLOCK_M == 1 (one row of x per program;
     # the M programs of a weight tile are adjacent in launch order, so for M > 1 the tile's
-    # second read comes from L2).  FOLD: see _gemv4_dot.  PACKED (experimental, opt-in): F > 0
+    # second read comes from L2).  NORM / EPI: the fused edges of int4_fused_linear (_edge_rows;
+    # no bias then); the split-K partials meet in dense.gemv's _finish, which applies the epilogue
+    # after the sum.  FOLD: see _gemv4_dot.  PACKED (experimental, opt-in): F > 0
     # words per flush of the bf16x2 partials (_gemv4_dot_packed), symmetric bf16 only (else the
     # fp32 path).  DOT_F32 / SPLIT_TARGET are unused here.  (Register double buffering of the
     # next block's loads was tried: never faster on the H100, 2026-11-23.)
@@ -773,10 +882,9 @@ def _gemv4_kernel(X, W, S, Z, B, Y, WS, CNT,
     NUM_PID_N = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = _tile_ids(M, NUM_PID_N, GROUP_M)
     pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n, n_mask = _edge_rows(pid_n, N, BLOCK_N, EPI)   # (plain: pid_n * BLOCK_N + arange)
     offs_w = tl.arange(0, WB)
     grp = offs_w // GW                     # group of each word within the block
-    n_mask = offs_n < N
     num_groups = K // GROUP
     num_kb = tl.cdiv(num_groups, GPB)
     per_split = tl.cdiv(num_kb, SPLIT_K)
@@ -789,14 +897,24 @@ def _gemv4_kernel(X, W, S, Z, B, Y, WS, CNT,
     pdl.launch_dependents(PDL)
     pdl.wait(PDL)
     w_ptrs = W + (offs_n.to(tl.int64) * stride_wn)[:, None] + (g0 * GW + offs_w)[None, :]
-    x_ptrs = X + pid_m.to(tl.int64) * stride_xm + g0 * GROUP + grp * GROUP + (offs_w % GW) * 4
+    x_offs = g0 * GROUP + grp * GROUP + (offs_w % GW) * 4
+    x_row = X + pid_m.to(tl.int64) * stride_xm
+    x_ptrs = x_row + x_offs
+    g_ptrs = NW + x_offs                   # the norm weight at x's positions (NORM)
     s_ptrs = S + (g0 + grp)[None, :].to(tl.int64) * N + offs_n[:, None]   # [BN, WB]
     z_ptrs = Z + (g0 + grp)[None, :].to(tl.int64) * N + offs_n[:, None]
+    rstd = 0.0
+    if NORM:
+        rstd = _rms_row(x_row, K, inv_k, eps, 1024)
     acc = tl.zeros([BLOCK_N, WB // (PK if PK > 0 else 1)], dtype=tl.float32)
     for kb in range(kb_lo, kb_hi):
+        k_ok = kb * GPB + grp < num_groups
         w, s, z, x0, x1, x2, x3, x4, x5, x6, x7 = _gemv4_load(
-            w_ptrs, x_ptrs, s_ptrs, z_ptrs, n_mask, kb * GPB + grp < num_groups, HALF,
-            not EVEN_N, not EVEN_G, HAS_ZERO)
+            w_ptrs, x_ptrs, s_ptrs, z_ptrs, n_mask, k_ok, HALF, not EVEN_N, not EVEN_G, HAS_ZERO)
+        if NORM:
+            x0, x1, x2, x3, x4, x5, x6, x7 = _gemv4_norm(g_ptrs, k_ok, rstd, HALF, not EVEN_G, x0, x1, x2, x3,
+                                                         x4, x5, x6, x7, X.dtype.element_ty, INTERP)
+            g_ptrs += BLOCK_K
         if PK > 0:
             acc += _gemv4_dot_packed(w, s, x0, x1, x2, x3, x4, x5, x6, x7, USE_ASM, PK)
         else:
@@ -806,9 +924,15 @@ def _gemv4_kernel(X, W, S, Z, B, Y, WS, CNT,
         s_ptrs += GPB * N
         z_ptrs += GPB * N
     y = tl.sum(acc, axis=1)
-    offs_m = pid_m + tl.arange(0, BLOCK_M)
-    _epilogue(y[:, None], Y, B, WS, CNT, offs_n, offs_m, pid_m, pid_n, NUM_PID_N, M, N, stride_ym, SPLIT_K,
-              HAS_BIAS, BLOCK_N, BLOCK_M)
+    if NORM or EPI != 0:
+        tl.static_assert(BLOCK_M == 1, "the fused edges take one row of x per program")
+        y_offs, mask, r_offs = _edge_out(pid_m, pid_n, offs_n, n_mask, N, stride_ym, stride_rm, BLOCK_N, EPI)
+        _edge_finish(y[None, :], Y, y_offs, mask, WS, CNT, tl.arange(0, BLOCK_N)[None, :],
+                     pid_m * NUM_PID_N + pid_n, tl.num_programs(0), SPLIT_K, BLOCK_N, R, r_offs, EPI, INTERP)
+    else:
+        offs_m = pid_m + tl.arange(0, BLOCK_M)
+        _epilogue(y[:, None], Y, B, WS, CNT, offs_n, offs_m, pid_m, pid_n, NUM_PID_N, M, N, stride_ym, SPLIT_K,
+                  HAS_BIAS, BLOCK_N, BLOCK_M)
 
 
 # Dequantize to a dense weight in the activation dtype (prefill "dequant" path):
@@ -978,9 +1102,9 @@ _PDL_KERNELS = ("gemv4", "gemv4p", "gemv8", "mm4_decode", "mm8_decode")
 _TUNE_KEYS = {
     "mm4": ["M_BUCKET", "N", "K", "GROUP", "HAS_ZERO", "USE_ASM"],
     "mm8": ["M_BUCKET", "N", "K", "IS_FP8"],
-    "gemv8": ["N", "K", "IS_FP8"],
-    "gemv4": ["M_BUCKET", "N", "K", "GROUP", "HAS_ZERO"],
-    "gemv4p": ["M_BUCKET", "N", "K", "GROUP", "HAS_ZERO"],
+    "gemv8": ["N", "K", "IS_FP8", "NORM", "EPI"],
+    "gemv4": ["M_BUCKET", "N", "K", "GROUP", "HAS_ZERO", "NORM", "EPI"],
+    "gemv4p": ["M_BUCKET", "N", "K", "GROUP", "HAS_ZERO", "NORM", "EPI"],
 }
 
 
@@ -1185,14 +1309,68 @@ def int4_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     if use_asm and _interpret():
         raise ValueError("int4_linear: use_asm=True cannot run under TRITON_INTERPRET=1")
     kw = dict(GROUP=group_size, HAS_ZERO=zeros is not None, USE_ASM=bool(use_asm))
-    wq = qweight.view(torch.int32) if p == "gemv" else qweight  # gemv reads 4-byte words
-    if p == "gemv":  # bf16 x, symmetric codes: the packed-bf16x2 GEMV unless FXSPEC_INT4_PACKED=0
-        kernel = "gemv4p" if x.dtype == torch.bfloat16 and zeros is None and int4_packed_enabled() else "gemv4"
+    if p == "gemv":
+        kernel = _gemv4_name(x, zeros)
+        kw.update(_no_edges(x2))
+        wq = qweight.view(torch.int32)  # gemv reads 4-byte words
     else:
-        kernel = "mm4"
+        kernel, wq = "mm4", qweight
     _mm_launch(kernel, x2, (wq, scales, zeros if zeros is not None else scales),
                kw, M, N, K, out, bias, config)
     return out.reshape(*lead, N)
+
+
+def _gemv4_name(x: torch.Tensor, zeros) -> str:
+    # bf16 x, symmetric codes: the packed-bf16x2 GEMV unless FXSPEC_INT4_PACKED=0
+    return "gemv4p" if x.dtype == torch.bfloat16 and zeros is None and int4_packed_enabled() else "gemv4"
+
+
+def _no_edges(x2: torch.Tensor) -> dict:
+    # the GEMV kernels' fused-edge arguments, off (NW / R are never read then)
+    return dict(NW=x2, R=x2, stride_rm=0, inv_k=0.0, eps=0.0, NORM=False, EPI=0)
+
+
+def _edges(x2: torch.Tensor, M: int, K: int, n_out: int, norm_weight, eps: float, epilogue: str,
+           residual) -> dict:
+    # the fused-edge arguments of a *_fused_linear launch (see _edge_rows)
+    from ..dense.gemv import _inv_k
+    r2 = None
+    if residual is not None:
+        r2 = residual.reshape(M, n_out)
+        if r2.stride(-1) != 1:
+            r2 = r2.contiguous()
+    return dict(NW=norm_weight if norm_weight is not None else x2, R=r2 if r2 is not None else x2,
+                stride_rm=r2.stride(0) if r2 is not None else 0, inv_k=_inv_k(K), eps=float(eps),
+                NORM=norm_weight is not None, EPI=EPILOGUES.index(epilogue), INTERP=_interpret())
+
+
+def int4_fused_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                             zeros: Optional[torch.Tensor], group_size: int, norm_weight: Optional[torch.Tensor],
+                             eps: float, epilogue: str, residual: Optional[torch.Tensor], *,
+                             use_asm: Optional[bool] = None, config: Optional[dict] = None) -> torch.Tensor:
+    """The int4 CUDA-core GEMV with fused edges (``torch.ops.fxspec.int4_fused_linear``, any M: one
+    row of x per program): ``[RMSNorm ->] x @ W^T [-> silu(gate) * up | + residual]``; the packed
+    matrix is ``[gate; up]`` for ``silu_mul``.  Arguments as in :func:`int4_linear_triton` and
+    :func:`.reference.check_fused_edge_args`."""
+    N, K = check_int4_linear_args(x, qweight, scales, zeros, group_size, None, "int4_fused_linear")
+    n_out = check_fused_edge_args("int4_fused_linear", x, N, K, norm_weight, eps, epilogue, residual)
+    _check_launch("int4_fused_linear", x, {"qweight": qweight, "scales": scales, "zeros": zeros,
+                                           "norm_weight": norm_weight})
+    lead = x.shape[:-1]
+    x2 = _flatten(x, K)
+    M = x2.shape[0]
+    out = torch.empty((M, n_out), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return out.reshape(*lead, n_out)
+    if use_asm is None:
+        use_asm = not _interpret()
+    if use_asm and _interpret():
+        raise ValueError("int4_fused_linear: use_asm=True cannot run under TRITON_INTERPRET=1")
+    kw = dict(GROUP=group_size, HAS_ZERO=zeros is not None, USE_ASM=bool(use_asm),
+              **_edges(x2, M, K, n_out, norm_weight, eps, epilogue, residual))
+    _mm_launch(_gemv4_name(x, zeros), x2, (qweight.view(torch.int32), scales, zeros if zeros is not None else scales),
+               kw, M, N, K, out, None, config)
+    return out.reshape(*lead, n_out)
 
 
 def _int8_like(fmt: str, x, qweight, scale, bias, path, config):
@@ -1214,17 +1392,51 @@ def _int8_like(fmt: str, x, qweight, scale, bias, path, config):
         w = _dequant8(w8, scale, is_fp8, x.dtype, N, K)
         return torch.nn.functional.linear(x2, w, bias).reshape(*lead, N)
     if p == "gemv":
-        args = (x2, w8, scale, bias if bias is not None else out, out, M, N, K,
-                x2.stride(0), w8.stride(0), out.stride(0))
-
-        def grid(meta):
-            return (M, triton.cdiv(N, meta["BLOCK_N"]))
-
-        _launch("gemv8", grid, args, dict(IS_FP8=is_fp8, HAS_BIAS=bias is not None), config,
-                _num_sms(x.device))
+        _gemv8_launch(x2, w8, scale, bias, out, N, K, dict(IS_FP8=is_fp8, **_no_edges(x2)), config)
         return out.reshape(*lead, N)
     _mm_launch("mm8", x2, (w8, scale), dict(IS_FP8=is_fp8), M, N, K, out, bias, config)
     return out.reshape(*lead, N)
+
+
+def _gemv8_launch(x2, w8, scale, bias, out, N: int, K: int, kw: dict, config) -> None:
+    M = x2.shape[0]
+    args = (x2, w8, scale, bias if bias is not None else out, out, M, N, K,
+            x2.stride(0), w8.stride(0), out.stride(0))
+
+    def grid(meta):
+        return (M, triton.cdiv(N, meta["BLOCK_N"]))
+
+    _launch("gemv8", grid, args, dict(kw, HAS_BIAS=bias is not None), config, _num_sms(x2.device))
+
+
+def _int8_like_fused(fmt: str, x, qweight, scale, norm_weight, eps, epilogue, residual, config):
+    op = f"{fmt}_fused_linear"
+    check = check_fp8_linear_args if fmt == "fp8" else check_int8_linear_args
+    N, K = check(x, qweight, scale, None, op)
+    n_out = check_fused_edge_args(op, x, N, K, norm_weight, eps, epilogue, residual)
+    _check_launch(op, x, {"qweight": qweight, "scale": scale, "norm_weight": norm_weight})
+    lead = x.shape[:-1]
+    x2 = _flatten(x, K)
+    M = x2.shape[0]
+    out = torch.empty((M, n_out), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return out.reshape(*lead, n_out)
+    kw = dict(IS_FP8=fmt == "fp8", **_edges(x2, M, K, n_out, norm_weight, eps, epilogue, residual))
+    _gemv8_launch(x2, qweight.view(torch.uint8), scale if scale.dtype == torch.float32 else scale.float(), None,
+                  out, N, K, kw, config)
+    return out.reshape(*lead, n_out)
+
+
+def int8_fused_linear_triton(x, qweight, scale, norm_weight, eps, epilogue, residual, *,
+                             config: Optional[dict] = None) -> torch.Tensor:
+    """The int8 CUDA-core GEMV with fused edges (``torch.ops.fxspec.int8_fused_linear``, any M)."""
+    return _int8_like_fused("int8", x, qweight, scale, norm_weight, eps, epilogue, residual, config)
+
+
+def fp8_fused_linear_triton(x, qweight, scale, norm_weight, eps, epilogue, residual, *,
+                            config: Optional[dict] = None) -> torch.Tensor:
+    """The fp8 (e4m3) CUDA-core GEMV with fused edges (``torch.ops.fxspec.fp8_fused_linear``, any M)."""
+    return _int8_like_fused("fp8", x, qweight, scale, norm_weight, eps, epilogue, residual, config)
 
 
 def int8_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
