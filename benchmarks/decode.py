@@ -309,14 +309,15 @@ class Bench:
         return row, out
 
 
-    def profile(self, name, model, batch, ids, n):
-        """Kernel-level view of one decode step (CUDA-graph replays) -> $OUT/profile_<model>_b<B>.txt."""
+    def profile(self, name, model, batch, ids, n, config=None, tag=""):
+        """Kernel-level view of one decode step (CUDA-graph replays) -> $OUT/profile_<model>_b<B><tag>.txt."""
         from torch.profiler import ProfilerActivity, profile
 
         from fxspec.runtime import SamplingSpec
 
-        row = self.base(name, model, batch, "profile (decode step)")
-        gen = Generator(model, max_batch_size=batch, max_cache_len=self.args.prompt + n, compile_prefill=False)
+        row = self.base(name, model, batch, f"profile{tag.replace('_', ' ')} (decode step)")
+        gen = Generator(model, max_batch_size=batch, max_cache_len=self.args.prompt + n, compile_prefill=False,
+                        config=config or {})
         gen.warmup(prompt_len=self.args.prompt)
         gen.generate(ids, 8)
         graph = gen._graphs.get(SamplingSpec())
@@ -350,7 +351,7 @@ class Bench:
             seq = "\n\nOne replayed step in order (us, name):\n" + "\n".join(
                 f"{e.time_range.elapsed_us():8.1f}  {e.name[:110]}" for e in one)
         Path(self.args.out).mkdir(parents=True, exist_ok=True)
-        path = Path(self.args.out) / f"profile_{name}_b{batch}.txt"
+        path = Path(self.args.out) / f"profile_{name}_b{batch}{tag}.txt"
         path.write_text(f"{name} batch {batch}: {row['graph_ms_per_step']:.3f} ms per replayed decode step, "
                         f"{row['kernels_per_step']:.0f} kernel launches per step (10 replays profiled)\n\n"
                         + table + seq)
@@ -450,6 +451,9 @@ def run(args) -> Bench:
                                           "fxspec " + bench.meta["dtype"] + " (decode rewrites off)")
                 elif what == "profile":
                     row = bench.profile(name, model, b, ids, n)
+                elif what in ("profile int8", "profile int4"):  # the quantized step (LM head bf16)
+                    row = bench.profile(name, model, b, ids, n, {"quantize": {"bits": int(what[-1])}},
+                                        tag="_" + what.split()[1])
                 elif what == "hf eager":
                     k = n if args.quick else min(n, args.eager_tokens)
                     row = bench.hf_eager(name, model, b, ids, k)
@@ -590,6 +594,8 @@ def _version(mod: str) -> str:
 
 
 def _git_commit() -> str:
+    if os.environ.get("FXSPEC_COMMIT"):  # a copy of the tree without its .git (the device machine)
+        return os.environ["FXSPEC_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
                                        stderr=subprocess.DEVNULL).strip()
@@ -610,7 +616,7 @@ def main(argv=None) -> None:
     ap.add_argument("--budget-s", type=float, default=1e9)
     ap.add_argument("--only", default=None, help="run exactly these rows, in order: 'model:batch:method;...' "
                     "(methods: fxspec bf16, fxspec bf16 no-rewrites, hf eager, fxspec int8, fxspec int4, "
-                    "fxspec int8+head, fxspec int4+head (LM head quantized too), profile, "
+                    "fxspec int8+head, fxspec int4+head (LM head quantized too), profile, profile int8, profile int4, "
                          "any fxspec method + ' no-pdl' | ' pdl-no-prefetch' | ' pdl-prefetch<=MB' (PDL variants), "
                     "fxspec bf16 / int8 / int4 + ' no-edges' (the GEMVs' fused norm / epilogues off), "
                     "hf static+inductor (default|reduce-overhead))")
