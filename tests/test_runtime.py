@@ -11,8 +11,10 @@ instead of fxspec (to tell a runtime bug from a backend bug).
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 
 from fxspec.runtime import Generator, KVCache, KVCacheSpec, SamplingSpec, generate, select_tokens  # noqa: E402
+from fxspec.runtime.cache import hf_cache_kwarg  # noqa: E402
 from fxspec.runtime.generate import default_backend, hf_compile_config  # noqa: E402
 from fxspec.runtime.sampling import reference_sample  # noqa: E402
 
@@ -122,9 +125,15 @@ def test_greedy_matches_hf_other_families(family):
     mask[1, :4] = 0
     ref = hf_greedy(model, ids, N_NEW, attention_mask=mask)
     gen = Generator(model, max_batch_size=2, max_cache_len=CACHE, backend=BACKEND, compile_prefill=False)
-    out = gen.generate(ids, N_NEW, attention_mask=mask)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = gen.generate(ids, N_NEW, attention_mask=mask)
     assert out.shape == (2, 9 + N_NEW) and gen.stats["compile_decode_s"] > 0
     assert torch.equal(out, ref)
+    # the cache goes in by the keyword this transformers' forward declares (`cache` after 5.17, whose
+    # `past_key_values` is deprecated until 5.40), not through the deprecation shim
+    assert hf_cache_kwarg(model) in inspect.signature(model.forward).parameters
+    assert not [str(w.message) for w in caught if "past_key_values" in str(w.message)]
 
 
 def test_compile_once_generate_many(llama, llama_gen):

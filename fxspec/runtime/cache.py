@@ -31,6 +31,7 @@ only, so they differ from slots when a row is padded.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -124,6 +125,21 @@ def hf_kv_geometry(config) -> tuple[int, int, int]:
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     return cfg.num_hidden_layers, kv_heads, head_dim
+
+
+def hf_cache_kwarg(model) -> str:
+    """The keyword a transformers model's ``forward`` takes its KV cache by.
+
+    ``"cache"`` where ``forward`` declares it (transformers after 5.17 renamed ``past_key_values``, which
+    it accepts with a FutureWarning until 5.40), else ``"past_key_values"`` (5.17 and older, and models
+    whose ``forward`` only takes ``**kwargs``). Read from the signature (``inspect`` follows the
+    ``functools.wraps`` of transformers' ``deprecate_kwarg``); call it outside compiled code.
+    """
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # no readable signature (a C callable, an odd wrapper)
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def make_hf_static_cache(model, batch_size: int, max_cache_len: int, dtype: torch.dtype,

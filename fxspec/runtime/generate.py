@@ -23,8 +23,9 @@ finished?) or every step when a streamer wants the tokens.
 Models served:
 
 * ``transformers`` causal LMs (``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ``GPTNeoXForCausalLM``, ...):
-  ``model(input_ids, attention_mask=[B, L] key mask, position_ids, past_key_values=StaticCache,
-  logits_to_keep=1)``. Sliding-window layers are not supported (see ``cache.make_hf_static_cache``).
+  ``model(input_ids, attention_mask=[B, L] key mask, position_ids, cache=StaticCache, logits_to_keep=1)``
+  (``past_key_values=`` where ``forward`` has no ``cache`` parameter: transformers 5.17 and older; see
+  ``cache.hf_cache_kwarg``). Sliding-window layers are not supported (see ``cache.make_hf_static_cache``).
 * plain modules following the contract in :mod:`fxspec.runtime.cache`:
   ``forward(tokens [B,T], positions [B,T], cache: KVCache) -> logits [B,T,V]``.
 
@@ -48,7 +49,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from .cache import KVCache, get_kv_cache_spec, hf_cache_nbytes, make_hf_static_cache, reset_hf_static_cache
+from .cache import (KVCache, get_kv_cache_spec, hf_cache_kwarg, hf_cache_nbytes, make_hf_static_cache,
+                    reset_hf_static_cache)
 from .sampling import SamplingSpec, select_tokens
 
 #: Without a streamer, the host checks "all rows finished?" (a device sync) once per this many tokens.
@@ -135,7 +137,8 @@ class Generator:
             if self.is_hf:
                 self.cache = make_hf_static_cache(model, B, L, self.dtype, dev)
                 self.vocab_size = model.config.get_text_config(decoder=True).vocab_size
-                self._forward = _hf_forward
+                # the cache keyword is picked once here: the traced step holds no signature inspection
+                self._forward = _hf_forward_cache if hf_cache_kwarg(model) == "cache" else _hf_forward
             else:
                 self.cache = KVCache(get_kv_cache_spec(model), B, L, self.dtype, dev, key_mask=self.key_mask)
                 self.vocab_size = None
@@ -444,8 +447,16 @@ class _TimedCompiled:
 
 
 def _hf_forward(model, cache, tokens, positions, key_mask):
-    """One transformers forward over ``tokens`` [B, T]; logits of the last position [B, 1, V]."""
+    """One transformers forward over ``tokens`` [B, T]; logits of the last position [B, 1, V].
+
+    For a ``forward`` that takes the cache as ``past_key_values`` (transformers 5.17 and older)."""
     return model(input_ids=tokens, attention_mask=key_mask, position_ids=positions, past_key_values=cache,
+                 use_cache=True, logits_to_keep=1).logits
+
+
+def _hf_forward_cache(model, cache, tokens, positions, key_mask):
+    """:func:`_hf_forward` for a ``forward`` that takes the cache as ``cache`` (newer transformers)."""
+    return model(input_ids=tokens, attention_mask=key_mask, position_ids=positions, cache=cache,
                  use_cache=True, logits_to_keep=1).logits
 
 
