@@ -213,16 +213,35 @@ def test_projections_sharing_an_input_are_packed_together(opts, counter):
     assert not torch.allclose(after, out)
 
 
-def test_calibrated_tied_lm_head_is_found(tmp_path):
+@pytest.mark.parametrize("wrapped_forward", [False, True], ids=["forward", "wrapped_forward"])
+def test_calibrated_tied_lm_head_is_found(tmp_path, wrapped_forward):
     """A tied LM head is named after the embedding (the path Dynamo reaches its weight by first), while
-    calibration hooks record it as ``lm_head``: the pass must find its statistics under either name."""
+    calibration hooks record it as ``lm_head``: the pass must find its statistics under either name.
+
+    ``wrapped_forward``: ``forward`` behind a ``(*args, **kwargs)`` decorator (as transformers 5.24's
+    ``deprecate_kwarg`` does), so Dynamo reaches the model as ``L['args'][0]`` instead of ``L['self']``
+    and the calling module's path must still read ``lm_head``."""
+    import functools
+
     import transformers
 
     from fxspec.cli import TINY
     from fxspec.runtime.calibrate import calibrate
 
+    def passthrough(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            return fn(*args, **kwargs)
+        return wrapper
+
+    class WrappedLlama(transformers.LlamaForCausalLM):
+        @passthrough
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    cls = WrappedLlama if wrapped_forward else transformers.LlamaForCausalLM
     torch.manual_seed(0)
-    m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**TINY, "tie_word_embeddings": True})).eval()
+    m = cls(transformers.LlamaConfig(**{**TINY, "tie_word_embeddings": True})).eval()
     assert m.lm_head.weight is m.model.embed_tokens.weight
     tokens = torch.randint(0, 128, (4096,), generator=torch.Generator().manual_seed(1))
     path = str(tmp_path / "gptq.pt")

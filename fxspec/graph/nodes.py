@@ -306,12 +306,21 @@ def common_parent(names: Iterable[str]) -> str:
     return ".".join(prefix)
 
 
+# the root of a Dynamo source: ``L['self']``, ``G['model']``, and ``L['args'][0]`` when the traced
+# ``forward`` is wrapped by a ``(*args, **kwargs)`` decorator (transformers 5.24's ``deprecate_kwarg``)
+_SOURCE_ROOT = re.compile(r"""^[A-Za-z_]\w*(?:\[(?:'[^']*'|"[^"]*"|\d+)\])*""")
+
+
 def module_path(node: Node) -> str:
-    """The qualified name of the module a node was traced in (``model.layers.0.self_attn``), else its name."""
+    """The qualified name of the module a node was traced in (``model.layers.0.self_attn``), else its name.
+
+    Read from the innermost ``nn_module_stack`` entry (``L['self'].model.layers.0.self_attn``, or
+    ``L['args'][0].lm_head``) with the root dropped.
+    """
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return node.name
-    path = re.sub(r"^[A-Za-z_]\w*\[['\"][^'\"]*['\"]\]", "", str(list(stack.values())[-1][0]))  # L['model'].
+    path = _SOURCE_ROOT.sub("", str(list(stack.values())[-1][0]), count=1)
     path = re.sub(r"\._modules\[['\"]([^'\"]+)['\"]\]|\[['\"]?([^\]'\"]+)['\"]?\]",
                   lambda m: "." + (m.group(1) or m.group(2)), path)
     return path.strip(".") or node.name
