@@ -14,6 +14,7 @@ import torch.nn as nn
 import transformers
 
 from fxspec.graph import analyze
+from fxspec.runtime.cache import hf_cache_kwarg
 
 from .graph_helpers import capture
 from .tolerances import assert_close
@@ -83,13 +84,35 @@ FAMILIES: dict[str, dict] = {
         # tied: one placeholder, named by the path Dynamo reached it by first
         lm_head=dict(name="model.embed_tokens", vocab_size=VOCAB, tied_to_embedding=True),
         unrecognised=[]),
+    # Gemma2 soft-caps its attention logits (attn_logit_softcapping=50): transformers 5.24 offers only
+    # the eager form (explicit softmax with tanh capping), which every version has; "gemma2_sdpa" (SDPA,
+    # no capping) runs only where transformers still offers SDPA for Gemma2.
     "gemma2": dict(
         config=("Gemma2Config", dict(_LM, num_key_value_heads=1, head_dim=8, sliding_window=4)),
+        attn_implementation="eager",
         counts={"linear": 15, "embedding": 1, "lm_head": 1, "unrecognised": 0, "ffn.gated": 2,
-                "attention.sdpa": 2, "norm.rmsnorm": 9},  # pre/post feed-forward norms too
-        # local (sliding) and global layers alternate
-        attention=[dict(name="model.layers.0.self_attn", num_kv_heads=1, causal=True, rope=True, sliding_window=4),
-                   dict(name="model.layers.1.self_attn", num_kv_heads=1, causal=True, rope=True, sliding_window=None)],
+                "attention.explicit": 2, "norm.rmsnorm": 9},  # pre/post feed-forward norms too
+        # local (sliding) and global layers alternate; scale = query_pre_attn_scalar ** -0.5 through the
+        # soft-capping's / 50, tanh, * 50
+        attention=[dict(name="model.layers.0.self_attn", kind="explicit", num_heads=4, num_kv_heads=1, head_dim=8,
+                        causal=True, rope=True, sliding_window=4),
+                   dict(name="model.layers.1.self_attn", kind="explicit", num_heads=4, num_kv_heads=1, head_dim=8,
+                        causal=True, rope=True, sliding_window=None)],
+        scale=256 ** -0.5,
+        ffn=dict(name="model.layers.{i}.mlp", kind="gated", activation="gelu_tanh", norm="rmsnorm"),
+        norm=dict(kind="rmsnorm", weight_offset=1.0),
+        lm_head=dict(name="model.embed_tokens", tied_to_embedding=True),
+        unrecognised=[]),
+    "gemma2_sdpa": dict(
+        config=("Gemma2Config", dict(_LM, num_key_value_heads=1, head_dim=8, sliding_window=4)),
+        requires_sdpa="Gemma2ForCausalLM",
+        counts={"linear": 15, "embedding": 1, "lm_head": 1, "unrecognised": 0, "ffn.gated": 2,
+                "attention.sdpa": 2, "norm.rmsnorm": 9},
+        attention=[dict(name="model.layers.0.self_attn", kind="sdpa", num_kv_heads=1, causal=True, rope=True,
+                        sliding_window=4),
+                   dict(name="model.layers.1.self_attn", kind="sdpa", num_kv_heads=1, causal=True, rope=True,
+                        sliding_window=None)],
+        scale=256 ** -0.5,
         ffn=dict(name="model.layers.{i}.mlp", kind="gated", activation="gelu_tanh", norm="rmsnorm"),
         norm=dict(kind="rmsnorm", weight_offset=1.0),
         lm_head=dict(name="model.embed_tokens", tied_to_embedding=True),
@@ -202,6 +225,8 @@ def build(name: str) -> tuple[nn.Module, tuple]:
     if "module" in row:
         return row["module"]().eval(), (torch.randn(*row["input"]),)
     cls_name, kwargs = row["config"]
+    if "requires_sdpa" in row and not getattr(transformers, row["requires_sdpa"])._supports_sdpa:
+        pytest.skip(f"{row['requires_sdpa']} has no SDPA attention in transformers {transformers.__version__}")
     config = getattr(transformers, cls_name)(**kwargs)
     model_cls = getattr(transformers, row.get("model_class", "AutoModelForCausalLM"))
     model = model_cls.from_config(config, attn_implementation=row.get("attn_implementation", "sdpa")).eval()
@@ -245,6 +270,8 @@ def test_family_analysis(family):
     for i, f in enumerate(d["ffns"]):
         exp = _fill(row["ffn"], i)
         assert _subset(f, exp) == exp
+    if "scale" in row:
+        assert [at.scale for at in a.attentions] == [pytest.approx(row["scale"])] * len(a.attentions)
     if "norm" in row:
         assert all(_subset(n, row["norm"]) == row["norm"] for n in d["norms"])
     if row["lm_head"] is None:
@@ -294,7 +321,12 @@ def test_family_compiles_with_fxspec_and_matches_eager(name, dtype):
 
 
 def test_llama_decode_step_with_kv_cache():
-    """The one-token decode graph: a (1, 1, 1, 1) query index, the cache concatenated in the graph."""
+    """The one-token decode graph: the cache concatenated in the graph, the new token the last key.
+
+    transformers 5.17 masks it with ``kv_idx <= q_idx`` (a ``(1, 1, 1, 1)`` query index); 5.24 drops
+    that all-True mask (``attn_mask=None, is_causal=False``). Both are causal attention of the newest
+    position (see ``test_one_query_over_cache_causality``).
+    """
     model, (ids,) = build("llama")
     analyses = []
 
@@ -302,11 +334,12 @@ def test_llama_decode_step_with_kv_cache():
         analyses.append(analyze(gm, example_inputs))
         return gm.forward
 
+    kw = hf_cache_kwarg(model)  # "cache" in transformers 5.24, "past_key_values" in 5.17
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=backend)
     with torch.no_grad():
         out = compiled(ids[:1], use_cache=True)
-        compiled(ids[:1, :1], past_key_values=out.past_key_values, use_cache=True)
+        compiled(ids[:1, :1], **{kw: getattr(out, kw)}, use_cache=True)
     torch._dynamo.reset()
     assert len(analyses) == 2
     decode = analyses[1]
@@ -314,3 +347,60 @@ def test_llama_decode_step_with_kv_cache():
     for at in decode.attentions:
         assert (at.causal, at.rope, at.num_heads, at.num_kv_heads) == (True, True, 4, 2)
         assert at.q_proj is not None and at.k_proj is not None and at.o_proj is not None
+
+
+class OneQueryAttention(nn.Module):
+    """SDPA of ``q`` (B, 4, T, 8) over ``cat(pieces, -2)`` without a mask (transformers' decode step).
+
+    ``mode``: "decode" (k = cat([past, k(x)]), T = 1), "decode_gqa" (2 KV heads, repeat_kv),
+    "decode_enable_gqa" (2 KV heads, SDPA's enable_gqa), "two_queries" (T = 2: the first new query
+    sees the second new key), "new_first" (cat([k(x), past]): the query is not the newest key),
+    "other_states" (the new key is projected from other hidden states), "cross" (keys of an encoder,
+    no cache concatenated).
+    """
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode, self.kv = mode, 2 if "gqa" in mode else 4
+        self.q_proj = nn.Linear(32, 32, bias=False)
+        self.k_proj = nn.Linear(32, 8 * self.kv, bias=False)
+        self.v_proj = nn.Linear(32, 8 * self.kv, bias=False)
+        self.o_proj = nn.Linear(32, 32, bias=False)
+
+    def forward(self, x, past_k, past_v, other):
+        B, T, _ = x.shape
+        src = other if self.mode in ("other_states", "cross") else x
+        q = self.q_proj(x).view(B, T, 4, 8).transpose(1, 2)
+        k = self.k_proj(src).view(B, src.shape[1], self.kv, 8).transpose(1, 2)
+        v = self.v_proj(src).view(B, src.shape[1], self.kv, 8).transpose(1, 2)
+        if self.mode == "new_first":
+            k, v = torch.cat([k, past_k], dim=-2), torch.cat([v, past_v], dim=-2)
+        elif self.mode != "cross":
+            k, v = torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2)
+        if self.mode == "decode_gqa":
+            def repeat_kv(t):
+                b, h, s, d = t.shape
+                return t[:, :, None, :, :].expand(b, h, 2, s, d).reshape(b, h * 2, s, d)
+            k, v = repeat_kv(k), repeat_kv(v)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=self.mode == "decode_enable_gqa")
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, 32))
+
+
+@pytest.mark.parametrize("mode,causal", [("decode", True), ("decode_gqa", True), ("decode_enable_gqa", True),
+                                         ("two_queries", False), ("new_first", False), ("other_states", False),
+                                         ("cross", False)])
+def test_one_query_over_cache_causality(mode, causal):
+    """No mask, one query: causal exactly when the keys are the cache plus that query's own key, last."""
+    torch.manual_seed(0)
+    m = OneQueryAttention(mode).eval()
+    T = 2 if mode == "two_queries" else 1
+    kv = m.kv
+    args = (torch.randn(1, T, 32), torch.randn(1, kv, 8, 8), torch.randn(1, kv, 8, 8),
+            torch.randn(1, 1 if mode == "other_states" else 8, 32))
+    graphs = capture(m, *args)
+    assert len(graphs) == 1
+    a = analyze(*graphs[0])
+    assert len(a.attentions) == 1 and a.unrecognised == []
+    at = a.attentions[0]
+    assert (at.causal, at.num_heads, at.num_kv_heads, at.mask) == (causal, 4, kv, None)
+    assert at.q_proj.name == "q_proj" and at.k_proj.name == "k_proj" and at.o_proj.name == "o_proj"

@@ -23,7 +23,8 @@ tensor, partial-rotary ``cat``, RoPE (:mod:`.rope`), a q/k norm (Qwen3) and scal
 (OPT). q, k and v reaching one linear is a fused QKV (Phi-3, GPT-NeoX, Falcon). The output
 projection is the linear fed by the core's output through views / transposes. Projections that are
 found but are not ``F.linear`` (GPT-2's Conv1D ``addmm``) leave the core recognised, the fields
-None, and an ``Unrecognised("attention_projections")`` entry. Causality: :mod:`.attn_mask`.
+None, and an ``Unrecognised("attention_projections")`` entry. Causality: :mod:`.attn_mask`, and for
+a one-query step with no mask over its own KV-cache ``cat``: :meth:`AttentionFinder._one_query_over_cache`.
 """
 
 from __future__ import annotations
@@ -137,6 +138,8 @@ class AttentionFinder:
             c, w = mask_causality(m, self.buffers, self.inputs)
             causal = True if (causal is True or c is True) else (None if c is None else causal)
             window = window or w
+        if causal is False and not core.masks and self._one_query_over_cache(core):
+            causal = True  # the causal mask of the newest position over its own cache is all True
         info = AttentionInfo(
             kind=core.kind, node=core.node, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
             causal=causal, rope=traces["q"].rope and traces["k"].rope, name=name,
@@ -162,6 +165,28 @@ class AttentionFinder:
                 "attention_projections", name,
                 f"attention core recognised; its projections are not F.linear: {foreign[0].reason}"))
         self.attentions.append(info)
+
+    def _one_query_over_cache(self, core: _Core) -> bool:
+        """A decode step: one query token attending to ``cat([past, k_new], seq_dim)`` where ``k_new`` is
+        the key of that same token (q and the new key projected from the same hidden state).
+
+        The query is then the newest position and every key is at or before it, so attention without
+        a mask is exactly causal attention (transformers 5.24 drops the all-True ``kv <= q`` mask of
+        such a step; 5.17 passes it). Cross-attention (keys from other states) and a full pre-allocated
+        cache buffer (keys not concatenated in the graph) are not recognised: they stay non-causal.
+        """
+        qs = shape(core.q)
+        if qs is None or len(qs) < 3 or static_int(qs[-2]) != 1:
+            return False
+        new_k = _cache_cat_last(core.k)
+        ks = shape(new_k)
+        if ks is None or static_int(ks[-2]) != 1:
+            return False
+        q_proj, k_proj = self._trace(core.q).proj, self._trace(new_k).proj
+        if q_proj is None or k_proj is None:
+            return False
+        return q_proj.node is k_proj.node or \
+            skip_back(proj_input(q_proj.node), is_cast) is skip_back(proj_input(k_proj.node), is_cast)
 
     def _trace(self, node: object, depth: int = 0) -> _Trace:
         """Walk from a q/k/v operand back to the projection that produced it."""
@@ -269,6 +294,40 @@ def _scores(node: object, depth: int, projs: dict) -> tuple[fx.Node, list, float
                 if r is not None:
                     return r[0], r[1] + [node.args[0]], r[2]
     return None
+
+
+def _cache_cat_last(k: object) -> fx.Node | None:
+    """The last piece (the new key) of the KV-cache ``cat([past, ..., new], dim=seq)`` ``k`` was read
+    from, through casts, views and a GQA repeat (``k[:, :, None].expand(...).reshape(...)``,
+    ``repeat_interleave``); None if there is none. No transpose / permute is walked through, so the
+    cat's ``dim=-2`` is k's sequence dim."""
+    n = k
+    for _ in range(12):
+        if not isinstance(n, fx.Node):
+            return None
+        if is_op(n, "cat"):
+            pieces = n.args[0] if n.args else n.kwargs.get("tensors", ())
+            rank = len(shape(n) or ())
+            dim = arg(n, 1, "dim", 0)
+            if rank < 3 or not isinstance(dim, int) or dim % rank != rank - 2 or len(pieces) < 2 \
+                    or not all(isinstance(p, fx.Node) for p in pieces):
+                return None
+            return pieces[-1]
+        if _adds_dims_only(n):
+            n = n.args[0]
+        elif is_cast(n) or is_any(n, ("contiguous", "view", "reshape", "expand", "repeat_interleave", "unsqueeze")):
+            n = n.args[0]
+        else:
+            return None
+    return None
+
+
+def _adds_dims_only(node: fx.Node) -> bool:
+    """``x[:, :, None]``: a getitem that only adds dims (keeps every element of ``x``)."""
+    if not is_op(node, "getitem"):
+        return False
+    idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    return all(i is None or i is Ellipsis or i == slice(None) for i in idx)
 
 
 def _untranspose(kt: object) -> object | None:

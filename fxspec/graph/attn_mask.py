@@ -1,6 +1,9 @@
 """Is an attention mask causal? Read from how the mask was built, never from run-time values.
 
-transformers 5 builds even a plain causal mask as a tensor (``is_causal=False`` on SDPA)::
+transformers 5.17 builds even a plain causal mask as a tensor (``is_causal=False`` on SDPA); 5.24 passes
+``is_causal=True`` and no mask where the mask would be plain causal (no padding, no window), and no mask
+at all for a one-query decode step (:meth:`..attention.AttentionFinder._one_query_over_cache` tells that
+step's causality). Where a mask is built::
 
     q_idx  = arange(S)[None, None, :, None]          # varies along dim -2
     kv_idx = arange(S)[None, None, None, :]          # varies along dim -1
