@@ -428,10 +428,13 @@ def run(args) -> Bench:
         # "<method> pdl-prefetch" (+ 16 KB of weights per program prefetched into L2),
         # "<method> pdl-prefetch<=N" (the prefetch only for launches of <= N MB of weights)
         # "<method> no-edges": the decode GEMVs' fused edges off (decode.fuse_norm / fuse_epilogues)
+        # "<method> no-norm": only the norm prologue off (decode.fuse_norm)
         variant, env, extra = None, {}, {}
         if what.endswith(" no-edges"):
             what, variant, extra = what[:-len(" no-edges")], "no-edges", {"decode": {"fuse_norm": False,
                                                                                       "fuse_epilogues": False}}
+        elif what.endswith(" no-norm"):
+            what, variant, extra = what[:-len(" no-norm")], "no-norm", {"decode": {"fuse_norm": False}}
         for suffix, e in ((" no-pdl", {"FXSPEC_PDL": "0"}), (" pdl-no-prefetch", {"FXSPEC_PDL_PREFETCH": "0"}),
                           (" pdl-prefetch", {"FXSPEC_PDL_PREFETCH": "16384"})):
             if what.endswith(suffix):
@@ -618,7 +621,7 @@ def main(argv=None) -> None:
                     "(methods: fxspec bf16, fxspec bf16 no-rewrites, hf eager, fxspec int8, fxspec int4, "
                     "fxspec int8+head, fxspec int4+head (LM head quantized too), profile, profile int8, profile int4, "
                          "any fxspec method + ' no-pdl' | ' pdl-no-prefetch' | ' pdl-prefetch<=MB' (PDL variants), "
-                    "fxspec bf16 / int8 / int4 + ' no-edges' (the GEMVs' fused norm / epilogues off), "
+                    "fxspec bf16 / int8 / int4 + ' no-edges' | ' no-norm' (the GEMVs' fused norm and epilogues / the norm off), "
                     "hf static+inductor (default|reduce-overhead))")
     ap.add_argument("--eager-prefill", default="llama-1.1b,llama3-8b",
                     help="models whose prefill runs eagerly (saves a compile; decode tok/s excludes prefill)")
