@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
+import zlib
 
 import pytest
 import torch
@@ -35,10 +36,13 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 # eager does (dense.gemv._round), so the fp32-accumulating paths (int8, fp8, asymmetric int4) must be
 # nearly bitwise the reference (fp32 sums in another order: seen 100% equal on the cases below);
 # the packed-bf16x2 int4 GEMV (symmetric codes) carries its bf16 partial products (~3.4e-3 relative
-# error, tests/test_quant_kernels.py PACKED_REL_ERR_MAX), and silu_mul amplifies that a little.
+# error, tests/test_quant_kernels.py PACKED_REL_ERR_MAX), and silu_mul about doubles it (gate and up
+# errors add).  Seen under the interpreter over 6 input seeds per case (2026-12-02): the fp32 paths 100%
+# bitwise equal; packed relative error up to 5.4e-3 (cat / residual) and 1.11e-2 (silu_mul), on these small
+# K (few terms per group: a larger relative noise than at real shapes).  Bounds ~1.45x those.
 EQUAL_FRAC = 0.9
 MAX_ULP = 1.0
-PACKED_REL_ERR_MAX = 1.2e-2
+PACKED_REL_ERR_MAX = {"cat": 8e-3, "residual": 8e-3, "silu_mul": 1.6e-2}
 GPU_REL_ERR_MAX = 1.2e-2   # vs the unfused GPU kernels (bf16 outputs, silu_mul's three roundings)
 
 
@@ -282,6 +286,9 @@ def _interp_cases():
     for fmt in ("int4", "int4_asym"):
         for epi in ("silu_mul", "residual"):
             cases.append(dict(fmt=fmt, epi=epi, norm=True, N=48, K=512, G=64, dt="bfloat16", cfg=split))
+    # the packed-bf16x2 GEMV split over K (F = 2; the default list's first entry but 128-wide K blocks)
+    cases.append(dict(fmt="int4", epi="silu_mul", norm=True, N=48, K=512, G=64, dt="bfloat16",
+                      cfg=dict(split, BLOCK_N=32, PACKED=2)))
     # packed-bf16x2 F = 1 with norm (x pairs built from the normed values)
     cases.append(dict(fmt="int4", epi="silu_mul", norm=True, N=48, K=512, G=64, dt="bfloat16",
                       cfg=dict(BLOCK_N=32, BLOCK_M=1, BLOCK_K=512, SPLIT_TARGET=0, PACKED=1, num_warps=4,
@@ -305,7 +312,7 @@ def _run_interp_case(c) -> dict:
     dt = getattr(torch, c["dt"])
     if c["cfg"] is None and c["fmt"] == "int4":
         assert tk.int4_packed_enabled()
-    W, x, nw, res = _inputs(c["N"], c["K"], (1,), c["epi"], c["norm"], dt, hash(_case_id(c)) % (2**31))
+    W, x, nw, res = _inputs(c["N"], c["K"], (1,), c["epi"], c["norm"], dt, zlib.crc32(_case_id(c).encode()))
     qw = _quant(c["fmt"], W, c["G"], dt)
     y, ref = _call(c["fmt"], x, qw, c["G"], nw, 1e-5, c["epi"], res, triton=True, config=c["cfg"])
     out = dict(shape=list(y.shape), ref_shape=list(ref.shape), rel_err=rel_err(y, ref),
@@ -330,7 +337,7 @@ def test_fused_kernel_matches_reference_interpreter(interp_results, cid, case):
     assert "error" not in res, res
     assert res["shape"] == res["ref_shape"] and res["finite"], res
     if _packed(case):
-        assert res["rel_err"] <= PACKED_REL_ERR_MAX, res
+        assert res["rel_err"] <= PACKED_REL_ERR_MAX[case["epi"]], res
     else:
         assert res["equal"] >= EQUAL_FRAC and res["max_ulp"] <= MAX_ULP, res
 

@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+import zlib
 
 import pytest
 import torch
@@ -358,7 +359,7 @@ def _case_id(c):
 
 def _run_interp_case(c) -> dict:
     from fxspec.lowering.quant import triton_kernels as tk
-    g = torch.Generator().manual_seed(hash(_case_id(c)) % (2**31))
+    g = torch.Generator().manual_seed(zlib.crc32(_case_id(c).encode()))
     dt = getattr(torch, c["dt"])
     M, N, K = c["M"], c["N"], c["K"]
     W = torch.randn(N, K, generator=g)
