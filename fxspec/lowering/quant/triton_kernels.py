@@ -614,14 +614,6 @@ def _gemv4_load(w_ptrs, x_ptrs, s_ptrs, z_ptrs, n_mask, k_ok, HALF: tl.constexpr
         z = s
         if HAS_ZERO:
             z = tl.load(z_ptrs, mask=m2, other=0.0)
-        x0 = tl.load(x_ptrs, mask=k_ok, other=0.0)
-        x1 = tl.load(x_ptrs + HALF, mask=k_ok, other=0.0)
-        x2 = tl.load(x_ptrs + 1, mask=k_ok, other=0.0)
-        x3 = tl.load(x_ptrs + (HALF + 1), mask=k_ok, other=0.0)
-        x4 = tl.load(x_ptrs + 2, mask=k_ok, other=0.0)
-        x5 = tl.load(x_ptrs + (HALF + 2), mask=k_ok, other=0.0)
-        x6 = tl.load(x_ptrs + 3, mask=k_ok, other=0.0)
-        x7 = tl.load(x_ptrs + (HALF + 3), mask=k_ok, other=0.0)
     else:
         if MASK_N:
             w = tl.load(w_ptrs, mask=n_mask[:, None], other=0, eviction_policy="evict_first")
@@ -635,15 +627,22 @@ def _gemv4_load(w_ptrs, x_ptrs, s_ptrs, z_ptrs, n_mask, k_ok, HALF: tl.constexpr
             z = s
             if HAS_ZERO:
                 z = tl.load(z_ptrs)
-        x0 = tl.load(x_ptrs)
-        x1 = tl.load(x_ptrs + HALF)
-        x2 = tl.load(x_ptrs + 1)
-        x3 = tl.load(x_ptrs + (HALF + 1))
-        x4 = tl.load(x_ptrs + 2)
-        x5 = tl.load(x_ptrs + (HALF + 2))
-        x6 = tl.load(x_ptrs + 3)
-        x7 = tl.load(x_ptrs + (HALF + 3))
+    x0, x1, x2, x3, x4, x5, x6, x7 = _load8(x_ptrs, k_ok, HALF, MASK_K)
     return w, s, z, x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _load8(ptrs, k_ok, HALF: tl.constexpr, MASK_K: tl.constexpr):
+    # the 8 vectors [WB] of a K block in the int4 GEMV's word layout: nibble p = 2b + h of word w
+    # is element gG + h*G/2 + 4w + b (ptrs: element 4w of each word's group); a missing group reads 0
+    if MASK_K:
+        return (tl.load(ptrs, mask=k_ok, other=0.0), tl.load(ptrs + HALF, mask=k_ok, other=0.0),
+                tl.load(ptrs + 1, mask=k_ok, other=0.0), tl.load(ptrs + (HALF + 1), mask=k_ok, other=0.0),
+                tl.load(ptrs + 2, mask=k_ok, other=0.0), tl.load(ptrs + (HALF + 2), mask=k_ok, other=0.0),
+                tl.load(ptrs + 3, mask=k_ok, other=0.0), tl.load(ptrs + (HALF + 3), mask=k_ok, other=0.0))
+    else:
+        return (tl.load(ptrs), tl.load(ptrs + HALF), tl.load(ptrs + 1), tl.load(ptrs + (HALF + 1)),
+                tl.load(ptrs + 2), tl.load(ptrs + (HALF + 2)), tl.load(ptrs + 3), tl.load(ptrs + (HALF + 3)))
 
 
 @triton.jit
@@ -651,24 +650,7 @@ def _gemv4_norm(g_ptrs, k_ok, rstd, HALF: tl.constexpr, MASK_K: tl.constexpr, x0
                 DT: tl.constexpr, INTERP: tl.constexpr):
     # the 8 x vectors of _gemv4_load through the RMSNorm (_rms1), with the norm weight read at the
     # same positions (masked like x: a missing group reads 0 and adds nothing)
-    if MASK_K:
-        g0 = tl.load(g_ptrs, mask=k_ok, other=0.0)
-        g1 = tl.load(g_ptrs + HALF, mask=k_ok, other=0.0)
-        g2 = tl.load(g_ptrs + 1, mask=k_ok, other=0.0)
-        g3 = tl.load(g_ptrs + (HALF + 1), mask=k_ok, other=0.0)
-        g4 = tl.load(g_ptrs + 2, mask=k_ok, other=0.0)
-        g5 = tl.load(g_ptrs + (HALF + 2), mask=k_ok, other=0.0)
-        g6 = tl.load(g_ptrs + 3, mask=k_ok, other=0.0)
-        g7 = tl.load(g_ptrs + (HALF + 3), mask=k_ok, other=0.0)
-    else:
-        g0 = tl.load(g_ptrs)
-        g1 = tl.load(g_ptrs + HALF)
-        g2 = tl.load(g_ptrs + 1)
-        g3 = tl.load(g_ptrs + (HALF + 1))
-        g4 = tl.load(g_ptrs + 2)
-        g5 = tl.load(g_ptrs + (HALF + 2))
-        g6 = tl.load(g_ptrs + 3)
-        g7 = tl.load(g_ptrs + (HALF + 3))
+    g0, g1, g2, g3, g4, g5, g6, g7 = _load8(g_ptrs, k_ok, HALF, MASK_K)
     return (_rms1(x0, g0, rstd, DT, INTERP), _rms1(x1, g1, rstd, DT, INTERP), _rms1(x2, g2, rstd, DT, INTERP),
             _rms1(x3, g3, rstd, DT, INTERP), _rms1(x4, g4, rstd, DT, INTERP), _rms1(x5, g5, rstd, DT, INTERP),
             _rms1(x6, g6, rstd, DT, INTERP), _rms1(x7, g7, rstd, DT, INTERP))
