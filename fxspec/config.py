@@ -179,9 +179,11 @@ class DecodeConfig(_Section):
     fuse_rope_cache: bool = _opt(True, doc="the rotary embedding of q/k and the KV-cache write before a decode "
                                  "attention are done inside its kernel (fxspec.decode_attention_rope)")
     fuse_norm: bool = _opt(True, doc="an RMSNorm (transformers' Llama form) feeding a decode GEMV is computed in "
-                           "the GEMV's prologue (fxspec.fused_linear; steps of at most 4 rows)")
+                           "the GEMV's prologue (fxspec.fused_linear, steps of at most 4 rows; quantized "
+                           "weights: fxspec.int8/int4/fp8_fused_linear, steps of 1 row)")
     fuse_epilogues: bool = _opt(True, doc="SiLU(gate) * up after a gate/up GEMV and the residual add after "
-                                "o_proj / down_proj are computed in the GEMV's epilogue (steps of at most 4 rows)")
+                                "o_proj / down_proj are computed in the GEMV's epilogue (the same ops and row "
+                                "limits as fuse_norm)")
     max_tokens: int = _opt(16, doc="apply where a step has at most this many query rows (batch x tokens)",
                            lo=1, hi=16)
     apply_on_cpu: bool = _opt(False, doc="also rewrite CPU graphs (the ops run their exact references "
