@@ -164,31 +164,42 @@ def _fused_rows_ok(x: torch.Tensor, K: int) -> bool:
     return _use_triton(x) and K > 0 and x.numel() // K <= FUSED_MAX_M
 
 
-@torch.library.custom_op("fxspec::int8_fused_linear", mutates_args=())
-def int8_fused_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-                      norm_weight: Optional[torch.Tensor], eps: float, epilogue: str,
-                      residual: Optional[torch.Tensor]) -> torch.Tensor:
-    """``[RMSNorm ->] int8_linear [-> silu_mul | + residual]`` (see the module docstring)."""
-    N, K = check_int8_linear_args(x, qweight, scale, None, "int8_fused_linear")
-    check_fused_edge_args("int8_fused_linear", x, N, K, norm_weight, eps, epilogue, residual)
-    return fused_edges_ref(lambda v: int8_linear_ref(v, qweight, scale), x, norm_weight, eps, epilogue, residual)
+def _check_fused(op: str, check, x, w_args: tuple, norm_weight, eps, epilogue, residual) -> tuple:
+    """Both argument checks of a *_fused_linear op: ``(N, K, n_out)``."""
+    N, K = check(x, *w_args, None, op)
+    return N, K, check_fused_edge_args(op, x, N, K, norm_weight, eps, epilogue, residual)
 
 
-@int8_fused_linear.register_kernel("cuda")
-def _int8_fused_linear_cuda(x, qweight, scale, norm_weight, eps, epilogue, residual):
-    N, K = check_int8_linear_args(x, qweight, scale, None, "int8_fused_linear")
-    check_fused_edge_args("int8_fused_linear", x, N, K, norm_weight, eps, epilogue, residual)
-    if _fused_rows_ok(x, K):
-        from .triton_kernels import int8_fused_linear_triton
-        return int8_fused_linear_triton(x, qweight, scale, norm_weight, eps, epilogue, residual)
-    return fused_edges_ref(lambda v: _int8_linear_cuda(v, qweight, scale), x, norm_weight, eps, epilogue, residual)
+def _per_channel_fused(fmt: str, check, ref, plain_cuda):
+    """``fxspec::{fmt}_fused_linear`` for the per-channel formats (int8, fp8: one [N] scale, the same
+    GEMV kernel); ``ref`` / ``plain_cuda``: the plain op's reference and CUDA implementation."""
+    op = f"{fmt}_fused_linear"
+
+    @torch.library.custom_op(f"fxspec::{op}", mutates_args=())
+    def fused(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, norm_weight: Optional[torch.Tensor],
+              eps: float, epilogue: str, residual: Optional[torch.Tensor]) -> torch.Tensor:
+        _check_fused(op, check, x, (qweight, scale), norm_weight, eps, epilogue, residual)
+        return fused_edges_ref(lambda v: ref(v, qweight, scale), x, norm_weight, eps, epilogue, residual)
+
+    @fused.register_kernel("cuda")
+    def _cuda(x, qweight, scale, norm_weight, eps, epilogue, residual):
+        _, K, _ = _check_fused(op, check, x, (qweight, scale), norm_weight, eps, epilogue, residual)
+        if _fused_rows_ok(x, K):
+            from . import triton_kernels
+            return getattr(triton_kernels, f"{op}_triton")(x, qweight, scale, norm_weight, eps, epilogue, residual)
+        return fused_edges_ref(lambda v: plain_cuda(v, qweight, scale), x, norm_weight, eps, epilogue, residual)
+
+    @fused.register_fake
+    def _fake(x, qweight, scale, norm_weight, eps, epilogue, residual):
+        *_, n_out = _check_fused(op, check, x, (qweight, scale), norm_weight, eps, epilogue, residual)
+        return x.new_empty(_out_shape(x, n_out))
+
+    fused.__doc__ = f"``[RMSNorm ->] {fmt}_linear [-> silu_mul | + residual]`` (see the module docstring)."
+    return fused
 
 
-@int8_fused_linear.register_fake
-def _int8_fused_linear_fake(x, qweight, scale, norm_weight, eps, epilogue, residual):
-    N, K = check_int8_linear_args(x, qweight, scale, None, "int8_fused_linear")
-    return x.new_empty(_out_shape(x, check_fused_edge_args("int8_fused_linear", x, N, K, norm_weight, eps,
-                                                           epilogue, residual)))
+int8_fused_linear = _per_channel_fused("int8", check_int8_linear_args, int8_linear_ref, _int8_linear_cuda)
+fp8_fused_linear = _per_channel_fused("fp8", check_fp8_linear_args, fp8_linear_ref, _fp8_linear_cuda)
 
 
 @torch.library.custom_op("fxspec::int4_fused_linear", mutates_args=())
@@ -196,16 +207,16 @@ def int4_fused_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
                       group_size: int, norm_weight: Optional[torch.Tensor], eps: float, epilogue: str,
                       residual: Optional[torch.Tensor]) -> torch.Tensor:
     """``[RMSNorm ->] int4_linear [-> silu_mul | + residual]`` (see the module docstring)."""
-    N, K = check_int4_linear_args(x, qweight, scales, zeros, group_size, None, "int4_fused_linear")
-    check_fused_edge_args("int4_fused_linear", x, N, K, norm_weight, eps, epilogue, residual)
+    _check_fused("int4_fused_linear", check_int4_linear_args, x, (qweight, scales, zeros, group_size),
+                 norm_weight, eps, epilogue, residual)
     return fused_edges_ref(lambda v: int4_linear_ref(v, qweight, scales, zeros, group_size), x, norm_weight, eps,
                            epilogue, residual)
 
 
 @int4_fused_linear.register_kernel("cuda")
 def _int4_fused_linear_cuda(x, qweight, scales, zeros, group_size, norm_weight, eps, epilogue, residual):
-    N, K = check_int4_linear_args(x, qweight, scales, zeros, group_size, None, "int4_fused_linear")
-    check_fused_edge_args("int4_fused_linear", x, N, K, norm_weight, eps, epilogue, residual)
+    _, K, _ = _check_fused("int4_fused_linear", check_int4_linear_args, x, (qweight, scales, zeros, group_size),
+                           norm_weight, eps, epilogue, residual)
     if _fused_rows_ok(x, K):
         from .triton_kernels import int4_fused_linear_triton
         return int4_fused_linear_triton(x, qweight, scales, zeros, group_size, norm_weight, eps, epilogue, residual)
@@ -215,33 +226,6 @@ def _int4_fused_linear_cuda(x, qweight, scales, zeros, group_size, norm_weight, 
 
 @int4_fused_linear.register_fake
 def _int4_fused_linear_fake(x, qweight, scales, zeros, group_size, norm_weight, eps, epilogue, residual):
-    N, K = check_int4_linear_args(x, qweight, scales, zeros, group_size, None, "int4_fused_linear")
-    return x.new_empty(_out_shape(x, check_fused_edge_args("int4_fused_linear", x, N, K, norm_weight, eps,
-                                                           epilogue, residual)))
-
-
-@torch.library.custom_op("fxspec::fp8_fused_linear", mutates_args=())
-def fp8_fused_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-                     norm_weight: Optional[torch.Tensor], eps: float, epilogue: str,
-                     residual: Optional[torch.Tensor]) -> torch.Tensor:
-    """``[RMSNorm ->] fp8_linear [-> silu_mul | + residual]`` (see the module docstring)."""
-    N, K = check_fp8_linear_args(x, qweight, scale, None, "fp8_fused_linear")
-    check_fused_edge_args("fp8_fused_linear", x, N, K, norm_weight, eps, epilogue, residual)
-    return fused_edges_ref(lambda v: fp8_linear_ref(v, qweight, scale), x, norm_weight, eps, epilogue, residual)
-
-
-@fp8_fused_linear.register_kernel("cuda")
-def _fp8_fused_linear_cuda(x, qweight, scale, norm_weight, eps, epilogue, residual):
-    N, K = check_fp8_linear_args(x, qweight, scale, None, "fp8_fused_linear")
-    check_fused_edge_args("fp8_fused_linear", x, N, K, norm_weight, eps, epilogue, residual)
-    if _fused_rows_ok(x, K):
-        from .triton_kernels import fp8_fused_linear_triton
-        return fp8_fused_linear_triton(x, qweight, scale, norm_weight, eps, epilogue, residual)
-    return fused_edges_ref(lambda v: _fp8_linear_cuda(v, qweight, scale), x, norm_weight, eps, epilogue, residual)
-
-
-@fp8_fused_linear.register_fake
-def _fp8_fused_linear_fake(x, qweight, scale, norm_weight, eps, epilogue, residual):
-    N, K = check_fp8_linear_args(x, qweight, scale, None, "fp8_fused_linear")
-    return x.new_empty(_out_shape(x, check_fused_edge_args("fp8_fused_linear", x, N, K, norm_weight, eps,
-                                                           epilogue, residual)))
+    *_, n_out = _check_fused("int4_fused_linear", check_int4_linear_args, x, (qweight, scales, zeros, group_size),
+                             norm_weight, eps, epilogue, residual)
+    return x.new_empty(_out_shape(x, n_out))

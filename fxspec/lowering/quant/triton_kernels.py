@@ -1206,6 +1206,22 @@ def _flatten(x: torch.Tensor, K: int) -> torch.Tensor:
     return x2
 
 
+def _rows_out(x: torch.Tensor, K: int, n_out: int) -> tuple:
+    """``(lead dims, x as [M, K] rows, M, the [M, n_out] output)`` of a launcher."""
+    x2 = _flatten(x, K)
+    M = x2.shape[0]
+    return x.shape[:-1], x2, M, torch.empty((M, n_out), dtype=x.dtype, device=x.device)
+
+
+def _asm_flag(op: str, use_asm: Optional[bool]) -> bool:
+    """The int4 kernels' PTX unpacking: on by default on the GPU, off (and refused) under the interpreter."""
+    if use_asm is None:
+        return not _interpret()
+    if use_asm and _interpret():
+        raise ValueError(f"{op}: use_asm=True cannot run under TRITON_INTERPRET=1")
+    return bool(use_asm)
+
+
 def _check_launch(op: str, x: torch.Tensor, tensors: dict) -> None:
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise TypeError(f"{op}: the Triton kernels take bfloat16/float16 activations, got {x.dtype} "
@@ -1276,21 +1292,15 @@ def int4_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     """
     N, K = check_int4_linear_args(x, qweight, scales, zeros, group_size, bias, "int4_linear")
     _check_launch("int4_linear", x, {"qweight": qweight, "scales": scales, "zeros": zeros})
-    lead = x.shape[:-1]
-    x2 = _flatten(x, K)
-    M = x2.shape[0]
-    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    lead, x2, M, out = _rows_out(x, K, N)
     if M == 0:
         return out.reshape(*lead, N)
     p = _pick_path("int4", M, path)
     if p == "dequant":
         w = _dequant4(qweight, scales, zeros, group_size, x.dtype, N, K)
         return torch.nn.functional.linear(x2, w, bias).reshape(*lead, N)
-    if use_asm is None:
-        use_asm = not _interpret()
-    if use_asm and _interpret():
-        raise ValueError("int4_linear: use_asm=True cannot run under TRITON_INTERPRET=1")
-    kw = dict(GROUP=group_size, HAS_ZERO=zeros is not None, USE_ASM=bool(use_asm))
+    use_asm = _asm_flag("int4_linear", use_asm)
+    kw = dict(GROUP=group_size, HAS_ZERO=zeros is not None, USE_ASM=use_asm)
     if p == "gemv":
         kernel = _gemv4_name(x, zeros)
         kw.update(_no_edges(x2))
@@ -1338,17 +1348,11 @@ def int4_fused_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: tor
     n_out = check_fused_edge_args("int4_fused_linear", x, N, K, norm_weight, eps, epilogue, residual)
     _check_launch("int4_fused_linear", x, {"qweight": qweight, "scales": scales, "zeros": zeros,
                                            "norm_weight": norm_weight})
-    lead = x.shape[:-1]
-    x2 = _flatten(x, K)
-    M = x2.shape[0]
-    out = torch.empty((M, n_out), dtype=x.dtype, device=x.device)
+    lead, x2, M, out = _rows_out(x, K, n_out)
     if M == 0:
         return out.reshape(*lead, n_out)
-    if use_asm is None:
-        use_asm = not _interpret()
-    if use_asm and _interpret():
-        raise ValueError("int4_fused_linear: use_asm=True cannot run under TRITON_INTERPRET=1")
-    kw = dict(GROUP=group_size, HAS_ZERO=zeros is not None, USE_ASM=bool(use_asm),
+    use_asm = _asm_flag("int4_fused_linear", use_asm)
+    kw = dict(GROUP=group_size, HAS_ZERO=zeros is not None, USE_ASM=use_asm,
               **_edges(x2, M, K, n_out, norm_weight, eps, epilogue, residual))
     _mm_launch(_gemv4_name(x, zeros), x2, (qweight.view(torch.int32), scales, zeros if zeros is not None else scales),
                kw, M, N, K, out, None, config)
@@ -1361,10 +1365,7 @@ def _int8_like(fmt: str, x, qweight, scale, bias, path, config):
     _check_launch(f"{fmt}_linear", x, {"qweight": qweight, "scale": scale})
     if scale.dtype != torch.float32:
         scale = scale.float()
-    lead = x.shape[:-1]
-    x2 = _flatten(x, K)
-    M = x2.shape[0]
-    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    lead, x2, M, out = _rows_out(x, K, N)
     if M == 0:
         return out.reshape(*lead, N)
     p = _pick_path(fmt, M, path)
@@ -1397,10 +1398,7 @@ def _int8_like_fused(fmt: str, x, qweight, scale, norm_weight, eps, epilogue, re
     N, K = check(x, qweight, scale, None, op)
     n_out = check_fused_edge_args(op, x, N, K, norm_weight, eps, epilogue, residual)
     _check_launch(op, x, {"qweight": qweight, "scale": scale, "norm_weight": norm_weight})
-    lead = x.shape[:-1]
-    x2 = _flatten(x, K)
-    M = x2.shape[0]
-    out = torch.empty((M, n_out), dtype=x.dtype, device=x.device)
+    lead, x2, M, out = _rows_out(x, K, n_out)
     if M == 0:
         return out.reshape(*lead, n_out)
     kw = dict(IS_FP8=fmt == "fp8", **_edges(x2, M, K, n_out, norm_weight, eps, epilogue, residual))
