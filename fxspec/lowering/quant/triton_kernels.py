@@ -497,10 +497,23 @@ def _gemv8_load(w_ptrs, x_ptrs, n_mask, offs_k, k0, K, EVEN_N: tl.constexpr, EVE
     return w, x
 
 
+# PRMT: the int8 bytes to their fp32 magic patterns four at a time in PTX -- one xor of the
+# 32-bit word with 0x80808080 (q + 128 in each byte), then per byte one prmt that puts the byte
+# under the exponent bits 0x4B (bits(2^23 + q + 128)); the generic form spends a zero-extension
+# and an xor per byte.  Same values as _int8_to_f32 (the FADD of -(2^23 + 128) follows).
+_ASM_INT8_MAGIC = tl.constexpr("{ .reg .b32 t, m; mov.b32 m, 0x4B000000; xor.b32 t, $4, 0x80808080; "
+                   "prmt.b32 $0, t, m, 0x7440; prmt.b32 $1, t, m, 0x7441; "
+                   "prmt.b32 $2, t, m, 0x7442; prmt.b32 $3, t, m, 0x7443; }")
+
+
 @triton.jit
-def _gemv8_deq(w, IS_FP8: tl.constexpr):
+def _gemv8_deq(w, IS_FP8: tl.constexpr, PRMT: tl.constexpr = False):
     if IS_FP8:
         return w.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    elif PRMT:
+        f = tl.inline_asm_elementwise(_ASM_INT8_MAGIC, "=r,=r,=r,=r,r", [w], dtype=tl.int32,
+                                      is_pure=True, pack=4)
+        return f.to(tl.float32, bitcast=True) - 8388736.0
     else:
         return _int8_to_f32(w)
 
@@ -512,7 +525,8 @@ def _gemv8_kernel(X, W, S, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr = False,
                   PDL: tl.constexpr = False, PF_BYTES: tl.constexpr = 0,
-                  NORM: tl.constexpr = False, EPI: tl.constexpr = 0, INTERP: tl.constexpr = False):
+                  NORM: tl.constexpr = False, EPI: tl.constexpr = 0, INTERP: tl.constexpr = False,
+                  PRMT: tl.constexpr = False):
     # NORM / EPI: the fused edges of the *_fused_linear ops (_edge_rows, _rms_row, _rms1 and
     # fxspec.lowering.dense.gemv._epilogue); off, the kernel is the plain GEMV.
     pid_m = tl.program_id(0)
@@ -541,7 +555,7 @@ def _gemv8_kernel(X, W, S, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
             if NORM:
                 x_cur = _rms1(x_cur, tl.load(NW + k0 + offs_k, mask=k0 + offs_k < K, other=0.0), rstd,
                               DT, INTERP)
-            acc += _gemv8_deq(w_cur, IS_FP8) * x_cur.to(tl.float32)[None, :]
+            acc += _gemv8_deq(w_cur, IS_FP8, PRMT) * x_cur.to(tl.float32)[None, :]
             w_cur = w_nxt
             x_cur = x_nxt
             w_ptrs += BLOCK_K
@@ -551,7 +565,7 @@ def _gemv8_kernel(X, W, S, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
             w, x = _gemv8_load(w_ptrs, x_ptrs, n_mask, offs_k, k0, K, EVEN_N, EVEN_K, False)
             if NORM:
                 x = _rms1(x, tl.load(NW + k0 + offs_k, mask=k0 + offs_k < K, other=0.0), rstd, DT, INTERP)
-            acc += _gemv8_deq(w, IS_FP8) * x.to(tl.float32)[None, :]
+            acc += _gemv8_deq(w, IS_FP8, PRMT) * x.to(tl.float32)[None, :]
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
     y = tl.sum(acc, axis=1) * tl.load(S + offs_n, mask=n_mask, other=0.0)

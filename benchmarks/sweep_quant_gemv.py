@@ -1,0 +1,249 @@
+"""Sweep: fixed configs of fxspec's decode GEMVs at M = 1, timed as the decode loop runs them (GPU only).
+
+``bench_quant_kernels.py`` times what the launcher picks (autotune).  Triton's autotuner times each
+config alone (``do_bench``: one launch at a time, L2 flushed), while a CUDA-graph decode loop runs the
+kernels back to back under programmatic dependent launch.  This script times a list of fixed configs
+of each GEMV in the graph-replay harness of ``bench_quant_kernels`` (rotating weight copies, so no
+call finds its weights in L2), next to, in the same run:
+
+  read_floor      the best of several configs of a Triton kernel that only reads the same number of
+                  bytes (sums them): what one launch of a pure read of this size reaches in this
+                  harness -- the practical ceiling for a weight-streaming GEMV of that size
+  copy            the device-to-device copy bandwidth (bytes read + written), the issue's yardstick
+  cublas_bf16, tinygemm_int4 (g128), and fxspec's autotuned launch (``auto``)
+
+Kernels: int4 g128 symmetric (``gemv4p``, bf16x2 partials), int8 and fp8 (``gemv8``).
+
+    PYTHONPATH=. FXSPEC_COMMIT=$(git rev-parse HEAD) python3 benchmarks/sweep_quant_gemv.py [--shapes 0,1]
+Writes $OUT/sweep_quant_gemv.json and .md when OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_quant_kernels as B  # noqa: E402  (timing harness, baselines)
+
+
+@triton.jit
+def _read_kernel(P, OUT, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    # reads ITERS blocks of BLOCK int32 words (all issued before any is used) and stores their sum
+    base = tl.program_id(0).to(tl.int64) * (BLOCK * ITERS)
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.int32)
+    for i in tl.static_range(ITERS):
+        o = base + i * BLOCK + offs
+        acc += tl.load(P + o, mask=o < n, other=0, eviction_policy="evict_first")
+    tl.store(OUT + tl.program_id(0), tl.sum(acc, axis=0))
+
+
+READ_CONFIGS = [(b, it, w) for b in (1024, 2048) for it in (2, 4, 8) for w in (4, 8)]
+
+
+def read_floor(nbytes: int, copy_bw: float, results: list, tag: str):
+    n = nbytes // 4
+    bufs = [torch.randint(0, 1 << 20, (n,), dtype=torch.int32, device="cuda") for _ in range(B.n_copies(nbytes))]
+    best = None
+    for block, iters, warps in READ_CONFIGS:
+        grid = (triton.cdiv(n, block * iters),)
+        out = torch.empty(grid[0], dtype=torch.int32, device="cuda")
+        calls = [lambda b=b: _read_kernel[grid](b, out, n, BLOCK=block, ITERS=iters, num_warps=warps) for b in bufs]
+        sec, _ = B.time_calls(calls, reps=10)
+        if best is None or sec < best[0]:
+            best = (sec, f"BLOCK={block} ITERS={iters} w{warps}")
+    sec, cfg = best
+    row = dict(method=f"read_floor_{tag}", us=sec * 1e6, weight_bytes=nbytes, GBps=nbytes / sec / 1e9,
+               frac_copy=nbytes / sec / copy_bw, config=cfg)
+    results.append(row)
+    B.log(f"    read floor {tag:5s} {nbytes/1e6:7.1f} MB {sec*1e6:8.2f} us {row['frac_copy']*100:5.1f}% copy  ({cfg})")
+    del bufs
+    return sec
+
+
+def _c(num_warps, **kw):
+    return dict(kw, num_warps=num_warps, num_stages=1)
+
+
+# int4 (gemv4p, PACKED=2 unless said): the shipped list, split-K targets around it, and programs
+# that own whole rows (SPLIT_TARGET=0: no split-K workspace, no counter, no second pass)
+INT4_CONFIGS = {
+    "bn32 k1024 st4 (list)": _c(4, BLOCK_N=32, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=4, PACKED=2),
+    "bn16 k1024 st5 (list)": _c(4, BLOCK_N=16, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=5, PACKED=2),
+    "bn32 k1024 st3 p1 (list)": _c(4, BLOCK_N=32, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=3, PACKED=1),
+    "bn32 k1024 st2": _c(4, BLOCK_N=32, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=2, PACKED=2),
+    "bn32 k1024 st8": _c(4, BLOCK_N=32, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=8, PACKED=2),
+    "bn16 k1024 st8": _c(4, BLOCK_N=16, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=8, PACKED=2),
+    "bn16 k512 st4": _c(4, BLOCK_N=16, BLOCK_M=1, BLOCK_K=512, SPLIT_TARGET=4, PACKED=2),
+    "bn32 k1024 nosplit": _c(4, BLOCK_N=32, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=0, PACKED=2),
+    "bn16 k1024 nosplit": _c(4, BLOCK_N=16, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=0, PACKED=2),
+    "bn16 k2048 nosplit": _c(4, BLOCK_N=16, BLOCK_M=1, BLOCK_K=2048, SPLIT_TARGET=0, PACKED=2),
+    "bn8 k2048 nosplit": _c(4, BLOCK_N=8, BLOCK_M=1, BLOCK_K=2048, SPLIT_TARGET=0, PACKED=2),
+    "bn8 k4096 nosplit": _c(4, BLOCK_N=8, BLOCK_M=1, BLOCK_K=4096, SPLIT_TARGET=0, PACKED=2),
+    "bn8 k4096 nosplit w8": _c(8, BLOCK_N=8, BLOCK_M=1, BLOCK_K=4096, SPLIT_TARGET=0, PACKED=2),
+    "bn4 k4096 nosplit": _c(4, BLOCK_N=4, BLOCK_M=1, BLOCK_K=4096, SPLIT_TARGET=0, PACKED=2),
+    "bn4 k4096 nosplit w2": _c(2, BLOCK_N=4, BLOCK_M=1, BLOCK_K=4096, SPLIT_TARGET=0, PACKED=2),
+    "bn8 k2048 st4": _c(4, BLOCK_N=8, BLOCK_M=1, BLOCK_K=2048, SPLIT_TARGET=4, PACKED=2),
+}
+
+# int8 / fp8 (gemv8): rows per program x K block x register double buffering; PRMT: the int8
+# bytes through the prmt-based magic (int8 only)
+GEMV8_CONFIGS = {}
+for _bn in (2, 4, 8, 16):
+    for _bk in (512, 1024, 2048):
+        if _bn * _bk > 16384:
+            continue
+        GEMV8_CONFIGS[f"bn{_bn} k{_bk}"] = _c(4, BLOCK_N=_bn, BLOCK_K=_bk)
+        GEMV8_CONFIGS[f"bn{_bn} k{_bk} pf"] = _c(4, BLOCK_N=_bn, BLOCK_K=_bk, PREFETCH=True)
+        GEMV8_CONFIGS[f"bn{_bn} k{_bk} prmt"] = _c(4, BLOCK_N=_bn, BLOCK_K=_bk, PRMT=True)
+GEMV8_CONFIGS["bn8 k1024 w8"] = _c(8, BLOCK_N=8, BLOCK_K=1024)
+GEMV8_CONFIGS["bn8 k1024 w2"] = _c(2, BLOCK_N=8, BLOCK_K=1024)
+GEMV8_CONFIGS["bn4 k1024 w2"] = _c(2, BLOCK_N=4, BLOCK_K=1024)
+
+
+def sweep_shape(Q, tk, N, K, copy_bw, results, budget_end):
+    dev = "cuda"
+    torch.manual_seed(N + K)
+    W = torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02
+    x = torch.randn(1, K, device=dev, dtype=torch.bfloat16)
+    q8 = Q.quantize_int8(W)
+    q4 = Q.quantize_int4(W, B.GROUP, symmetric=True)
+    qf = Q.quantize_fp8(W)
+    codes4 = Q.unpack_int4(q4.qweight, B.GROUP)
+    tg_packed, tg_sz = B.tinygemm_pack(codes4, q4.scales)
+    del codes4
+    nb = dict(bf16=2 * N * K, int8=q8.nbytes(), int4=q4.nbytes(), fp8=qf.nbytes(),
+              tinygemm=tg_packed.numel() * tg_packed.element_size() + tg_sz.numel() * tg_sz.element_size())
+    shape = dict(N=N, K=K, M=1)
+    rows = []
+
+    def add(method, kind, calls, **info):
+        try:
+            sec, how = B.time_calls(calls, reps=10)
+        except Exception as e:  # a config that does not compile / launch is recorded, not fatal
+            row = dict(shape, method=method, error=f"{type(e).__name__}: {e}"[:300], **info)
+            B.log(f"    {method:34s} ERROR {row['error'][:160]}")
+        else:
+            bw = nb[kind] / sec
+            row = dict(shape, method=method, us=sec * 1e6, weight_bytes=nb[kind], GBps=bw / 1e9,
+                       frac_copy=bw / copy_bw, timing=how, **info)
+            B.log(f"    {method:34s} {sec*1e6:8.2f} us {bw/copy_bw*100:5.1f}% copy")
+        rows.append(row)
+        results.append(row)
+
+    for kind in ("int4", "int8"):
+        tmp = []
+        read_floor(nb[kind], copy_bw, tmp, kind)
+        rows.append(dict(shape, **tmp[0]))
+        results.append(rows[-1])
+    # the PRMT int8 dequantization gives the generic one's bits (same fp32 values, same sums)
+    ref = tk.int8_linear_triton(x, q8.qweight, q8.scales, config=_c(4, BLOCK_N=8, BLOCK_K=1024))
+    alt = tk.int8_linear_triton(x, q8.qweight, q8.scales, config=_c(4, BLOCK_N=8, BLOCK_K=1024, PRMT=True))
+    same = bool(torch.equal(ref, alt))
+    results.append(dict(shape, method="check int8 prmt == generic (bitwise)", ok=same))
+    B.log(f"    check int8 prmt == generic (bitwise): {same}")
+    Ws = [W.clone() for _ in range(B.n_copies(nb["bf16"]))]
+    add("cublas_bf16", "bf16", [lambda w=w: torch.nn.functional.linear(x, w) for w in Ws])
+    del Ws
+    tgs = [(tg_packed.clone(), tg_sz.clone()) for _ in range(B.n_copies(nb["tinygemm"]))]
+    add("tinygemm_int4", "tinygemm",
+        [lambda p=p, s=s: torch.ops.aten._weight_int4pack_mm(x, p, B.GROUP, s) for p, s in tgs])
+    del tgs
+    q4s = [(q4.qweight.clone(), q4.scales.clone()) for _ in range(B.n_copies(nb["int4"]))]
+    add("int4 auto", "int4", [lambda q=q, s=s: tk.int4_linear_triton(x, q, s, None, B.GROUP) for q, s in q4s])
+    for name, cfg in INT4_CONFIGS.items():
+        if time.time() > budget_end:
+            B.log("    budget reached: int4 sweep cut")
+            break
+        add(f"int4 {name}", "int4",
+            [lambda q=q, s=s, c=cfg: tk.int4_linear_triton(x, q, s, None, B.GROUP, config=c) for q, s in q4s],
+            config=cfg)
+    del q4s
+    for fmt, qq, fn in (("int8", q8, tk.int8_linear_triton), ("fp8", qf, tk.fp8_linear_triton)):
+        qs = [(qq.qweight.clone(), qq.scales.clone()) for _ in range(B.n_copies(nb[fmt]))]
+        add(f"{fmt} auto", fmt, [lambda q=q, s=s: fn(x, q, s) for q, s in qs])
+        for name, cfg in GEMV8_CONFIGS.items():
+            if cfg.get("PRMT") and fmt != "int8":
+                continue
+            if time.time() > budget_end:
+                B.log(f"    budget reached: {fmt} sweep cut")
+                break
+            add(f"{fmt} {name}", fmt, [lambda q=q, s=s, c=cfg: fn(x, q, s, config=c) for q, s in qs], config=cfg)
+        del qs
+    torch.cuda.empty_cache()
+    return rows
+
+
+def summary(results, copy_bw) -> str:
+    by = {}
+    for r in results:
+        if "us" in r and "N" in r:
+            by.setdefault((r["N"], r["K"]), []).append(r)
+    lines = ["| N x K | read floor int4 / int8 (% copy) | cuBLAS bf16 % | tinygemm % | int4 auto % | best int4 config % | "
+             "int8 auto % | best int8 config % | fp8 auto % | best fp8 config % |", "|---|---|---:|---:|---:|---|---:|---|---:|---|"]
+    for (N, K), rs in by.items():
+        def get(m):
+            return next((r for r in rs if r["method"] == m), None)
+
+        def best(prefix):
+            c = [r for r in rs if r["method"].startswith(prefix) and not r["method"].endswith("auto")]
+            return min(c, key=lambda r: r["us"]) if c else None
+
+        def pc(r):
+            return f"{r['frac_copy']*100:.1f}" if r else "-"
+
+        def pb(r):
+            return f"{r['frac_copy']*100:.1f} ({r['method'].split(' ', 1)[1]}, {r['us']:.2f} us)" if r else "-"
+        lines.append(f"| {N}x{K} | {pc(get('read_floor_int4'))} / {pc(get('read_floor_int8'))} | {pc(get('cublas_bf16'))} | "
+                     f"{pc(get('tinygemm_int4'))} | {pc(get('int4 auto'))} | {pb(best('int4 '))} | {pc(get('int8 auto'))} | "
+                     f"{pb(best('int8 '))} | {pc(get('fp8 auto'))} | {pb(best('fp8 '))} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="all")
+    ap.add_argument("--budget-s", type=float, default=330)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("sweep_quant_gemv: needs a CUDA GPU")
+    import fxspec.lowering.quant as Q
+    from fxspec.lowering.quant import triton_kernels as tk
+    t0 = time.time()
+    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                commit=os.environ.get("FXSPEC_COMMIT") or B._git_head() or "unknown")
+    B.log("meta", json.dumps(meta))
+    copy_bw = B.copy_bandwidth()
+    B.log(f"copy bandwidth (read+write): {copy_bw/1e12:.3f} TB/s")
+    shapes = B.SHAPES if args.shapes == "all" else [B.SHAPES[int(i)] for i in args.shapes.split(",")]
+    results = []
+    out = os.environ.get("OUT")
+    for N, K in shapes:
+        if time.time() - t0 > args.budget_s - 10:
+            B.log(f"budget reached; skipping {N}x{K}")
+            continue
+        B.log(f"shape {N}x{K} ({time.time()-t0:.0f}s)")
+        sweep_shape(Q, tk, N, K, copy_bw, results, t0 + args.budget_s)
+        if out:
+            with open(os.path.join(out, "sweep_quant_gemv.json"), "w") as f:
+                json.dump(dict(meta=meta, copy_bw=copy_bw, results=results), f, indent=1)
+    md = summary(results, copy_bw)
+    B.log(md)
+    if out:
+        with open(os.path.join(out, "sweep_quant_gemv.md"), "w") as f:
+            f.write(f"meta: {json.dumps(meta)}\n\ncopy bandwidth {copy_bw/1e12:.3f} TB/s\n\n{md}\n")
+    B.log(f"total {time.time()-t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
