@@ -74,40 +74,43 @@ def _c(num_warps, **kw):
     return dict(kw, num_warps=num_warps, num_stages=1)
 
 
-# int4 (gemv4p, PACKED=2 unless said): the shipped list, split-K targets around it, and programs
-# that own whole rows (SPLIT_TARGET=0: no split-K workspace, no counter, no second pass)
+# int4 (gemv4p, PACKED=2): the shipped list (_GEMV4_PACKED, "(list)"), split-K targets around it,
+# programs that own whole rows (SPLIT_TARGET=0: no split-K workspace, no counter, no second pass), and
+# register double buffering (pf: the next K block's loads issued before this one is multiplied)
+def _int4(bn, bk, st, warps=4, **kw):
+    return _c(warps, BLOCK_N=bn, BLOCK_M=1, BLOCK_K=bk, SPLIT_TARGET=st, PACKED=2, **kw)
+
+
 INT4_CONFIGS = {
-    "bn32 k1024 st4 (list)": _c(4, BLOCK_N=32, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=4, PACKED=2),
-    "bn16 k1024 st5 (list)": _c(4, BLOCK_N=16, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=5, PACKED=2),
-    "bn32 k1024 st3 p1 (list)": _c(4, BLOCK_N=32, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=3, PACKED=1),
-    "bn32 k1024 st2": _c(4, BLOCK_N=32, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=2, PACKED=2),
-    "bn32 k1024 st8": _c(4, BLOCK_N=32, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=8, PACKED=2),
-    "bn16 k1024 st8": _c(4, BLOCK_N=16, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=8, PACKED=2),
-    "bn16 k512 st4": _c(4, BLOCK_N=16, BLOCK_M=1, BLOCK_K=512, SPLIT_TARGET=4, PACKED=2),
-    "bn32 k1024 nosplit": _c(4, BLOCK_N=32, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=0, PACKED=2),
-    "bn16 k1024 nosplit": _c(4, BLOCK_N=16, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=0, PACKED=2),
-    "bn16 k2048 nosplit": _c(4, BLOCK_N=16, BLOCK_M=1, BLOCK_K=2048, SPLIT_TARGET=0, PACKED=2),
-    "bn8 k2048 nosplit": _c(4, BLOCK_N=8, BLOCK_M=1, BLOCK_K=2048, SPLIT_TARGET=0, PACKED=2),
-    "bn8 k4096 nosplit": _c(4, BLOCK_N=8, BLOCK_M=1, BLOCK_K=4096, SPLIT_TARGET=0, PACKED=2),
-    "bn8 k4096 nosplit w8": _c(8, BLOCK_N=8, BLOCK_M=1, BLOCK_K=4096, SPLIT_TARGET=0, PACKED=2),
-    "bn4 k4096 nosplit": _c(4, BLOCK_N=4, BLOCK_M=1, BLOCK_K=4096, SPLIT_TARGET=0, PACKED=2),
-    "bn4 k4096 nosplit w2": _c(2, BLOCK_N=4, BLOCK_M=1, BLOCK_K=4096, SPLIT_TARGET=0, PACKED=2),
-    "bn8 k2048 st4": _c(4, BLOCK_N=8, BLOCK_M=1, BLOCK_K=2048, SPLIT_TARGET=4, PACKED=2),
+    "bn32 k1024 st4 (list)": _int4(32, 1024, 4),
+    "bn16 k1024 st5 (list)": _int4(16, 1024, 5),
+    "bn32 k1024 nosplit (list)": _int4(32, 1024, 0),
+    "bn16 k1024 st8 (list)": _int4(16, 1024, 8),
+    "bn16 k2048 nosplit (list)": _int4(16, 2048, 0),
+    "bn8 k2048 nosplit (list)": _int4(8, 2048, 0),
+    "bn32 k1024 st2": _int4(32, 1024, 2),
+    "bn16 k1024 nosplit": _int4(16, 1024, 0),
+    "bn8 k4096 nosplit": _int4(8, 4096, 0),
+    "bn4 k4096 nosplit": _int4(4, 4096, 0),
+    "bn8 k2048 st4": _int4(8, 2048, 4),
+    "bn16 k1024 st8 pf": _int4(16, 1024, 8, PREFETCH=True),
+    "bn16 k1024 nosplit pf": _int4(16, 1024, 0, PREFETCH=True),
+    "bn8 k2048 nosplit pf": _int4(8, 2048, 0, PREFETCH=True),
+    "bn32 k1024 nosplit pf": _int4(32, 1024, 0, PREFETCH=True),
 }
 
-# int8 / fp8 (gemv8): rows per program x K block x register double buffering; PRMT: the int8
-# bytes through the prmt-based magic (int8 only)
+# int8 / fp8 (gemv8): rows per program x K block x warps; int8 with the PTX byte conversion (PRMT,
+# the launcher's default, use_asm=True) and, for the tiles that led before, the generic one ("generic")
 GEMV8_CONFIGS = {}
 for _bn in (2, 4, 8, 16):
     for _bk in (512, 1024, 2048):
         if _bn * _bk > 16384:
             continue
         GEMV8_CONFIGS[f"bn{_bn} k{_bk}"] = _c(4, BLOCK_N=_bn, BLOCK_K=_bk)
-        GEMV8_CONFIGS[f"bn{_bn} k{_bk} pf"] = _c(4, BLOCK_N=_bn, BLOCK_K=_bk, PREFETCH=True)
-        GEMV8_CONFIGS[f"bn{_bn} k{_bk} prmt"] = _c(4, BLOCK_N=_bn, BLOCK_K=_bk, PRMT=True)
 GEMV8_CONFIGS["bn8 k1024 w8"] = _c(8, BLOCK_N=8, BLOCK_K=1024)
 GEMV8_CONFIGS["bn8 k1024 w2"] = _c(2, BLOCK_N=8, BLOCK_K=1024)
 GEMV8_CONFIGS["bn4 k1024 w2"] = _c(2, BLOCK_N=4, BLOCK_K=1024)
+GENERIC8 = ("bn4 k1024", "bn8 k512", "bn8 k1024")
 
 
 def sweep_shape(Q, tk, N, K, copy_bw, results, budget_end):
@@ -146,8 +149,8 @@ def sweep_shape(Q, tk, N, K, copy_bw, results, budget_end):
         rows.append(dict(shape, **tmp[0]))
         results.append(rows[-1])
     # the PRMT int8 dequantization gives the generic one's bits (same fp32 values, same sums)
-    ref = tk.int8_linear_triton(x, q8.qweight, q8.scales, config=_c(4, BLOCK_N=8, BLOCK_K=1024))
-    alt = tk.int8_linear_triton(x, q8.qweight, q8.scales, config=_c(4, BLOCK_N=8, BLOCK_K=1024, PRMT=True))
+    ref = tk.int8_linear_triton(x, q8.qweight, q8.scales, config=_c(4, BLOCK_N=8, BLOCK_K=1024), use_asm=False)
+    alt = tk.int8_linear_triton(x, q8.qweight, q8.scales, config=_c(4, BLOCK_N=8, BLOCK_K=1024), use_asm=True)
     same = bool(torch.equal(ref, alt))
     results.append(dict(shape, method="check int8 prmt == generic (bitwise)", ok=same))
     B.log(f"    check int8 prmt == generic (bitwise): {same}")
@@ -171,13 +174,15 @@ def sweep_shape(Q, tk, N, K, copy_bw, results, budget_end):
     for fmt, qq, fn in (("int8", q8, tk.int8_linear_triton), ("fp8", qf, tk.fp8_linear_triton)):
         qs = [(qq.qweight.clone(), qq.scales.clone()) for _ in range(B.n_copies(nb[fmt]))]
         add(f"{fmt} auto", fmt, [lambda q=q, s=s: fn(x, q, s) for q, s in qs])
-        for name, cfg in GEMV8_CONFIGS.items():
-            if cfg.get("PRMT") and fmt != "int8":
-                continue
+        runs = [(name, cfg, {}) for name, cfg in GEMV8_CONFIGS.items()]
+        if fmt == "int8":
+            runs += [(f"{name} generic", GEMV8_CONFIGS[name], dict(use_asm=False)) for name in GENERIC8]
+        for name, cfg, extra in runs:
             if time.time() > budget_end:
                 B.log(f"    budget reached: {fmt} sweep cut")
                 break
-            add(f"{fmt} {name}", fmt, [lambda q=q, s=s, c=cfg: fn(x, q, s, config=c) for q, s in qs], config=cfg)
+            add(f"{fmt} {name}", fmt, [lambda q=q, s=s, c=cfg, e=extra: fn(x, q, s, config=c, **e) for q, s in qs],
+                config=cfg, **extra)
         del qs
     torch.cuda.empty_cache()
     return rows

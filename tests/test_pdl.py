@@ -85,10 +85,10 @@ def _kernels():
                       True),
         "gemv8": (tk._gemv8_kernel, dict(X=bf, W="*u8", S="*fp32", B=bf, Y=bf, NW=bf, R=bf), ("inv_k", "eps"),
                   dict(IS_FP8=False, HAS_BIAS=False, BLOCK_N=8, BLOCK_K=1024, EVEN_N=True, EVEN_K=True,
-                       PREFETCH=True), True),
+                       PRMT=True), True),
         "gemv8_fused": (tk._gemv8_kernel, dict(X=bf, W="*u8", S="*fp32", B=bf, Y=bf, NW=bf, R=bf), ("inv_k", "eps"),
                         dict(IS_FP8=False, HAS_BIAS=False, BLOCK_N=8, BLOCK_K=1024, EVEN_N=True, EVEN_K=True,
-                             PREFETCH=True, NORM=True, EPI=1, INTERP=False), True),
+                             PRMT=True, NORM=True, EPI=1, INTERP=False), True),
         "gemv4": (tk._gemv4_kernel,
                   dict(X=bf, W="*i32", S=bf, Z=bf, B=bf, Y=bf, WS="*fp32", CNT="*i32", NW=bf, R=bf), ("inv_k", "eps"),
                   dict(GROUP=128, HAS_ZERO=False, HAS_BIAS=False, X_BF16=True, USE_ASM=True, DOT_F32=False,
@@ -175,6 +175,18 @@ def test_ptx_phases(kernels, name):
     # and PDL off compiles the phases away
     off = _ptx(kernel, ptrs, floats, consts, False)
     assert "griddepcontrol" not in off and "prefetch.global.L2" not in off
+
+
+def test_gemv8_prmt_ptx(kernels):
+    """The int8 GEMV's PRMT byte conversion (the launcher's default on the GPU) is in the PTX: one
+    asm block per 32-bit weight word (BLOCK_N 8 x BLOCK_K 1024 bytes over 128 threads = 16 words a
+    thread per K step), and the generic path has no prmt at all."""
+    kernel, ptrs, floats, consts, _ = kernels["gemv8"]
+    on = _ptx(kernel, ptrs, floats, dict(consts, PRMT=True), False)
+    off = _ptx(kernel, ptrs, floats, dict(consts, PRMT=False), False)
+    on, off = on[on.index(".entry"):], off[off.index(".entry"):]
+    assert on.count("0x4B000000") == 16 and on.count("prmt.b32") >= 64
+    assert "prmt.b32" not in off and "0x4B000000" not in off
 
 
 # ------------------------------------------------------------------------------- GPU: the chains

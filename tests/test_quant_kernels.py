@@ -308,7 +308,12 @@ def _interp_cases():
                 (2, 40, 1024, 128, False, dict(BLOCK_N=4, BLOCK_M=1, BLOCK_K=512, num_warps=1)),
                 # FOLD (magic terms subtracted per word): masked last block (640 = 2.5 x 256), split-K
                 (3, 37, 640, 32, False, dict(BLOCK_N=16, BLOCK_M=1, BLOCK_K=256, FOLD=True)),
-                (1, 43, 1536, 64, True, dict(BLOCK_N=8, BLOCK_M=1, BLOCK_K=256, SPLIT_K=2, FOLD=True))]:
+                (1, 43, 1536, 64, True, dict(BLOCK_N=8, BLOCK_M=1, BLOCK_K=256, SPLIT_K=2, FOLD=True)),
+                # PREFETCH (next block's loads issued first): masked last block, splits of 3 blocks
+                # and of one block (the prefetch re-reads the block itself)
+                (3, 37, 640, 32, False, dict(BLOCK_N=16, BLOCK_M=1, BLOCK_K=256, PREFETCH=True)),
+                (1, 43, 1536, 64, True, dict(BLOCK_N=8, BLOCK_M=1, BLOCK_K=256, SPLIT_K=2, PREFETCH=True)),
+                (1, 43, 768, 64, True, dict(BLOCK_N=8, BLOCK_M=1, BLOCK_K=256, SPLIT_K=3, PREFETCH=True))]:
             cases.append(dict(fmt="int4", dt=dt, M=M, N=N, K=K, G=G, sym=sym, path="gemv", cfg=cfg, bias=M == 3))
         for fmt in ("int8", "fp8"):
             for (M, N, K) in [(1, 48, 64), (3, 40, 100), (17, 40, 256)]:
@@ -330,7 +335,9 @@ def _interp_cases():
             (3, 40, 768, 32, True, "bfloat16", dict(BLOCK_N=16, BLOCK_M=1, BLOCK_K=256, SPLIT_K=2, PACKED=2)),
             (1, 64, 2048, 128, True, "bfloat16", dict(BLOCK_N=32, BLOCK_M=1, BLOCK_K=1024, PACKED=2)),
             (1, 37, 640, 32, False, "bfloat16", dict(BLOCK_N=16, BLOCK_M=1, BLOCK_K=256, PACKED=2)),
-            (1, 45, 512, 128, True, "float16", dict(BLOCK_N=16, BLOCK_M=1, BLOCK_K=256, PACKED=2))]:
+            (1, 45, 512, 128, True, "float16", dict(BLOCK_N=16, BLOCK_M=1, BLOCK_K=256, PACKED=2)),
+            (2, 37, 640, 64, True, "bfloat16", dict(BLOCK_N=8, BLOCK_M=1, BLOCK_K=256, SPLIT_K=2, PACKED=2,
+                                                   PREFETCH=True))]:
         cases.append(dict(fmt="int4", dt=dt, M=M, N=N, K=K, G=G, sym=sym, path="gemv", cfg=cfg, bias=M == 3,
                           packed=cfg["PACKED"] if (sym and dt == "bfloat16") else 0))
     cases.append(dict(fmt="int8", dt="bfloat16", M=0, N=40, K=128, path="mma", cfg=None, bias=False))
@@ -427,12 +434,14 @@ def _interp_main():
     # launcher errors that only make sense in interpreter mode
     x = torch.randn(1, 64, dtype=torch.bfloat16)
     q4 = Q.quantize_int4(torch.randn(16, 64), 32, dtype=torch.bfloat16)
+    q8 = Q.quantize_int8(torch.randn(16, 64).to(torch.bfloat16))
     checks = {}
     for name, fn, exc in [
         ("asm_under_interpreter", lambda: tk.int4_linear_triton(x, q4.qweight, q4.scales, None, 32, use_asm=True), ValueError),
         ("fp32_activations", lambda: tk.int4_linear_triton(x.float(), q4.qweight, q4.scales, None, 32), TypeError),
         ("unknown_path", lambda: tk.int4_linear_triton(x, q4.qweight, q4.scales, None, 32, path="gemv4"), ValueError),
         ("noncontiguous_weight", lambda: tk.int4_linear_triton(x, q4.qweight.t().contiguous().t(), q4.scales, None, 32), ValueError),
+        ("int8_asm_under_interpreter", lambda: tk.int8_linear_triton(x, q8.qweight, q8.scales, use_asm=True), ValueError),
     ]:
         try:
             fn()
@@ -574,6 +583,31 @@ def test_gpu_int4_packed_gemv(N, K):
         assert torch.equal(y, ye), (cfg, rel_err(y, ye), int((y != ye).sum()))
         assert torch.equal(y, tk.int4_linear_triton(x, qw.qweight, qw.scales, None, 128, b, path="gemv",
                                                     config=cfg))  # deterministic split-K
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("N,K", [(4096, 4096), (28672, 8192), (1000, 1000)])
+def test_gpu_int8_prmt_bitwise(N, K):
+    """The int8 GEMV's PTX byte conversion (PRMT, default on the GPU) gives the generic path's output
+    bits for every config of the list, plain and fused (norm + residual), M = 1 and 3."""
+    from fxspec.lowering.quant import triton_kernels as tk
+    torch.manual_seed(N + K)
+    qw = Q.quantize_int8((torch.randn(N, K, device="cuda") * 0.02).to(torch.bfloat16))
+    nw = torch.rand(K, device="cuda", dtype=torch.bfloat16) + 0.5
+    for M in (1, 3):
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        res = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+        ref = Q.int8_linear_ref(x, qw.qweight, qw.scales)
+        for c in tk._GEMV8:
+            cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+            ys = [tk.int8_linear_triton(x, qw.qweight, qw.scales, path="gemv", config=cfg, use_asm=a)
+                  for a in (True, False)]
+            assert torch.equal(ys[0], ys[1]), (cfg, M)
+            assert rel_err(ys[0], ref) < 1e-2, (cfg, M)
+            fs = [tk.int8_fused_linear_triton(x, qw.qweight, qw.scales, nw, 1e-5, "residual", res, config=cfg,
+                                              use_asm=a) for a in (True, False)]
+            assert torch.equal(fs[0], fs[1]), (cfg, M, "fused")
 
 
 if __name__ == "__main__":

@@ -474,22 +474,15 @@ def _rms1(xv, g, rstd, DT: tl.constexpr, INTERP: tl.constexpr):
 
 
 @triton.jit
-def _gemv8_load(w_ptrs, x_ptrs, n_mask, offs_k, k0, K, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                GUARD: tl.constexpr):
+def _gemv8_load(w_ptrs, x_ptrs, n_mask, offs_k, k0, K, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
     # tile [BLOCK_N, BLOCK_K] of weight bytes + the matching x chunk; rows past N and columns
-    # past K read as 0.  EVEN_K: columns need no mask; GUARD adds the whole-tile bound k0 < K
-    # (a prefetch past the end), a mask constant along K that keeps the 16-byte vector loads.
+    # past K read as 0.  EVEN_K: columns need no mask (16-byte vector loads).
     if EVEN_K:
-        if GUARD:
-            k_ok = (tl.full(offs_k.shape, 0, tl.int32) + k0) < K  # splat: constant along K
-            w = tl.load(w_ptrs, mask=n_mask[:, None] & k_ok[None, :], other=0, eviction_policy="evict_first")
-            x = tl.load(x_ptrs, mask=k_ok, other=0.0)
+        if EVEN_N:
+            w = tl.load(w_ptrs, eviction_policy="evict_first")
         else:
-            if EVEN_N:
-                w = tl.load(w_ptrs, eviction_policy="evict_first")
-            else:
-                w = tl.load(w_ptrs, mask=n_mask[:, None], other=0, eviction_policy="evict_first")
-            x = tl.load(x_ptrs)
+            w = tl.load(w_ptrs, mask=n_mask[:, None], other=0, eviction_policy="evict_first")
+        x = tl.load(x_ptrs)
     else:
         k_mask = k0 + offs_k < K
         w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0, eviction_policy="evict_first")
@@ -523,7 +516,7 @@ def _gemv8_kernel(X, W, S, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
                   NW, R, stride_rm, inv_k, eps,
                   IS_FP8: tl.constexpr, HAS_BIAS: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr = False,
+                  EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
                   PDL: tl.constexpr = False, PF_BYTES: tl.constexpr = 0,
                   NORM: tl.constexpr = False, EPI: tl.constexpr = 0, INTERP: tl.constexpr = False,
                   PRMT: tl.constexpr = False):
@@ -545,29 +538,15 @@ def _gemv8_kernel(X, W, S, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
     if NORM:
         rstd = _rms_row(x_row, K, inv_k, eps, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    if PREFETCH:
-        # register double buffering: the next tile's loads are in flight while this one is
-        # multiplied, so a program has two tiles of weights outstanding (helps short K loops)
-        w_cur, x_cur = _gemv8_load(w_ptrs, x_ptrs, n_mask, offs_k, 0, K, EVEN_N, EVEN_K, True)
-        for k0 in range(0, K, BLOCK_K):
-            w_nxt, x_nxt = _gemv8_load(w_ptrs + BLOCK_K, x_ptrs + BLOCK_K, n_mask, offs_k, k0 + BLOCK_K, K,
-                                       EVEN_N, EVEN_K, True)
-            if NORM:
-                x_cur = _rms1(x_cur, tl.load(NW + k0 + offs_k, mask=k0 + offs_k < K, other=0.0), rstd,
-                              DT, INTERP)
-            acc += _gemv8_deq(w_cur, IS_FP8, PRMT) * x_cur.to(tl.float32)[None, :]
-            w_cur = w_nxt
-            x_cur = x_nxt
-            w_ptrs += BLOCK_K
-            x_ptrs += BLOCK_K
-    else:
-        for k0 in range(0, K, BLOCK_K):
-            w, x = _gemv8_load(w_ptrs, x_ptrs, n_mask, offs_k, k0, K, EVEN_N, EVEN_K, False)
-            if NORM:
-                x = _rms1(x, tl.load(NW + k0 + offs_k, mask=k0 + offs_k < K, other=0.0), rstd, DT, INTERP)
-            acc += _gemv8_deq(w, IS_FP8, PRMT) * x.to(tl.float32)[None, :]
-            w_ptrs += BLOCK_K
-            x_ptrs += BLOCK_K
+    # (a register double-buffered variant -- the next tile's loads issued before this one is used --
+    # was slower on the H200 at every listed tile, fp8 up to 3x: removed, see the _GEMV8 notes)
+    for k0 in range(0, K, BLOCK_K):
+        w, x = _gemv8_load(w_ptrs, x_ptrs, n_mask, offs_k, k0, K, EVEN_N, EVEN_K)
+        if NORM:
+            x = _rms1(x, tl.load(NW + k0 + offs_k, mask=k0 + offs_k < K, other=0.0), rstd, DT, INTERP)
+        acc += _gemv8_deq(w, IS_FP8, PRMT) * x.to(tl.float32)[None, :]
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
     y = tl.sum(acc, axis=1) * tl.load(S + offs_n, mask=n_mask, other=0.0)
     if HAS_BIAS:
         y += tl.load(B + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -858,7 +837,8 @@ def _gemv4_kernel(X, W, S, Z, B, Y, WS, CNT,
                   GROUP_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_G: tl.constexpr,
                   SPLIT_TARGET: tl.constexpr = 0, FOLD: tl.constexpr = False,
                   PDL: tl.constexpr = False, PF_BYTES: tl.constexpr = 0, PACKED: tl.constexpr = 0,
-                  NORM: tl.constexpr = False, EPI: tl.constexpr = 0, INTERP: tl.constexpr = False):
+                  NORM: tl.constexpr = False, EPI: tl.constexpr = 0, INTERP: tl.constexpr = False,
+                  PREFETCH: tl.constexpr = False):
     # W: the uint8 codes read as int32 words ([N, K/8], stride_wn in words).  The tile is 2-D
     # [BLOCK_N, BLOCK_K/8 words] (groups flattened into the word axis) so that Triton's layout
     # puts a thread's 16-byte vectors of several rows on the same words: the x vectors and
@@ -903,22 +883,49 @@ def _gemv4_kernel(X, W, S, Z, B, Y, WS, CNT,
     if NORM:
         rstd = _rms_row(x_row, K, inv_k, eps, 1024)
     acc = tl.zeros([BLOCK_N, WB // (PK if PK > 0 else 1)], dtype=tl.float32)
-    for kb in range(kb_lo, kb_hi):
-        k_ok = kb * GPB + grp < num_groups
+    if PREFETCH:
+        # register double buffering: block kb + 1's loads are issued before block kb is multiplied;
+        # the last block re-reads itself (an L1 hit, discarded) instead of masking every load
+        k_ok = kb_lo * GPB + grp < num_groups
         w, s, z, x0, x1, x2, x3, x4, x5, x6, x7 = _gemv4_load(
             w_ptrs, x_ptrs, s_ptrs, z_ptrs, n_mask, k_ok, HALF, not EVEN_N, not EVEN_G, HAS_ZERO)
-        if NORM:
-            x0, x1, x2, x3, x4, x5, x6, x7 = _gemv4_norm(g_ptrs, k_ok, rstd, HALF, not EVEN_G, x0, x1, x2, x3,
-                                                         x4, x5, x6, x7, X.dtype.element_ty, INTERP)
-            g_ptrs += BLOCK_K
-        if PK > 0:
-            acc += _gemv4_dot_packed(w, s, x0, x1, x2, x3, x4, x5, x6, x7, USE_ASM, PK)
-        else:
-            acc += _gemv4_dot(w, s, z, x0, x1, x2, x3, x4, x5, x6, x7, HAS_ZERO, USE_ASM, FOLD)
-        w_ptrs += WB
-        x_ptrs += BLOCK_K
-        s_ptrs += GPB * N
-        z_ptrs += GPB * N
+        for kb in range(kb_lo, kb_hi):
+            nxt = (kb + 1 < kb_hi).to(tl.int32)
+            nk_ok = (kb + nxt) * GPB + grp < num_groups
+            wn, sn, zn, y0, y1, y2, y3, y4, y5, y6, y7 = _gemv4_load(
+                w_ptrs + nxt * WB, x_ptrs + nxt * BLOCK_K, s_ptrs + nxt * (GPB * N), z_ptrs + nxt * (GPB * N),
+                n_mask, nk_ok, HALF, not EVEN_N, not EVEN_G, HAS_ZERO)
+            if NORM:
+                x0, x1, x2, x3, x4, x5, x6, x7 = _gemv4_norm(g_ptrs, k_ok, rstd, HALF, not EVEN_G, x0, x1, x2,
+                                                             x3, x4, x5, x6, x7, X.dtype.element_ty, INTERP)
+                g_ptrs += BLOCK_K
+            if PK > 0:
+                acc += _gemv4_dot_packed(w, s, x0, x1, x2, x3, x4, x5, x6, x7, USE_ASM, PK)
+            else:
+                acc += _gemv4_dot(w, s, z, x0, x1, x2, x3, x4, x5, x6, x7, HAS_ZERO, USE_ASM, FOLD)
+            w, s, z, k_ok = wn, sn, zn, nk_ok
+            x0, x1, x2, x3, x4, x5, x6, x7 = y0, y1, y2, y3, y4, y5, y6, y7
+            w_ptrs += WB
+            x_ptrs += BLOCK_K
+            s_ptrs += GPB * N
+            z_ptrs += GPB * N
+    else:
+        for kb in range(kb_lo, kb_hi):
+            k_ok = kb * GPB + grp < num_groups
+            w, s, z, x0, x1, x2, x3, x4, x5, x6, x7 = _gemv4_load(
+                w_ptrs, x_ptrs, s_ptrs, z_ptrs, n_mask, k_ok, HALF, not EVEN_N, not EVEN_G, HAS_ZERO)
+            if NORM:
+                x0, x1, x2, x3, x4, x5, x6, x7 = _gemv4_norm(g_ptrs, k_ok, rstd, HALF, not EVEN_G, x0, x1, x2,
+                                                             x3, x4, x5, x6, x7, X.dtype.element_ty, INTERP)
+                g_ptrs += BLOCK_K
+            if PK > 0:
+                acc += _gemv4_dot_packed(w, s, x0, x1, x2, x3, x4, x5, x6, x7, USE_ASM, PK)
+            else:
+                acc += _gemv4_dot(w, s, z, x0, x1, x2, x3, x4, x5, x6, x7, HAS_ZERO, USE_ASM, FOLD)
+            w_ptrs += WB
+            x_ptrs += BLOCK_K
+            s_ptrs += GPB * N
+            z_ptrs += GPB * N
     y = tl.sum(acc, axis=1)
     if NORM or EPI != 0:
         tl.static_assert(BLOCK_M == 1, "the fused edges take one row of x per program")
@@ -1011,15 +1018,19 @@ _MM8_PREFILL = [
     _cfg(4, 4, BLOCK_N=128, BLOCK_M=64, BLOCK_K=64),
     _cfg(8, 3, BLOCK_N=256, BLOCK_M=128, BLOCK_K=64),
 ]
-# v1 autotune picked BLOCK_N=8 with BLOCK_K=1024 (512 at 14336x4096): 82-97% of copy BW on the
-# large shapes, 61% at 4096x4096; PREFETCH variants added in v2 for the short-K-loop case.
+# int8 / fp8 GEMV.  H200 sweep (2026-12-02, benchmarks/results/sweep_quant_gemv_h200_run1.md: fixed
+# configs timed as the decode loop runs them, CUDA graph + PDL, weights out of L2), M = 1, % of copy
+# bandwidth: int8 with the PRMT dequantization (the launcher's default on the GPU), BLOCK_N = 4 /
+# BLOCK_K = 1024 best on three shapes (58.2 at 4096x4096, 81.1 at 4096x14336, 90.9 at 28672x8192),
+# 8 / 512 on the other two (73.3 at 14336x4096, 79.9 at 8192x8192); PRMT >= the generic bytes at
+# every tile.  fp8: 8 / 1024, 8 / 512, 16 / 512, 4 / 1024 on 2 warps.  A register double-buffered
+# variant was slower almost everywhere (fp8 up to 3x) and is gone from the kernel.
 _GEMV8 = [
+    _cfg(4, 1, BLOCK_N=4, BLOCK_K=1024),
     _cfg(4, 1, BLOCK_N=8, BLOCK_K=512),
     _cfg(4, 1, BLOCK_N=8, BLOCK_K=1024),
     _cfg(4, 1, BLOCK_N=16, BLOCK_K=512),
-    _cfg(4, 1, BLOCK_N=8, BLOCK_K=512, PREFETCH=True),
-    _cfg(4, 1, BLOCK_N=8, BLOCK_K=1024, PREFETCH=True),
-    _cfg(4, 1, BLOCK_N=4, BLOCK_K=1024, PREFETCH=True),
+    _cfg(2, 1, BLOCK_N=4, BLOCK_K=1024),
 ]
 # int4 CUDA-core GEMV (path "gemv"): BLOCK_M = 1; SPLIT_TARGET = programs per SM the split-K
 # heuristic aims at (0: no split), matched to the residency the registers allow (168 regs -> 3
@@ -1047,10 +1058,19 @@ _GEMV4 = [
 # (4096x4096), 63/59 vs 53 (4096x14336), 67/67 vs 51 (8192x8192), 66/73 vs 53 (14336x4096),
 # 94/93 vs 71 (28672x8192).  The bf16 partials add ~3.4e-3 relative error before the output's own
 # bf16 rounding (1.6e-3); SQNR against the float linear unchanged (~19 dB; see _gemv4_dot_packed).
+# H200 sweep (2026-12-02, results/sweep_quant_gemv_h200_run1.md; graph + PDL harness), M = 1, % of
+# copy bandwidth, best fixed config per shape: BLOCK_N 8 / BLOCK_K 2048 whole rows (SPLIT_TARGET 0)
+# 37.8 at 4096x4096; 32 / 1024 whole rows 61.6 at 14336x4096 and 80.2 at 28672x8192; 16 / 1024
+# split for 8 programs per SM 53.1 at 4096x14336; 16 / 2048 whole rows 66.5 at 8192x8192.  The
+# earlier list's split-K targets (4, 5) stayed 2-9 points behind on the mid shapes; PACKED=1 and
+# BLOCK_K = 512 never won.
 _GEMV4_PACKED = [
     _cfg(4, 1, BLOCK_N=32, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=4, PACKED=2),
     _cfg(4, 1, BLOCK_N=16, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=5, PACKED=2),
-    _cfg(4, 1, BLOCK_N=32, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=3, PACKED=1),
+    _cfg(4, 1, BLOCK_N=32, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=0, PACKED=2),
+    _cfg(4, 1, BLOCK_N=16, BLOCK_M=1, BLOCK_K=1024, SPLIT_TARGET=8, PACKED=2),
+    _cfg(4, 1, BLOCK_N=16, BLOCK_M=1, BLOCK_K=2048, SPLIT_TARGET=0, PACKED=2),
+    _cfg(4, 1, BLOCK_N=8, BLOCK_M=1, BLOCK_K=2048, SPLIT_TARGET=0, PACKED=2),
 ]
 INT4_PACKED_ENV = "FXSPEC_INT4_PACKED"
 
@@ -1373,7 +1393,12 @@ def int4_fused_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: tor
     return out.reshape(*lead, n_out)
 
 
-def _int8_like(fmt: str, x, qweight, scale, bias, path, config):
+def _prmt(fmt: str, use_asm: Optional[bool]) -> dict:
+    # the int8 GEMV's PTX byte conversion (PRMT), like the int4 kernels' use_asm; fp8 has none
+    return dict(PRMT=_asm_flag(f"{fmt}_linear", use_asm) if fmt == "int8" else False)
+
+
+def _int8_like(fmt: str, x, qweight, scale, bias, path, config, use_asm=None):
     check = check_fp8_linear_args if fmt == "fp8" else check_int8_linear_args
     N, K = check(x, qweight, scale, bias, f"{fmt}_linear")
     _check_launch(f"{fmt}_linear", x, {"qweight": qweight, "scale": scale})
@@ -1389,7 +1414,8 @@ def _int8_like(fmt: str, x, qweight, scale, bias, path, config):
         w = _dequant8(w8, scale, is_fp8, x.dtype, N, K)
         return torch.nn.functional.linear(x2, w, bias).reshape(*lead, N)
     if p == "gemv":
-        _gemv8_launch(x2, w8, scale, bias, out, N, K, dict(IS_FP8=is_fp8, **_no_edges(x2)), config)
+        _gemv8_launch(x2, w8, scale, bias, out, N, K, dict(IS_FP8=is_fp8, **_prmt(fmt, use_asm), **_no_edges(x2)),
+                      config)
         return out.reshape(*lead, N)
     _mm_launch("mm8", x2, (w8, scale), dict(IS_FP8=is_fp8), M, N, K, out, bias, config)
     return out.reshape(*lead, N)
@@ -1406,7 +1432,7 @@ def _gemv8_launch(x2, w8, scale, bias, out, N: int, K: int, kw: dict, config) ->
     _launch("gemv8", grid, args, dict(kw, HAS_BIAS=bias is not None), config, _num_sms(x2.device))
 
 
-def _int8_like_fused(fmt: str, x, qweight, scale, norm_weight, eps, epilogue, residual, config):
+def _int8_like_fused(fmt: str, x, qweight, scale, norm_weight, eps, epilogue, residual, config, use_asm=None):
     op = f"{fmt}_fused_linear"
     check = check_fp8_linear_args if fmt == "fp8" else check_int8_linear_args
     N, K = check(x, qweight, scale, None, op)
@@ -1415,16 +1441,17 @@ def _int8_like_fused(fmt: str, x, qweight, scale, norm_weight, eps, epilogue, re
     lead, x2, M, out = _rows_out(x, K, n_out)
     if M == 0:
         return out.reshape(*lead, n_out)
-    kw = dict(IS_FP8=fmt == "fp8", **_edges(x2, M, K, n_out, norm_weight, eps, epilogue, residual))
+    kw = dict(IS_FP8=fmt == "fp8", **_prmt(fmt, use_asm), **_edges(x2, M, K, n_out, norm_weight, eps, epilogue, residual))
     _gemv8_launch(x2, qweight.view(torch.uint8), scale if scale.dtype == torch.float32 else scale.float(), None,
                   out, N, K, kw, config)
     return out.reshape(*lead, n_out)
 
 
 def int8_fused_linear_triton(x, qweight, scale, norm_weight, eps, epilogue, residual, *,
-                             config: Optional[dict] = None) -> torch.Tensor:
-    """The int8 CUDA-core GEMV with fused edges (``torch.ops.fxspec.int8_fused_linear``, any M)."""
-    return _int8_like_fused("int8", x, qweight, scale, norm_weight, eps, epilogue, residual, config)
+                             use_asm: Optional[bool] = None, config: Optional[dict] = None) -> torch.Tensor:
+    """The int8 CUDA-core GEMV with fused edges (``torch.ops.fxspec.int8_fused_linear``, any M);
+    ``use_asm`` as in :func:`int8_linear_triton`."""
+    return _int8_like_fused("int8", x, qweight, scale, norm_weight, eps, epilogue, residual, config, use_asm)
 
 
 def fp8_fused_linear_triton(x, qweight, scale, norm_weight, eps, epilogue, residual, *,
@@ -1435,9 +1462,11 @@ def fp8_fused_linear_triton(x, qweight, scale, norm_weight, eps, epilogue, resid
 
 def int8_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                        bias: Optional[torch.Tensor] = None, *, path: str = "auto",
-                       config: Optional[dict] = None) -> torch.Tensor:
-    """``x [..., K]`` (bf16/fp16) -> ``[..., N]``; int8 ``qweight [N, K]``, fp32 ``scale [N]``."""
-    return _int8_like("int8", x, qweight, scale, bias, path, config)
+                       use_asm: Optional[bool] = None, config: Optional[dict] = None) -> torch.Tensor:
+    """``x [..., K]`` (bf16/fp16) -> ``[..., N]``; int8 ``qweight [N, K]``, fp32 ``scale [N]``.
+    ``use_asm``: the GEMV's PTX byte conversion (PRMT; same fp32 values as the plain-Triton one, so
+    the same output bits) -- default on the GPU, off (and refused) under the interpreter."""
+    return _int8_like("int8", x, qweight, scale, bias, path, config, use_asm)
 
 
 def fp8_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
