@@ -308,12 +308,7 @@ def _interp_cases():
                 (2, 40, 1024, 128, False, dict(BLOCK_N=4, BLOCK_M=1, BLOCK_K=512, num_warps=1)),
                 # FOLD (magic terms subtracted per word): masked last block (640 = 2.5 x 256), split-K
                 (3, 37, 640, 32, False, dict(BLOCK_N=16, BLOCK_M=1, BLOCK_K=256, FOLD=True)),
-                (1, 43, 1536, 64, True, dict(BLOCK_N=8, BLOCK_M=1, BLOCK_K=256, SPLIT_K=2, FOLD=True)),
-                # PREFETCH (next block's loads issued first): masked last block, splits of 3 blocks
-                # and of one block (the prefetch re-reads the block itself)
-                (3, 37, 640, 32, False, dict(BLOCK_N=16, BLOCK_M=1, BLOCK_K=256, PREFETCH=True)),
-                (1, 43, 1536, 64, True, dict(BLOCK_N=8, BLOCK_M=1, BLOCK_K=256, SPLIT_K=2, PREFETCH=True)),
-                (1, 43, 768, 64, True, dict(BLOCK_N=8, BLOCK_M=1, BLOCK_K=256, SPLIT_K=3, PREFETCH=True))]:
+                (1, 43, 1536, 64, True, dict(BLOCK_N=8, BLOCK_M=1, BLOCK_K=256, SPLIT_K=2, FOLD=True))]:
             cases.append(dict(fmt="int4", dt=dt, M=M, N=N, K=K, G=G, sym=sym, path="gemv", cfg=cfg, bias=M == 3))
         for fmt in ("int8", "fp8"):
             for (M, N, K) in [(1, 48, 64), (3, 40, 100), (17, 40, 256)]:
@@ -335,9 +330,7 @@ def _interp_cases():
             (3, 40, 768, 32, True, "bfloat16", dict(BLOCK_N=16, BLOCK_M=1, BLOCK_K=256, SPLIT_K=2, PACKED=2)),
             (1, 64, 2048, 128, True, "bfloat16", dict(BLOCK_N=32, BLOCK_M=1, BLOCK_K=1024, PACKED=2)),
             (1, 37, 640, 32, False, "bfloat16", dict(BLOCK_N=16, BLOCK_M=1, BLOCK_K=256, PACKED=2)),
-            (1, 45, 512, 128, True, "float16", dict(BLOCK_N=16, BLOCK_M=1, BLOCK_K=256, PACKED=2)),
-            (2, 37, 640, 64, True, "bfloat16", dict(BLOCK_N=8, BLOCK_M=1, BLOCK_K=256, SPLIT_K=2, PACKED=2,
-                                                   PREFETCH=True))]:
+            (1, 45, 512, 128, True, "float16", dict(BLOCK_N=16, BLOCK_M=1, BLOCK_K=256, PACKED=2))]:
         cases.append(dict(fmt="int4", dt=dt, M=M, N=N, K=K, G=G, sym=sym, path="gemv", cfg=cfg, bias=M == 3,
                           packed=cfg["PACKED"] if (sym and dt == "bfloat16") else 0))
     cases.append(dict(fmt="int8", dt="bfloat16", M=0, N=40, K=128, path="mma", cfg=None, bias=False))

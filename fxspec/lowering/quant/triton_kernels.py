@@ -73,6 +73,7 @@ import triton
 import triton.language as tl
 
 from .. import pdl
+from . import tuned
 from ..dense.gemv import _epilogue as _edge_epilogue
 from ..dense.gemv import _finish as _edge_finish
 from ..dense.gemv import _round
@@ -837,8 +838,7 @@ def _gemv4_kernel(X, W, S, Z, B, Y, WS, CNT,
                   GROUP_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_G: tl.constexpr,
                   SPLIT_TARGET: tl.constexpr = 0, FOLD: tl.constexpr = False,
                   PDL: tl.constexpr = False, PF_BYTES: tl.constexpr = 0, PACKED: tl.constexpr = 0,
-                  NORM: tl.constexpr = False, EPI: tl.constexpr = 0, INTERP: tl.constexpr = False,
-                  PREFETCH: tl.constexpr = False):
+                  NORM: tl.constexpr = False, EPI: tl.constexpr = 0, INTERP: tl.constexpr = False):
     # W: the uint8 codes read as int32 words ([N, K/8], stride_wn in words).  The tile is 2-D
     # [BLOCK_N, BLOCK_K/8 words] (groups flattened into the word axis) so that Triton's layout
     # puts a thread's 16-byte vectors of several rows on the same words: the x vectors and
@@ -883,49 +883,22 @@ def _gemv4_kernel(X, W, S, Z, B, Y, WS, CNT,
     if NORM:
         rstd = _rms_row(x_row, K, inv_k, eps, 1024)
     acc = tl.zeros([BLOCK_N, WB // (PK if PK > 0 else 1)], dtype=tl.float32)
-    if PREFETCH:
-        # register double buffering: block kb + 1's loads are issued before block kb is multiplied;
-        # the last block re-reads itself (an L1 hit, discarded) instead of masking every load
-        k_ok = kb_lo * GPB + grp < num_groups
+    for kb in range(kb_lo, kb_hi):
+        k_ok = kb * GPB + grp < num_groups
         w, s, z, x0, x1, x2, x3, x4, x5, x6, x7 = _gemv4_load(
             w_ptrs, x_ptrs, s_ptrs, z_ptrs, n_mask, k_ok, HALF, not EVEN_N, not EVEN_G, HAS_ZERO)
-        for kb in range(kb_lo, kb_hi):
-            nxt = (kb + 1 < kb_hi).to(tl.int32)
-            nk_ok = (kb + nxt) * GPB + grp < num_groups
-            wn, sn, zn, y0, y1, y2, y3, y4, y5, y6, y7 = _gemv4_load(
-                w_ptrs + nxt * WB, x_ptrs + nxt * BLOCK_K, s_ptrs + nxt * (GPB * N), z_ptrs + nxt * (GPB * N),
-                n_mask, nk_ok, HALF, not EVEN_N, not EVEN_G, HAS_ZERO)
-            if NORM:
-                x0, x1, x2, x3, x4, x5, x6, x7 = _gemv4_norm(g_ptrs, k_ok, rstd, HALF, not EVEN_G, x0, x1, x2,
-                                                             x3, x4, x5, x6, x7, X.dtype.element_ty, INTERP)
-                g_ptrs += BLOCK_K
-            if PK > 0:
-                acc += _gemv4_dot_packed(w, s, x0, x1, x2, x3, x4, x5, x6, x7, USE_ASM, PK)
-            else:
-                acc += _gemv4_dot(w, s, z, x0, x1, x2, x3, x4, x5, x6, x7, HAS_ZERO, USE_ASM, FOLD)
-            w, s, z, k_ok = wn, sn, zn, nk_ok
-            x0, x1, x2, x3, x4, x5, x6, x7 = y0, y1, y2, y3, y4, y5, y6, y7
-            w_ptrs += WB
-            x_ptrs += BLOCK_K
-            s_ptrs += GPB * N
-            z_ptrs += GPB * N
-    else:
-        for kb in range(kb_lo, kb_hi):
-            k_ok = kb * GPB + grp < num_groups
-            w, s, z, x0, x1, x2, x3, x4, x5, x6, x7 = _gemv4_load(
-                w_ptrs, x_ptrs, s_ptrs, z_ptrs, n_mask, k_ok, HALF, not EVEN_N, not EVEN_G, HAS_ZERO)
-            if NORM:
-                x0, x1, x2, x3, x4, x5, x6, x7 = _gemv4_norm(g_ptrs, k_ok, rstd, HALF, not EVEN_G, x0, x1, x2,
-                                                             x3, x4, x5, x6, x7, X.dtype.element_ty, INTERP)
-                g_ptrs += BLOCK_K
-            if PK > 0:
-                acc += _gemv4_dot_packed(w, s, x0, x1, x2, x3, x4, x5, x6, x7, USE_ASM, PK)
-            else:
-                acc += _gemv4_dot(w, s, z, x0, x1, x2, x3, x4, x5, x6, x7, HAS_ZERO, USE_ASM, FOLD)
-            w_ptrs += WB
-            x_ptrs += BLOCK_K
-            s_ptrs += GPB * N
-            z_ptrs += GPB * N
+        if NORM:
+            x0, x1, x2, x3, x4, x5, x6, x7 = _gemv4_norm(g_ptrs, k_ok, rstd, HALF, not EVEN_G, x0, x1, x2, x3,
+                                                         x4, x5, x6, x7, X.dtype.element_ty, INTERP)
+            g_ptrs += BLOCK_K
+        if PK > 0:
+            acc += _gemv4_dot_packed(w, s, x0, x1, x2, x3, x4, x5, x6, x7, USE_ASM, PK)
+        else:
+            acc += _gemv4_dot(w, s, z, x0, x1, x2, x3, x4, x5, x6, x7, HAS_ZERO, USE_ASM, FOLD)
+        w_ptrs += WB
+        x_ptrs += BLOCK_K
+        s_ptrs += GPB * N
+        z_ptrs += GPB * N
     y = tl.sum(acc, axis=1)
     if NORM or EPI != 0:
         tl.static_assert(BLOCK_M == 1, "the fused edges take one row of x per program")
@@ -1179,10 +1152,13 @@ def _tuned(name: str, sms: int):
 
 
 def tuning_report() -> dict:
-    """What autotune picked so far: {kernel: {key: config}} (for the benchmark's record)."""
+    """What autotune (and the per-GPU table, :mod:`.tuned`) picked so far: {kernel: {key: config}}
+    (for the benchmark's record)."""
     rep = {}
     for (name, sms), at in ((k, _tuned(*k)) for k in list(_TUNED_KEYS)):
         rep[name] = {str(k): str(v) for k, v in getattr(at, "cache", {}).items()}
+    if tuned.hits():
+        rep["table"] = tuned.hits()  # M = 1 launches that took the per-GPU table's config
     return rep
 
 
@@ -1287,6 +1263,8 @@ def _mm_launch(kernel: str, x2: torch.Tensor, w_args: tuple, kw: dict, M: int, N
     tile counters, grid (output tiles, SPLIT_K)."""
     dev = x2.device
     name = kernel if kernel.startswith("gemv4") else f"{kernel}_{'decode' if M <= DECODE_MAX_M else 'prefill'}"
+    if config is None and name == "gemv4p" and M == 1 and not _interpret():
+        config = tuned.lookup(f"gemv4p_g{kw['GROUP']}", dev, N, K)  # per-GPU table (see .tuned)
     sms = _num_sms(dev)
     fn, configs = _KERNELS[name]
     args = (x2,) + w_args + (bias if bias is not None else out, out, None, None,
@@ -1429,6 +1407,8 @@ def _gemv8_launch(x2, w8, scale, bias, out, N: int, K: int, kw: dict, config) ->
     def grid(meta):
         return (M, triton.cdiv(N, meta["BLOCK_N"]))
 
+    if config is None and M == 1 and not _interpret():
+        config = tuned.lookup("gemv8_fp8" if kw["IS_FP8"] else "gemv8_int8", x2.device, N, K)  # see .tuned
     _launch("gemv8", grid, args, dict(kw, HAS_BIAS=bias is not None), config, _num_sms(x2.device))
 
 
