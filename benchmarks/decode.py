@@ -429,6 +429,7 @@ def run(args) -> Bench:
         # "<method> pdl-prefetch<=N" (the prefetch only for launches of <= N MB of weights)
         # "<method> no-edges": the decode GEMVs' fused edges off (decode.fuse_norm / fuse_epilogues)
         # "<method> no-norm": only the norm prologue off (decode.fuse_norm)
+        # "<method> no-table": the quantized GEMVs' per-GPU config table off (autotune; lowering.quant.tuned)
         variant, env, extra = None, {}, {}
         if what.endswith(" no-edges"):
             what, variant, extra = what[:-len(" no-edges")], "no-edges", {"decode": {"fuse_norm": False,
@@ -436,7 +437,8 @@ def run(args) -> Bench:
         elif what.endswith(" no-norm"):
             what, variant, extra = what[:-len(" no-norm")], "no-norm", {"decode": {"fuse_norm": False}}
         for suffix, e in ((" no-pdl", {"FXSPEC_PDL": "0"}), (" pdl-no-prefetch", {"FXSPEC_PDL_PREFETCH": "0"}),
-                          (" pdl-prefetch", {"FXSPEC_PDL_PREFETCH": "16384"})):
+                          (" pdl-prefetch", {"FXSPEC_PDL_PREFETCH": "16384"}),
+                          (" no-table", {"FXSPEC_QUANT_TUNED": "0"})):
             if what.endswith(suffix):
                 what, variant, env = what[:-len(suffix)], suffix.strip(), e
         if " pdl-prefetch<=" in what:
