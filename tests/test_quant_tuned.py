@@ -93,7 +93,7 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 @needs_gpu
 def test_gpu_table_entry_is_launched(monkeypatch):
     """A table entry for this GPU is what an M = 1 launch runs (bitwise equal to launching that
-    config explicitly, recorded in hits()); M = 2 and FXSPEC_QUANT_TUNED=0 do not take it."""
+    config explicitly, recorded in hits()); M = 2, the fused-edge ops and FXSPEC_QUANT_TUNED=0 do not."""
     import fxspec.lowering.quant as Q
     name = torch.cuda.get_device_name()
     N, K = 1000, 1536
@@ -113,6 +113,12 @@ def test_gpu_table_entry_is_launched(monkeypatch):
     tuned._HITS.clear()
     tk.int4_linear_triton(x, q4.qweight, q4.scales, None, 128)
     tk.int8_linear_triton(x, q8.qweight, q8.scales)
+    # the fused-edge variants keep autotune (see the module doc)
+    nw = torch.ones(K, device="cuda", dtype=torch.bfloat16)
+    res = torch.randn(1, N, device="cuda", dtype=torch.bfloat16)
+    tk.int8_fused_linear_triton(x[:1], q8.qweight, q8.scales, None, 0.0, "residual", res)
+    tk.int8_fused_linear_triton(x[:1], q8.qweight, q8.scales, nw, 1e-5, "cat", None)
+    tk.int4_fused_linear_triton(x[:1], q4.qweight, q4.scales, None, 128, None, 0.0, "residual", res)
     monkeypatch.setenv(tuned.TUNED_ENV, "0")
     tk.int8_linear_triton(x[:1], q8.qweight, q8.scales)
     assert tuned.hits() == {}

@@ -1263,7 +1263,7 @@ def _mm_launch(kernel: str, x2: torch.Tensor, w_args: tuple, kw: dict, M: int, N
     tile counters, grid (output tiles, SPLIT_K)."""
     dev = x2.device
     name = kernel if kernel.startswith("gemv4") else f"{kernel}_{'decode' if M <= DECODE_MAX_M else 'prefill'}"
-    if config is None and name == "gemv4p" and M == 1 and not kw.get("NORM") and not _interpret():
+    if config is None and name == "gemv4p" and M == 1 and not (kw.get("NORM") or kw.get("EPI")) and not _interpret():
         config = tuned.lookup(f"gemv4p_g{kw['GROUP']}", dev, N, K)  # per-GPU table (see .tuned)
     sms = _num_sms(dev)
     fn, configs = _KERNELS[name]
@@ -1407,7 +1407,7 @@ def _gemv8_launch(x2, w8, scale, bias, out, N: int, K: int, kw: dict, config) ->
     def grid(meta):
         return (M, triton.cdiv(N, meta["BLOCK_N"]))
 
-    if config is None and M == 1 and not kw.get("NORM") and not _interpret():
+    if config is None and M == 1 and not (kw.get("NORM") or kw.get("EPI")) and not _interpret():
         config = tuned.lookup("gemv8_fp8" if kw["IS_FP8"] else "gemv8_int8", x2.device, N, K)  # see .tuned
     _launch("gemv8", grid, args, dict(kw, HAS_BIAS=bias is not None), config, _num_sms(x2.device))
 

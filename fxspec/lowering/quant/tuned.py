@@ -11,9 +11,12 @@ tables (``--table``: ``tuned_tables/<device>.json`` in this package, with the ru
 timings).  Shapes or GPUs without an entry, M > 1, other group sizes: Triton's
 autotuner, as before.  ``FXSPEC_QUANT_TUNED=0`` turns the table off (read at every launch).
 
-The fused-edge variants (RMSNorm prologue, silu_mul / residual epilogue) stream the same weights
-with the same tile and take the plain op's entry; the table is keyed by the packed matrix's N
-(``[gate; up]`` for silu_mul).
+The table holds the plain ops' configs and only plain launches use it.  The fused-edge variants
+(``*_fused_linear``: RMSNorm prologue, silu_mul / residual epilogue) keep autotune: given the plain op's
+entries, the 8B int8 decode loop (all of its quantized GEMVs fused) ran 5-10% slower than with autotune
+(H200, 2026-12-03: 311.9 vs 344.0 tok/s with every variant on the table, 322.7 vs 340.3 with the
+residual-epilogue ones only; int4 unchanged, 453.2 vs 454.9), so the harness's ranking of tiles does
+not carry over to them.
 
 Kernels: ``gemv4p_g128`` (int4, symmetric, group 128, bf16 activations: the packed-bf16x2 GEMV),
 ``gemv8_int8``, ``gemv8_fp8``.  A table's configs are exact launch parameters: the block sizes and
