@@ -1,18 +1,21 @@
 """Triton kernels for weight-only quantized linears, and their launchers.
 
 Layered as: ``@triton.jit`` kernel (math in the comment above it) -> launcher (checks, picks the
-path by M, autotunes over a small config list keyed on (M bucket, N, K)) -> op registration
-(:mod:`.ops`) -> plain-PyTorch reference (:mod:`.reference`). Packed layouts: :mod:`.pack`.
-Measurements (H100): ``benchmarks/results/quant_kernels.md``; notes: ``benchmarks/NOTES_quant.md``.
+path by M, autotunes over a small config list keyed on (M bucket, N, K); unfused M = 1 GEMV launches
+take the per-GPU table of :mod:`.tuned` where it has the shape) -> op registration (:mod:`.ops`) ->
+plain-PyTorch reference (:mod:`.reference`). Packed layouts: :mod:`.pack`.  Measurements: H100
+``benchmarks/results/quant_kernels.md``, H200 ``quant_kernels_h200_session8.md``; notes:
+``benchmarks/NOTES_quant.md``.
 
 Paths (``path=`` of the launchers; ``"auto"`` picks by M, see ``_pick_path``):
 
 ``gemv`` (int8 / fp8, decode M <= GEMV_MAX_M)
     CUDA-core GEMV: a program owns ``BLOCK_N`` rows and walks the whole K with 16-byte loads,
     accumulating ``w * x`` element-wise in fp32 and reducing once at the end; parallel over rows,
-    no split-K. int8 -> fp32 by the exact magic-number trick (one logic op + one FADD, no
-    16/clk/SM int->float conversion). H100: 82-95% of copy bandwidth from 14336x4096 up, 61% at
-    4096x4096.
+    no split-K. int8 -> fp32 by the exact magic-number trick (no 16/clk/SM int->float
+    conversion): on the GPU one xor per 32-bit word and one prmt per byte in PTX (``PRMT``,
+    ``use_asm``), else a zero-extension and an xor per byte; then one FADD. H200 (session 8):
+    58-92% of copy bandwidth on the five issue shapes.
 
 ``gemv`` (int4 at M = 1: ``GEMV4_MAX_M = 1``)
     CUDA-core int4 GEMV (``_gemv4_kernel``): BLOCK_N rows per program, K in blocks of several
