@@ -41,6 +41,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_quant_kernels as B  # noqa: E402  (timing harness, baselines)
+from fxspec.lowering.quant import tuned  # noqa: E402
 
 
 @triton.jit
@@ -230,7 +231,6 @@ def sweep_shape(Q, tk, N, K, copy_bw, results, budget_end, table=None):
 
 
 def _untabled(fn, *args, **kw):
-    from fxspec.lowering.quant import tuned
     with tuned.disabled():
         return fn(*args, **kw)
 

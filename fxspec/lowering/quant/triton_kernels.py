@@ -1260,14 +1260,22 @@ def _pick_path(fmt: str, M: int, path: str) -> str:
     return "mma"
 
 
+def _table_config(kernel: str, kw: dict, dev: torch.device, M: int, N: int, K: int) -> Optional[dict]:
+    """The per-GPU table's config (:mod:`.tuned`) for a plain (no fused edges) M = 1 GEMV launch on
+    the GPU, or None (autotune)."""
+    if M != 1 or kw.get("NORM") or kw.get("EPI") or _interpret():
+        return None
+    return tuned.lookup(kernel, dev, N, K)
+
+
 def _mm_launch(kernel: str, x2: torch.Tensor, w_args: tuple, kw: dict, M: int, N: int, K: int,
                out: torch.Tensor, bias, config) -> None:
     """Launch _mm4_kernel / _mm8_kernel: split-K workspace sized for every candidate config,
     tile counters, grid (output tiles, SPLIT_K)."""
     dev = x2.device
     name = kernel if kernel.startswith("gemv4") else f"{kernel}_{'decode' if M <= DECODE_MAX_M else 'prefill'}"
-    if config is None and name == "gemv4p" and M == 1 and not (kw.get("NORM") or kw.get("EPI")) and not _interpret():
-        config = tuned.lookup(f"gemv4p_g{kw['GROUP']}", dev, N, K)  # per-GPU table (see .tuned)
+    if config is None and name == "gemv4p":
+        config = _table_config(f"gemv4p_g{kw['GROUP']}", kw, dev, M, N, K)
     sms = _num_sms(dev)
     fn, configs = _KERNELS[name]
     args = (x2,) + w_args + (bias if bias is not None else out, out, None, None,
@@ -1374,9 +1382,9 @@ def int4_fused_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: tor
     return out.reshape(*lead, n_out)
 
 
-def _prmt(fmt: str, use_asm: Optional[bool]) -> dict:
+def _prmt(op: str, fmt: str, use_asm: Optional[bool]) -> dict:
     # the int8 GEMV's PTX byte conversion (PRMT), like the int4 kernels' use_asm; fp8 has none
-    return dict(PRMT=_asm_flag(f"{fmt}_linear", use_asm) if fmt == "int8" else False)
+    return dict(PRMT=_asm_flag(op, use_asm) if fmt == "int8" else False)
 
 
 def _int8_like(fmt: str, x, qweight, scale, bias, path, config, use_asm=None):
@@ -1395,7 +1403,7 @@ def _int8_like(fmt: str, x, qweight, scale, bias, path, config, use_asm=None):
         w = _dequant8(w8, scale, is_fp8, x.dtype, N, K)
         return torch.nn.functional.linear(x2, w, bias).reshape(*lead, N)
     if p == "gemv":
-        _gemv8_launch(x2, w8, scale, bias, out, N, K, dict(IS_FP8=is_fp8, **_prmt(fmt, use_asm), **_no_edges(x2)),
+        _gemv8_launch(x2, w8, scale, bias, out, N, K, dict(IS_FP8=is_fp8, **_prmt(f"{fmt}_linear", fmt, use_asm), **_no_edges(x2)),
                       config)
         return out.reshape(*lead, N)
     _mm_launch("mm8", x2, (w8, scale), dict(IS_FP8=is_fp8), M, N, K, out, bias, config)
@@ -1410,8 +1418,8 @@ def _gemv8_launch(x2, w8, scale, bias, out, N: int, K: int, kw: dict, config) ->
     def grid(meta):
         return (M, triton.cdiv(N, meta["BLOCK_N"]))
 
-    if config is None and M == 1 and not (kw.get("NORM") or kw.get("EPI")) and not _interpret():
-        config = tuned.lookup("gemv8_fp8" if kw["IS_FP8"] else "gemv8_int8", x2.device, N, K)  # see .tuned
+    if config is None:
+        config = _table_config("gemv8_fp8" if kw["IS_FP8"] else "gemv8_int8", kw, x2.device, M, N, K)
     _launch("gemv8", grid, args, dict(kw, HAS_BIAS=bias is not None), config, _num_sms(x2.device))
 
 
@@ -1424,7 +1432,7 @@ def _int8_like_fused(fmt: str, x, qweight, scale, norm_weight, eps, epilogue, re
     lead, x2, M, out = _rows_out(x, K, n_out)
     if M == 0:
         return out.reshape(*lead, n_out)
-    kw = dict(IS_FP8=fmt == "fp8", **_prmt(fmt, use_asm), **_edges(x2, M, K, n_out, norm_weight, eps, epilogue, residual))
+    kw = dict(IS_FP8=fmt == "fp8", **_prmt(op, fmt, use_asm), **_edges(x2, M, K, n_out, norm_weight, eps, epilogue, residual))
     _gemv8_launch(x2, qweight.view(torch.uint8), scale if scale.dtype == torch.float32 else scale.float(), None,
                   out, N, K, kw, config)
     return out.reshape(*lead, n_out)
