@@ -190,6 +190,37 @@ class DecodeConfig(_Section):
                               "there: no speed-up; for tests)")
 
 
+@dataclass
+class KernelsConfig(_Section):
+    """Kernel settings (GPU launch choices; none changes a result bit except ``int4_packed``, whose bf16x2
+    products round differently, see its doc). Process-wide: kernels read them at launch time, and compiling a
+    graph applies its config's values (the most recent compile wins). Without code, set them in the TOML file
+    that ``$FXSPEC_CONFIG`` names; ``fxspec.lowering.settings.override(...)`` sets them for a block."""
+
+    _section = "kernels"
+    pdl: str = _opt("auto", doc="programmatic dependent launch of the decode kernels on Hopper: auto (on where "
+                    "the GPU and Triton support it), on, off", choices=("auto", "on", "off"))
+    pdl_prefetch_bytes: int = _opt(0, doc="under PDL, L2-prefetch this many weight bytes per program while the "
+                                   "previous kernel drains: 0 (off) or a power of two >= 4096", lo=0)
+    pdl_prefetch_max_mb: float | None = _opt(None, doc="no prefetch for launches that read more than this many "
+                                             "MB of weights (unset: no limit)", lo=0)
+    int4_packed: bool = _opt(True, doc="batch-1 bf16 symmetric int4 GEMV multiplies two codes at once in bf16x2 "
+                             "(1.1-1.4x faster; ~3.4e-3 relative error before the output's bf16 rounding); "
+                             "false: the fp32-accumulating kernel")
+    tuned_tables: bool = _opt(True, doc="use the shipped per-GPU tables of measured launch configs "
+                              "(fxspec/lowering/tuned_tables/) where they cover the GPU and shape; false: "
+                              "Triton's autotune only")
+    attention_combine: str = _opt("launch", doc="decode attention: combine the split-K partials in a second, "
+                                  "PDL-overlapped launch (launch) or in the last program (kernel)",
+                                  choices=("launch", "kernel"))
+
+    def validate(self) -> None:
+        b = self.pdl_prefetch_bytes
+        if b and (b & (b - 1) or b < 4096):
+            raise ConfigError(f"kernels.pdl_prefetch_bytes = {b!r} is not allowed; use 0 or a power of two "
+                              f">= 4096")
+
+
 PASS_SECTIONS: dict[str, type[_Section]] = {
     "quantize": QuantizeConfig,
     "decode": DecodeConfig,
@@ -198,6 +229,10 @@ PASS_SECTIONS: dict[str, type[_Section]] = {
     "sparse_attention": SparseAttentionConfig,
     "draft_heads": DraftHeadsConfig,
 }
+
+#: Sections that are not passes (their keys are settings, nothing to enable).
+SETTING_SECTIONS: dict[str, type[_Section]] = {"kernels": KernelsConfig}
+SECTIONS: dict[str, type[_Section]] = {**PASS_SECTIONS, **SETTING_SECTIONS}
 
 
 @dataclass
@@ -223,6 +258,7 @@ class FxspecConfig(_Section):
     moe: MoEConfig = field(default_factory=MoEConfig)
     sparse_attention: SparseAttentionConfig = field(default_factory=SparseAttentionConfig)
     draft_heads: DraftHeadsConfig = field(default_factory=DraftHeadsConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
     # -- output ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -288,18 +324,19 @@ def from_dict(d: dict[str, Any]) -> FxspecConfig:
     top = _check_keys(d, FxspecConfig, "")
     kwargs: dict[str, Any] = {}
     for key, value in top.items():
-        if key in PASS_SECTIONS:
-            cls = PASS_SECTIONS[key]
+        if key in SECTIONS:
+            cls = SECTIONS[key]
             if isinstance(value, cls):
                 kwargs[key] = value
                 continue
-            if isinstance(value, bool):
+            if isinstance(value, bool) and key in PASS_SECTIONS:
                 value = {"enabled": value}
             if not isinstance(value, dict):
                 raise ConfigError(f"{key} = {value!r} must be a table of options (e.g. {key} = {{ ... }}) "
                                   f"or true/false")
             sec = _check_keys(value, cls, key)
-            sec.setdefault("enabled", True)
+            if key in PASS_SECTIONS:
+                sec.setdefault("enabled", True)
             kwargs[key] = cls(**sec)
         else:
             kwargs[key] = value
@@ -309,10 +346,10 @@ def from_dict(d: dict[str, Any]) -> FxspecConfig:
 def describe_schema() -> str:
     """Every key with its type, default and meaning (for ``fxspec config --schema`` and the docs)."""
     out = []
-    for cls, prefix in [(FxspecConfig, "")] + [(c, n + ".") for n, c in PASS_SECTIONS.items()]:
+    for cls, prefix in [(FxspecConfig, "")] + [(c, n + ".") for n, c in SECTIONS.items()]:
         hints = typing.get_type_hints(cls)
         for f in fields(cls):
-            if f.name in PASS_SECTIONS:
+            if f.name in SECTIONS:
                 continue
             default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
             choices = f.metadata.get("choices")

@@ -145,7 +145,7 @@ def test_calibrated_method_needs_calibration_file():
 
 def test_fp8_on_gpu_without_fp8_is_a_clear_error(monkeypatch):
     from fxspec.config import load_config
-    from fxspec.passes import quantize as qp
+    from fxspec.passes import quantize_weights as qp
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))

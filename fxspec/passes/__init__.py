@@ -1,15 +1,12 @@
-"""Graph passes, one per file, run in the order of :data:`PIPELINE`.
+"""Graph passes, one per file, run in the order of :data:`fxspec.passes.pipeline.PIPELINE`.
 
 See ``fxspec/passes/README.md`` for the invariants every pass keeps.
 """
 
-from .base import PIPELINE, Pass, PassContext, PassEvent, is_training, register_pass, run_pipeline
+from .base import Pass, PassContext, PassEvent, is_training, run_pipeline
+from .pipeline import PIPELINE
 
-# Importing a pass module registers it in PIPELINE.
-from . import decode, quantize  # noqa: E402,F401
-
-__all__ = ["PIPELINE", "Pass", "PassContext", "PassEvent", "is_training", "register_pass", "run_pipeline",
-           "pipeline_text"]
+__all__ = ["PIPELINE", "Pass", "PassContext", "PassEvent", "is_training", "run_pipeline", "pipeline_text"]
 
 
 def pipeline_text(config=None) -> str:

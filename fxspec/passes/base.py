@@ -1,14 +1,15 @@
 """The pass protocol: one signature, one context, one explicit ordered list.
 
-Every pass is a function ``name(gm, ctx) -> gm`` registered with :func:`register_pass` under the
-config section that enables it. It may rewrite the graph in place; it must
+Every pass is a function ``name(gm, ctx) -> gm`` in a file of its own, listed in
+:data:`fxspec.passes.pipeline.PIPELINE` with the config section that enables it. It may rewrite the graph in place; it must
 
 - rewrite a match completely or leave it untouched, and say why with ``ctx.skip(...)``;
 - bump a counter for every rewrite (``ctx.rewrote(...)`` does both the counter and the log);
 - not change what the graph returns, nor make outputs alias inputs;
 - read shapes and dtypes from ``node.meta`` (``example_value`` / ``val``), never run the model.
 
-The run order is :data:`PIPELINE` (print it with ``fxspec pipeline`` or ``fxspec.pipeline()``).
+The run order is the explicit list :data:`fxspec.passes.pipeline.PIPELINE` (print it with ``fxspec pipeline``
+or ``fxspec.pipeline()``).
 """
 
 from __future__ import annotations
@@ -103,30 +104,12 @@ class Pass:
         return bool(getattr(config, self.section).enabled)
 
 
-#: The ordered pipeline. Structural passes (sparse attention, sparse FFN / MoE, draft heads) come before
-#: quantization, so that quantization also sees the linears they create.
-PIPELINE: list[Pass] = []
-
-
-def register_pass(section: str, *, lossy: bool, order: int) -> Callable[[PassFn], PassFn]:
-    """Add ``fn`` to :data:`PIPELINE` at position ``order`` (lower runs first), enabled by ``section``."""
-
-    def deco(fn: PassFn) -> PassFn:
-        doc = (fn.__doc__ or fn.__name__).strip().splitlines()[0]
-        PIPELINE.append(Pass(fn.__name__, section, fn, lossy, doc))
-        _ORDER[fn.__name__] = order
-        PIPELINE.sort(key=lambda q: _ORDER[q.name])
-        return fn
-
-    return deco
-
-
-_ORDER: dict[str, int] = {}
-
-
 def run_pipeline(gm: fx.GraphModule, ctx: PassContext, dump: Callable[[str, fx.GraphModule], None] | None = None
                  ) -> fx.GraphModule:
-    """Run every enabled pass in order; ``dump(stage, gm)`` is called before the first and after each."""
+    """Run every enabled pass of :data:`fxspec.passes.pipeline.PIPELINE` in order; ``dump(stage, gm)`` is
+    called before the first and after each."""
+    from .pipeline import PIPELINE
+
     if dump:
         dump("00_input", gm)
     for i, p in enumerate(PIPELINE, start=1):

@@ -62,7 +62,7 @@ import torch.fx as fx
 
 from ..graph.nodes import arg, const, is_any, is_op, is_scalar, module_path, other_operand, shape, static_int
 from ..graph.rewrite import eliminate_dead_code, node_position
-from .base import PassContext, register_pass
+from .base import PassContext
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -113,7 +113,6 @@ def _example(fn, *args) -> object:
 
 # ------------------------------------------------------------------------------ fuse_projections
 
-@register_pass("decode", lossy=False, order=95)
 def fuse_projections(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Linears sharing one input (q/k/v, gate/up) -> one fxspec.linear_group launch (decode only)."""
     cfg = ctx.config.decode
@@ -196,7 +195,6 @@ def _why_not_group(x: fx.Node, lis: list, ctx: PassContext) -> str | None:
 
 # ------------------------------------------------------------------------------ decode_attention
 
-@register_pass("decode", lossy=False, order=96)
 def decode_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """GQA repeat + SDPA of one query token -> fxspec.decode_attention (split-K over the KV cache)."""
     cfg = ctx.config.decode
@@ -301,7 +299,6 @@ def _unrepeat(k: object, H: int, gqa: bool):
 
 # ------------------------------------------------------------------------------ fuse_rope_cache
 
-@register_pass("decode", lossy=False, order=97)
 def fuse_rope_cache(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Rotary embedding + KV-cache write before a decode attention -> fxspec.decode_attention_rope."""
     cfg = ctx.config.decode
@@ -401,7 +398,6 @@ def _match_rope_cache(gm: fx.GraphModule, att: fx.Node):
 
 # --------------------------------------------------------------------------- fuse_gemv_edges
 
-@register_pass("decode", lossy=False, order=98)
 def fuse_gemv_edges(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """RMSNorm before, SiLU*mul or the residual add after a decode GEMV -> one fxspec.fused_linear launch."""
     cfg = ctx.config.decode

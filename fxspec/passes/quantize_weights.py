@@ -30,12 +30,11 @@ from ..graph.nodes import module_path
 from ..graph.rewrite import eliminate_dead_code, node_position
 from ..graph.types import LinearInfo
 from .._log import counters
-from .base import PassContext, register_pass
+from .base import PassContext
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@register_pass("quantize", lossy=True, order=90)
 def quantize_weights(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Replace eligible F.linear calls with fused weight-only int8 / int4 / fp8 linear ops."""
     cfg = ctx.config.quantize

@@ -1,0 +1,37 @@
+"""The pass pipeline: every pass fxspec runs, in order, in one list.
+
+Read top to bottom, this is what happens to a Dynamo graph (``fxspec pipeline`` prints it, with the
+on/off state of each pass under a config). A pass runs when its config section is enabled.
+
+1. Structural passes change what the model computes (they run first, so that quantization also sees
+   the linears they create). Their places, in order, as they land:
+   ``sparse_attention`` (learned block-sparse attention gates), ``sparse_ffn`` (activation sparsity),
+   ``moe`` (dense MLP to experts), ``draft_heads`` (speculative-decoding heads on the LM head's input).
+2. ``quantize_weights`` packs weights (lossy; only when ``[quantize]`` is given).
+3. The decode rewrites: exact fusions for small-batch decode steps (``[decode]``, on by default).
+"""
+
+from __future__ import annotations
+
+from .base import Pass
+from .decode import decode_attention, fuse_gemv_edges, fuse_projections, fuse_rope_cache
+from .quantize_weights import quantize_weights
+
+
+def _doc(fn) -> str:
+    return (fn.__doc__ or fn.__name__).strip().splitlines()[0]
+
+
+def _p(fn, section: str, lossy: bool) -> Pass:
+    return Pass(fn.__name__, section, fn, lossy, _doc(fn))
+
+
+#: The run order. Tests may swap the list's contents (``PIPELINE[:] = [...]``) and restore them.
+PIPELINE: list[Pass] = [
+    # -- structural passes (sparse_attention, sparse_ffn, moe, draft_heads) take their places here --
+    _p(quantize_weights, "quantize", lossy=True),
+    _p(fuse_projections, "decode", lossy=False),
+    _p(decode_attention, "decode", lossy=False),
+    _p(fuse_rope_cache, "decode", lossy=False),
+    _p(fuse_gemv_edges, "decode", lossy=False),
+]
