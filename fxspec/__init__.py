@@ -14,7 +14,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from ._log import counters, reset_counters
+from ._log import FxspecWarning, counters, reset_counters
 from .backend import fxspec_backend, recent_reports, register
 from .config import ConfigError, FxspecConfig, load_config
 from .graph.frozen import StaleWeightError, mark_weights_changed
@@ -25,16 +25,29 @@ register()
 
 
 def compile(model: Any, config: str | dict | None = None, **torch_compile_kwargs: Any) -> Any:
-    """``torch.compile(model, backend="fxspec", options=...)`` with the config validated up front.
+    """``torch.compile(model, backend="fxspec", options=...)`` with the config checked before compiling.
 
     ``config`` is a path to a TOML file or an options dict; a training script can opt in with
     ``model = fxspec.compile(model, "fxspec.toml")``.
+
+    Every config mistake raises :class:`ConfigError` here, directly: unknown keys, wrong values, a calibrated
+    method without its calibration file, and a calibration file that is unreadable or was made for another
+    model or config. (Errors raised while ``torch.compile`` runs a backend reach the caller wrapped in
+    ``torch._dynamo.exc.BackendCompilerFailed``, with the ``ConfigError`` as its ``__cause__``; checking
+    here avoids that.)
     """
     import torch
 
     options = {"config": str(config)} if isinstance(config, (str, bytes)) or hasattr(config, "__fspath__") \
         else dict(config or {})
-    load_config(options)  # raise ConfigError now rather than at the first call
+    cfg = load_config(options)
+    if cfg.quantize.enabled and cfg.quantize.method != "rtn" and isinstance(model, torch.nn.Module):
+        from .passes.quantize_weights import load_calibration
+        from .runtime.calibrate import model_linears
+
+        stats = load_calibration(cfg.quantize)
+        stats.check_layers({n: s for n, s in model_linears(model).items() if n in stats.layers or
+                            not n.endswith("lm_head")}, cfg.quantize.calibration)
     return torch.compile(model, backend="fxspec", options=options, **torch_compile_kwargs)
 
 
@@ -45,6 +58,6 @@ def pipeline(config: dict | None = None) -> str:
     return pipeline_text(load_config(config) if config is not None else None)
 
 
-__all__ = ["ConfigError", "FxspecConfig", "Generator", "Report", "generate", "StaleWeightError", "compile", "counters", "explain",
+__all__ = ["ConfigError", "FxspecWarning", "FxspecConfig", "Generator", "Report", "generate", "StaleWeightError", "compile", "counters", "explain",
            "fxspec_backend", "load_config", "mark_weights_changed", "pipeline", "recent_reports", "register",
            "reset_counters", "__version__"]

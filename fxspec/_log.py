@@ -11,6 +11,11 @@ import logging
 
 log = logging.getLogger("fxspec")
 
+
+class FxspecWarning(UserWarning):
+    """fxspec did less than the config asked (a lossy pass applied to nothing, a calibration file covers only
+    some layers, a fallback to plain Inductor). ``strict = true`` raises instead where a config is at fault."""
+
 #: counters[category][name] -> int, e.g. counters["backend"]["fallback"], counters["graph"]["ffn.gated"]
 counters: collections.defaultdict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 

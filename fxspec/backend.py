@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from ._log import counters, log, set_level
+from ._log import FxspecWarning, counters, log, set_level
 from .backends import lower, resolve_target
 from .config import ConfigError, FxspecConfig, load_config
 from .graph.frozen import FrozenParams
@@ -85,6 +85,7 @@ def fxspec_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict | 
 def compile_graph(gm: fx.GraphModule, example_inputs: list, config: FxspecConfig) -> Callable:
     """Compile one Dynamo graph under ``config`` (see the module docstring)."""
     set_level(config.log_level)
+    _apply_kernel_settings(config)
     report = GraphReport.new(next(_GRAPH_IDS), config, example_inputs)
     try:
         work, ctx = prepare(gm, example_inputs, config, report)
@@ -99,7 +100,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: FxspecConfig
         report.fallback = f"{type(e).__name__}: {e}"
         counters["backend"]["fallback"] += 1
         warnings.warn(f"fxspec: {report.fallback}\nfxspec: falling back to plain Inductor for this graph "
-                      f"(set strict = true to raise instead)", stacklevel=2)
+                      f"(set strict = true to raise instead)", FxspecWarning, stacklevel=2)
         from .backends.inductor import lower_inductor
         compiled = lower_inductor(gm, example_inputs, config)
     counters["backend"]["graphs"] += 1
@@ -108,6 +109,14 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: FxspecConfig
             counters["graph"][kind] += n
     recent_reports.append(report)
     return compiled
+
+
+def _apply_kernel_settings(config: FxspecConfig) -> None:
+    try:  # TEMP until fxspec.lowering.settings lands
+        from .lowering import settings
+    except ImportError:
+        return
+    settings.apply(config.kernels)
 
 
 def prepare(gm: fx.GraphModule, example_inputs: list, config: FxspecConfig,

@@ -99,10 +99,9 @@ class QuantizeConfig(_Section):
     min_features: int = _opt(64, doc="skip linears with fewer input or output features", lo=1)
     group_projections: bool = _opt(True, doc="pack linears that share their input (q/k/v, gate/up) into one "
                                    "matrix: one kernel launch instead of several (same numbers)")
-    calibration: str | None = _opt(None, doc="calibration data for gptq/awq: a .pt file of token ids "
-                                   "(1-D or 2-D long tensor)")
-    calibration_samples: int = _opt(32, doc="calibration sequences", lo=1, hi=100_000)
-    calibration_seq_len: int = _opt(512, doc="tokens per calibration sequence", lo=8, hi=1_000_000)
+    calibration: str | None = _opt(None, doc="gptq/awq: the statistics file (.safetensors) made by `fxspec "
+                                   "calibrate MODEL --data TOKENS.pt --method awq|gptq --bits B --out FILE` "
+                                   "for this model, method, bits, group size and symmetry")
 
     def validate(self) -> None:
         if self.bits == 8 and self.group_size is not None:
@@ -119,6 +118,13 @@ class QuantizeConfig(_Section):
             raise ConfigError(f"quantize.method = {self.method!r} is not available with fp8; use 'rtn'")
         if self.bits == 4 and self.group_size is None:
             self.group_size = 128
+        if self.method != "rtn" and self.calibration is None:
+            raise ConfigError(f"quantize.method = {self.method!r} needs quantize.calibration = a statistics file "
+                              f"made by `fxspec calibrate MODEL --method {self.method} --data TOKENS.pt --out "
+                              f"FILE.safetensors`")
+        if self.method == "rtn" and self.calibration is not None:
+            raise ConfigError(f"quantize.calibration = {self.calibration!r} is only read by method = 'awq' or "
+                              f"'gptq' (method is 'rtn'); set quantize.method or remove the calibration")
 
 
 @dataclass

@@ -84,21 +84,70 @@ def test_exclude_and_include_patterns_leave_layers_untouched():
     torch._dynamo.reset()
 
 
-def test_min_features_and_group_size_legality():
-    m = tiny_model("llama")  # k/v projections are 32 x 64
+def test_min_features_and_group_size_fallback(caplog):
+    """A group size that does not divide in_features falls back to the largest that does, and says so."""
+    m = tiny_model("llama")  # in_features 64 everywhere but down_proj (128)
     with torch.no_grad():
         rep = fxspec.explain(m, IDS, config={"quantize": {"bits": 4, "group_size": 256, "min_features": 1}})
+    rewrote = {e.where: e.detail for e in rep.graphs[0].events if e.action == "rewrote"}
+    assert len(rewrote) == 14
+    assert all(d.startswith("int4_g128") for w, d in rewrote.items() if "down_proj" in w)
+    assert all(d.startswith("int4_g64") for w, d in rewrote.items() if "down_proj" not in w)
+    assert any("use int4 group_size 64/128 instead of 256" in e.detail for e in rep.graphs[0].events)
+    assert "instead of quantize.group_size = 256" in caplog.text
+    with torch.no_grad(), pytest.warns(fxspec.FxspecWarning, match="smaller than min_features = 65"):
+        rep = fxspec.explain(m, IDS, config={"quantize": {"bits": 8, "min_features": 65}})
     reasons = [e.detail for e in rep.graphs[0].events if e.action == "skipped"]
-    assert any("in_features = 64 is not a multiple of group_size = 256" in r for r in reasons)
-    assert not any(e.action == "rewrote" for e in rep.graphs[0].events if "mlp.down" not in e.where)
+    assert any("smaller than min_features = 65" in r for r in reasons)
 
 
-def test_training_graph_is_left_alone():
+def test_hidden_sizes_not_multiple_of_128_are_quantized():
+    """hidden 448, FFN 1216 (multiples of 64, not of 128): every linear quantized with group size 64."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=448, intermediate_size=1216, num_hidden_layers=1,
+                                   num_attention_heads=7, num_key_value_heads=7, max_position_embeddings=64)
+    torch.manual_seed(0)
+    m = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        ref = m(IDS).logits
+        out = torch.compile(m, backend="fxspec", options={"quantize": {"bits": 4}, "strict": True})(IDS).logits
+    assert fxspec.counters["quantize_weights"]["int4_g64"] == 7
+    assert sqnr_db(ref, out) > 12
+
+
+def test_odd_in_features_are_skipped_with_the_reason():
+    lin = torch.nn.Sequential(torch.nn.Linear(100, 96), torch.nn.ReLU(), torch.nn.Linear(96, 96))
+    with torch.no_grad():
+        rep = fxspec.explain(lin, torch.randn(2, 100), config={"quantize": {"bits": 4, "min_features": 1}})
+    ev = rep.graphs[0].events
+    assert any(e.action == "skipped" and "in_features = 100 is not a multiple of 32" in e.detail for e in ev)
+    assert any(e.action == "rewrote" and "int4_g32" in e.detail for e in ev)  # 96 = 3 x 32
+
+
+def test_training_graph_is_left_alone_and_says_so():
     m = tiny_model("llama").train()
-    out = torch.compile(m, backend="fxspec", options={"quantize": {"bits": 8, "min_features": 1}})(IDS)
+    with pytest.warns(fxspec.FxspecWarning, match=r"quantize_weights changed nothing.*torch.no_grad\(\)"):
+        out = torch.compile(m, backend="fxspec", options={"quantize": {"bits": 8, "min_features": 1}})(IDS)
     out.logits.sum().backward()
     assert fxspec.counters["quantize_weights"]["int8"] == 0
     assert m.model.layers[0].mlp.up_proj.weight.grad is not None
+
+
+def test_grad_mode_eval_model_warns_and_strict_raises():
+    """The README's one-liner called without no_grad (an eval model, parameters requiring grad): the
+    quantize pass cannot freeze weights; it must say so, and strict mode must raise."""
+    m = tiny_model("llama").eval()
+    with pytest.warns(fxspec.FxspecWarning, match="inference_mode"):
+        out = torch.compile(m, backend="fxspec", options={"quantize": {"bits": 4}})(IDS).logits
+    torch.testing.assert_close(out, m(IDS).logits)  # (the float model, as the warning says)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="changed nothing"):
+        torch.compile(m, backend="fxspec", options={"quantize": {"bits": 4}, "strict": True})(IDS)
+    torch._dynamo.reset()
+    with torch.no_grad():  # the documented way: quantized
+        torch.compile(m, backend="fxspec", options={"quantize": {"bits": 4}})(IDS)
+    assert fxspec.counters["quantize_weights"]["int4_g64"] + fxspec.counters["quantize_weights"]["int4_g128"] > 0
 
 
 def test_weight_update_refreshes_quantized_weights():
@@ -121,7 +170,7 @@ def test_calibrated_methods(method, tmp_path):
 
     m = tiny_model("llama")
     tokens = torch.randint(0, 128, (4096,), generator=torch.Generator().manual_seed(1))
-    path = str(tmp_path / f"{method}.pt")
+    path = str(tmp_path / f"{method}.safetensors")
     calibrate(m, tokens, method=method, bits=4, group_size=32, samples=8, seq_len=64).save(path)
     opts = {"quantize": {"bits": 4, "group_size": 32, "method": method, "calibration": path, "min_features": 1},
             "strict": True}
@@ -164,7 +213,7 @@ def test_calibration_file_rewritten_in_place_is_reloaded(tmp_path):
 
     m = tiny_model("llama")
     tokens = torch.randint(0, 128, (2048,), generator=torch.Generator().manual_seed(2))
-    path = str(tmp_path / "stats.pt")
+    path = str(tmp_path / "stats.safetensors")
 
     def compile_with(method):
         calibrate(m, tokens, method=method, bits=4, group_size=32, samples=4, seq_len=64).save(path)
@@ -244,7 +293,7 @@ def test_calibrated_tied_lm_head_is_found(tmp_path, wrapped_forward):
     m = cls(transformers.LlamaConfig(**{**TINY, "tie_word_embeddings": True})).eval()
     assert m.lm_head.weight is m.model.embed_tokens.weight
     tokens = torch.randint(0, 128, (4096,), generator=torch.Generator().manual_seed(1))
-    path = str(tmp_path / "gptq.pt")
+    path = str(tmp_path / "gptq.safetensors")
     stats = calibrate(m, tokens, method="gptq", bits=4, group_size=32, samples=4, seq_len=64, skip=lambda n: False)
     assert "lm_head" in stats.layers
     stats.save(path)
@@ -265,7 +314,7 @@ def test_cli_calibrate_include_lm_head(tmp_path):
     data = str(tmp_path / "tok.pt")
     torch.save(tokens, data)
     for flag, has_head in (([], False), (["--include-lm-head"], True)):
-        out = str(tmp_path / f"s{has_head}.pt")
+        out = str(tmp_path / f"s{has_head}.safetensors")
         assert main(["calibrate", "hf:llama", "--data", data, "--out", out, "--method", "gptq", "--group-size", "32",
                      "--samples", "2", "--seq-len", "64", *flag]) == 0
         assert ("lm_head" in CalibrationStats.load(out).layers) is has_head

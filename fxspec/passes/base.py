@@ -14,14 +14,16 @@ or ``fxspec.pipeline()``).
 
 from __future__ import annotations
 
+import collections
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 
-from .._log import counters, log
-from ..config import FxspecConfig
+from .._log import FxspecWarning, counters, log
+from ..config import ConfigError, FxspecConfig
 from ..graph.frozen import FrozenParams
 from ..graph.types import GraphAnalysis
 
@@ -116,7 +118,10 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, dump: Callable[[str, fx.G
         if not p.enabled(ctx.config):
             continue
         ctx.current_pass = p.name
+        first_event = len(ctx.events)
         gm = p.fn(gm, ctx)
+        if p.lossy:
+            _check_applied(p, ctx, ctx.events[first_event:])
         gm.graph.lint()
         gm.recompile()
         ctx.invalidate()
@@ -124,6 +129,21 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, dump: Callable[[str, fx.G
             dump(f"{i:02d}_{p.name}", gm)
     ctx.current_pass = ""
     return gm
+
+
+def _check_applied(p: Pass, ctx: PassContext, events: list[PassEvent]) -> None:
+    """A lossy pass the config asked for that rewrote nothing although the graph had candidates (it
+    skipped some) must not stay silent: warn with the reasons (strict mode: raise ConfigError)."""
+    skips = [e for e in events if e.action == "skipped"]
+    if not skips or any(e.action == "rewrote" for e in events):
+        return
+    reasons = collections.Counter(e.detail for e in skips)
+    text = "; ".join(f"{r} ({n}x)" if n > 1 else r for r, n in reasons.most_common(3))
+    msg = (f"[{p.section}] is enabled but {p.name} changed nothing in this graph: {len(skips)} "
+           f"candidate(s) skipped: {text}")
+    if ctx.config.strict:
+        raise ConfigError(msg)
+    warnings.warn(f"fxspec: {msg}", FxspecWarning, stacklevel=3)
 
 
 def is_training(example_inputs: list) -> bool:
