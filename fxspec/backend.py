@@ -31,6 +31,7 @@ from ._log import FxspecWarning, counters, log, set_level
 from .backends import lower, resolve_target
 from .config import ConfigError, FxspecConfig, load_config
 from .graph.frozen import FrozenParams
+from .lowering import settings
 from .graph.types import GraphAnalysis
 from .passes import PIPELINE, PassContext, PassEvent, is_training, run_pipeline
 
@@ -85,7 +86,7 @@ def fxspec_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict | 
 def compile_graph(gm: fx.GraphModule, example_inputs: list, config: FxspecConfig) -> Callable:
     """Compile one Dynamo graph under ``config`` (see the module docstring)."""
     set_level(config.log_level)
-    _apply_kernel_settings(config)
+    settings.apply(config.kernels)
     report = GraphReport.new(next(_GRAPH_IDS), config, example_inputs)
     try:
         work, ctx = prepare(gm, example_inputs, config, report)
@@ -109,14 +110,6 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: FxspecConfig
             counters["graph"][kind] += n
     recent_reports.append(report)
     return compiled
-
-
-def _apply_kernel_settings(config: FxspecConfig) -> None:
-    try:  # TEMP until fxspec.lowering.settings lands
-        from .lowering import settings
-    except ImportError:
-        return
-    settings.apply(config.kernels)
 
 
 def prepare(gm: fx.GraphModule, example_inputs: list, config: FxspecConfig,
