@@ -13,15 +13,15 @@ CUDA graph (so launch overhead is what a CUDA-graphed decode step pays, not Pyth
 
 Roofline: the K/V bytes of the valid slots (the kernel skips masked slots) plus the mask, over the
 device-to-device copy bandwidth measured in the same run (read + write counted). Half of the slots are
-valid (a cache half full). ``--check`` compares every output with the fp32 reference.
+valid (a cache half full). ``--check`` compares every output with the fp32 reference. Timing and copy
+bandwidth: ``benchmarks/harness.py``. Writes ``<out>/decode_attention_<gpu>_<date>[_<tag>].json`` and ``.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import subprocess
+import math
 import sys
 from pathlib import Path
 
@@ -29,8 +29,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fxspec.lowering.attention import decode_attention, decode_attention_ref, repeat_kv  # noqa: E402
+import harness
+
+from fxspec.lowering.attention import decode_attention, decode_attention_ref, repeat_kv
 
 SHAPES = [  # name, B, H, Hkv, D, L
     ("llama-1.1b", 1, 32, 4, 64, 288), ("llama-1.1b", 1, 32, 4, 64, 2048), ("llama-1.1b", 8, 32, 4, 64, 2048),
@@ -40,44 +43,11 @@ SHAPES = [  # name, B, H, Hkv, D, L
 QUICK = [("tiny", 1, 4, 2, 16, 64), ("tiny", 2, 8, 2, 32, 100)]
 
 
-def graph_time_us(fn, device, reps=50) -> float:
-    if device.type != "cuda":
-        import time
-        fn()
-        t = time.perf_counter()
-        for _ in range(3):
-            fn()
-        return (time.perf_counter() - t) / 3 * 1e6
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(5):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        g.replay()
-        e1.record()
-        torch.cuda.synchronize()
-        best = min(best, e0.elapsed_time(e1) * 1e3 / reps)
-    return best
-
-
-def copy_bandwidth(device) -> float:
-    if device.type != "cuda":
-        return float("nan")
-    n = 1 << 30
-    a, b = torch.empty(n, dtype=torch.uint8, device=device), torch.empty(n, dtype=torch.uint8, device=device)
-    t = graph_time_us(lambda: b.copy_(a), device, reps=5)
-    return 2 * n / t / 1e3  # GB/s
+def graph_time_us(fn, device) -> float:
+    """Microseconds per call: best of 5 replays of a CUDA graph of 50 calls (CPU: mean of 3 calls)."""
+    if device.type == "cuda":
+        return harness.time_calls([fn], device, reps=5, min_calls=50, stat="min")[0] * 1e6
+    return harness.time_calls([fn], device, reps=1, min_calls=3)[0] * 1e6
 
 
 def main(argv=None):
@@ -86,10 +56,12 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--tag", default=None, help="suffix of the output name, saying what differs from other runs "
+                    "of this date: decode_attention_<gpu>_<date>_<tag>")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    bw = copy_bandwidth(dev)
+    bw = harness.copy_bandwidth(dev) / 1e9 if dev.type == "cuda" else float("nan")  # GB/s, read + written
     rows = []
     for name, B, H, Hkv, D, L in (QUICK if args.quick else SHAPES):
         g = torch.Generator(device=dev).manual_seed(0)
@@ -108,10 +80,10 @@ def main(argv=None):
             "fxspec": lambda: decode_attention(q, k, v, mask, scale),
         }
         valid_bytes = 2 * B * Hkv * (L // 2) * D * k.element_size() + mask.numel()
-        roof_us = valid_bytes / (bw * 1e3) if bw == bw else float("nan")
+        roof_us = valid_bytes / (bw * 1e3) if not math.isnan(bw) else float("nan")
         ref = decode_attention_ref(q.float(), k.float(), v.float(), mask, scale) if args.check else None
         for what, fn in fns.items():
-            row = dict(model=name, B=B, H=H, Hkv=Hkv, D=D, L=L, method=what)
+            row = {"model": name, "B": B, "H": H, "Hkv": Hkv, "D": D, "L": L, "method": what}
             try:
                 row["us"] = graph_time_us(fn, dev)
                 row["roofline_us"] = roof_us
@@ -122,13 +94,8 @@ def main(argv=None):
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
             rows.append(row)
             print(json.dumps(row), flush=True)
-    meta = dict(date=datetime.date.today().isoformat(),
-                device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-                torch=torch.__version__, copy_GBps=bw, dtype=str(dtype).replace("torch.", ""),
-                commit=_commit())
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "decode_attention.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    meta = harness.run_meta(dev, copy_GBps=bw, dtype=str(dtype).replace("torch.", ""))
+    stem = harness.result_stem("decode_attention", dev, meta["date"][:10], args.tag)
     lines = [f"Decode attention ({meta['date']}): {meta['device']}, torch {meta['torch']}, {meta['dtype']}, "
              f"commit {meta['commit']}; copy bandwidth {bw:.0f} GB/s. Half the slots valid; us per call "
              f"(50 calls in one CUDA graph); roofline = valid K/V bytes / copy bandwidth.\n",
@@ -145,16 +112,8 @@ def main(argv=None):
         roof = f"{100 * fx_['frac_of_roofline']:.0f}%" if "us" in fx_ and dev.type == "cuda" else "-"
         lines.append(f"| {name} | {B} | {H}/{Hkv} | {D} | {L} | {us('repeat_kv + sdpa')} | {us('sdpa enable_gqa')} "
                      f"| {us('fxspec')} | {ratio} | {roof} |")
-    (out / "decode_attention.md").write_text("\n".join(lines) + "\n")
+    harness.write_results(args.out, stem, {"meta": meta, "rows": rows}, "\n".join(lines))
     print("\n".join(lines))
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parents[1]).stdout.strip() or "unknown"
-    except Exception:  # noqa: BLE001
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -7,13 +7,13 @@ and M = 8 rows of x:
   cublas_concat    F.linear(x, cat(Wi)) on a pre-concatenated weight: the upper bound of fusing
                    into one cuBLAS call (costs a second copy of the weights; reference only)
   fxspec           fxspec.lowering.dense.gemv.linear_group_triton(x, [Wi]): one launch, every
-                   weight through its own pointer, the launcher's config (heuristic, or autotune
-                   with FXSPEC_TUNE=1)
+                   weight through its own pointer, the launcher's config (heuristic, or its
+                   per-process autotune where that is on: ``tune`` in the meta)
   fxspec_fma / fxspec_mma  (M = 8, with --variants) the launcher forced to one kernel, to check
                    the M threshold between them (FMA_MAX_M)
 
-Timing: a CUDA graph replays the calls over enough weight copies (>= 400 MB in all, 8x the H100's
-50 MB L2) that no call finds its weights in L2; time per group = median replay time / groups per
+Timing (``benchmarks/harness.py``): a CUDA graph replays the calls over enough weight copies (>= 400 MB
+in all, 8x the H100's 50 MB L2) that no call finds its weights in L2; time per group = median replay time / groups per
 replay, so launch gaps inside a graph are included (the steady state of a CUDA-graph decode loop).
 GB/s = weight bytes / time; "% copy" = that over the device-to-device copy bandwidth measured in
 the same run (2 * bytes / time of ``dst.copy_(src)`` on a 1 GiB buffer).
@@ -40,19 +40,17 @@ in the GEMV launch) vs the unfused sequence it replaces, per fused call of a Lla
     PYTHONPATH=. python benchmarks/bench_dense_gemv.py --check [--out DIR]     # GPU, < 60 s
     PYTHONPATH=. python benchmarks/bench_dense_gemv.py --fused --check [--out DIR]  # GPU
     PYTHONPATH=. python benchmarks/bench_dense_gemv.py --device cpu --quick --out /tmp/dg  # smoke
-Writes DIR/dense_gemv.json and DIR/dense_gemv.md, with --fused DIR/dense_fused.json and
-DIR/dense_fused.md (DIR: --out, else $OUT, else benchmarks/results).
+Writes DIR/dense_gemv_<gpu>_<date>[_<tag>].json and .md, with --fused DIR/dense_fused_<gpu>_<date>[_<tag>].json
+and .md (DIR: --out, else $OUT, else benchmarks/results). The ``fused_nopdl`` rows are the fused calls
+captured with programmatic dependent launch off (``kernels.pdl = "off"``).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import statistics
-import subprocess
 import sys
 import time
 
@@ -63,7 +61,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from fxspec.lowering import pdl  # noqa: E402  (after the path fix; needs no GPU or Triton kernel)
+import harness as H  # noqa: E402  (after the path fix)
+from harness import log  # noqa: E402
 
 # (model, name, Ns, K)
 GROUPS = [
@@ -81,93 +80,6 @@ QUICK_SCALE = 16
 MS = [1, 8]
 CHECK_MS = [1, 3, 8, 16]
 ROTATE_BYTES = 400 * 2**20
-
-
-def log(*a):
-    print(*a, flush=True)
-
-
-# ------------------------------------------------------------------------------------- timing
-
-def copy_bandwidth(device: str, nbytes: int, reps: int = 10) -> float:
-    """Device-to-device (CPU: memory-to-memory) copy, bytes read + written per second (median)."""
-    a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
-    b = torch.empty_like(a)
-    for _ in range(2):
-        b.copy_(a)
-    ts = []
-    for _ in range(reps):
-        if device == "cuda":
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            b.copy_(a)
-            e1.record()
-            e1.synchronize()
-            ts.append(e0.elapsed_time(e1) * 1e-3)
-        else:
-            t = time.perf_counter()
-            b.copy_(a)
-            ts.append(time.perf_counter() - t)
-    del a, b
-    return 2 * nbytes / statistics.median(ts)
-
-
-_SIDE = None
-
-
-def time_calls(calls, device: str, reps: int = 15, min_calls: int = 8) -> tuple:
-    """Median seconds per call over ``calls`` (each on its own weight copy).  CUDA: CUDA-graph
-    replays (warm-up on the capture stream first: cuBLAS workspaces, Triton compilation and
-    autotune, the split-K counters of that stream all exist before capture).  CPU: wall clock.
-    Returns (seconds, method)."""
-    seq = list(calls)
-    while len(seq) < min_calls:
-        seq += list(calls)
-    if device != "cuda":
-        for c in calls:
-            c()
-        ts = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            for c in seq:
-                c()
-            ts.append(time.perf_counter() - t)
-        return statistics.median(ts) / len(seq), "wallclock"
-    global _SIDE
-    if _SIDE is None:
-        _SIDE = torch.cuda.Stream()
-    cur = torch.cuda.current_stream()
-    _SIDE.wait_stream(cur)
-    with torch.cuda.stream(_SIDE):
-        for c in calls:
-            c()
-    cur.wait_stream(_SIDE)
-    torch.cuda.synchronize()
-    try:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, stream=_SIDE):
-            for c in seq:
-                c()
-        g.replay()
-        torch.cuda.synchronize()
-        run, method = g.replay, "cudagraph"
-    except Exception as e:  # pragma: no cover - device dependent
-        log(f"    (graph capture failed: {type(e).__name__}: {e}; timing eager)")
-        torch.cuda.synchronize()
-
-        def run():
-            for c in seq:
-                c()
-        method = "eager"
-    ts = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        run()
-        e1.record()
-        e1.synchronize()
-        ts.append(e0.elapsed_time(e1) * 1e-3)
-    return statistics.median(ts) / len(seq), method
 
 
 # ------------------------------------------------------------------------------------ methods
@@ -229,7 +141,7 @@ def run_checks(impl: Impl, groups, device: str, ms) -> list:
                 for k in ("fma", "mma"):
                     methods[f"fxspec_{k}"] = lambda k=k: impl.group(x, ws, impl.forced(k, M, Ns, K))
             for meth, fn in methods.items():
-                row = dict(model=model, group=name, Ns=Ns, K=K, M=M, method=meth)
+                row = {"model": model, "group": name, "Ns": Ns, "K": K, "M": M, "method": meth}
                 try:
                     y, y2 = fn(), fn()
                     err = (y.float() - ref).abs().max().item()
@@ -243,7 +155,8 @@ def run_checks(impl: Impl, groups, device: str, ms) -> list:
                 if not row["ok"]:
                     log("  CHECK FAIL", json.dumps(row))
     n_ok = sum(r["ok"] for r in rows)
-    worst = max((r["max_abs_err"] for r in rows if "max_abs_err" in r and r["method"].startswith("fxspec")), default=None)
+    worst = max((r["max_abs_err"] for r in rows if "max_abs_err" in r and r["method"].startswith("fxspec")),
+                default=None)
     log(f"checks: {n_ok}/{len(rows)} ok; worst fxspec max abs err {worst}")
     return rows
 
@@ -253,7 +166,7 @@ def measure_group(impl: Impl, model, name, Ns, K, device, copy_bw, ms, variants,
     torch.manual_seed(sum(Ns) + K)
     ws0 = [torch.randn(n, K, device=device, dtype=dt) * 0.02 for n in Ns]
     wbytes = sum(w.numel() * w.element_size() for w in ws0)
-    n_copies = max(2, math.ceil(rotate_bytes / wbytes))
+    n_copies = H.n_copies(wbytes, rotate_bytes)
     sets = [[w.clone() for w in ws0] for _ in range(n_copies)]
     cats = [torch.cat(s) for s in sets]
     del ws0
@@ -270,10 +183,10 @@ def measure_group(impl: Impl, model, name, Ns, K, device, copy_bw, ms, variants,
                 methods[f"fxspec_{k}"] = [lambda s=s, cfg=cfg: impl.group(x, s, cfg) for s in sets]
         for meth, calls in methods.items():
             t0 = time.time()
-            row = dict(model=model, group=name, Ns=Ns, K=K, M=M, method=meth, weight_bytes=wbytes,
-                       n_weight_copies=n_copies)
+            row = {"model": model, "group": name, "Ns": Ns, "K": K, "M": M, "method": meth, "weight_bytes": wbytes,
+                   "n_weight_copies": n_copies}
             try:
-                sec, how = time_calls(calls, device)
+                sec, how = H.time_calls(calls, device)
                 bw = wbytes / sec
                 row.update(us=sec * 1e6, GBps=bw / 1e9, frac_copy=bw / copy_bw, timing=how)
                 if meth == "fxspec" and impl.G is not None:
@@ -316,8 +229,8 @@ FUSED_GROUPS = [
 LAYER_SHAPES = {"1.1B": (2048, 2048, 256, 5632), "8B": (4096, 4096, 1024, 14336)}
 FUSED_MS = [1]
 FUSED_CHECK_MS = [1, 2, 4]
-# fused_nopdl: the fused calls captured with FXSPEC_PDL=0 (programmatic dependent launch off, see
-# fxspec/lowering/pdl.py), so the PDL gain is measured in the same run
+# fused_nopdl: the fused calls captured with programmatic dependent launch off (kernels.pdl = "off"),
+# so the PDL gain is measured in the same run
 FUSED_METHODS = ("unfused", "unfused_cublas", "fused", "fused_nopdl")
 
 
@@ -445,14 +358,15 @@ def run_fused_checks(impl: FusedImpl, groups, device, ms) -> list:
             x, nw, res = _fused_inputs(M, Ns, K, epi, norm, device, g)
             ref = fused_linear_ref(x, ws, nw, FUSED_EPS, epi, res)
             for meth in ("fused", "unfused"):
-                row = dict(model=model, case=name, Ns=Ns, K=K, M=M, method=meth)
+                row = {"model": model, "case": name, "Ns": Ns, "K": K, "M": M, "method": meth}
                 try:
                     y, y2 = impl.call(meth, x, ws, nw, epi, res), impl.call(meth, x, ws, nw, epi, res)
                     row.update(equal_frac=(y == ref).double().mean().item(), max_ulps=_ulps(y, ref),
                                max_abs_err=(y.float() - ref.float()).abs().max().item(),
                                allclose=bool(torch.allclose(y.float(), ref.float(), rtol=1.6e-2, atol=1e-2)),
                                deterministic=bool(torch.equal(y, y2)), shape_ok=tuple(y.shape) == tuple(ref.shape))
-                    row["ok"] = row["equal_frac"] >= 0.9 and row["allclose"] and row["deterministic"] and row["shape_ok"]
+                    row["ok"] = (row["equal_frac"] >= 0.9 and row["allclose"] and row["deterministic"]
+                                 and row["shape_ok"])
                 except Exception as e:
                     row.update(ok=False, error=f"{type(e).__name__}: {e}"[:300])
                 rows.append(row)
@@ -460,8 +374,9 @@ def run_fused_checks(impl: FusedImpl, groups, device, ms) -> list:
                     log("  CHECK FAIL", json.dumps(row))
     n_ok = sum(r["ok"] for r in rows)
     fused = [r for r in rows if r["method"] == "fused" and "equal_frac" in r]
-    log(f"fused checks: {n_ok}/{len(rows)} ok; fused: min equal fraction "
-        f"{min((r['equal_frac'] for r in fused), default=None)}, max ulps {max((r['max_ulps'] for r in fused), default=None)}")
+    min_equal = min((r["equal_frac"] for r in fused), default=None)
+    max_ulps = max((r["max_ulps"] for r in fused), default=None)
+    log(f"fused checks: {n_ok}/{len(rows)} ok; fused: min equal fraction {min_equal}, max ulps {max_ulps}")
     return rows
 
 
@@ -471,9 +386,9 @@ def measure_fused(impl: FusedImpl, model, name, Ns, K, epi, norm, device, copy_b
     g = torch.Generator(device=device).manual_seed(K + len(name))
     if name == "layer":
         H, Hq, Hkv, I = (max(16, v // quick_scale) for v in LAYER_SHAPES[model])
-        shapes = dict(qkv=[(Hq, H), (Hkv, H), (Hkv, H)], o=[(H, Hq)], gu=[(I, H), (I, H)], down=[(H, I)])
+        shapes = {"qkv": [(Hq, H), (Hkv, H), (Hkv, H)], "o": [(H, Hq)], "gu": [(I, H), (I, H)], "down": [(H, I)]}
         wbytes = sum(n * k * 2 for v in shapes.values() for (n, k) in v)
-        n_copies = max(2, math.ceil(rotate_bytes / wbytes))
+        n_copies = H.n_copies(wbytes, rotate_bytes)
         sets = []
         for _ in range(n_copies):
             lw = {k: [torch.randn(n, kk, device=device, dtype=dt, generator=g) / math.sqrt(kk) for (n, kk) in v]
@@ -483,7 +398,7 @@ def measure_fused(impl: FusedImpl, model, name, Ns, K, epi, norm, device, copy_b
             sets.append(lw)
     else:
         wbytes = sum(n * K * 2 for n in Ns)
-        n_copies = max(2, math.ceil(rotate_bytes / wbytes))
+        n_copies = H.n_copies(wbytes, rotate_bytes)
         sets = [[torch.randn(n, K, device=device, dtype=dt, generator=g) / math.sqrt(K) for n in Ns]
                 for _ in range(n_copies)]
     for M in ms:
@@ -496,11 +411,11 @@ def measure_fused(impl: FusedImpl, model, name, Ns, K, epi, norm, device, copy_b
             methods = {m: [lambda s=s, m=m: impl.call(m, x, s, nw, epi, res) for s in sets] for m in FUSED_METHODS}
         for meth, calls in methods.items():
             t0 = time.time()
-            row = dict(model=model, case=name, Ns=Ns, K=K, M=M, method=meth, epilogue=epi, norm=norm,
-                       weight_bytes=wbytes, n_weight_copies=n_copies)
+            row = {"model": model, "case": name, "Ns": Ns, "K": K, "M": M, "method": meth, "epilogue": epi,
+                   "norm": norm, "weight_bytes": wbytes, "n_weight_copies": n_copies}
             try:
-                with pdl.override({"FXSPEC_PDL": "0"} if meth.endswith("_nopdl") else {}):
-                    sec, how = time_calls(calls, device)
+                with H.kernels(**({"pdl": "off"} if meth.endswith("_nopdl") else {})):
+                    sec, how = H.time_calls(calls, device)
                 bw = wbytes / sec
                 row.update(us=sec * 1e6, GBps=bw / 1e9, frac_copy=bw / copy_bw, timing=how)
             except Exception as e:
@@ -517,21 +432,22 @@ def measure_fused(impl: FusedImpl, model, name, Ns, K, epi, norm, device, copy_b
 
 
 def fused_markdown(meta, copy_bw, results, checks) -> str:
-    L = [f"# fxspec fused_linear vs the unfused decode sequence ({meta['device_name']})", "",
-         f"- date: {meta['date']}  \n- device: {meta['device_name']}  \n- torch {meta['torch']}, triton {meta['triton']}, "
+    L = [f"# fxspec fused_linear vs the unfused decode sequence ({meta['device']})", "",
+         f"- date: {meta['date']}  \n- device: {meta['device']}  \n- torch {meta['torch']}, triton {meta['triton']}, "
          f"Python {meta['python']}  \n- commit: {meta['commit']}",
          f"- copy bandwidth (read + write, {meta['copy_bytes'] >> 20} MiB buffer): **{copy_bw / 1e9:.1f} GB/s**",
-         f"- timing: {meta['timing']}; weights rotated over >= {meta['rotate_bytes'] >> 20} MiB; FXSPEC_TUNE={meta['tune']}; "
-         f"unfused small kernels compiled with backend={meta['compile_backend']}"]
+         f"- timing: {meta['timing']}; weights rotated over >= {meta['rotate_bytes'] >> 20} MiB; "
+         f"GEMV autotune: {meta['tune']}; unfused small kernels compiled with backend={meta['compile_backend']}"]
     if checks:
         n_ok = sum(c["ok"] for c in checks)
         L.append(f"- correctness (--check, vs the eager reference): {n_ok}/{len(checks)} ok")
-    if meta["device"] != "cuda":
+    if meta["device_type"] != "cuda":
         L.append("- CPU smoke run: every method is ATen's CPU code (the ops' reference implementations); "
                  "the numbers say nothing about the GPU kernels")
     L += ["", "Time in us (GB/s of weights); speedup = unfused / fused; PDL gain = fused with programmatic "
           "dependent launch off / fused (both captured in this run).", "",
-          "| model | case | Ns x K | MB | M | unfused | unfused cuBLAS | fused, PDL off | fused | speedup | vs cuBLAS | PDL gain |",
+          "| model | case | Ns x K | MB | M | unfused | unfused cuBLAS | fused, PDL off | fused | speedup | vs cuBLAS "
+          "| PDL gain |",
           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     by = {}
     for r in results:
@@ -552,7 +468,8 @@ def fused_markdown(meta, copy_bw, results, checks) -> str:
         L.append(f"| {model} | {name} | {shape} | {r0['weight_bytes'] / 1e6:.2f} | {M} | {cell(u)} | {cell(c)} | "
                  f"{cell(fn)} | {cell(f)} | {sp(u, f)} | {sp(c, f)} | {sp(fn, f)} |")
     if checks:
-        L += ["", "Checks (vs fused_linear_ref; equal = fraction of bitwise-equal outputs, ulps = max error in bf16 ulps):", "",
+        L += ["", "Checks (vs fused_linear_ref; equal = fraction of bitwise-equal outputs, ulps = max error in bf16 "
+              "ulps):", "",
               "| model | case | M | method | equal | max ulps | ok |", "|---|---|---:|---|---:|---:|---|"]
         for c in checks:
             if "equal_frac" in c:
@@ -566,20 +483,23 @@ def fused_markdown(meta, copy_bw, results, checks) -> str:
 # ----------------------------------------------------------------------------------- report
 
 def markdown(meta, copy_bw, results, checks) -> str:
-    L = [f"# fxspec linear_group vs cuBLAS ({meta['device_name']})", "",
-         f"- date: {meta['date']}  \n- device: {meta['device_name']}  \n- torch {meta['torch']}, triton {meta['triton']}, "
+    L = [f"# fxspec linear_group vs cuBLAS ({meta['device']})", "",
+         f"- date: {meta['date']}  \n- device: {meta['device']}  \n- torch {meta['torch']}, triton {meta['triton']}, "
          f"Python {meta['python']}  \n- commit: {meta['commit']}",
          f"- copy bandwidth (read + write, {meta['copy_bytes'] >> 20} MiB buffer): **{copy_bw / 1e9:.1f} GB/s**",
-         f"- timing: {meta['timing']}; weights rotated over >= {meta['rotate_bytes'] >> 20} MiB; FXSPEC_TUNE={meta['tune']}"]
+         f"- timing: {meta['timing']}; weights rotated over >= {meta['rotate_bytes'] >> 20} MiB; "
+         f"GEMV autotune: {meta['tune']}"]
     if checks:
         n_ok = sum(c["ok"] for c in checks)
-        worst = max((c["max_abs_err"] for c in checks if "max_abs_err" in c and c["method"].startswith("fxspec")), default=None)
+        worst = max((c["max_abs_err"] for c in checks if "max_abs_err" in c and c["method"].startswith("fxspec")),
+                    default=None)
         L.append(f"- correctness (--check): {n_ok}/{len(checks)} ok; worst fxspec max abs error {worst}")
-    if meta["device"] != "cuda":
+    if meta["device_type"] != "cuda":
         L.append("- CPU smoke run: the 'cuBLAS' columns are ATen's CPU matmul and fxspec is the op's reference "
                  "implementation (torch.cat of F.linear); the numbers say nothing about the GPU kernel")
     L += ["", "Time in us (GB/s of weights, % of copy bandwidth); speedup = cuBLAS separate / fxspec.", "",
-          "| model | group | Ns x K | MB | M | cuBLAS separate | cuBLAS concat | fxspec | speedup | fxspec config | variants |",
+          "| model | group | Ns x K | MB | M | cuBLAS separate | cuBLAS concat | fxspec | speedup | fxspec config "
+          "| variants |",
           "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
     by = {}
     for r in results:
@@ -597,27 +517,18 @@ def markdown(meta, copy_bw, results, checks) -> str:
         sep, cat, fx = d.get("cublas_separate"), d.get("cublas_concat"), d.get("fxspec")
         sp = f"{sep['us'] / fx['us']:.2f}x" if sep and fx and "us" in sep and "us" in fx else "-"
         var = ", ".join(f"{k[7:]} {v['us']:.2f}" for k, v in d.items() if k.startswith("fxspec_") and "us" in v)
-        L.append(f"| {model} | {name} | {'+'.join(map(str, r0['Ns']))} x {r0['K']} | {r0['weight_bytes'] / 1e6:.2f} | {M} | "
-                 f"{cell(sep)} | {cell(cat)} | {cell(fx)} | {sp} | {(fx or {}).get('config') or '-'} | {var or '-'} |")
+        shape = f"{'+'.join(map(str, r0['Ns']))} x {r0['K']}"
+        L.append(f"| {model} | {name} | {shape} | {r0['weight_bytes'] / 1e6:.2f} | {M} | {cell(sep)} | {cell(cat)} | "
+                 f"{cell(fx)} | {sp} | {(fx or {}).get('config') or '-'} | {var or '-'} |")
     if checks:
-        L += ["", "Checks (max abs error vs the fp32 reference; ok = allclose(rtol 1.6e-2, atol 1e-2) and bitwise-equal rerun):", "",
+        L += ["", "Checks (max abs error vs the fp32 reference; ok = allclose(rtol 1.6e-2, atol 1e-2) and "
+              "bitwise-equal rerun):", "",
               "| model | group | M | method | max abs err | ok |", "|---|---|---:|---|---:|---|"]
         for c in checks:
             e = f"{c['max_abs_err']:.3g}" if "max_abs_err" in c else c.get("error", "")
-            L.append(f"| {c['model']} | {c['group']} | {c['M']} | {c['method']} | {e} | {'ok' if c['ok'] else 'FAIL'} |")
+            ok = "ok" if c["ok"] else "FAIL"
+            L.append(f"| {c['model']} | {c['group']} | {c['M']} | {c['method']} | {e} | {ok} |")
     return "\n".join(L) + "\n"
-
-
-def _git_commit() -> str:
-    env = os.environ.get("FXSPEC_COMMIT")
-    if env:
-        return env
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=ROOT).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5, cwd=ROOT).stdout.strip()
-        return (head + ("+worktree" if dirty else "")) if head else "unknown"
-    except Exception:
-        return "unknown"
 
 
 def main():
@@ -638,6 +549,8 @@ def main():
                     help="--fused: torch.compile backend of the unfused small kernels (RMSNorm, SiLU*mul, add)")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results"),
                     help="output folder (default: $OUT, else benchmarks/results)")
+    ap.add_argument("--tag", default=None, help="suffix of the output name, saying what differs from other runs "
+                    "of this date: dense_gemv_<gpu>_<date>_<tag> (--fused: dense_fused_...)")
     args = ap.parse_args()
     if args.budget_s is None:
         args.budget_s = 300.0 if args.fused else 50.0
@@ -655,17 +568,17 @@ def main():
     copy_bytes = (64 << 20) if args.quick else (1 << 30)
     torch.backends.cuda.matmul.allow_tf32 = False
     impl = Impl(device)
-    meta = _meta(args, device, rotate, copy_bytes, fma_max_m=getattr(impl.G, "FMA_MAX_M", None), groups=groups,
-                 ms=ms)
-    log("meta", json.dumps(meta))
-    os.makedirs(args.out, exist_ok=True)
+    meta = _meta(args, device, rotate, copy_bytes, impl.G, fma_max_m=getattr(impl.G, "FMA_MAX_M", None),
+                 groups=groups, ms=ms)
+    log("meta", json.dumps(meta, default=str))
+    stem = H.result_stem("dense_gemv", device, meta["date"][:10], args.tag)
     results, checks = [], []
     copy_bw = None
 
     def dump():
         rep = impl.G.tuning_report() if impl.G is not None else {}
-        with open(os.path.join(args.out, "dense_gemv.json"), "w") as f:
-            json.dump(dict(meta=meta, copy_bw=copy_bw, results=results, checks=checks, tuning=rep), f, indent=1)
+        H.write_json(os.path.join(args.out, f"{stem}.json"),
+                     {"meta": meta, "copy_bw": copy_bw, "results": results, "checks": checks, "tuning": rep})
 
     if args.check or args.no_bench:
         t0 = time.time()
@@ -673,7 +586,7 @@ def main():
         log(f"checks took {time.time() - t0:.1f}s")
         dump()
     if not args.no_bench:
-        copy_bw = copy_bandwidth(device, copy_bytes)
+        copy_bw = H.copy_bandwidth(device, copy_bytes, reps=10, warmup=2)
         log(f"copy bandwidth (read+write): {copy_bw / 1e9:.1f} GB/s")
         for (model, name, Ns, K) in groups:
             if time.time() - t_start > args.budget_s:
@@ -682,32 +595,23 @@ def main():
             measure_group(impl, model, name, Ns, K, device, copy_bw, ms, args.variants, rotate, results)
             dump()
     md = markdown(meta, copy_bw or float("nan"), results, checks)
-    with open(os.path.join(args.out, "dense_gemv.md"), "w") as f:
-        f.write(md)
+    H.write_markdown(os.path.join(args.out, f"{stem}.md"), md)
     dump()
     log(md)
-    log(f"total {time.time() - t_start:.1f}s; wrote {args.out}/dense_gemv.json and dense_gemv.md")
+    log(f"total {time.time() - t_start:.1f}s; wrote {args.out}/{stem}.json and .md")
 
 
 
-def _meta(args, device, rotate, copy_bytes, **extra) -> dict:
-    try:
-        import triton
-        triton_version = triton.__version__
-    except Exception:
-        triton_version = None
-    return dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                device=device,
-                device_name=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                sms=torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else None,
-                torch=torch.__version__, triton=triton_version, cuda=torch.version.cuda,
-                python=sys.version.split()[0], commit=_git_commit(), quick=args.quick,
-                timing="CUDA-graph replay, median of 15" if device == "cuda" else "CPU wall clock, median of 15",
-                rotate_bytes=rotate, copy_bytes=copy_bytes, tune=os.environ.get("FXSPEC_TUNE", "0"), **extra)
+def _meta(args, device, rotate, copy_bytes, gemv_module, **extra) -> dict:
+    """harness.run_meta plus this benchmark's settings; ``tune``: whether the dense GEMV launcher's
+    per-process autotune is on (``gemv.TUNE``; None on the CPU)."""
+    return H.run_meta(device, device_type=device, quick=args.quick,
+                      timing="CUDA-graph replay, median of 15" if device == "cuda" else "CPU wall clock, median of 15",
+                      rotate_bytes=rotate, copy_bytes=copy_bytes, tune=getattr(gemv_module, "TUNE", None), **extra)
 
 
 def main_fused(args, t_start):
-    """--fused: fused_linear vs the unfused sequence; writes dense_fused.json / .md."""
+    """--fused: fused_linear vs the unfused sequence; writes dense_fused_<gpu>_<date>[_<tag>].json / .md."""
     device = args.device
     groups = FUSED_GROUPS if args.groups == "all" else [FUSED_GROUPS[int(i)] for i in args.groups.split(",")]
     scale = QUICK_SCALE if args.quick else 1
@@ -719,17 +623,17 @@ def main_fused(args, t_start):
     copy_bytes = (64 << 20) if args.quick else (1 << 30)
     torch.backends.cuda.matmul.allow_tf32 = False
     impl = FusedImpl(device, args.compile_backend)
-    meta = _meta(args, device, rotate, copy_bytes, compile_backend=args.compile_backend, groups=groups, ms=ms,
-                 eps=FUSED_EPS)
-    log("meta", json.dumps(meta))
-    os.makedirs(args.out, exist_ok=True)
+    meta = _meta(args, device, rotate, copy_bytes, impl.G, compile_backend=args.compile_backend, groups=groups,
+                 ms=ms, eps=FUSED_EPS)
+    log("meta", json.dumps(meta, default=str))
+    stem = H.result_stem("dense_fused", device, meta["date"][:10], args.tag)
     results, checks = [], []
     copy_bw = None
 
     def dump():
         rep = impl.G.tuning_report() if impl.G is not None else {}
-        with open(os.path.join(args.out, "dense_fused.json"), "w") as f:
-            json.dump(dict(meta=meta, copy_bw=copy_bw, results=results, checks=checks, tuning=rep), f, indent=1)
+        H.write_json(os.path.join(args.out, f"{stem}.json"),
+                     {"meta": meta, "copy_bw": copy_bw, "results": results, "checks": checks, "tuning": rep})
 
     if args.check or args.no_bench:
         t0 = time.time()
@@ -737,7 +641,7 @@ def main_fused(args, t_start):
         log(f"checks took {time.time() - t0:.1f}s")
         dump()
     if not args.no_bench:
-        copy_bw = copy_bandwidth(device, copy_bytes)
+        copy_bw = H.copy_bandwidth(device, copy_bytes, reps=10, warmup=2)
         log(f"copy bandwidth (read+write): {copy_bw / 1e9:.1f} GB/s")
         for (model, name, Ns, K, epi, norm) in groups:
             if time.time() - t_start > args.budget_s:
@@ -746,11 +650,10 @@ def main_fused(args, t_start):
             measure_fused(impl, model, name, Ns, K, epi, norm, device, copy_bw, ms, rotate, results, scale)
             dump()
     md = fused_markdown(meta, copy_bw or float("nan"), results, checks)
-    with open(os.path.join(args.out, "dense_fused.md"), "w") as f:
-        f.write(md)
+    H.write_markdown(os.path.join(args.out, f"{stem}.md"), md)
     dump()
     log(md)
-    log(f"total {time.time() - t_start:.1f}s; wrote {args.out}/dense_fused.json and dense_fused.md")
+    log(f"total {time.time() - t_start:.1f}s; wrote {args.out}/{stem}.json and .md")
 
 
 if __name__ == "__main__":

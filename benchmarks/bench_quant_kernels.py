@@ -11,30 +11,31 @@ prefill M = 512, 2048):
   fxspec_int8 / fxspec_int4 (g128, symmetric) / fxspec_fp8, path picked by the launcher,
   plus named variants (other paths; int4 without the PTX unpacking).
 
-Timing: a CUDA graph replays the op over enough weight copies (>= 150 MB, 3x the 50 MB L2) that
-no call finds its weight in L2; time per call = median replay time / calls per replay.  This is
-the steady state of a CUDA-graph decode loop, launch gaps included.  Bandwidth = weight bytes
-(codes + scales [+ zeros]) / time; "frac" = that over the copy bandwidth measured in this run.
+Timing (``benchmarks/harness.py``): a CUDA graph replays the op over enough weight copies (>= 150 MB,
+3x the H100's 50 MB L2) that no call finds its weight in L2; time per call = median replay time / calls
+per replay.  This is the steady state of a CUDA-graph decode loop, launch gaps included.  Bandwidth =
+weight bytes (codes + scales [+ zeros]) / time; "frac" = that over the copy bandwidth measured in this run.
+Methods named ``*_nopdl`` are the same calls captured with programmatic dependent launch off
+(``kernels.pdl = "off"``).
 
     PYTHONPATH=. FXSPEC_COMMIT=$(git rev-parse HEAD) python3 benchmarks/bench_quant_kernels.py
-Writes $OUT/quant_kernels.json and $OUT/quant_kernels.md when OUT is set; prints the table.
+Writes <out>/quant_kernels_<gpu>_<date>[_<tag>].json and .md (``--int4-decode``: quant_int4_decode_...)
+when --out or $OUT names a folder; prints the table.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import math
 import os
-import statistics
-import subprocess
 import sys
 import time
 import traceback
 
+import harness as H
 import torch
 import torch.nn.functional as F
+from harness import log
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192)]  # N x K
 DECODE_MS = [1, 2, 8, 16]
@@ -44,90 +45,12 @@ ROTATE_BYTES = 3 * L2_BYTES
 GROUP = 128
 
 
-def log(*a):
-    print(*a, flush=True)
-
-
-# ------------------------------------------------------------------------------------- timing
-
-def copy_bandwidth(nbytes: int = 2**30, reps: int = 20) -> float:
-    """Device-to-device copy, bytes read + written per second (median of reps)."""
-    a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        b.copy_(a)
-        e1.record()
-        e1.synchronize()
-        ts.append(e0.elapsed_time(e1) * 1e-3)
-    del a, b
-    return 2 * nbytes / statistics.median(ts)
-
-
-def n_copies(nbytes: int) -> int:
-    return max(2, math.ceil(ROTATE_BYTES / max(nbytes, 1)))
-
-
-_SIDE = None
-
-
-def time_calls(calls, reps: int = 15, min_calls: int = 8) -> tuple:
-    """Median seconds per call, over CUDA-graph replays of ``calls`` (each on its own weights).
-    Returns (seconds, method)."""
-    seq = list(calls)
-    while len(seq) < min_calls:
-        seq += list(calls)
-    # warm-up on the capture stream (the documented pattern: cuBLAS workspaces, Triton autotune,
-    # fxspec's per-stream split-K counters all exist before the capture starts)
-    global _SIDE
-    if _SIDE is None:
-        _SIDE = torch.cuda.Stream()
-    cur = torch.cuda.current_stream()
-    _SIDE.wait_stream(cur)
-    with torch.cuda.stream(_SIDE):
-        for c in calls:
-            c()
-    cur.wait_stream(_SIDE)
-    torch.cuda.synchronize()
-    try:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, stream=_SIDE):
-            for c in seq:
-                c()
-        g.replay()
-        torch.cuda.synchronize()
-        run, method = g.replay, "cudagraph"
-    except Exception as e:  # pragma: no cover - device dependent
-        log(f"    (graph capture failed: {type(e).__name__}: {e}; timing eager)")
-        torch.cuda.synchronize()
-
-        def run():
-            for c in seq:
-                c()
-        method = "eager"
-    ts = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        run()
-        e1.record()
-        e1.synchronize()
-        ts.append(e0.elapsed_time(e1) * 1e-3)
-    return statistics.median(ts) / len(seq), method
-
-
 # --------------------------------------------------------------------------------- baselines
 
 def pdl_env(off: bool):
-    """Methods named ``*_nopdl`` are captured with FXSPEC_PDL=0 (programmatic dependent launch off,
-    fxspec/lowering/pdl.py): the same kernel without the launch overlap, measured in the same run."""
-    from fxspec.lowering import pdl
-    return pdl.override({"FXSPEC_PDL": "0"} if off else {})
+    """Methods named ``*_nopdl`` are captured with programmatic dependent launch off (``kernels.pdl =
+    "off"``): the same kernel without the launch overlap, measured in the same run."""
+    return H.kernels(pdl="off") if off else H.kernels()
 
 
 def tinygemm_pack(q4: torch.Tensor, scales_gn: torch.Tensor):
@@ -159,16 +82,15 @@ def run_checks(Q, tk) -> list:
     g = torch.Generator(device="cuda").manual_seed(0)
 
     def one(name, p, fn, ref, N, K, M, dt, has_bias):
+        row = {"fmt": name, "path": p, "N": N, "K": K, "M": M, "dtype": str(dt)[6:], "bias": has_bias}
         try:
             y, y2 = fn(p), fn(p)
             err = rel_err(y, ref)
             det = bool(torch.equal(y, y2))
             ok = err < (1e-2 if dt == torch.bfloat16 else 2e-3) and det and bool(torch.isfinite(y).all())
-            row = dict(fmt=name, path=p, N=N, K=K, M=M, dtype=str(dt)[6:], bias=has_bias, rel_err=err,
-                       deterministic=det, ok=ok)
+            row.update(rel_err=err, deterministic=det, ok=ok)
         except Exception as e:
-            row = dict(fmt=name, path=p, N=N, K=K, M=M, dtype=str(dt)[6:], bias=has_bias, rel_err=None,
-                       deterministic=None, ok=False, error=f"{type(e).__name__}: {e}"[:300])
+            row.update(rel_err=None, deterministic=None, ok=False, error=f"{type(e).__name__}: {e}"[:300])
         rows.append(row)
         if not row["ok"]:
             log("  CHECK FAIL", row)
@@ -177,6 +99,8 @@ def run_checks(Q, tk) -> list:
         W = torch.randn(N, K, device="cuda", dtype=dt, generator=g) * 0.05
         x = torch.randn(M, K, device="cuda", dtype=dt, generator=g)
         b = torch.randn(N, device="cuda", dtype=dt, generator=g) if with_bias else None
+        info = (N, K, M, dt, b is not None)
+
         def cfg(kernel):
             if not cfg_first:
                 return None
@@ -191,7 +115,8 @@ def run_checks(Q, tk) -> list:
                 if p == "gemv" and M > 16:
                     continue
                 c = cfg("gemv" if p == "gemv" else "mma8") if p != "dequant" else None
-                one("int8", p, lambda p, c=c: tk.int8_linear_triton(x, q.qweight, q.scales, b, path=p, config=c), ref, N, K, M, dt, b is not None)
+                one("int8", p, lambda p, c=c: tk.int8_linear_triton(x, q.qweight, q.scales, b, path=p, config=c),
+                    ref, *info)
         if "fp8" in fmts:
             qf = Q.quantize_fp8(W)
             ref = Q.fp8_linear_ref(x, qf.qweight, qf.scales, b)
@@ -199,19 +124,23 @@ def run_checks(Q, tk) -> list:
                 if p == "gemv" and M > 16:
                     continue
                 c = cfg("gemv" if p == "gemv" else "mma8")
-                one("fp8", p, lambda p, c=c: tk.fp8_linear_triton(x, qf.qweight, qf.scales, b, path=p, config=c), ref, N, K, M, dt, b is not None)
+                one("fp8", p, lambda p, c=c: tk.fp8_linear_triton(x, qf.qweight, qf.scales, b, path=p, config=c),
+                    ref, *info)
         if "int4" in fmts:
             q4 = Q.quantize_int4(W, GROUP, symmetric=True)
             ref = Q.int4_linear_ref(x, q4.qweight, q4.scales, None, GROUP, b)
             for p in ("mma", "dequant"):
                 c = cfg("mma4") if p == "mma" else None
-                one("int4g128", p, lambda p, c=c: tk.int4_linear_triton(x, q4.qweight, q4.scales, None, GROUP, b, path=p, config=c), ref, N, K, M, dt, b is not None)
+                one("int4g128", p, lambda p, c=c: tk.int4_linear_triton(x, q4.qweight, q4.scales, None, GROUP, b,
+                                                                        path=p, config=c), ref, *info)
             if "noasm" in fmts:
-                one("int4g128_noasm", "mma", lambda p: tk.int4_linear_triton(x, q4.qweight, q4.scales, None, GROUP, b, path=p, use_asm=False, config=cfg("mma4")), ref, N, K, M, dt, b is not None)
+                one("int4g128_noasm", "mma", lambda p: tk.int4_linear_triton(
+                    x, q4.qweight, q4.scales, None, GROUP, b, path=p, use_asm=False, config=cfg("mma4")), ref, *info)
         if "int4asym" in fmts:
             qa = Q.quantize_int4(W, 64, symmetric=False)
             ref = Q.int4_linear_ref(x, qa.qweight, qa.scales, qa.zeros, 64, b)
-            one("int4g64_asym", "mma", lambda p: tk.int4_linear_triton(x, qa.qweight, qa.scales, qa.zeros, 64, b, path=p, config=cfg("mma4")), ref, N, K, M, dt, b is not None)
+            one("int4g64_asym", "mma", lambda p: tk.int4_linear_triton(
+                x, qa.qweight, qa.scales, qa.zeros, 64, b, path=p, config=cfg("mma4")), ref, *info)
 
     bf = torch.bfloat16
     for (N, K) in SHAPES:  # autotuned, the timing's keys
@@ -251,7 +180,7 @@ def measure_shape(Q, tk, N, K, copy_bw, results, only_m=None, sweep=True):
 
     def get(kind, make):
         if kind not in copies:
-            copies[kind] = [make() for _ in range(n_copies(bytes_[kind.split(':')[0]]))]
+            copies[kind] = [make() for _ in range(H.n_copies(bytes_[kind.split(':')[0]], ROTATE_BYTES))]
         return copies[kind]
 
     Ws = get("bf16", lambda: W.clone())
@@ -271,38 +200,46 @@ def measure_shape(Q, tk, N, K, copy_bw, results, only_m=None, sweep=True):
     Ms = only_m or (DECODE_MS + PREFILL_MS)
     for M in Ms:
         x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+
+        def int8(**kw):  # (bytes kind, one call per weight copy) of fxspec's int8 launcher
+            return ("int8", [lambda q=q, s=s: tk.int8_linear_triton(x, q, s, **kw) for q, s in q8s])
+
+        def int4(**kw):
+            return ("int4", [lambda q=q, s=s: tk.int4_linear_triton(x, q, s, None, GROUP, **kw) for q, s in q4s])
+
         methods = {
             "cublas_bf16": ("bf16", [lambda w=w: F.linear(x, w) for w in Ws]),
-            "tinygemm_int4": ("tinygemm", [lambda p=p, s=s: torch.ops.aten._weight_int4pack_mm(x, p, GROUP, s) for p, s in tgs]),
-            "fxspec_int8": ("int8", [lambda q=q, s=s: tk.int8_linear_triton(x, q, s) for q, s in q8s]),
-            "fxspec_int4": ("int4", [lambda q=q, s=s: tk.int4_linear_triton(x, q, s, None, GROUP) for q, s in q4s]),
+            "tinygemm_int4": ("tinygemm", [lambda p=p, s=s: torch.ops.aten._weight_int4pack_mm(x, p, GROUP, s)
+                                           for p, s in tgs]),
+            "fxspec_int8": int8(),
+            "fxspec_int4": int4(),
         }
         if M == 1:
             methods["fxspec_int8_nopdl"] = methods["fxspec_int8"]
             methods["fxspec_int4_nopdl"] = methods["fxspec_int4"]
             methods["inductor_int8"] = ("int8", [lambda q=q, s=s: ind(x, q, s) for q, s in q8b])
             methods["fxspec_fp8"] = ("fp8", [lambda q=q, s=s: tk.fp8_linear_triton(x, q, s) for q, s in qfs])
-            methods["fxspec_int8_mma"] = ("int8", [lambda q=q, s=s: tk.int8_linear_triton(x, q, s, path="mma") for q, s in q8s])
-            methods["fxspec_int4_noasm"] = ("int4", [lambda q=q, s=s: tk.int4_linear_triton(x, q, s, None, GROUP, use_asm=False) for q, s in q4s])
+            methods["fxspec_int8_mma"] = int8(path="mma")
+            methods["fxspec_int4_noasm"] = int4(use_asm=False)
         if M in (2, 8):
-            methods["fxspec_int8_gemv"] = ("int8", [lambda q=q, s=s: tk.int8_linear_triton(x, q, s, path="gemv") for q, s in q8s])
+            methods["fxspec_int8_gemv"] = int8(path="gemv")
         if M >= 512:
-            methods["fxspec_int8_mma"] = ("int8", [lambda q=q, s=s: tk.int8_linear_triton(x, q, s, path="mma") for q, s in q8s])
-            methods["fxspec_int8_dequant"] = ("int8", [lambda q=q, s=s: tk.int8_linear_triton(x, q, s, path="dequant") for q, s in q8s])
-            methods["fxspec_int4_mma"] = ("int4", [lambda q=q, s=s: tk.int4_linear_triton(x, q, s, None, GROUP, path="mma") for q, s in q4s])
-            methods["fxspec_int4_dequant"] = ("int4", [lambda q=q, s=s: tk.int4_linear_triton(x, q, s, None, GROUP, path="dequant") for q, s in q4s])
+            methods["fxspec_int8_mma"] = int8(path="mma")
+            methods["fxspec_int8_dequant"] = int8(path="dequant")
+            methods["fxspec_int4_mma"] = int4(path="mma")
+            methods["fxspec_int4_dequant"] = int4(path="dequant")
             methods.pop("fxspec_int8")
             methods.pop("fxspec_int4")
         for name, (kind, calls) in methods.items():
             t0 = time.time()
             try:
                 with pdl_env(name.endswith("_nopdl")):
-                    sec, how = time_calls(calls, reps=15 if M <= 16 else 7)
+                    sec, how = H.time_calls(calls, "cuda", reps=15 if M <= 16 else 7)
                 bw = bytes_[kind] / sec
-                row = dict(N=N, K=K, M=M, method=name, us=sec * 1e6, weight_bytes=bytes_[kind],
-                           GBps=bw / 1e9, frac_copy=bw / copy_bw, tflops=2 * M * N * K / sec / 1e12, timing=how)
+                row = {"N": N, "K": K, "M": M, "method": name, "us": sec * 1e6, "weight_bytes": bytes_[kind],
+                       "GBps": bw / 1e9, "frac_copy": bw / copy_bw, "tflops": 2 * M * N * K / sec / 1e12, "timing": how}
             except Exception as e:
-                row = dict(N=N, K=K, M=M, method=name, error=f"{type(e).__name__}: {e}"[:300])
+                row = {"N": N, "K": K, "M": M, "method": name, "error": f"{type(e).__name__}: {e}"[:300]}
                 traceback.print_exc()
             results.append(row)
             if "us" in row:
@@ -312,9 +249,9 @@ def measure_shape(Q, tk, N, K, copy_bw, results, only_m=None, sweep=True):
                 log(f"  M={M:<5d} {name:<20s} ERROR {row['error']}")
         if M == 1 and sweep and N * K <= 8192 * 8192:
             sweep_int4(tk, x, q4s, N, K, bytes_["int4"], copy_bw, results)
-    del copies
+    copies.clear()
     torch.cuda.empty_cache()
-    return dict(tinygemm_rel_err=tg_err)
+    return {"tinygemm_rel_err": tg_err}
 
 
 def sweep_int4(tk, x, q4s, N, K, nbytes, copy_bw, results):
@@ -327,18 +264,19 @@ def sweep_int4(tk, x, q4s, N, K, nbytes, copy_bw, results):
             cfg = dict(c.kwargs, SPLIT_K=sk, num_warps=c.num_warps, num_stages=c.num_stages)
             calls = [lambda q=q, s=s, cfg=cfg: tk.int4_linear_triton(x, q, s, None, GROUP, config=cfg) for q, s in q4s]
             try:
-                sec, how = time_calls(calls, reps=10)
+                sec, how = H.time_calls(calls, "cuda", reps=10)
             except Exception as e:
                 log(f"  sweep {cfg} ERROR {type(e).__name__}: {e}"[:300])
                 continue
             bw = nbytes / sec
             name = f"sweep_int4 BN{bn} w{c.num_warps} s{c.num_stages} sk{sk}" + (" *" if sk == base else "")
-            results.append(dict(N=N, K=K, M=1, method=name, us=sec * 1e6, weight_bytes=nbytes, GBps=bw / 1e9,
-                                frac_copy=bw / copy_bw, tflops=2 * N * K / sec / 1e12, timing=how))
+            results.append({"N": N, "K": K, "M": 1, "method": name, "us": sec * 1e6, "weight_bytes": nbytes,
+                            "GBps": bw / 1e9, "frac_copy": bw / copy_bw, "tflops": 2 * N * K / sec / 1e12,
+                            "timing": how})
             log(f"  M=1     {name:<32s} {sec*1e6:9.2f} us  {bw/copy_bw*100:5.1f}% copy")
 
 
-# ------------------------------------------------------------------ int4 decode (run 3 mode)
+# ------------------------------------------------------------------ int4 decode (--int4-decode)
 
 def int4_decode_checks(Q, tk, shapes, ms) -> list:
     """--int4-decode: the int4 GEMV path (autotuned, the timing's keys) and the mma path vs the
@@ -367,7 +305,8 @@ def int4_decode_checks(Q, tk, shapes, ms) -> list:
         q = Q.quantize_int4(W, G, symmetric=sym)
         ref = Q.int4_linear_ref(x, q.qweight, q.scales, q.zeros, G, b)
         for p in paths:
-            one(f"int4g{G}{'' if sym else '_asym'}", lambda p=p: tk.int4_linear_triton(x, q.qweight, q.scales, q.zeros, G, b, path=p),
+            one(f"int4g{G}{'' if sym else '_asym'}",
+                lambda p=p: tk.int4_linear_triton(x, q.qweight, q.scales, q.zeros, G, b, path=p),
                 ref, path=p, N=N, K=K, M=M, dtype=str(dt)[6:], bias=bias)
 
     for (N, K) in shapes:
@@ -392,17 +331,22 @@ def measure_int4_decode(Q, tk, N, K, copy_bw, results, ms):
     del codes4, W
     b4 = q4.nbytes()
     btg = tg_packed.numel() * tg_packed.element_size() + tg_sz.numel() * tg_sz.element_size()
-    q4s = [(q4.qweight.clone(), q4.scales.clone()) for _ in range(n_copies(b4))]
-    tgs = [(tg_packed.clone(), tg_sz.clone()) for _ in range(n_copies(btg))]
+    q4s = [(q4.qweight.clone(), q4.scales.clone()) for _ in range(H.n_copies(b4, ROTATE_BYTES))]
+    tgs = [(tg_packed.clone(), tg_sz.clone()) for _ in range(H.n_copies(btg, ROTATE_BYTES))]
     xt = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
     tg_err = rel_err(torch.ops.aten._weight_int4pack_mm(xt, tg_packed, GROUP, tg_sz),
                      Q.int4_linear_ref(xt, q4.qweight, q4.scales, None, GROUP))
     for M in ms:
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+
+        def int4(**kw):  # (weight bytes, one call per weight copy) of fxspec's int4 launcher
+            return (b4, [lambda q=q, s=s: tk.int4_linear_triton(x, q, s, None, GROUP, **kw) for q, s in q4s])
+
         methods = {
-            "fxspec_int4_gemv": (b4, [lambda q=q, s=s: tk.int4_linear_triton(x, q, s, None, GROUP, path="gemv") for q, s in q4s]),
-            "fxspec_int4_mma": (b4, [lambda q=q, s=s: tk.int4_linear_triton(x, q, s, None, GROUP, path="mma") for q, s in q4s]),
-            "tinygemm_int4": (btg, [lambda p=p, s=s: torch.ops.aten._weight_int4pack_mm(x, p, GROUP, s) for p, s in tgs]),
+            "fxspec_int4_gemv": int4(path="gemv"),
+            "fxspec_int4_mma": int4(path="mma"),
+            "tinygemm_int4": (btg, [lambda p=p, s=s: torch.ops.aten._weight_int4pack_mm(x, p, GROUP, s)
+                                    for p, s in tgs]),
         }
         methods["fxspec_int4_gemv_nopdl"] = methods["fxspec_int4_gemv"]
         # experimental packed-bf16x2 GEMV, fixed configs (no autotuning), next to the fp32 GEMV's
@@ -412,29 +356,29 @@ def measure_int4_decode(Q, tk, N, K, copy_bw, results, ms):
         for c in getattr(tk, "_GEMV4_PACKED", []):
             fixed[f"fxspec_int4_gemv_bn{c.kwargs['BLOCK_N']}_pk{c.kwargs['PACKED']}"] = c
         for name, c in fixed.items():
-            cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-            methods[name] = (b4, [lambda q=q, s=s, cfg=cfg: tk.int4_linear_triton(x, q, s, None, GROUP, path="gemv", config=cfg)
-                                  for q, s in q4s])
+            methods[name] = int4(path="gemv", config=dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages))
         for name, (nb, calls) in methods.items():
             try:
                 with pdl_env(name.endswith("_nopdl")):
-                    sec, how = time_calls(calls, reps=15)
+                    sec, how = H.time_calls(calls, "cuda", reps=15)
                 bw = nb / sec
-                row = dict(N=N, K=K, M=M, method=name, us=sec * 1e6, weight_bytes=nb, GBps=bw / 1e9,
-                           frac_copy=bw / copy_bw, tflops=2 * M * N * K / sec / 1e12, timing=how)
+                row = {"N": N, "K": K, "M": M, "method": name, "us": sec * 1e6, "weight_bytes": nb, "GBps": bw / 1e9,
+                       "frac_copy": bw / copy_bw, "tflops": 2 * M * N * K / sec / 1e12, "timing": how}
                 log(f"  M={M} {name:<18s} {row['us']:8.2f} us  {bw/copy_bw*100:5.1f}% copy")
             except Exception as e:
-                row = dict(N=N, K=K, M=M, method=name, error=f"{type(e).__name__}: {e}"[:300])
+                row = {"N": N, "K": K, "M": M, "method": name, "error": f"{type(e).__name__}: {e}"[:300]}
                 log(f"  M={M} {name:<18s} ERROR {row['error']}")
             results.append(row)
-    del q4s, tgs
+    q4s.clear()
+    tgs.clear()
     torch.cuda.empty_cache()
-    return dict(tinygemm_rel_err=tg_err)
+    return {"tinygemm_rel_err": tg_err}
 
 
 def int4_decode_table(copy_bw, results) -> str:
     lines = [f"copy bandwidth {copy_bw/1e12:.3f} TB/s",
-             "| N x K | M | fxspec int4 gemv | gemv, PDL off | fxspec int4 mma | tinygemm | gemv vs tinygemm | PDL off vs tinygemm |",
+             "| N x K | M | fxspec int4 gemv | gemv, PDL off | fxspec int4 mma | tinygemm | gemv vs tinygemm "
+             "| PDL off vs tinygemm |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     by = {}
     for r in results:
@@ -442,7 +386,7 @@ def int4_decode_table(copy_bw, results) -> str:
 
     def cell(r):
         return f"{r['us']:.2f} ({r['frac_copy']*100:.0f}%)" if r and "us" in r else "error"
-    for (N, K, M), d in sorted(by.items(), key=lambda kv: (kv[0][2], SHAPES.index(kv[0][:2]) if kv[0][:2] in SHAPES else 99)):
+    for (N, K, M), d in sorted(by.items(), key=lambda kv: (kv[0][2], shape_order(kv[0][:2]))):
         gv, mm, tg = d.get("fxspec_int4_gemv"), d.get("fxspec_int4_mma"), d.get("tinygemm_int4")
         gn = d.get("fxspec_int4_gemv_nopdl")
 
@@ -462,18 +406,23 @@ def triton_cdiv(a, b):
     return -(-a // b)
 
 
+def shape_order(nk) -> int:
+    """Tables list SHAPES in their order, other shapes after them."""
+    return SHAPES.index(tuple(nk)) if tuple(nk) in SHAPES else 99
+
+
 # ----------------------------------------------------------------------------------- report
 
 def markdown(meta, copy_bw, results, checks) -> str:
     lines = []
-    lines.append(f"- date: {meta['date']}  \n- device: {meta['device']}  \n- torch {meta['torch']}, triton {meta['triton']}, "
-                 f"CUDA {meta['cuda']}, Python {meta['python']}  \n- commit: {meta['commit']}")
+    lines.append(f"- date: {meta['date']}  \n- device: {meta['device']}  \n- torch {meta['torch']}, "
+                 f"triton {meta['triton']}, CUDA {meta['cuda']}, Python {meta['python']}  \n- commit: {meta['commit']}")
     lines.append(f"- copy bandwidth (read + write): **{copy_bw/1e12:.3f} TB/s**")
     n_ok = sum(c["ok"] for c in checks)
     lines.append(f"- GPU correctness checks: {n_ok}/{len(checks)} ok")
     lines.append("")
     by = {}
-    for r in sorted(results, key=lambda r: (SHAPES.index((r["N"], r["K"])) if (r["N"], r["K"]) in SHAPES else 99, r["M"])):
+    for r in sorted(results, key=lambda r: (shape_order((r["N"], r["K"])), r["M"])):
         by.setdefault((r["N"], r["K"]), []).append(r)
     lines.append("| N x K | M | method | time (us) | GB/s | % copy BW | TFLOP/s |")
     lines.append("|---|---:|---|---:|---:|---:|---:|")
@@ -488,37 +437,36 @@ def markdown(meta, copy_bw, results, checks) -> str:
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="all", help="'all' or indices like 0,4")
     ap.add_argument("--ms", default=None, help="comma list of M (default decode + prefill)")
     ap.add_argument("--no-checks", action="store_true")
     ap.add_argument("--budget-s", type=float, default=520, help="stop starting new shapes after this")
     ap.add_argument("--int4-decode", action="store_true",
                     help="only int4 decode: gemv vs mma vs tinygemm (checks + timing) at --ms (default 1)")
+    ap.add_argument("--out", default=os.environ.get("OUT"), help="output folder (default: $OUT; none: no files)")
+    ap.add_argument("--tag", default=None, help="suffix of the output name, saying what differs from other runs "
+                    "of this date: quant_kernels_<gpu>_<date>_<tag>")
     args = ap.parse_args()
     t_start = time.time()
     if not torch.cuda.is_available():
         sys.exit("bench_quant_kernels: needs a CUDA GPU")
-    import triton
     import fxspec.lowering.quant as Q
     from fxspec.lowering.quant import triton_kernels as tk
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    commit = os.environ.get("FXSPEC_COMMIT") or _git_head() or "unknown"
-    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                device=torch.cuda.get_device_name(), sms=torch.cuda.get_device_properties(0).multi_processor_count,
-                torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
-                python=sys.version.split()[0], commit=commit,
-                decode_max_m=tk.DECODE_MAX_M, gemv_max_m=tk.GEMV_MAX_M, gemv4_max_m=getattr(tk, "GEMV4_MAX_M", None), prefill_dequant_min_m=tk.PREFILL_DEQUANT_MIN_M)
-    log("meta", json.dumps(meta))
-    out_dir = os.environ.get("OUT")
+    meta = H.run_meta("cuda", decode_max_m=tk.DECODE_MAX_M, gemv_max_m=tk.GEMV_MAX_M,
+                      gemv4_max_m=getattr(tk, "GEMV4_MAX_M", None), prefill_dequant_min_m=tk.PREFILL_DEQUANT_MIN_M)
+    log("meta", json.dumps(meta, default=str))
+    out_dir = args.out
+    stem = H.result_stem("quant_int4_decode" if args.int4_decode else "quant_kernels", "cuda", meta["date"][:10],
+                         args.tag)
     results, checks = [], []
 
     def dump(copy_bw=None, extra=None):
-        if not out_dir:
-            return
-        with open(os.path.join(out_dir, "quant_kernels.json"), "w") as f:
-            json.dump(dict(meta=meta, copy_bw=copy_bw, results=results, checks=checks, extra=extra or {}), f, indent=1)
+        if out_dir:
+            H.write_json(os.path.join(out_dir, f"{stem}.json"),
+                         {"meta": meta, "copy_bw": copy_bw, "results": results, "checks": checks, "extra": extra or {}})
 
     if args.int4_decode:
         shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
@@ -528,7 +476,7 @@ def main():
             checks = int4_decode_checks(Q, tk, shapes, ms[:1])
             log(f"checks took {time.time()-t0:.1f}s")
             dump()
-        copy_bw = copy_bandwidth()
+        copy_bw = H.copy_bandwidth("cuda")
         log(f"copy bandwidth (read+write): {copy_bw/1e12:.3f} TB/s")
         extra = {}
         for M in ms:  # M = 1 on every shape first
@@ -542,8 +490,7 @@ def main():
                 dump(copy_bw, extra)
         md = int4_decode_table(copy_bw, results)
         if out_dir:
-            with open(os.path.join(out_dir, "quant_kernels_int4_decode.md"), "w") as f:
-                f.write(md + "\n")
+            H.write_markdown(os.path.join(out_dir, f"{stem}.md"), md)
         dump(copy_bw, extra)
         log(md)
         log(f"total {time.time()-t_start:.0f}s")
@@ -553,7 +500,7 @@ def main():
         checks = run_checks(Q, tk)
         log(f"checks took {time.time()-t0:.1f}s")
         dump()
-    copy_bw = copy_bandwidth()
+    copy_bw = H.copy_bandwidth("cuda")
     log(f"copy bandwidth (read+write): {copy_bw/1e12:.3f} TB/s")
     shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
     # phases: the M = 1 targets on every shape first, then the rest, so a time limit cuts the
@@ -571,18 +518,10 @@ def main():
             dump(copy_bw, extra)
     md = markdown(meta, copy_bw, results, checks)
     if out_dir:
-        with open(os.path.join(out_dir, "quant_kernels.md"), "w") as f:
-            f.write(md + "\n")
+        H.write_markdown(os.path.join(out_dir, f"{stem}.md"), md)
     dump(copy_bw, extra)
     log(md)
     log(f"total {time.time()-t_start:.0f}s")
-
-
-def _git_head():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip() or None
-    except Exception:
-        return None
 
 
 if __name__ == "__main__":

@@ -28,22 +28,21 @@ GB/s = bytes a decode step must read (weights the step touches: every parameter 
 unless tied to the LM head, at the row's storage width: quantized linears at their bits plus scales, the
 LM head at bf16 unless the row is ``+head``; plus the K/V of the live context, averaged over the run)
 x steps/s; % of the device-to-device copy bandwidth measured in the same run (bytes read +
-written, as DESIGN.md quotes it); compile/warm-up seconds; peak device memory.
+written); compile/warm-up seconds; peak device memory.
 
 Rows run in priority order and are skipped (with a note) once ``--budget-s`` is spent; results are
-written after every row, so a timeout leaves what was measured.
+written after every row, so a timeout leaves what was measured: ``<out>/decode_<gpu>_<date>[_<tag>].json``
+and ``.md`` (and ``.png``; profiles ``..._profile_<model>_b<B>.txt``). Kernel-setting variants of a row
+(``--only``: `` no-pdl``, `` pdl-prefetch``, `` no-table``, ...) compile and run with those ``[kernels]``
+settings (``fxspec.lowering.settings``).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 import traceback
@@ -52,43 +51,25 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import fxspec  # noqa: E402,F401  (registers the backend)
-from fxspec.runtime import Generator  # noqa: E402
+import harness as H
+from harness import sync, timed
+
+import fxspec  # noqa: F401  (registers the backend)
+from fxspec.runtime import Generator
 
 SHAPES = {
-    "llama-1.1b": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
-                       intermediate_size=5632, vocab_size=32000, rope_theta=10000.0),
-    "llama3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                      intermediate_size=14336, vocab_size=128256, rope_theta=500000.0),
-    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=256, vocab_size=512, rope_theta=10000.0),
+    "llama-1.1b": {"hidden_size": 2048, "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4,
+                   "intermediate_size": 5632, "vocab_size": 32000, "rope_theta": 10000.0},
+    "llama3-8b": {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                  "intermediate_size": 14336, "vocab_size": 128256, "rope_theta": 500000.0},
+    "tiny": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "intermediate_size": 256, "vocab_size": 512, "rope_theta": 10000.0},
 }
 
 
-# --- measurement helpers -----------------------------------------------------------------------------
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def copy_bandwidth(device) -> float:
-    """Device-to-device copy, bytes read + written per second (median of 20)."""
-    n = (1 << 30) if device.type == "cuda" else (1 << 26)
-    a = torch.empty(n // 2, dtype=torch.float16, device=device).uniform_()
-    b = torch.empty_like(a)
-    times = []
-    for i in range(25):
-        sync(device)
-        t = time.perf_counter()
-        b.copy_(a)
-        sync(device)
-        if i >= 5:
-            times.append(time.perf_counter() - t)
-    times.sort()
-    return 2 * a.numel() * a.element_size() / times[len(times) // 2]
-
+# --- measurement helpers (timing and copy bandwidth: benchmarks/harness.py) ---------------------------
 
 def weight_read_bytes(model, bits: int | None = None, group: int = 128, lm_head: bool = False) -> int:
     """Bytes of the parameters one decode step reads. The input embedding is a gather (B rows), not a
@@ -101,7 +82,7 @@ def weight_read_bytes(model, bits: int | None = None, group: int = 128, lm_head:
     head = model.get_output_embeddings().weight
     quantized = set()
     if bits:
-        for name, mod in model.named_modules():
+        for mod in model.modules():
             if not isinstance(mod, torch.nn.Linear) or (mod.weight is head and not lm_head):
                 continue
             if min(mod.weight.shape) >= 64 and (bits == 8 or mod.weight.shape[1] % group == 0):
@@ -123,18 +104,6 @@ def kv_bytes_per_slot(model) -> int:
 
     layers, kv_heads, head_dim = hf_kv_geometry(model.config)
     return 2 * layers * kv_heads * head_dim * next(model.parameters()).element_size()
-
-
-def timed(fn, device, reps: int = 1) -> float:
-    """Best wall time of ``reps`` calls (synchronised)."""
-    best = float("inf")
-    for _ in range(reps):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 # --- models ----------------------------------------------------------------------------------------
@@ -175,19 +144,11 @@ class Bench:
         self.t0 = time.perf_counter()
         self.rows: list[dict] = []
         self.baseline = 0
-        self.meta = {
-            "date": datetime.date.today().isoformat(),
-            "device": (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
-                       else platform.processor() or "cpu"),
-            "torch": torch.__version__,
-            "transformers": __import__("transformers").__version__,
-            "triton": _version("triton"),
-            "pdl": os.environ.get("FXSPEC_PDL", "auto"),
-            "commit": os.environ.get("FXSPEC_COMMIT") or _git_commit(),
-            "prompt": args.prompt, "new_tokens": args.new,
-            "dtype": {torch.bfloat16: "bf16", torch.float32: "fp32"}[self.dtype],
-        }
-        self.meta["copy_GBps"] = copy_bandwidth(self.device) / 1e9
+        self.meta = H.run_meta(self.device, prompt=args.prompt, new_tokens=args.new,
+                               dtype={torch.bfloat16: "bf16", torch.float32: "fp32"}[self.dtype])
+        self.stem = H.result_stem("decode", self.device, self.meta["date"][:10], args.tag)
+        nbytes = (1 << 30) if self.device.type == "cuda" else (1 << 26)
+        self.meta["copy_GBps"] = H.copy_bandwidth(self.device, nbytes, reps=20, warmup=5) / 1e9
         print(f"copy bandwidth (read+write): {self.meta['copy_GBps']:.0f} GB/s", flush=True)
 
     def left(self) -> float:
@@ -199,10 +160,8 @@ class Bench:
         self.write()
 
     def write(self) -> None:
-        out = Path(self.args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "decode.json").write_text(json.dumps({"meta": self.meta, "rows": self.rows}, indent=1))
-        (out / "decode.md").write_text(markdown(self.meta, self.rows))
+        H.write_results(self.args.out, self.stem, {"meta": self.meta, "rows": self.rows},
+                        markdown(self.meta, self.rows))
 
     def base(self, model_name, model, batch, method) -> dict:
         return {"model": model_name, "batch": batch, "method": method,
@@ -239,7 +198,7 @@ class Bench:
     def hf_eager(self, name, model, batch, ids, n):
         row = self.base(name, model, batch, "hf eager")
         self.reset_peak()
-        gen = lambda k: model.generate(ids, do_sample=False, max_new_tokens=k, min_new_tokens=k)  # noqa: E731
+        gen = lambda k: model.generate(ids, do_sample=False, max_new_tokens=k, min_new_tokens=k)
         with torch.no_grad():
             gen(2)
             t_1 = timed(lambda: gen(1), self.device, reps=3)
@@ -253,7 +212,7 @@ class Bench:
         self.reset_peak()
         torch._dynamo.reset()
         cc = CompileConfig(mode=mode, fullgraph=False, dynamic=False)
-        gen = lambda k: model.generate(ids, do_sample=False, max_new_tokens=k, min_new_tokens=k,  # noqa: E731
+        gen = lambda k: model.generate(ids, do_sample=False, max_new_tokens=k, min_new_tokens=k,
                                        cache_implementation="static", compile_config=cc)
         try:
             with torch.no_grad():
@@ -305,12 +264,12 @@ class Bench:
         row["compile_decode_s"] = gen.stats.get("compile_decode_s")
         row["capture_s"] = gen.stats.get("capture_s")
         self.finish(row, model, batch, t_n, t_1, n, bits=bits, compile_s=t_w, lm_head=lm_head)
-        del gen
+        gen = None  # drop the graphs and compiled code before the next row
         return row, out
 
 
     def profile(self, name, model, batch, ids, n, config=None, tag=""):
-        """Kernel-level view of one decode step (CUDA-graph replays) -> $OUT/profile_<model>_b<B><tag>.txt."""
+        """Kernel-level view of one decode step (CUDA-graph replays) -> <out>/<stem>_profile_<model>_b<B><tag>.txt."""
         from torch.profiler import ProfilerActivity, profile
 
         from fxspec.runtime import SamplingSpec
@@ -351,7 +310,7 @@ class Bench:
             seq = "\n\nOne replayed step in order (us, name):\n" + "\n".join(
                 f"{e.time_range.elapsed_us():8.1f}  {e.name[:110]}" for e in one)
         Path(self.args.out).mkdir(parents=True, exist_ok=True)
-        path = Path(self.args.out) / f"profile_{name}_b{batch}{tag}.txt"
+        path = Path(self.args.out) / f"{self.stem}_profile_{name}_b{batch}{tag}.txt"
         path.write_text(f"{name} batch {batch}: {row['graph_ms_per_step']:.3f} ms per replayed decode step, "
                         f"{row['kernels_per_step']:.0f} kernel launches per step (10 replays profiled)\n\n"
                         + table + seq)
@@ -362,7 +321,7 @@ class Bench:
         bytes_step = weight_read_bytes(model) + batch * (self.args.prompt + n / 2) * kv_bytes_per_slot(model)
         row.update(GBps=bytes_step / row["graph_ms_per_step"] / 1e6, compile_s=None)
         row["copy_frac"] = row["GBps"] / self.meta["copy_GBps"]
-        del gen
+        gen = None  # drop the graphs and compiled code before the next row
         return row
 
 
@@ -408,8 +367,6 @@ def run(args) -> Bench:
         plan = [(m, int(b), w) for m, b, w in plan]
     greedy_ref = {}
     seen: dict = {}  # (model, kind) -> measured seconds of the last such row
-    from fxspec.lowering import pdl
-
     for name, b, what in plan:
         if what.startswith("fxspec int") and not args.quant:
             continue
@@ -423,41 +380,23 @@ def run(args) -> Bench:
         model = get(name)
         vocab = model.config.vocab_size
         ids = make_prompts(name, b, args.prompt, vocab, bench.device, args.ref_lm)
-        # variants of a row with programmatic dependent launch (fxspec/lowering/pdl.py) changed:
-        # "<method> no-pdl" (off), "<method> pdl-no-prefetch" (launch overlap only, the default),
-        # "<method> pdl-prefetch" (+ 16 KB of weights per program prefetched into L2),
-        # "<method> pdl-prefetch<=N" (the prefetch only for launches of <= N MB of weights)
-        # "<method> no-edges": the decode GEMVs' fused edges off (decode.fuse_norm / fuse_epilogues)
-        # "<method> no-norm": only the norm prologue off (decode.fuse_norm)
-        # "<method> no-table": the quantized GEMVs' per-GPU config table off (autotune; lowering.quant.tuned)
-        variant, env, extra = None, {}, {}
-        if what.endswith(" no-edges"):
-            what, variant, extra = what[:-len(" no-edges")], "no-edges", {"decode": {"fuse_norm": False,
-                                                                                      "fuse_epilogues": False}}
-        elif what.endswith(" no-norm"):
-            what, variant, extra = what[:-len(" no-norm")], "no-norm", {"decode": {"fuse_norm": False}}
-        for suffix, e in ((" no-pdl", {"FXSPEC_PDL": "0"}), (" pdl-no-prefetch", {"FXSPEC_PDL_PREFETCH": "0"}),
-                          (" pdl-prefetch", {"FXSPEC_PDL_PREFETCH": "16384"}),
-                          (" no-table", {"FXSPEC_QUANT_TUNED": "0"})):
-            if what.endswith(suffix):
-                what, variant, env = what[:-len(suffix)], suffix.strip(), e
-        if " pdl-prefetch<=" in what:
-            what, mb = what.split(" pdl-prefetch<=")
-            variant, env = f"pdl-prefetch<={mb}", {"FXSPEC_PDL_PREFETCH_MAX_MB": mb, "FXSPEC_PDL_PREFETCH": "16384"}
-        with pdl.override(env):  # the row's kernels launch (and are captured) with these settings
+        what, variant, kernels, extra = row_variant(what)
+        if kernels:  # the row's graphs compile with these [kernels] settings, and its kernels launch with them
+            extra = merge(extra, {"kernels": kernels})
+        with H.kernels(**kernels):
             try:
                 t_row = time.perf_counter()
                 if what == "fxspec bf16":
-                    row, out = bench.fxspec(name, model, b, ids, n, dict(extra), "fxspec " + bench.meta["dtype"])
+                    row, out = bench.fxspec(name, model, b, ids, n, merge({}, extra), "fxspec " + bench.meta["dtype"])
                     if out is not None:
                         greedy_ref[(name, b)] = out
-                elif what == "fxspec bf16 no-rewrites":  # last session's state: decode rewrites off
-                    row, _ = bench.fxspec(name, model, b, ids, n, {"decode": {"enabled": False}},
+                elif what == "fxspec bf16 no-rewrites":  # the decode rewrites off (the runtime before them)
+                    row, _ = bench.fxspec(name, model, b, ids, n, merge({"decode": {"enabled": False}}, extra),
                                           "fxspec " + bench.meta["dtype"] + " (decode rewrites off)")
                 elif what == "profile":
-                    row = bench.profile(name, model, b, ids, n)
+                    row = bench.profile(name, model, b, ids, n, merge({}, extra))
                 elif what in ("profile int8", "profile int4"):  # the quantized step (LM head bf16)
-                    row = bench.profile(name, model, b, ids, n, {"quantize": {"bits": int(what[-1])}},
+                    row = bench.profile(name, model, b, ids, n, merge({"quantize": {"bits": int(what[-1])}}, extra),
                                         tag="_" + what.split()[1])
                 elif what == "hf eager":
                     k = n if args.quick else min(n, args.eager_tokens)
@@ -467,13 +406,14 @@ def run(args) -> Bench:
                 elif what.startswith("fxspec int"):
                     bits, head = quant_method(what)
                     q = {"bits": bits, **({"include_lm_head": True} if head else {})}
-                    row, out = bench.fxspec(name, model, b, ids, n, {"quantize": q, **extra}, what, bits=bits,
+                    row, out = bench.fxspec(name, model, b, ids, n, merge({"quantize": q}, extra), what, bits=bits,
                                             lm_head=head)
                     if row.get("note", "").startswith("backend fell back"):
                         row["method"] += " (NOT quantized: fell back)"
                     ref = greedy_ref.get((name, b))
                     if out is not None and ref is not None:
-                        row["token_match_vs_bf16"] = float((out[:, args.prompt:] == ref[:, args.prompt:]).float().mean())
+                        same = out[:, args.prompt:] == ref[:, args.prompt:]
+                        row["token_match_vs_bf16"] = float(same.float().mean())
                 else:
                     mode = what[what.index("(") + 1:-1]
                     row = bench.hf_inductor(name, model, b, ids, n, mode)
@@ -489,6 +429,50 @@ def run(args) -> Bench:
     bench.write()
     plot(bench)
     return bench
+
+
+# Row variants: "<method> <variant>" runs <method> with some settings changed, measured next to the plain row.
+# [kernels] settings (fxspec.lowering.settings / options={"kernels": ...}):
+KERNEL_VARIANTS = {
+    " no-pdl": {"pdl": "off"},  # programmatic dependent launch off
+    " pdl-no-prefetch": {"pdl_prefetch_bytes": 0},  # launch overlap only (the default)
+    " pdl-prefetch": {"pdl_prefetch_bytes": 16384},  # + 16 KB of weights per program prefetched into L2
+    " no-table": {"tuned_tables": False},  # the quantized GEMVs' per-GPU config table off (autotune only)
+}
+# config of the decode passes:
+CONFIG_VARIANTS = {
+    " no-edges": {"decode": {"fuse_norm": False, "fuse_epilogues": False}},  # the GEMVs' fused edges off
+    " no-norm": {"decode": {"fuse_norm": False}},  # only the norm prologue off
+}
+
+
+def row_variant(what: str) -> tuple[str, str | None, dict, dict]:
+    """``"fxspec int8 no-pdl"`` -> (``"fxspec int8"``, ``"no-pdl"``, kernel settings, config additions).
+    ``"<method> pdl-prefetch<=N"``: the 16 KB prefetch only for launches of <= N MB of weights. A config
+    variant may follow a kernel variant (``"fxspec int8 no-table no-edges"``)."""
+    labels, kernels, config = [], {}, {}
+    for suffix, cfg in CONFIG_VARIANTS.items():
+        if what.endswith(suffix):
+            what, config = what[:-len(suffix)], cfg
+            labels.insert(0, suffix.strip())
+            break
+    for suffix, kw in KERNEL_VARIANTS.items():
+        if what.endswith(suffix):
+            what, kernels = what[:-len(suffix)], {**kw, **kernels}
+            labels.insert(0, suffix.strip())
+    if " pdl-prefetch<=" in what:
+        what, mb = what.split(" pdl-prefetch<=")
+        kernels = {"pdl_prefetch_bytes": 16384, "pdl_prefetch_max_mb": float(mb), **kernels}
+        labels.insert(0, f"pdl-prefetch<={mb}")
+    return what, ", ".join(labels) or None, kernels, config
+
+
+def merge(base: dict, extra: dict) -> dict:
+    """``base`` with ``extra``'s sections merged in (a fresh dict; section dicts merged key by key)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for k, v in extra.items():
+        out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def quant_method(what: str) -> tuple[int, bool]:
@@ -588,24 +572,7 @@ def plot(bench: Bench) -> None:
     ax.set_title(f"decode, {bench.meta['device']}")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(Path(bench.args.out) / "decode.png", dpi=110)
-
-
-def _version(mod: str) -> str:
-    try:
-        return __import__(mod).__version__
-    except Exception:
-        return "-"
-
-
-def _git_commit() -> str:
-    if os.environ.get("FXSPEC_COMMIT"):  # a copy of the tree without its .git (the device machine)
-        return os.environ["FXSPEC_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return "unknown"
+    fig.savefig(Path(bench.args.out) / f"{bench.stem}.png", dpi=110)
 
 
 def main(argv=None) -> None:
@@ -617,13 +584,18 @@ def main(argv=None) -> None:
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--eager-tokens", type=int, default=64, help="new tokens for the (slow) eager rows")
     ap.add_argument("--ref-lm", default=os.environ.get("FXSPEC_REF_LM", ".carry/ref-lm"))
-    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"),
+                    help="output folder (default: $OUT, else benchmarks/results)")
+    ap.add_argument("--tag", default=None, help="suffix of the output name, saying what differs from other runs "
+                    "of this date: decode_<gpu>_<date>_<tag>")
     ap.add_argument("--budget-s", type=float, default=1e9)
     ap.add_argument("--only", default=None, help="run exactly these rows, in order: 'model:batch:method;...' "
                     "(methods: fxspec bf16, fxspec bf16 no-rewrites, hf eager, fxspec int8, fxspec int4, "
                     "fxspec int8+head, fxspec int4+head (LM head quantized too), profile, profile int8, profile int4, "
-                         "any fxspec method + ' no-pdl' | ' pdl-no-prefetch' | ' pdl-prefetch<=MB' (PDL variants), "
-                    "fxspec bf16 / int8 / int4 + ' no-edges' | ' no-norm' (the GEMVs' fused norm and epilogues / the norm off), "
+                    "any fxspec method + ' no-pdl' | ' pdl-no-prefetch' | ' pdl-prefetch' | ' pdl-prefetch<=MB' "
+                    "(PDL variants) | ' no-table' (the quantized GEMVs' config table off), "
+                    "fxspec bf16 / int8 / int4 + ' no-edges' | ' no-norm' (the GEMVs' fused norm and epilogues / "
+                    "the norm off), "
                     "hf static+inductor (default|reduce-overhead))")
     ap.add_argument("--eager-prefill", default="llama-1.1b,llama3-8b",
                     help="models whose prefill runs eagerly (saves a compile; decode tok/s excludes prefill)")

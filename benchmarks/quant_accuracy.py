@@ -15,23 +15,28 @@ rows the head is calibrated too (``calibrate(..., skip=lambda n: False)``); the 
 head's statistics under ``lm_head`` (fixed in fxspec after the 2026-11-23 CPU run, which stored them under the
 embedding's name as well); ``linears_quantized`` shows whether the head was quantized.
 
-    python benchmarks/quant_accuracy.py --model ../shared/ref-lm [--device cuda] [--out results.json]
+    python benchmarks/quant_accuracy.py --model ../shared/ref-lm [--device cuda] [--out benchmarks/results]
     python benchmarks/quant_accuracy.py --model ../shared/ref-lm --device cpu --windows 16 --calib-samples 16 \
         --configs float,int8,int8-head,int4-rtn,int4-rtn-head,int4-awq,int4-awq-head,int4-gptq,int4-gptq-head
+
+``--out DIR`` writes ``DIR/quant_accuracy_<gpu|cpu>_<date>[_<tag>].json`` and ``.md`` (``--out FILE.json``: that
+file only); without it the table is printed only.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import subprocess
+import sys
 import tempfile
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as H
 
 
 def perplexity(model, windows: torch.Tensor, batch: int) -> tuple[float, torch.Tensor]:
@@ -60,7 +65,10 @@ def main() -> None:
     ap.add_argument("--configs", default="float,int8,int4-rtn,int4-awq,int4-gptq",
                     help="comma list of float, int8, int4-rtn, int4-awq, int4-gptq, and of each quantized one "
                     "+ '-head' (LM head quantized too, quantize.include_lm_head = true)")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="output folder (writes quant_accuracy_<gpu>_<date>[_<tag>].json and "
+                    ".md there) or a .json file; default: print only")
+    ap.add_argument("--tag", default=None, help="suffix of the output name, saying what differs from other runs "
+                    "of this date (e.g. bf16, lm-head)")
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -92,7 +100,7 @@ def main() -> None:
         if opts and opts["quantize"].get("method") in ("awq", "gptq"):
             q = opts["quantize"]
             head = bool(q.get("include_lm_head"))
-            path = os.path.join(tmp, f"{q['method']}{'-head' if head else ''}.pt")
+            path = os.path.join(tmp, f"{q['method']}{'-head' if head else ''}.safetensors")
             # calibrate() leaves the LM head out unless told otherwise (skip=...)
             stats = calibrate(model, calib_tokens, method=q["method"], bits=4, group_size=128,
                               samples=args.calib_samples, seq_len=512, skip=(lambda n: False) if head else None)
@@ -116,26 +124,24 @@ def main() -> None:
                      "eval_s": round(run_s, 1)})
         print(json.dumps(rows[-1]), flush=True)
 
-    meta = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name()
-            if args.device == "cuda" else "cpu", "torch": torch.__version__, "dtype": str(dtype),
-            "model": "ref-lm (23M Llama, trained)", "data": f"val_tokens.pt first {n_eval} tokens, "
-            f"{args.windows} windows x {args.ctx}", "commit": _commit()}
-    print("\n| config | perplexity | vs float | top-1 agreement | linears quantized |\n|---|---|---|---|---|")
+    meta = H.run_meta(args.device, dtype=str(dtype), model="ref-lm (23M Llama, trained)",
+                      data=f"val_tokens.pt first {n_eval} tokens, {args.windows} windows x {args.ctx}")
+    table = ["| config | perplexity | vs float | top-1 agreement | linears quantized |", "|---|---|---|---|---|"]
     for r in rows:
-        print(f"| {r['config']} | {r['ppl']:.4f} | {r['delta_vs_float_pct']:+.2f}% | {r['top1_agreement']:.4f} "
-              f"| {r['linears_quantized']} |")
-    print(json.dumps(meta))
+        table.append(f"| {r['config']} | {r['ppl']:.4f} | {r['delta_vs_float_pct']:+.2f}% | {r['top1_agreement']:.4f} "
+                     f"| {r['linears_quantized']} |")
+    print("\n" + "\n".join(table))
+    print(json.dumps(meta, default=str))
     if args.out:
-        with open(args.out, "w") as fh:
-            json.dump({"meta": meta, "rows": rows}, fh, indent=1)
-
-
-def _commit() -> str:
-    try:
-        return os.environ.get("FXSPEC_COMMIT") or subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except Exception:
-        return "unknown"
+        data = {"meta": meta, "rows": rows}
+        if args.out.endswith(".json"):
+            H.write_json(args.out, data)
+        else:
+            head = (f"# Quantization accuracy on ref-lm ({meta['date']})\n\n- device: {meta['device']}, dtype {dtype}, "
+                    f"torch {meta['torch']}, commit {meta['commit']}\n- data: {meta['data']}; calibration "
+                    f"{args.calib_samples} x 512 tokens after them\n\n")
+            H.write_results(args.out, H.result_stem("quant_accuracy", args.device, meta["date"][:10], args.tag),
+                            data, head + "\n".join(table))
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 ``bench_quant_kernels.py`` times what the launcher picks (autotune).  Triton's autotuner times each
 config alone (``do_bench``: one launch at a time, L2 flushed), while a CUDA-graph decode loop runs the
 kernels back to back under programmatic dependent launch.  This script times a list of fixed configs
-of each GEMV in the graph-replay harness of ``bench_quant_kernels`` (rotating weight copies, so no
-call finds its weights in L2), next to, in the same run:
+of each GEMV in the graph-replay harness (``benchmarks/harness.py``, as ``bench_quant_kernels`` uses it:
+rotating weight copies, so no call finds its weights in L2), next to, in the same run:
 
   read_floor      the best of several configs of a Triton kernel that only reads the same number of
                   bytes (sums them): what one launch of a pure read of this size reaches in this
@@ -12,7 +12,7 @@ call finds its weights in L2), next to, in the same run:
   copy            the device-to-device copy bandwidth (bytes read + written), the issue's yardstick
   cublas_bf16, tinygemm_int4 (g128), and fxspec's default launch (``auto``: the per-GPU table of
   fxspec.lowering.quant.tuned where it has the shape, else autotune) and Triton's autotune alone
-  (``autotune``, the table off)
+  (``autotune``: ``kernels.tuned_tables = false``)
 
 Kernels: int4 g128 symmetric (``gemv4p``, bf16x2 partials), int8 and fp8 (``gemv8``).  Shapes: the
 issue's five, then the other decode GEMVs of the benchmarked models (Llama-3-8B qkv / gate_up,
@@ -23,13 +23,12 @@ timings compared -- written as $OUT/tuned_<device>.json, the format of
 fxspec/lowering/quant/tuned_tables/ (copy it there to ship it).
 
     PYTHONPATH=. FXSPEC_COMMIT=$(git rev-parse HEAD) python3 benchmarks/sweep_quant_gemv.py [--shapes 0,1] [--table]
-Writes $OUT/sweep_quant_gemv.json and .md when OUT is set.
+Writes <out>/sweep_quant_gemv_<gpu>_<date>[_<tag>].json and .md when --out or $OUT names a folder.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -40,8 +39,8 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_quant_kernels as B  # noqa: E402  (timing harness, baselines)
-from fxspec.lowering.quant import tuned  # noqa: E402
+import bench_quant_kernels as B
+import harness as H
 
 
 @triton.jit
@@ -61,20 +60,21 @@ READ_CONFIGS = [(b, it, w) for b in (1024, 2048) for it in (2, 4, 8) for w in (4
 
 def read_floor(nbytes: int, copy_bw: float, results: list, tag: str):
     n = nbytes // 4
-    bufs = [torch.randint(0, 1 << 20, (n,), dtype=torch.int32, device="cuda") for _ in range(B.n_copies(nbytes))]
+    bufs = [torch.randint(0, 1 << 20, (n,), dtype=torch.int32, device="cuda")
+            for _ in range(H.n_copies(nbytes, B.ROTATE_BYTES))]
     best = None
     for block, iters, warps in READ_CONFIGS:
         grid = (triton.cdiv(n, block * iters),)
         out = torch.empty(grid[0], dtype=torch.int32, device="cuda")
         calls = [lambda b=b: _read_kernel[grid](b, out, n, BLOCK=block, ITERS=iters, num_warps=warps) for b in bufs]
-        sec, _ = B.time_calls(calls, reps=10)
+        sec, _ = H.time_calls(calls, "cuda", reps=10)
         if best is None or sec < best[0]:
             best = (sec, f"BLOCK={block} ITERS={iters} w{warps}")
     sec, cfg = best
-    row = dict(method=f"read_floor_{tag}", us=sec * 1e6, weight_bytes=nbytes, GBps=nbytes / sec / 1e9,
-               frac_copy=nbytes / sec / copy_bw, config=cfg)
+    row = {"method": f"read_floor_{tag}", "us": sec * 1e6, "weight_bytes": nbytes, "GBps": nbytes / sec / 1e9,
+           "frac_copy": nbytes / sec / copy_bw, "config": cfg}
     results.append(row)
-    B.log(f"    read floor {tag:5s} {nbytes/1e6:7.1f} MB {sec*1e6:8.2f} us {row['frac_copy']*100:5.1f}% copy  ({cfg})")
+    H.log(f"    read floor {tag:5s} {nbytes/1e6:7.1f} MB {sec*1e6:8.2f} us {row['frac_copy']*100:5.1f}% copy  ({cfg})")
     del bufs
     return sec
 
@@ -136,27 +136,27 @@ def sweep_shape(Q, tk, N, K, copy_bw, results, budget_end, table=None):
     try:
         tg_packed, tg_sz = B.tinygemm_pack(codes4, q4.scales)
     except Exception as e:  # tinygemm's packing has its own shape limits
-        B.log(f"    tinygemm pack failed: {type(e).__name__}: {str(e)[:120]}")
+        H.log(f"    tinygemm pack failed: {type(e).__name__}: {str(e)[:120]}")
         tg_packed = tg_sz = torch.zeros(1, device=dev)
     del codes4
-    nb = dict(bf16=2 * N * K, int8=q8.nbytes(), int4=q4.nbytes(), fp8=qf.nbytes(),
-              tinygemm=tg_packed.numel() * tg_packed.element_size() + tg_sz.numel() * tg_sz.element_size())
+    nb = {"bf16": 2 * N * K, "int8": q8.nbytes(), "int4": q4.nbytes(), "fp8": qf.nbytes(),
+          "tinygemm": tg_packed.numel() * tg_packed.element_size() + tg_sz.numel() * tg_sz.element_size()}
     tg_ok = tg_packed.numel() > 1
-    shape = dict(N=N, K=K, M=1)
+    shape = {"N": N, "K": K, "M": 1}
     rows = []
 
     def add(method, kind, calls, **info):
         try:
-            sec, how = B.time_calls(calls, reps=10)
+            sec, how = H.time_calls(calls, "cuda", reps=10)
         except Exception as e:  # a config that does not compile / launch is recorded, not fatal
             row = dict(shape, method=method, error=f"{type(e).__name__}: {e}"[:300], **info)
-            B.log(f"    {method:34s} ERROR {row['error'][:160]}")
+            H.log(f"    {method:34s} ERROR {row['error'][:160]}")
             sec = None
         else:
             bw = nb[kind] / sec
             row = dict(shape, method=method, us=sec * 1e6, weight_bytes=nb[kind], GBps=bw / 1e9,
                        frac_copy=bw / copy_bw, timing=how, **info)
-            B.log(f"    {method:34s} {sec*1e6:8.2f} us {bw/copy_bw*100:5.1f}% copy")
+            H.log(f"    {method:34s} {sec*1e6:8.2f} us {bw/copy_bw*100:5.1f}% copy")
         rows.append(row)
         results.append(row)
         return sec
@@ -167,14 +167,14 @@ def sweep_shape(Q, tk, N, K, copy_bw, results, budget_end, table=None):
             return
         top = sorted((c for c in cands if c[4] is not None), key=lambda c: c[4])[:3]
         again = []
-        for name, cfg, extra, calls, t1 in top:
-            t2, _ = B.time_calls(calls, reps=10)
+        for name, cfg, _extra, calls, t1 in top:
+            t2, _ = H.time_calls(calls, "cuda", reps=10)
             again.append(((t1 + t2) / 2, name, cfg, t1, t2))
         mean, name, cfg, t1, t2 = min(again, key=lambda a: a[0])
-        table.setdefault(TABLE_KERNEL[fmt], {})[f"{N}x{K}"] = dict(
-            config=cfg, name=name, us=mean * 1e6, frac_copy=nb[fmt] / mean / copy_bw,
-            retimed={a[1]: [a[3] * 1e6, a[4] * 1e6] for a in again})
-        B.log(f"    table {TABLE_KERNEL[fmt]} {N}x{K}: {name} {mean*1e6:.2f} us")
+        table.setdefault(TABLE_KERNEL[fmt], {})[f"{N}x{K}"] = {
+            "config": cfg, "name": name, "us": mean * 1e6, "frac_copy": nb[fmt] / mean / copy_bw,
+            "retimed": {a[1]: [a[3] * 1e6, a[4] * 1e6] for a in again}}
+        H.log(f"    table {TABLE_KERNEL[fmt]} {N}x{K}: {name} {mean*1e6:.2f} us")
 
     for kind in ("int4", "int8"):
         tmp = []
@@ -186,39 +186,39 @@ def sweep_shape(Q, tk, N, K, copy_bw, results, budget_end, table=None):
     alt = tk.int8_linear_triton(x, q8.qweight, q8.scales, config=_c(4, BLOCK_N=8, BLOCK_K=1024), use_asm=True)
     same = bool(torch.equal(ref, alt))
     results.append(dict(shape, method="check int8 prmt == generic (bitwise)", ok=same))
-    B.log(f"    check int8 prmt == generic (bitwise): {same}")
-    Ws = [W.clone() for _ in range(B.n_copies(nb["bf16"]))]
+    H.log(f"    check int8 prmt == generic (bitwise): {same}")
+    Ws = [W.clone() for _ in range(H.n_copies(nb["bf16"], B.ROTATE_BYTES))]
     add("cublas_bf16", "bf16", [lambda w=w: torch.nn.functional.linear(x, w) for w in Ws])
     del Ws
     if tg_ok:
-        tgs = [(tg_packed.clone(), tg_sz.clone()) for _ in range(B.n_copies(nb["tinygemm"]))]
+        tgs = [(tg_packed.clone(), tg_sz.clone()) for _ in range(H.n_copies(nb["tinygemm"], B.ROTATE_BYTES))]
         add("tinygemm_int4", "tinygemm",
             [lambda p=p, s=s: torch.ops.aten._weight_int4pack_mm(x, p, B.GROUP, s) for p, s in tgs])
         del tgs
-    q4s = [(q4.qweight.clone(), q4.scales.clone()) for _ in range(B.n_copies(nb["int4"]))]
+    q4s = [(q4.qweight.clone(), q4.scales.clone()) for _ in range(H.n_copies(nb["int4"], B.ROTATE_BYTES))]
     add("int4 auto", "int4", [lambda q=q, s=s: tk.int4_linear_triton(x, q, s, None, B.GROUP) for q, s in q4s])
     add("int4 autotune", "int4", [lambda q=q, s=s: _untabled(tk.int4_linear_triton, x, q, s, None, B.GROUP)
                                   for q, s in q4s])
     cands = []
     for name, cfg in INT4_CONFIGS.items():
         if time.time() > budget_end:
-            B.log("    budget reached: int4 sweep cut")
+            H.log("    budget reached: int4 sweep cut")
             break
         calls = [lambda q=q, s=s, c=cfg: tk.int4_linear_triton(x, q, s, None, B.GROUP, config=c) for q, s in q4s]
         cands.append((name, cfg, {}, calls, add(f"int4 {name}", "int4", calls, config=cfg)))
     pick("int4", cands)
     del q4s, cands
     for fmt, qq, fn in (("int8", q8, tk.int8_linear_triton), ("fp8", qf, tk.fp8_linear_triton)):
-        qs = [(qq.qweight.clone(), qq.scales.clone()) for _ in range(B.n_copies(nb[fmt]))]
+        qs = [(qq.qweight.clone(), qq.scales.clone()) for _ in range(H.n_copies(nb[fmt], B.ROTATE_BYTES))]
         add(f"{fmt} auto", fmt, [lambda q=q, s=s: fn(x, q, s) for q, s in qs])
         add(f"{fmt} autotune", fmt, [lambda q=q, s=s: _untabled(fn, x, q, s) for q, s in qs])
         cands = []
         runs = [(name, cfg, {}) for name, cfg in GEMV8_CONFIGS.items()]
         if fmt == "int8":
-            runs += [(f"{name} generic", GEMV8_CONFIGS[name], dict(use_asm=False)) for name in GENERIC8]
+            runs += [(f"{name} generic", GEMV8_CONFIGS[name], {"use_asm": False}) for name in GENERIC8]
         for name, cfg, extra in runs:
             if time.time() > budget_end:
-                B.log(f"    budget reached: {fmt} sweep cut")
+                H.log(f"    budget reached: {fmt} sweep cut")
                 break
             calls = [lambda q=q, s=s, c=cfg, e=extra: fn(x, q, s, config=c, **e) for q, s in qs]
             t = add(f"{fmt} {name}", fmt, calls, config=cfg, **extra)
@@ -231,7 +231,8 @@ def sweep_shape(Q, tk, N, K, copy_bw, results, budget_end, table=None):
 
 
 def _untabled(fn, *args, **kw):
-    with tuned.disabled():
+    """``fn`` launched with the per-GPU config table off (Triton's autotune alone)."""
+    with H.kernels(tuned_tables=False):
         return fn(*args, **kw)
 
 
@@ -241,7 +242,8 @@ def summary(results, copy_bw) -> str:
         if "us" in r and "N" in r:
             by.setdefault((r["N"], r["K"]), []).append(r)
     lines = ["| N x K | read floor int4 / int8 (% copy) | cuBLAS bf16 % | tinygemm % | int4 auto / autotune % | "
-             "best int4 config % | int8 auto / autotune % | best int8 config % | fp8 auto / autotune % | best fp8 config % |",
+             "best int4 config % | int8 auto / autotune % | best int8 config % | fp8 auto / autotune % | "
+             "best fp8 config % |",
              "|---|---|---:|---:|---:|---|---:|---|---:|---|"]
     for (N, K), rs in by.items():
         def get(m):
@@ -256,58 +258,59 @@ def summary(results, copy_bw) -> str:
 
         def pb(r):
             return f"{r['frac_copy']*100:.1f} ({r['method'].split(' ', 1)[1]}, {r['us']:.2f} us)" if r else "-"
-        lines.append(f"| {N}x{K} | {pc(get('read_floor_int4'))} / {pc(get('read_floor_int8'))} | {pc(get('cublas_bf16'))} | "
-                     f"{pc(get('tinygemm_int4'))} | {pc(get('int4 auto'))} / {pc(get('int4 autotune'))} | "
+        lines.append(f"| {N}x{K} | {pc(get('read_floor_int4'))} / {pc(get('read_floor_int8'))} | "
+                     f"{pc(get('cublas_bf16'))} | {pc(get('tinygemm_int4'))} | "
+                     f"{pc(get('int4 auto'))} / {pc(get('int4 autotune'))} | "
                      f"{pb(best('int4 '))} | {pc(get('int8 auto'))} / {pc(get('int8 autotune'))} | "
                      f"{pb(best('int8 '))} | {pc(get('fp8 auto'))} / {pc(get('fp8 autotune'))} | {pb(best('fp8 '))} |")
     return "\n".join(lines)
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="all")
     ap.add_argument("--budget-s", type=float, default=330)
-    ap.add_argument("--table", action="store_true", help="write $OUT/tuned_<device>.json (see the module doc)")
+    ap.add_argument("--table", action="store_true", help="write <out>/tuned_<device>.json (see the module doc)")
+    ap.add_argument("--out", default=os.environ.get("OUT"), help="output folder (default: $OUT; none: no files)")
+    ap.add_argument("--tag", default=None, help="suffix of the output name, saying what differs from other runs "
+                    "of this date: sweep_quant_gemv_<gpu>_<date>_<tag>")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("sweep_quant_gemv: needs a CUDA GPU")
     import fxspec.lowering.quant as Q
     from fxspec.lowering.quant import triton_kernels as tk
     t0 = time.time()
-    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                commit=os.environ.get("FXSPEC_COMMIT") or B._git_head() or "unknown")
-    B.log("meta", json.dumps(meta))
-    copy_bw = B.copy_bandwidth()
-    B.log(f"copy bandwidth (read+write): {copy_bw/1e12:.3f} TB/s")
+    meta = H.run_meta("cuda")
+    stem = H.result_stem("sweep_quant_gemv", "cuda", meta["date"][:10], args.tag)
+    H.log("meta", json.dumps(meta, default=str))
+    copy_bw = H.copy_bandwidth("cuda")
+    H.log(f"copy bandwidth (read+write): {copy_bw/1e12:.3f} TB/s")
     every = B.SHAPES + EXTRA_SHAPES
     shapes = every if args.shapes == "all" else [every[int(i)] for i in args.shapes.split(",")]
     results = []
     table = {} if args.table else None
-    out = os.environ.get("OUT")
+    out = args.out
     for N, K in shapes:
         if time.time() - t0 > args.budget_s - 10:
-            B.log(f"budget reached; skipping {N}x{K}")
+            H.log(f"budget reached; skipping {N}x{K}")
             continue
-        B.log(f"shape {N}x{K} ({time.time()-t0:.0f}s)")
+        H.log(f"shape {N}x{K} ({time.time()-t0:.0f}s)")
         sweep_shape(Q, tk, N, K, copy_bw, results, t0 + args.budget_s, table)
         if out:
-            with open(os.path.join(out, "sweep_quant_gemv.json"), "w") as f:
-                json.dump(dict(meta=meta, copy_bw=copy_bw, results=results), f, indent=1)
+            H.write_json(os.path.join(out, f"{stem}.json"), {"meta": meta, "copy_bw": copy_bw, "results": results})
     md = summary(results, copy_bw)
-    B.log(md)
+    H.log(md)
     if out:
-        with open(os.path.join(out, "sweep_quant_gemv.md"), "w") as f:
-            f.write(f"meta: {json.dumps(meta)}\n\ncopy bandwidth {copy_bw/1e12:.3f} TB/s\n\n{md}\n")
+        H.write_markdown(os.path.join(out, f"{stem}.md"),
+                         f"meta: {json.dumps(meta, default=str)}\n\ncopy bandwidth {copy_bw/1e12:.3f} TB/s\n\n{md}\n")
     if table is not None and out:
         slug = "".join(ch if ch.isalnum() else "_" for ch in meta["device"])
-        doc = dict(meta=dict(meta, copy_bw=copy_bw, harness="benchmarks/sweep_quant_gemv.py: CUDA-graph replay, "
-                             "PDL as the decode loop runs it, weights rotated out of L2, M = 1, bf16 activations"),
-                   kernels=table)
-        with open(os.path.join(out, f"tuned_{slug}.json"), "w") as f:
-            json.dump(doc, f, indent=1)
-        B.log(f"wrote tuned_{slug}.json ({sum(len(v) for v in table.values())} entries)")
-    B.log(f"total {time.time()-t0:.0f}s")
+        harness = ("benchmarks/sweep_quant_gemv.py: CUDA-graph replay, PDL as the decode loop runs it, weights "
+                   "rotated out of L2, M = 1, bf16 activations")
+        doc = {"meta": {**meta, "copy_bw": copy_bw, "harness": harness}, "kernels": table}
+        H.write_json(os.path.join(out, f"tuned_{slug}.json"), doc)
+        H.log(f"wrote tuned_{slug}.json ({sum(len(v) for v in table.values())} entries)")
+    H.log(f"total {time.time()-t0:.0f}s")
 
 
 if __name__ == "__main__":
