@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
@@ -600,3 +601,97 @@ def test_bert_intermediate_as_wide_as_the_vocab_is_no_lm_head():
                              num_attention_heads=4)).eval()
     a, _, _ = analyze_one(m, torch.randint(0, 128, (1, 8)))
     assert a.lm_head is None
+
+
+# ---- exact-form matchers (graph/patterns.py) ----------------------------------------------------
+# The analysis accepts every spelling; a rewrite's matcher accepts the one form its kernel reproduces.
+# Each: fires on transformers' form, and a near miss (which the analysis may still recognise) does not.
+
+class SquaredByMul(RMSNorm):
+    def forward(self, x):  # h * h instead of h.pow(2): the same norm to the analysis, not the exact form
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt((h * h).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def _returned(gm):
+    (out,) = [n for n in gm.graph.nodes if n.op == "output"]
+    return out.args[0][0] if isinstance(out.args[0], (tuple, list)) else out.args[0]
+
+
+def _hf_rmsnorm_of(module, dtype=torch.bfloat16):
+    from fxspec.graph.patterns import hf_rmsnorm
+    a, gm, _ = analyze_one(module.to(dtype).eval(), torch.randn(1, 3, 32, dtype=dtype))
+    return a, hf_rmsnorm(_returned(gm), {p.node: p for p in a.params})
+
+
+def test_hf_rmsnorm_pattern():
+    a, site = _hf_rmsnorm_of(RMSNorm(32))
+    assert site is not None and site.eps == 1e-6
+    assert site.input.op == "placeholder" and site.weight is a.norms[0].weight.node
+    a, site = _hf_rmsnorm_of(SquaredByMul(32))
+    assert len(a.norms) == 1 and site is None  # the analysis sees the norm; the exact matcher does not
+    assert _hf_rmsnorm_of(RMSNorm(32), torch.float32)[1] is None  # the cast back to float32 is no rounding point
+    assert _hf_rmsnorm_of(RMSNorm(32, gemma=True))[1] is None     # x * (1 + w)
+
+
+def _traced_epilogue(fn, *shapes, dtypes=None):
+    from torch.fx.passes.shape_prop import ShapeProp
+    gm = fx.symbolic_trace(fn)
+    dtypes = dtypes or [torch.bfloat16] * len(shapes)
+    ShapeProp(gm).propagate(*[torch.randn(s).to(d) for s, d in zip(shapes, dtypes)])
+    return gm, next(n for n in gm.graph.nodes if n.op == "placeholder")
+
+
+def test_gemv_epilogue_pattern():
+    from fxspec.graph.patterns import gemv_epilogue
+
+    def silu_mul(gu):
+        return F.silu(torch.narrow(gu, -1, 0, 8)) * torch.narrow(gu, -1, 8, 8)
+
+    def up_activated(gu):  # the second half through silu: not what the kernel computes
+        return torch.narrow(gu, -1, 0, 8) * F.silu(torch.narrow(gu, -1, 8, 8))
+
+    def residual(y, r):
+        return r + y
+
+    gm, out = _traced_epilogue(silu_mul, (1, 16))
+    epi = gemv_epilogue(out, 2)
+    assert epi is not None and (epi.kind, epi.residual) == ("silu_mul", None) and epi.node is _returned(gm)
+    assert gemv_epilogue(out, 1) is None  # a one-weight GEMV has no gate/up halves
+    assert gemv_epilogue(_traced_epilogue(up_activated, (1, 16))[1], 2) is None
+    gm, out = _traced_epilogue(residual, (1, 16), (1, 16))
+    epi = gemv_epilogue(out, 1)
+    assert epi is not None and epi.kind == "residual" and epi.residual.name == "r"
+    _, out = _traced_epilogue(residual, (1, 16), (1, 16), dtypes=[torch.bfloat16, torch.float32])
+    assert gemv_epilogue(out, 1) is None  # the add would promote to float32
+
+
+def _one_query_site(n_q=1, b=1, unsqueeze=False):
+    def step(q, k, v, mask):
+        if unsqueeze:  # the same repeat written with unsqueeze(2)
+            k = k.unsqueeze(2).expand(b, 2, 2, 12, 8).reshape(b, 4, 12, 8)
+        else:
+            k = repeat_kv(k, 2)
+        return F.scaled_dot_product_attention(q, k, repeat_kv(v, 2), attn_mask=mask, scale=0.3)
+
+    kv = torch.randn(b, 2, 12, 8)
+    a, gm, _ = analyze_one(step, torch.randn(b, 4, n_q, 8), kv, kv.clone(), torch.ones(b, 1, n_q, 12, dtype=torch.bool))
+    (at,) = a.attentions
+    return at, {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
+
+
+def test_one_query_sdpa_pattern():
+    from fxspec.graph.attention import repeat_kv_source
+    from fxspec.graph.patterns import one_query_sdpa
+
+    at, ph = _one_query_site()
+    site = one_query_sdpa(at.node, 4, "decode.max_tokens")
+    assert not isinstance(site, str), site
+    assert (site.q, site.k, site.v, site.mask, site.scale) == (ph["l_q_"], ph["l_k_"], ph["l_v_"], ph["l_mask_"], 0.3)
+    assert one_query_sdpa(_one_query_site(n_q=3)[0].node, 4) == "3 query tokens (a prefill step; only T = 1 is rewritten)"
+    assert one_query_sdpa(_one_query_site(b=2)[0].node, 1, "decode.max_tokens") == "2 rows > decode.max_tokens = 1"
+    # unsqueeze(2): the analysis counts 2 KV heads through it; the rewrite reads only the exact repeat_kv form
+    at, ph = _one_query_site(unsqueeze=True)
+    assert at.num_kv_heads == 2 and repeat_kv_source(at.node.args[1]).src is ph["l_k_"]
+    assert one_query_sdpa(at.node, 4) == "K/V come from an expand this pass does not recognise"

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.fx as fx
@@ -347,22 +348,55 @@ def _untranspose(kt: object) -> object | None:
     return None
 
 
+class KVRepeat(NamedTuple):
+    form: str              # "expand" | "interleave"
+    repeat: fx.Node        # the expand (B, Hkv, n, S, D), or the repeat_interleave
+    src: fx.Node | None    # the (B, Hkv, S, D) tensor repeated; None: an expand of something else
+
+
+def repeat_kv_source(k: object, exact: bool = False) -> KVRepeat | None:
+    """Undo a GQA repeat of K/V over the query heads; None when ``k`` is not a repeat::
+
+        k = src[:, :, None, :, :].expand(B, Hkv, n, S, D).reshape(B, Hkv * n, S, D)   form "expand"
+                                                                    (transformers' repeat_kv)
+        k = torch.repeat_interleave(src, n, dim=1)                                    form "interleave"
+
+    A reshape of an expand whose input is not ``src`` with a dim added at 2 is ``("expand", e, None)``.
+
+    ``exact=False`` (the analysis, counting KV heads): casts are walked through, and the dim may be
+    added by any index with ``None`` at position 2 or by ``src.unsqueeze(2)``. ``exact=True`` (a rewrite
+    that reads ``src`` in place of ``k``, :func:`fxspec.graph.patterns.one_query_sdpa`): no casts, the
+    index exactly ``[:, :, None, :, :]``, an int ``repeats``; the caller checks the shapes."""
+    n = k if exact else skip_back(k, is_cast)
+    if is_any(n, ("reshape", "view")):
+        e = n.args[0] if exact else skip_back(n.args[0], is_cast)
+        if is_op(e, "expand"):
+            return KVRepeat("expand", e, _grouped_source(e.args[0], exact))
+    if is_op(n, "repeat_interleave") and arg(n, 2, "dim") == 1 \
+            and (not exact or isinstance(arg(n, 1, "repeats"), int)):
+        return KVRepeat("interleave", n, n.args[0])
+    return None
+
+
+def _grouped_source(base: object, exact: bool) -> fx.Node | None:
+    """``src`` of ``base = src[:, :, None]`` (the group dim added before the expand), else None."""
+    if is_op(base, "getitem") and isinstance(base.args[1], tuple):
+        idx = base.args[1]
+        if exact and len(idx) == 5 and idx[2] is None \
+                and all(s == slice(None) for i, s in enumerate(idx) if i != 2):
+            return base.args[0]
+        if not exact and len(idx) > 2 and idx[2] is None:
+            return base.args[0]
+    if not exact and is_op(base, "unsqueeze") and arg(base, 1, "dim") == 2:
+        return base.args[0]
+    return None
+
+
 def _kv_heads(k: object) -> int | None:
     """K/V heads before a GQA repeat (``repeat_kv`` / ``repeat_interleave`` undone)."""
-    n = skip_back(k, is_cast)
-    if is_any(n, ("reshape", "view")):
-        e = skip_back(n.args[0], is_cast)
-        if is_op(e, "expand"):
-            base = e.args[0]
-            if is_op(base, "getitem") and isinstance(base.args[1], tuple) and len(base.args[1]) > 2 \
-                    and base.args[1][2] is None:
-                sh = shape(base.args[0])
-                return static_int(sh[1]) if sh and len(sh) == 4 else None
-            if is_op(base, "unsqueeze") and arg(base, 1, "dim") == 2:
-                sh = shape(base.args[0])
-                return static_int(sh[1]) if sh and len(sh) == 4 else None
-    if is_op(n, "repeat_interleave") and arg(n, 2, "dim") == 1:
-        sh = shape(n.args[0])
+    rep = repeat_kv_source(k)
+    if rep is not None and rep.src is not None:
+        sh = shape(rep.src)
         return static_int(sh[1]) if sh and len(sh) == 4 else None
     sh = shape(k)
     if sh is None:

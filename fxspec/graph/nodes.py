@@ -11,6 +11,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import contextvars
+import math
 import operator
 import re
 from typing import Any, Callable, Iterable, Iterator
@@ -195,6 +196,45 @@ def static_int(s: Any) -> int | None:
         except Exception:  # noqa: BLE001 - an unknown SymInt is just "not static"
             return None
     return None
+
+
+def static_rows(node: Any) -> int | None:
+    """The number of rows of a node's tensor value (the product of all dims but the last) when every one
+    of those dims is static, else None."""
+    sh = shape(node)
+    if not sh:
+        return None
+    dims = [static_int(d) for d in sh[:-1]]
+    return None if any(d is None for d in dims) else math.prod(dims)
+
+
+def dtype_of(node: Any) -> torch.dtype | None:
+    """The dtype of a node's tensor value (``example_value`` / ``val``, or ``tensor_meta`` in graphs
+    annotated by ``ShapeProp``), None when unknown."""
+    if not isinstance(node, Node):
+        return None
+    val = node.meta.get("example_value", node.meta.get("val"))
+    if isinstance(val, torch.Tensor):
+        return val.dtype
+    return getattr(node.meta.get("tensor_meta"), "dtype", None)
+
+
+def is_method(node: Any, name: str) -> bool:
+    """``node`` is the method call ``x.name(...)`` (that spelling only; :func:`is_op` takes them all)."""
+    return isinstance(node, Node) and node.op == "call_method" and node.target == name
+
+
+def to_dtype(node: Any) -> torch.dtype | None:
+    """The dtype of ``t.to(dtype)`` (positional or keyword, no other argument) that has users; else None."""
+    if not is_method(node, "to") or len(node.users) < 1:
+        return None
+    args = list(node.args[1:])
+    kw = dict(node.kwargs)
+    if "dtype" in kw and not args:
+        args = [kw.pop("dtype")]
+    if kw or len(args) != 1 or not isinstance(args[0], torch.dtype):
+        return None
+    return args[0]
 
 
 # placeholder -> example input of the graph being analysed (set by ``examples_in_scope``)

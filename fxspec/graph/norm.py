@@ -24,6 +24,8 @@ matched. ``input`` is ``x`` before the leading casts when those casts feed only 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.fx as fx
 
@@ -90,10 +92,23 @@ def _last_dim_mean(node: object) -> object | None:
     return node.args[0]
 
 
-def _written_rmsnorm(root: fx.Node, params: dict[fx.Node, ParamRef]) -> NormInfo | None:
-    # root = rsqrt(var + eps) or sqrt(var + eps)
-    add = root.args[0]
-    if not is_op(add, "add") or len(root.users) != 1:
+class RMSStatistic(NamedTuple):
+    add: fx.Node         # var + eps
+    eps: float | None
+    var: fx.Node         # the add's tensor operand (the mean, or a cast of it)
+    mean: fx.Node
+    square: fx.Node      # x^2
+    x: fx.Node           # the tensor squared
+
+
+def rms_statistic(root: fx.Node) -> RMSStatistic | None:
+    """The pieces of an RMSNorm's statistic ``root = rsqrt(var + eps)`` (or ``sqrt``), with
+    ``var = mean(x^2, -1, keepdim=True)`` in any spelling of the square (``x.pow(2)``, ``x * x``,
+    ``x.square()``) and of the mean, casts allowed between the pieces; None when ``root`` is not that.
+    The analysis (:func:`find_norms`) and the exact-form matcher of rewrites
+    (:func:`fxspec.graph.patterns.hf_rmsnorm`) both read the statistic here."""
+    add = root.args[0] if root.args else None
+    if not is_op(add, "add"):
         return None
     eps = next((const(a) for a in add.args if const(a) is not None), None)
     var = next(iter(tensor_operands(add)), None)
@@ -102,6 +117,17 @@ def _written_rmsnorm(root: fx.Node, params: dict[fx.Node, ParamRef]) -> NormInfo
     x_sq = _squared_of(sq)
     if x_sq is None:
         return None
+    return RMSStatistic(add, eps, var, mean, sq, x_sq)
+
+
+def _written_rmsnorm(root: fx.Node, params: dict[fx.Node, ParamRef]) -> NormInfo | None:
+    # root = rsqrt(var + eps) or sqrt(var + eps)
+    if len(root.users) != 1:
+        return None
+    stat = rms_statistic(root)
+    if stat is None:
+        return None
+    add, eps, var, mean, sq, x_sq = stat
     (y,) = root.users
     if is_op(root, "rsqrt") and is_op(y, "mul"):
         x = other_operand(y, root)
