@@ -453,9 +453,10 @@ _TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 2e-2}
 
 
 def _interp_main():
-    from fxspec.lowering.attention.decode import decode_attention_triton
-    from fxspec.lowering.attention.ops import decode_attention_ref
-    from fxspec.lowering.workspace import split_counters
+    from fxspec.lowering import settings
+    from fxspec.lowering._triton.workspace import split_counters
+    from fxspec.lowering.attention.launch import decode_attention_triton
+    from fxspec.lowering.attention.reference import decode_attention_ref
     for cid, B, H, Hkv, L, D, splits, mk, dt in _CASES:
         g = torch.Generator().manual_seed(len(cid))
         dtype = getattr(torch, dt)
@@ -477,12 +478,9 @@ def _interp_main():
         mref = None if m is None else (m if m.dtype == torch.bool else m.float())
         ref = decode_attention_ref(q.float(), k.float(), v.float(), mref, 0.3)
         err = (out.float() - ref).abs().max().item()
-        # the same with the combine done by the last split program (FXSPEC_ATTN_COMBINE=kernel)
-        os.environ["FXSPEC_ATTN_COMBINE"] = "kernel"
-        try:
+        # the same with the combine done by the last split program (kernels.attention_combine = "kernel")
+        with settings.override(attention_combine="kernel"):
             out2 = decode_attention_triton(q, k, v, m, 0.3, splits=splits)
-        finally:
-            del os.environ["FXSPEC_ATTN_COMBINE"]
         print(json.dumps({"id": cid, "err": err, "shape": list(out.shape), "dtype": str(out.dtype),
                           "vs_in_kernel": (out.float() - out2.float()).abs().max().item(),
                           "counters_zero": int(split_counters(torch.device("cpu")).count_nonzero()) == 0}),
@@ -499,8 +497,8 @@ _ROPE_CASES = [
 
 
 def _interp_rope():
-    from fxspec.lowering.attention.decode import decode_attention_triton
-    from fxspec.lowering.attention.ops import decode_attention_rope_ref
+    from fxspec.lowering.attention.launch import decode_attention_triton
+    from fxspec.lowering.attention.reference import decode_attention_rope_ref
     for cid, B, H, Hkv, L, D, slot, splits, dt in _ROPE_CASES:
         dtype = getattr(torch, dt)
         q, k, v, cos, sin, kc, vc = _rope_case(B, H, Hkv, L, D, dtype, seed=len(cid))
@@ -566,7 +564,7 @@ def test_decode_attention_rope_kernel_interpreter(interp_results, case):
 
 
 def test_plan_splits_fills_the_gpu():
-    from fxspec.lowering.attention.decode import BLOCK_L, plan_splits
+    from fxspec.lowering.attention.launch import BLOCK_L, plan_splits
     S, per = plan_splits(1, 8, 288, 132)
     assert S * per >= 288 and per % BLOCK_L == 0 and (S - 1) * per < 288
     assert S == 5  # 288 keys = 5 blocks of 64; 8 KV heads want 33 splits each, capped by the blocks
@@ -621,11 +619,12 @@ def test_gpu_decode_attention_rope_matches_reference(dtype, L, slot):
 
 
 @gpu
-def test_gpu_in_kernel_combine_replays_deterministically(monkeypatch):
+def test_gpu_in_kernel_combine_replays_deterministically():
     """The last-split combine inside a CUDA graph: replays give bitwise-equal outputs (the counters are
     reset by every launch), and agree with the two-launch combine."""
+    from fxspec.lowering import settings
     from fxspec.lowering.attention import decode_attention
-    from fxspec.lowering.workspace import split_counters
+    from fxspec.lowering._triton.workspace import split_counters
     torch.manual_seed(0)
     B, H, Hkv, D, L = 1, 32, 4, 64, 1024
     q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16)
@@ -633,27 +632,27 @@ def test_gpu_in_kernel_combine_replays_deterministically(monkeypatch):
     v = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16)
     m = torch.zeros(B, 1, 1, L, device="cuda", dtype=torch.bool)
     m[..., :700] = True
-    monkeypatch.setenv("FXSPEC_ATTN_COMBINE", "launch")
-    two_launch = decode_attention(q, k, v, m, 0.125)
-    monkeypatch.setenv("FXSPEC_ATTN_COMBINE", "kernel")
-    out = decode_attention(q, k, v, m, 0.125)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        decode_attention(q, k, v, m, 0.125)
+    with settings.override(attention_combine="launch"):
+        two_launch = decode_attention(q, k, v, m, 0.125)
+    with settings.override(attention_combine="kernel"):
+        out = decode_attention(q, k, v, m, 0.125)
         torch.cuda.synchronize()
-        with torch.cuda.graph(g, stream=s):
-            res = decode_attention(q, k, v, m, 0.125)
-    outs = []
-    for _ in range(3):
-        g.replay()
-        torch.cuda.synchronize()
-        outs.append(res.clone())
-    assert all(torch.equal(o, outs[0]) for o in outs) and torch.equal(outs[0], out)
-    assert (out.float() - two_launch.float()).abs().max().item() < 1e-2
-    assert int(split_counters(q.device).count_nonzero()) == 0
+        g = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            decode_attention(q, k, v, m, 0.125)
+            torch.cuda.synchronize()
+            with torch.cuda.graph(g, stream=s):
+                res = decode_attention(q, k, v, m, 0.125)
+        outs = []
+        for _ in range(3):
+            g.replay()
+            torch.cuda.synchronize()
+            outs.append(res.clone())
+        assert all(torch.equal(o, outs[0]) for o in outs) and torch.equal(outs[0], out)
+        assert (out.float() - two_launch.float()).abs().max().item() < 1e-2
+        assert int(split_counters(q.device).count_nonzero()) == 0
 
 
 if __name__ == "__main__" and "--interp" in sys.argv:
