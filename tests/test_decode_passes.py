@@ -306,7 +306,7 @@ def _traced_rope_site(rope_q=None, rope_k=None, extra_read=False, slot_0d=False,
 
 
 def test_fuse_rope_cache_matcher_accepts_and_rejects():
-    from fxspec.passes.decode import _match_rope_cache
+    from fxspec.passes.fuse_rope_cache import _match_rope_cache
     gm, att = _traced_rope_site()
     site = _match_rope_cache(gm, att)
     assert not isinstance(site, str), site
@@ -344,6 +344,23 @@ def test_fuse_rope_cache_matcher_accepts_and_rejects():
     for kw, why in cases:
         reason = _match_rope_cache(*_traced_rope_site(**kw))
         assert isinstance(reason, str) and why in reason, (kw, reason)
+
+def test_rope_cache_write_pattern():
+    """graph.patterns.rope_cache_write, which the pass wraps: the pieces of transformers' form, and the
+    reason for a near miss (the GPT-J interleaved rotation)."""
+    from fxspec.graph.patterns import rope_cache_write
+    gm, att = _traced_rope_site()
+    site = rope_cache_write(gm, att, *att.args[:3])
+    assert not isinstance(site, str), site
+    assert [n.name for n in (site.q, site.k, site.v, site.cos, site.sin, site.k_cache, site.v_cache, site.slot)] == \
+        ["q", "k", "v", "cos", "sin", "kc", "vc", "slot"]
+
+    def interleaved(x, cos, sin):
+        return x * cos + torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2) * sin
+
+    gm, att = _traced_rope_site(rope_k=interleaved)
+    assert rope_cache_write(gm, att, *att.args[:3]) == "no full-width rotate_half rotary embedding on the key"
+
 
 def _eager_lowering(monkeypatch):
     """Run the rewritten graphs eagerly (no Inductor): the ops' CPU references then reproduce eager

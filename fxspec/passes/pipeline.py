@@ -8,13 +8,20 @@ on/off state of each pass under a config). A pass runs when its config section i
    ``sparse_attention`` (learned block-sparse attention gates), ``sparse_ffn`` (activation sparsity),
    ``moe`` (dense MLP to experts), ``draft_heads`` (speculative-decoding heads on the LM head's input).
 2. ``quantize_weights`` packs weights (lossy; only when ``[quantize]`` is given).
-3. The decode rewrites: exact fusions for small-batch decode steps (``[decode]``, on by default).
+3. The decode rewrites, exact fusions for small-batch decode steps (``[decode]``, on by default):
+   ``fuse_projections`` (shared-input linears -> one GEMV), ``decode_attention`` (one-query SDPA ->
+   split-K over the cache), ``fuse_rope_cache`` (rotary + cache write into that attention: it reads the
+   nodes ``decode_attention`` made), ``fuse_gemv_edges`` (RMSNorm / SiLU*mul / residual into the GEMVs
+   that ``quantize_weights`` and ``fuse_projections`` made).
 """
 
 from __future__ import annotations
 
 from .base import Pass
-from .decode import decode_attention, fuse_gemv_edges, fuse_projections, fuse_rope_cache
+from .decode_attention import decode_attention
+from .fuse_gemv_edges import fuse_gemv_edges
+from .fuse_projections import fuse_projections
+from .fuse_rope_cache import fuse_rope_cache
 from .quantize_weights import quantize_weights
 
 
