@@ -6,9 +6,9 @@ and M = 8 rows of x:
   cublas_separate  F.linear(x, Wi) for each weight of the group: what the model runs today
   cublas_concat    F.linear(x, cat(Wi)) on a pre-concatenated weight: the upper bound of fusing
                    into one cuBLAS call (costs a second copy of the weights; reference only)
-  fxspec           fxspec.lowering.dense.gemv.linear_group_triton(x, [Wi]): one launch, every
-                   weight through its own pointer, the launcher's config (heuristic, or its
-                   per-process autotune where that is on: ``tune`` in the meta)
+  fxspec           fxspec.lowering.dense.launch.linear_group_triton(x, [Wi]): one launch, every
+                   weight through its own pointer, the launcher's config (the per-GPU table of
+                   fxspec/lowering/tuned_tables/ where it has the shape, else the heuristic)
   fxspec_fma / fxspec_mma  (M = 8, with --variants) the launcher forced to one kernel, to check
                    the M threshold between them (FMA_MAX_M)
 
@@ -29,7 +29,7 @@ in the GEMV launch) vs the unfused sequence it replaces, per fused call of a Lla
                   RMSNorm, in "layer"), fxspec's linear_group GEMV, Inductor-compiled SiLU*mul /
                   residual add -- one launch each
   unfused_cublas  the same with cuBLAS (F.linear per weight) instead of linear_group
-  fused           fxspec.lowering.dense.gemv.fused_linear_triton: ONE launch per fused call
+  fused           fxspec.lowering.dense.launch.fused_linear_triton: ONE launch per fused call
 
   cases: norm_qkv (RMSNorm + q/k/v), o_res (o_proj + residual), gate_up_silu (gate/up + SiLU*mul),
   norm_gate_up_silu (RMSNorm + gate/up + SiLU*mul), down_res (down_proj + residual), layer (all of
@@ -61,7 +61,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import harness as H  # noqa: E402  (after the path fix)
+import harness  # noqa: E402  (after the path fix)
 from harness import log  # noqa: E402
 
 # (model, name, Ns, K)
@@ -94,7 +94,7 @@ class Impl:
         self.D = D
         self.G = None
         if device == "cuda":
-            from fxspec.lowering.dense import gemv as G
+            from fxspec.lowering.dense import launch as G
             self.G = G
 
     def group(self, x, ws, config=None):
@@ -166,7 +166,7 @@ def measure_group(impl: Impl, model, name, Ns, K, device, copy_bw, ms, variants,
     torch.manual_seed(sum(Ns) + K)
     ws0 = [torch.randn(n, K, device=device, dtype=dt) * 0.02 for n in Ns]
     wbytes = sum(w.numel() * w.element_size() for w in ws0)
-    n_copies = H.n_copies(wbytes, rotate_bytes)
+    n_copies = harness.n_copies(wbytes, rotate_bytes)
     sets = [[w.clone() for w in ws0] for _ in range(n_copies)]
     cats = [torch.cat(s) for s in sets]
     del ws0
@@ -186,12 +186,12 @@ def measure_group(impl: Impl, model, name, Ns, K, device, copy_bw, ms, variants,
             row = {"model": model, "group": name, "Ns": Ns, "K": K, "M": M, "method": meth, "weight_bytes": wbytes,
                    "n_weight_copies": n_copies}
             try:
-                sec, how = H.time_calls(calls, device)
+                sec, how = harness.time_calls(calls, device)
                 bw = wbytes / sec
                 row.update(us=sec * 1e6, GBps=bw / 1e9, frac_copy=bw / copy_bw, timing=how)
                 if meth == "fxspec" and impl.G is not None:
                     key = impl.G._key(x, M, Ns, K)
-                    cfg = impl.G._CHOSEN.get(key)
+                    cfg = impl.G._CHOSEN.get(key) or getattr(impl.G, "_TABLED", {}).get(key)
                     row["config"] = cfg.describe() if cfg is not None else None
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
@@ -235,7 +235,7 @@ FUSED_METHODS = ("unfused", "unfused_cublas", "fused", "fused_nopdl")
 
 
 def _rms(x, w):
-    # HF LlamaRMSNorm (fxspec.lowering.dense.ops.rms_norm_ref), written out for Inductor
+    # HF LlamaRMSNorm (fxspec.lowering.edges.rms_norm_ref), written out for Inductor
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + FUSED_EPS)
     return w * h.to(x.dtype)
@@ -269,7 +269,7 @@ class FusedImpl:
         self.D = D
         self.G = None
         if device == "cuda":
-            from fxspec.lowering.dense import gemv as G
+            from fxspec.lowering.dense import launch as G
             self.G = G
         for knob in ("recompile_limit", "cache_size_limit"):  # one compile per shape
             if hasattr(torch._dynamo.config, knob):
@@ -347,7 +347,7 @@ def run_fused_checks(impl: FusedImpl, groups, device, ms) -> list:
     """fused and unfused vs the eager reference (fused_linear_ref on the same device): fraction of
     bitwise-equal outputs, max error in bf16 ulps of the reference, bitwise-equal rerun.  ok: at
     least 90% equal and allclose at bf16 tolerance."""
-    from fxspec.lowering.dense.ops import fused_linear_ref
+    from fxspec.lowering.dense.reference import fused_linear_ref
     rows = []
     g = torch.Generator(device=device).manual_seed(0)
     for (model, name, Ns, K, epi, norm) in groups:
@@ -388,7 +388,7 @@ def measure_fused(impl: FusedImpl, model, name, Ns, K, epi, norm, device, copy_b
         H, Hq, Hkv, I = (max(16, v // quick_scale) for v in LAYER_SHAPES[model])
         shapes = {"qkv": [(Hq, H), (Hkv, H), (Hkv, H)], "o": [(H, Hq)], "gu": [(I, H), (I, H)], "down": [(H, I)]}
         wbytes = sum(n * k * 2 for v in shapes.values() for (n, k) in v)
-        n_copies = H.n_copies(wbytes, rotate_bytes)
+        n_copies = harness.n_copies(wbytes, rotate_bytes)
         sets = []
         for _ in range(n_copies):
             lw = {k: [torch.randn(n, kk, device=device, dtype=dt, generator=g) / math.sqrt(kk) for (n, kk) in v]
@@ -398,7 +398,7 @@ def measure_fused(impl: FusedImpl, model, name, Ns, K, epi, norm, device, copy_b
             sets.append(lw)
     else:
         wbytes = sum(n * K * 2 for n in Ns)
-        n_copies = H.n_copies(wbytes, rotate_bytes)
+        n_copies = harness.n_copies(wbytes, rotate_bytes)
         sets = [[torch.randn(n, K, device=device, dtype=dt, generator=g) / math.sqrt(K) for n in Ns]
                 for _ in range(n_copies)]
     for M in ms:
@@ -414,8 +414,8 @@ def measure_fused(impl: FusedImpl, model, name, Ns, K, epi, norm, device, copy_b
             row = {"model": model, "case": name, "Ns": Ns, "K": K, "M": M, "method": meth, "epilogue": epi,
                    "norm": norm, "weight_bytes": wbytes, "n_weight_copies": n_copies}
             try:
-                with H.kernels(**({"pdl": "off"} if meth.endswith("_nopdl") else {})):
-                    sec, how = H.time_calls(calls, device)
+                with harness.kernels(**({"pdl": "off"} if meth.endswith("_nopdl") else {})):
+                    sec, how = harness.time_calls(calls, device)
                 bw = wbytes / sec
                 row.update(us=sec * 1e6, GBps=bw / 1e9, frac_copy=bw / copy_bw, timing=how)
             except Exception as e:
@@ -437,7 +437,7 @@ def fused_markdown(meta, copy_bw, results, checks) -> str:
          f"Python {meta['python']}  \n- commit: {meta['commit']}",
          f"- copy bandwidth (read + write, {meta['copy_bytes'] >> 20} MiB buffer): **{copy_bw / 1e9:.1f} GB/s**",
          f"- timing: {meta['timing']}; weights rotated over >= {meta['rotate_bytes'] >> 20} MiB; "
-         f"GEMV autotune: {meta['tune']}; unfused small kernels compiled with backend={meta['compile_backend']}"]
+         f"unfused small kernels compiled with backend={meta['compile_backend']}"]
     if checks:
         n_ok = sum(c["ok"] for c in checks)
         L.append(f"- correctness (--check, vs the eager reference): {n_ok}/{len(checks)} ok")
@@ -487,8 +487,7 @@ def markdown(meta, copy_bw, results, checks) -> str:
          f"- date: {meta['date']}  \n- device: {meta['device']}  \n- torch {meta['torch']}, triton {meta['triton']}, "
          f"Python {meta['python']}  \n- commit: {meta['commit']}",
          f"- copy bandwidth (read + write, {meta['copy_bytes'] >> 20} MiB buffer): **{copy_bw / 1e9:.1f} GB/s**",
-         f"- timing: {meta['timing']}; weights rotated over >= {meta['rotate_bytes'] >> 20} MiB; "
-         f"GEMV autotune: {meta['tune']}"]
+         f"- timing: {meta['timing']}; weights rotated over >= {meta['rotate_bytes'] >> 20} MiB"]
     if checks:
         n_ok = sum(c["ok"] for c in checks)
         worst = max((c["max_abs_err"] for c in checks if "max_abs_err" in c and c["method"].startswith("fxspec")),
@@ -568,16 +567,16 @@ def main():
     copy_bytes = (64 << 20) if args.quick else (1 << 30)
     torch.backends.cuda.matmul.allow_tf32 = False
     impl = Impl(device)
-    meta = _meta(args, device, rotate, copy_bytes, impl.G, fma_max_m=getattr(impl.G, "FMA_MAX_M", None),
-                 groups=groups, ms=ms)
+    meta = _meta(args, device, rotate, copy_bytes, fma_max_m=getattr(impl.G, "FMA_MAX_M", None), groups=groups,
+                 ms=ms)
     log("meta", json.dumps(meta, default=str))
-    stem = H.result_stem("dense_gemv", device, meta["date"][:10], args.tag)
+    stem = harness.result_stem("dense_gemv", device, meta["date"][:10], args.tag)
     results, checks = [], []
     copy_bw = None
 
     def dump():
         rep = impl.G.tuning_report() if impl.G is not None else {}
-        H.write_json(os.path.join(args.out, f"{stem}.json"),
+        harness.write_json(os.path.join(args.out, f"{stem}.json"),
                      {"meta": meta, "copy_bw": copy_bw, "results": results, "checks": checks, "tuning": rep})
 
     if args.check or args.no_bench:
@@ -586,7 +585,7 @@ def main():
         log(f"checks took {time.time() - t0:.1f}s")
         dump()
     if not args.no_bench:
-        copy_bw = H.copy_bandwidth(device, copy_bytes, reps=10, warmup=2)
+        copy_bw = harness.copy_bandwidth(device, copy_bytes, reps=10, warmup=2)
         log(f"copy bandwidth (read+write): {copy_bw / 1e9:.1f} GB/s")
         for (model, name, Ns, K) in groups:
             if time.time() - t_start > args.budget_s:
@@ -595,19 +594,18 @@ def main():
             measure_group(impl, model, name, Ns, K, device, copy_bw, ms, args.variants, rotate, results)
             dump()
     md = markdown(meta, copy_bw or float("nan"), results, checks)
-    H.write_markdown(os.path.join(args.out, f"{stem}.md"), md)
+    harness.write_markdown(os.path.join(args.out, f"{stem}.md"), md)
     dump()
     log(md)
     log(f"total {time.time() - t_start:.1f}s; wrote {args.out}/{stem}.json and .md")
 
 
 
-def _meta(args, device, rotate, copy_bytes, gemv_module, **extra) -> dict:
-    """harness.run_meta plus this benchmark's settings; ``tune``: whether the dense GEMV launcher's
-    per-process autotune is on (``gemv.TUNE``; None on the CPU)."""
-    return H.run_meta(device, device_type=device, quick=args.quick,
+def _meta(args, device, rotate, copy_bytes, **extra) -> dict:
+    """harness.run_meta plus this benchmark's settings."""
+    return harness.run_meta(device, device_type=device, quick=args.quick,
                       timing="CUDA-graph replay, median of 15" if device == "cuda" else "CPU wall clock, median of 15",
-                      rotate_bytes=rotate, copy_bytes=copy_bytes, tune=getattr(gemv_module, "TUNE", None), **extra)
+                      rotate_bytes=rotate, copy_bytes=copy_bytes, **extra)
 
 
 def main_fused(args, t_start):
@@ -623,16 +621,16 @@ def main_fused(args, t_start):
     copy_bytes = (64 << 20) if args.quick else (1 << 30)
     torch.backends.cuda.matmul.allow_tf32 = False
     impl = FusedImpl(device, args.compile_backend)
-    meta = _meta(args, device, rotate, copy_bytes, impl.G, compile_backend=args.compile_backend, groups=groups,
-                 ms=ms, eps=FUSED_EPS)
+    meta = _meta(args, device, rotate, copy_bytes, compile_backend=args.compile_backend, groups=groups, ms=ms,
+                 eps=FUSED_EPS)
     log("meta", json.dumps(meta, default=str))
-    stem = H.result_stem("dense_fused", device, meta["date"][:10], args.tag)
+    stem = harness.result_stem("dense_fused", device, meta["date"][:10], args.tag)
     results, checks = [], []
     copy_bw = None
 
     def dump():
         rep = impl.G.tuning_report() if impl.G is not None else {}
-        H.write_json(os.path.join(args.out, f"{stem}.json"),
+        harness.write_json(os.path.join(args.out, f"{stem}.json"),
                      {"meta": meta, "copy_bw": copy_bw, "results": results, "checks": checks, "tuning": rep})
 
     if args.check or args.no_bench:
@@ -641,7 +639,7 @@ def main_fused(args, t_start):
         log(f"checks took {time.time() - t0:.1f}s")
         dump()
     if not args.no_bench:
-        copy_bw = H.copy_bandwidth(device, copy_bytes, reps=10, warmup=2)
+        copy_bw = harness.copy_bandwidth(device, copy_bytes, reps=10, warmup=2)
         log(f"copy bandwidth (read+write): {copy_bw / 1e9:.1f} GB/s")
         for (model, name, Ns, K, epi, norm) in groups:
             if time.time() - t_start > args.budget_s:
@@ -650,7 +648,7 @@ def main_fused(args, t_start):
             measure_fused(impl, model, name, Ns, K, epi, norm, device, copy_bw, ms, rotate, results, scale)
             dump()
     md = fused_markdown(meta, copy_bw or float("nan"), results, checks)
-    H.write_markdown(os.path.join(args.out, f"{stem}.md"), md)
+    harness.write_markdown(os.path.join(args.out, f"{stem}.md"), md)
     dump()
     log(md)
     log(f"total {time.time() - t_start:.1f}s; wrote {args.out}/{stem}.json and .md")

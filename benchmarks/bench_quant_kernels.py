@@ -32,7 +32,7 @@ import sys
 import time
 import traceback
 
-import harness as H
+import harness
 import torch
 import torch.nn.functional as F
 from harness import log
@@ -50,7 +50,7 @@ GROUP = 128
 def pdl_env(off: bool):
     """Methods named ``*_nopdl`` are captured with programmatic dependent launch off (``kernels.pdl =
     "off"``): the same kernel without the launch overlap, measured in the same run."""
-    return H.kernels(pdl="off") if off else H.kernels()
+    return harness.kernels(pdl="off") if off else harness.kernels()
 
 
 def tinygemm_pack(q4: torch.Tensor, scales_gn: torch.Tensor):
@@ -180,7 +180,7 @@ def measure_shape(Q, tk, N, K, copy_bw, results, only_m=None, sweep=True):
 
     def get(kind, make):
         if kind not in copies:
-            copies[kind] = [make() for _ in range(H.n_copies(bytes_[kind.split(':')[0]], ROTATE_BYTES))]
+            copies[kind] = [make() for _ in range(harness.n_copies(bytes_[kind.split(':')[0]], ROTATE_BYTES))]
         return copies[kind]
 
     Ws = get("bf16", lambda: W.clone())
@@ -234,7 +234,7 @@ def measure_shape(Q, tk, N, K, copy_bw, results, only_m=None, sweep=True):
             t0 = time.time()
             try:
                 with pdl_env(name.endswith("_nopdl")):
-                    sec, how = H.time_calls(calls, "cuda", reps=15 if M <= 16 else 7)
+                    sec, how = harness.time_calls(calls, "cuda", reps=15 if M <= 16 else 7)
                 bw = bytes_[kind] / sec
                 row = {"N": N, "K": K, "M": M, "method": name, "us": sec * 1e6, "weight_bytes": bytes_[kind],
                        "GBps": bw / 1e9, "frac_copy": bw / copy_bw, "tflops": 2 * M * N * K / sec / 1e12, "timing": how}
@@ -264,7 +264,7 @@ def sweep_int4(tk, x, q4s, N, K, nbytes, copy_bw, results):
             cfg = dict(c.kwargs, SPLIT_K=sk, num_warps=c.num_warps, num_stages=c.num_stages)
             calls = [lambda q=q, s=s, cfg=cfg: tk.int4_linear_triton(x, q, s, None, GROUP, config=cfg) for q, s in q4s]
             try:
-                sec, how = H.time_calls(calls, "cuda", reps=10)
+                sec, how = harness.time_calls(calls, "cuda", reps=10)
             except Exception as e:
                 log(f"  sweep {cfg} ERROR {type(e).__name__}: {e}"[:300])
                 continue
@@ -331,8 +331,8 @@ def measure_int4_decode(Q, tk, N, K, copy_bw, results, ms):
     del codes4, W
     b4 = q4.nbytes()
     btg = tg_packed.numel() * tg_packed.element_size() + tg_sz.numel() * tg_sz.element_size()
-    q4s = [(q4.qweight.clone(), q4.scales.clone()) for _ in range(H.n_copies(b4, ROTATE_BYTES))]
-    tgs = [(tg_packed.clone(), tg_sz.clone()) for _ in range(H.n_copies(btg, ROTATE_BYTES))]
+    q4s = [(q4.qweight.clone(), q4.scales.clone()) for _ in range(harness.n_copies(b4, ROTATE_BYTES))]
+    tgs = [(tg_packed.clone(), tg_sz.clone()) for _ in range(harness.n_copies(btg, ROTATE_BYTES))]
     xt = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
     tg_err = rel_err(torch.ops.aten._weight_int4pack_mm(xt, tg_packed, GROUP, tg_sz),
                      Q.int4_linear_ref(xt, q4.qweight, q4.scales, None, GROUP))
@@ -360,7 +360,7 @@ def measure_int4_decode(Q, tk, N, K, copy_bw, results, ms):
         for name, (nb, calls) in methods.items():
             try:
                 with pdl_env(name.endswith("_nopdl")):
-                    sec, how = H.time_calls(calls, "cuda", reps=15)
+                    sec, how = harness.time_calls(calls, "cuda", reps=15)
                 bw = nb / sec
                 row = {"N": N, "K": K, "M": M, "method": name, "us": sec * 1e6, "weight_bytes": nb, "GBps": bw / 1e9,
                        "frac_copy": bw / copy_bw, "tflops": 2 * M * N * K / sec / 1e12, "timing": how}
@@ -452,20 +452,20 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("bench_quant_kernels: needs a CUDA GPU")
     import fxspec.lowering.quant as Q
-    from fxspec.lowering.quant import triton_kernels as tk
+    from fxspec.lowering.quant import launch as tk
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    meta = H.run_meta("cuda", decode_max_m=tk.DECODE_MAX_M, gemv_max_m=tk.GEMV_MAX_M,
+    meta = harness.run_meta("cuda", decode_max_m=tk.DECODE_MAX_M, gemv_max_m=tk.GEMV_MAX_M,
                       gemv4_max_m=getattr(tk, "GEMV4_MAX_M", None), prefill_dequant_min_m=tk.PREFILL_DEQUANT_MIN_M)
     log("meta", json.dumps(meta, default=str))
     out_dir = args.out
-    stem = H.result_stem("quant_int4_decode" if args.int4_decode else "quant_kernels", "cuda", meta["date"][:10],
+    stem = harness.result_stem("quant_int4_decode" if args.int4_decode else "quant_kernels", "cuda", meta["date"][:10],
                          args.tag)
     results, checks = [], []
 
     def dump(copy_bw=None, extra=None):
         if out_dir:
-            H.write_json(os.path.join(out_dir, f"{stem}.json"),
+            harness.write_json(os.path.join(out_dir, f"{stem}.json"),
                          {"meta": meta, "copy_bw": copy_bw, "results": results, "checks": checks, "extra": extra or {}})
 
     if args.int4_decode:
@@ -476,7 +476,7 @@ def main():
             checks = int4_decode_checks(Q, tk, shapes, ms[:1])
             log(f"checks took {time.time()-t0:.1f}s")
             dump()
-        copy_bw = H.copy_bandwidth("cuda")
+        copy_bw = harness.copy_bandwidth("cuda")
         log(f"copy bandwidth (read+write): {copy_bw/1e12:.3f} TB/s")
         extra = {}
         for M in ms:  # M = 1 on every shape first
@@ -490,7 +490,7 @@ def main():
                 dump(copy_bw, extra)
         md = int4_decode_table(copy_bw, results)
         if out_dir:
-            H.write_markdown(os.path.join(out_dir, f"{stem}.md"), md)
+            harness.write_markdown(os.path.join(out_dir, f"{stem}.md"), md)
         dump(copy_bw, extra)
         log(md)
         log(f"total {time.time()-t_start:.0f}s")
@@ -500,7 +500,7 @@ def main():
         checks = run_checks(Q, tk)
         log(f"checks took {time.time()-t0:.1f}s")
         dump()
-    copy_bw = H.copy_bandwidth("cuda")
+    copy_bw = harness.copy_bandwidth("cuda")
     log(f"copy bandwidth (read+write): {copy_bw/1e12:.3f} TB/s")
     shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
     # phases: the M = 1 targets on every shape first, then the rest, so a time limit cuts the
@@ -518,7 +518,7 @@ def main():
             dump(copy_bw, extra)
     md = markdown(meta, copy_bw, results, checks)
     if out_dir:
-        H.write_markdown(os.path.join(out_dir, f"{stem}.md"), md)
+        harness.write_markdown(os.path.join(out_dir, f"{stem}.md"), md)
     dump(copy_bw, extra)
     log(md)
     log(f"total {time.time()-t_start:.0f}s")

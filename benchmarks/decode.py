@@ -53,7 +53,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import harness as H
+import harness
 from harness import sync, timed
 
 import fxspec  # noqa: F401  (registers the backend)
@@ -144,11 +144,11 @@ class Bench:
         self.t0 = time.perf_counter()
         self.rows: list[dict] = []
         self.baseline = 0
-        self.meta = H.run_meta(self.device, prompt=args.prompt, new_tokens=args.new,
+        self.meta = harness.run_meta(self.device, prompt=args.prompt, new_tokens=args.new,
                                dtype={torch.bfloat16: "bf16", torch.float32: "fp32"}[self.dtype])
-        self.stem = H.result_stem("decode", self.device, self.meta["date"][:10], args.tag)
+        self.stem = harness.result_stem("decode", self.device, self.meta["date"][:10], args.tag)
         nbytes = (1 << 30) if self.device.type == "cuda" else (1 << 26)
-        self.meta["copy_GBps"] = H.copy_bandwidth(self.device, nbytes, reps=20, warmup=5) / 1e9
+        self.meta["copy_GBps"] = harness.copy_bandwidth(self.device, nbytes, reps=20, warmup=5) / 1e9
         print(f"copy bandwidth (read+write): {self.meta['copy_GBps']:.0f} GB/s", flush=True)
 
     def left(self) -> float:
@@ -160,7 +160,7 @@ class Bench:
         self.write()
 
     def write(self) -> None:
-        H.write_results(self.args.out, self.stem, {"meta": self.meta, "rows": self.rows},
+        harness.write_results(self.args.out, self.stem, {"meta": self.meta, "rows": self.rows},
                         markdown(self.meta, self.rows))
 
     def base(self, model_name, model, batch, method) -> dict:
@@ -383,7 +383,7 @@ def run(args) -> Bench:
         what, variant, kernels, extra = row_variant(what)
         if kernels:  # the row's graphs compile with these [kernels] settings, and its kernels launch with them
             extra = merge(extra, {"kernels": kernels})
-        with H.kernels(**kernels):
+        with harness.kernels(**kernels):
             try:
                 t_row = time.perf_counter()
                 if what == "fxspec bf16":

@@ -36,7 +36,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import harness as H
+import harness
 
 
 def perplexity(model, windows: torch.Tensor, batch: int) -> tuple[float, torch.Tensor]:
@@ -124,7 +124,7 @@ def main() -> None:
                      "eval_s": round(run_s, 1)})
         print(json.dumps(rows[-1]), flush=True)
 
-    meta = H.run_meta(args.device, dtype=str(dtype), model="ref-lm (23M Llama, trained)",
+    meta = harness.run_meta(args.device, dtype=str(dtype), model="ref-lm (23M Llama, trained)",
                       data=f"val_tokens.pt first {n_eval} tokens, {args.windows} windows x {args.ctx}")
     table = ["| config | perplexity | vs float | top-1 agreement | linears quantized |", "|---|---|---|---|---|"]
     for r in rows:
@@ -135,13 +135,13 @@ def main() -> None:
     if args.out:
         data = {"meta": meta, "rows": rows}
         if args.out.endswith(".json"):
-            H.write_json(args.out, data)
+            harness.write_json(args.out, data)
         else:
             head = (f"# Quantization accuracy on ref-lm ({meta['date']})\n\n- device: {meta['device']}, dtype {dtype}, "
                     f"torch {meta['torch']}, commit {meta['commit']}\n- data: {meta['data']}; calibration "
                     f"{args.calib_samples} x 512 tokens after them\n\n")
-            H.write_results(args.out, H.result_stem("quant_accuracy", args.device, meta["date"][:10], args.tag),
-                            data, head + "\n".join(table))
+            stem = harness.result_stem("quant_accuracy", args.device, meta["date"][:10], args.tag)
+            harness.write_results(args.out, stem, data, head + "\n".join(table))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ rotating weight copies, so no call finds its weights in L2), next to, in the sam
                   harness -- the practical ceiling for a weight-streaming GEMV of that size
   copy            the device-to-device copy bandwidth (bytes read + written), the issue's yardstick
   cublas_bf16, tinygemm_int4 (g128), and fxspec's default launch (``auto``: the per-GPU table of
-  fxspec.lowering.quant.tuned where it has the shape, else autotune) and Triton's autotune alone
+  fxspec.lowering._triton.tuning where it has the shape, else autotune) and Triton's autotune alone
   (``autotune``: ``kernels.tuned_tables = false``)
 
 Kernels: int4 g128 symmetric (``gemv4p``, bf16x2 partials), int8 and fp8 (``gemv8``).  Shapes: the
@@ -20,7 +20,7 @@ TinyLlama-1.1B's four, ref-lm's four).
 
 ``--table``: the fastest config per (kernel, shape) -- the three leaders re-timed, the mean of both
 timings compared -- written as $OUT/tuned_<device>.json, the format of
-fxspec/lowering/quant/tuned_tables/ (copy it there to ship it).
+fxspec/lowering/tuned_tables/ (copy it there to ship it).
 
     PYTHONPATH=. FXSPEC_COMMIT=$(git rev-parse HEAD) python3 benchmarks/sweep_quant_gemv.py [--shapes 0,1] [--table]
 Writes <out>/sweep_quant_gemv_<gpu>_<date>[_<tag>].json and .md when --out or $OUT names a folder.
@@ -40,7 +40,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_quant_kernels as B
-import harness as H
+import harness
 
 
 @triton.jit
@@ -61,20 +61,21 @@ READ_CONFIGS = [(b, it, w) for b in (1024, 2048) for it in (2, 4, 8) for w in (4
 def read_floor(nbytes: int, copy_bw: float, results: list, tag: str):
     n = nbytes // 4
     bufs = [torch.randint(0, 1 << 20, (n,), dtype=torch.int32, device="cuda")
-            for _ in range(H.n_copies(nbytes, B.ROTATE_BYTES))]
+            for _ in range(harness.n_copies(nbytes, B.ROTATE_BYTES))]
     best = None
     for block, iters, warps in READ_CONFIGS:
         grid = (triton.cdiv(n, block * iters),)
         out = torch.empty(grid[0], dtype=torch.int32, device="cuda")
         calls = [lambda b=b: _read_kernel[grid](b, out, n, BLOCK=block, ITERS=iters, num_warps=warps) for b in bufs]
-        sec, _ = H.time_calls(calls, "cuda", reps=10)
+        sec, _ = harness.time_calls(calls, "cuda", reps=10)
         if best is None or sec < best[0]:
             best = (sec, f"BLOCK={block} ITERS={iters} w{warps}")
     sec, cfg = best
     row = {"method": f"read_floor_{tag}", "us": sec * 1e6, "weight_bytes": nbytes, "GBps": nbytes / sec / 1e9,
            "frac_copy": nbytes / sec / copy_bw, "config": cfg}
     results.append(row)
-    H.log(f"    read floor {tag:5s} {nbytes/1e6:7.1f} MB {sec*1e6:8.2f} us {row['frac_copy']*100:5.1f}% copy  ({cfg})")
+    harness.log(f"    read floor {tag:5s} {nbytes/1e6:7.1f} MB {sec*1e6:8.2f} us {row['frac_copy']*100:5.1f}% copy  "
+                f"({cfg})")
     del bufs
     return sec
 
@@ -136,7 +137,7 @@ def sweep_shape(Q, tk, N, K, copy_bw, results, budget_end, table=None):
     try:
         tg_packed, tg_sz = B.tinygemm_pack(codes4, q4.scales)
     except Exception as e:  # tinygemm's packing has its own shape limits
-        H.log(f"    tinygemm pack failed: {type(e).__name__}: {str(e)[:120]}")
+        harness.log(f"    tinygemm pack failed: {type(e).__name__}: {str(e)[:120]}")
         tg_packed = tg_sz = torch.zeros(1, device=dev)
     del codes4
     nb = {"bf16": 2 * N * K, "int8": q8.nbytes(), "int4": q4.nbytes(), "fp8": qf.nbytes(),
@@ -147,16 +148,16 @@ def sweep_shape(Q, tk, N, K, copy_bw, results, budget_end, table=None):
 
     def add(method, kind, calls, **info):
         try:
-            sec, how = H.time_calls(calls, "cuda", reps=10)
+            sec, how = harness.time_calls(calls, "cuda", reps=10)
         except Exception as e:  # a config that does not compile / launch is recorded, not fatal
             row = dict(shape, method=method, error=f"{type(e).__name__}: {e}"[:300], **info)
-            H.log(f"    {method:34s} ERROR {row['error'][:160]}")
+            harness.log(f"    {method:34s} ERROR {row['error'][:160]}")
             sec = None
         else:
             bw = nb[kind] / sec
             row = dict(shape, method=method, us=sec * 1e6, weight_bytes=nb[kind], GBps=bw / 1e9,
                        frac_copy=bw / copy_bw, timing=how, **info)
-            H.log(f"    {method:34s} {sec*1e6:8.2f} us {bw/copy_bw*100:5.1f}% copy")
+            harness.log(f"    {method:34s} {sec*1e6:8.2f} us {bw/copy_bw*100:5.1f}% copy")
         rows.append(row)
         results.append(row)
         return sec
@@ -168,13 +169,13 @@ def sweep_shape(Q, tk, N, K, copy_bw, results, budget_end, table=None):
         top = sorted((c for c in cands if c[4] is not None), key=lambda c: c[4])[:3]
         again = []
         for name, cfg, _extra, calls, t1 in top:
-            t2, _ = H.time_calls(calls, "cuda", reps=10)
+            t2, _ = harness.time_calls(calls, "cuda", reps=10)
             again.append(((t1 + t2) / 2, name, cfg, t1, t2))
         mean, name, cfg, t1, t2 = min(again, key=lambda a: a[0])
         table.setdefault(TABLE_KERNEL[fmt], {})[f"{N}x{K}"] = {
             "config": cfg, "name": name, "us": mean * 1e6, "frac_copy": nb[fmt] / mean / copy_bw,
             "retimed": {a[1]: [a[3] * 1e6, a[4] * 1e6] for a in again}}
-        H.log(f"    table {TABLE_KERNEL[fmt]} {N}x{K}: {name} {mean*1e6:.2f} us")
+        harness.log(f"    table {TABLE_KERNEL[fmt]} {N}x{K}: {name} {mean*1e6:.2f} us")
 
     for kind in ("int4", "int8"):
         tmp = []
@@ -186,30 +187,30 @@ def sweep_shape(Q, tk, N, K, copy_bw, results, budget_end, table=None):
     alt = tk.int8_linear_triton(x, q8.qweight, q8.scales, config=_c(4, BLOCK_N=8, BLOCK_K=1024), use_asm=True)
     same = bool(torch.equal(ref, alt))
     results.append(dict(shape, method="check int8 prmt == generic (bitwise)", ok=same))
-    H.log(f"    check int8 prmt == generic (bitwise): {same}")
-    Ws = [W.clone() for _ in range(H.n_copies(nb["bf16"], B.ROTATE_BYTES))]
+    harness.log(f"    check int8 prmt == generic (bitwise): {same}")
+    Ws = [W.clone() for _ in range(harness.n_copies(nb["bf16"], B.ROTATE_BYTES))]
     add("cublas_bf16", "bf16", [lambda w=w: torch.nn.functional.linear(x, w) for w in Ws])
     del Ws
     if tg_ok:
-        tgs = [(tg_packed.clone(), tg_sz.clone()) for _ in range(H.n_copies(nb["tinygemm"], B.ROTATE_BYTES))]
+        tgs = [(tg_packed.clone(), tg_sz.clone()) for _ in range(harness.n_copies(nb["tinygemm"], B.ROTATE_BYTES))]
         add("tinygemm_int4", "tinygemm",
             [lambda p=p, s=s: torch.ops.aten._weight_int4pack_mm(x, p, B.GROUP, s) for p, s in tgs])
         del tgs
-    q4s = [(q4.qweight.clone(), q4.scales.clone()) for _ in range(H.n_copies(nb["int4"], B.ROTATE_BYTES))]
+    q4s = [(q4.qweight.clone(), q4.scales.clone()) for _ in range(harness.n_copies(nb["int4"], B.ROTATE_BYTES))]
     add("int4 auto", "int4", [lambda q=q, s=s: tk.int4_linear_triton(x, q, s, None, B.GROUP) for q, s in q4s])
     add("int4 autotune", "int4", [lambda q=q, s=s: _untabled(tk.int4_linear_triton, x, q, s, None, B.GROUP)
                                   for q, s in q4s])
     cands = []
     for name, cfg in INT4_CONFIGS.items():
         if time.time() > budget_end:
-            H.log("    budget reached: int4 sweep cut")
+            harness.log("    budget reached: int4 sweep cut")
             break
         calls = [lambda q=q, s=s, c=cfg: tk.int4_linear_triton(x, q, s, None, B.GROUP, config=c) for q, s in q4s]
         cands.append((name, cfg, {}, calls, add(f"int4 {name}", "int4", calls, config=cfg)))
     pick("int4", cands)
     del q4s, cands
     for fmt, qq, fn in (("int8", q8, tk.int8_linear_triton), ("fp8", qf, tk.fp8_linear_triton)):
-        qs = [(qq.qweight.clone(), qq.scales.clone()) for _ in range(H.n_copies(nb[fmt], B.ROTATE_BYTES))]
+        qs = [(qq.qweight.clone(), qq.scales.clone()) for _ in range(harness.n_copies(nb[fmt], B.ROTATE_BYTES))]
         add(f"{fmt} auto", fmt, [lambda q=q, s=s: fn(x, q, s) for q, s in qs])
         add(f"{fmt} autotune", fmt, [lambda q=q, s=s: _untabled(fn, x, q, s) for q, s in qs])
         cands = []
@@ -218,7 +219,7 @@ def sweep_shape(Q, tk, N, K, copy_bw, results, budget_end, table=None):
             runs += [(f"{name} generic", GEMV8_CONFIGS[name], {"use_asm": False}) for name in GENERIC8]
         for name, cfg, extra in runs:
             if time.time() > budget_end:
-                H.log(f"    budget reached: {fmt} sweep cut")
+                harness.log(f"    budget reached: {fmt} sweep cut")
                 break
             calls = [lambda q=q, s=s, c=cfg, e=extra: fn(x, q, s, config=c, **e) for q, s in qs]
             t = add(f"{fmt} {name}", fmt, calls, config=cfg, **extra)
@@ -232,7 +233,7 @@ def sweep_shape(Q, tk, N, K, copy_bw, results, budget_end, table=None):
 
 def _untabled(fn, *args, **kw):
     """``fn`` launched with the per-GPU config table off (Triton's autotune alone)."""
-    with H.kernels(tuned_tables=False):
+    with harness.kernels(tuned_tables=False):
         return fn(*args, **kw)
 
 
@@ -278,13 +279,13 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("sweep_quant_gemv: needs a CUDA GPU")
     import fxspec.lowering.quant as Q
-    from fxspec.lowering.quant import triton_kernels as tk
+    from fxspec.lowering.quant import launch as tk
     t0 = time.time()
-    meta = H.run_meta("cuda")
-    stem = H.result_stem("sweep_quant_gemv", "cuda", meta["date"][:10], args.tag)
-    H.log("meta", json.dumps(meta, default=str))
-    copy_bw = H.copy_bandwidth("cuda")
-    H.log(f"copy bandwidth (read+write): {copy_bw/1e12:.3f} TB/s")
+    meta = harness.run_meta("cuda")
+    stem = harness.result_stem("sweep_quant_gemv", "cuda", meta["date"][:10], args.tag)
+    harness.log("meta", json.dumps(meta, default=str))
+    copy_bw = harness.copy_bandwidth("cuda")
+    harness.log(f"copy bandwidth (read+write): {copy_bw/1e12:.3f} TB/s")
     every = B.SHAPES + EXTRA_SHAPES
     shapes = every if args.shapes == "all" else [every[int(i)] for i in args.shapes.split(",")]
     results = []
@@ -292,25 +293,26 @@ def main():
     out = args.out
     for N, K in shapes:
         if time.time() - t0 > args.budget_s - 10:
-            H.log(f"budget reached; skipping {N}x{K}")
+            harness.log(f"budget reached; skipping {N}x{K}")
             continue
-        H.log(f"shape {N}x{K} ({time.time()-t0:.0f}s)")
+        harness.log(f"shape {N}x{K} ({time.time()-t0:.0f}s)")
         sweep_shape(Q, tk, N, K, copy_bw, results, t0 + args.budget_s, table)
         if out:
-            H.write_json(os.path.join(out, f"{stem}.json"), {"meta": meta, "copy_bw": copy_bw, "results": results})
+            harness.write_json(os.path.join(out, f"{stem}.json"),
+                               {"meta": meta, "copy_bw": copy_bw, "results": results})
     md = summary(results, copy_bw)
-    H.log(md)
+    harness.log(md)
     if out:
-        H.write_markdown(os.path.join(out, f"{stem}.md"),
+        harness.write_markdown(os.path.join(out, f"{stem}.md"),
                          f"meta: {json.dumps(meta, default=str)}\n\ncopy bandwidth {copy_bw/1e12:.3f} TB/s\n\n{md}\n")
     if table is not None and out:
         slug = "".join(ch if ch.isalnum() else "_" for ch in meta["device"])
-        harness = ("benchmarks/sweep_quant_gemv.py: CUDA-graph replay, PDL as the decode loop runs it, weights "
-                   "rotated out of L2, M = 1, bf16 activations")
-        doc = {"meta": {**meta, "copy_bw": copy_bw, "harness": harness}, "kernels": table}
-        H.write_json(os.path.join(out, f"tuned_{slug}.json"), doc)
-        H.log(f"wrote tuned_{slug}.json ({sum(len(v) for v in table.values())} entries)")
-    H.log(f"total {time.time()-t0:.0f}s")
+        timing = ("benchmarks/sweep_quant_gemv.py: CUDA-graph replay, PDL as the decode loop runs it, weights "
+                  "rotated out of L2, M = 1, bf16 activations")
+        doc = {"meta": {**meta, "copy_bw": copy_bw, "harness": timing}, "kernels": table}
+        harness.write_json(os.path.join(out, f"tuned_{slug}.json"), doc)
+        harness.log(f"wrote tuned_{slug}.json ({sum(len(v) for v in table.values())} entries)")
+    harness.log(f"total {time.time()-t0:.0f}s")
 
 
 if __name__ == "__main__":
