@@ -220,7 +220,7 @@ def test_bad_sampling_arguments_raise(llama_gen):
     with pytest.raises(ValueError, match="top_p"):
         llama_gen.generate(ids, 2, do_sample=True, top_p=1.5)
     with pytest.raises(ValueError, match="top_k"):
-        llama_gen.generate(ids, 2, do_sample=True, top_k=0)
+        llama_gen.generate(ids, 2, do_sample=True, top_k=-1)
 
 
 # --- stop tokens, overflow, streaming ---------------------------------------------------------------

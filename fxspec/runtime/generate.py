@@ -34,6 +34,16 @@ emitted an end token emit ``pad_token_id`` afterwards, the output stops at the s
 finished, and the returned tensor holds the prompt (as given) followed by the new tokens. With
 ``eos_token_id=None`` a transformers model uses ``model.generation_config.eos_token_id`` (as HF does); pass
 ``eos_token_id=[]`` to never stop early.
+
+Inputs are checked on the host before anything is compiled or run: token ids must be integers in
+``[0, vocab_size)`` (an out-of-range id would otherwise end the process inside the compiled step: a
+device-side assert on CUDA, an abort on the CPU), ``max_new_tokens`` an int, the attention mask 0/1 with
+left padding, the batch and ``prompt + max_new_tokens`` within the Generator's sizes, and the sampling
+arguments in range. Lists of ints (one prompt) and lists of equal-length lists (a batch) are accepted.
+
+The first call of a new shape compiles (tens of seconds on a real model). With ``progress`` on (default:
+when stderr is a terminal) the runtime says on stderr what it compiles and shows a token progress bar;
+otherwise the compile messages go to the ``fxspec`` logger at INFO.
 """
 
 from __future__ import annotations
@@ -41,6 +51,9 @@ from __future__ import annotations
 import collections
 import copy
 import math
+import numbers
+import operator
+import sys
 import time
 import types
 import warnings
@@ -49,6 +62,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from .._log import log
 from .cache import (KVCache, get_kv_cache_spec, hf_cache_kwarg, hf_cache_nbytes, make_hf_static_cache,
                     reset_hf_static_cache)
 from .sampling import SamplingSpec, select_tokens
@@ -105,17 +119,32 @@ class Generator:
         prefill_buckets: prompt widths the prefill is compiled for (prompts are left-padded up to one).
         compile_prefill: ``False`` runs the prefill eagerly (one call per generate; saves a compile per
             bucket when only decode speed matters).
+        progress: the default of :meth:`generate`'s ``progress``: ``None`` (auto) = on when stderr is a
+            terminal; ``True`` / ``False`` = always / never. On, it prints what is being compiled (a
+            first call compiles for tens of seconds on a real model) and a token progress bar (tqdm; auto
+            leaves the bar out when a streamer is given). Off, the compile messages go to the ``fxspec``
+            logger at INFO.
+
+    Inputs are checked before anything runs (a bad token id would otherwise fail inside the compiled
+    step, on CUDA as a device-side assert that ends the process): ``TypeError`` for a wrong type,
+    ``ValueError`` for a value out of range, each naming the argument and what it accepts.
     """
 
     def __init__(self, model: torch.nn.Module, max_batch_size: int = 1, max_cache_len: int = 2048, *,
                  config: dict | None = None, backend: str | Callable | None = None,
                  cuda_graphs: bool | str = "auto", compile: bool = True, fullgraph: bool = True,
-                 prefill_buckets: Sequence[int] = DEFAULT_BUCKETS, compile_prefill: bool = True):
+                 prefill_buckets: Sequence[int] = DEFAULT_BUCKETS, compile_prefill: bool = True,
+                 progress: bool | None = None):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module (got {type(model).__name__})")
+        max_batch_size = _as_int(max_batch_size, "max_batch_size")
+        max_cache_len = _as_int(max_cache_len, "max_cache_len")
         if max_batch_size < 1 or max_cache_len < 2:
             raise ValueError(f"max_batch_size must be >= 1 and max_cache_len >= 2 "
                              f"(got {max_batch_size}, {max_cache_len})")
         self.model = model
-        self.B, self.L = int(max_batch_size), int(max_cache_len)
+        self.B, self.L = max_batch_size, max_cache_len
+        self.progress = progress
         self.config = dict(config) if config else {}
         self.backend = backend if backend is not None else default_backend()
         self.compile, self.fullgraph, self.compile_prefill = compile, fullgraph, compile_prefill
@@ -143,6 +172,8 @@ class Generator:
                 self.cache = KVCache(get_kv_cache_spec(model), B, L, self.dtype, dev, key_mask=self.key_mask)
                 self.vocab_size = None
                 self._forward = _plain_forward
+            #: token ids must be in [0, input_vocab_size) (None: unknown, only >= 0 is checked)
+            self.input_vocab_size = input_vocab_size(model)
             # decode state: every tensor the captured graph touches lives here, allocated once
             self.tok = torch.zeros(B, 1, dtype=torch.long, device=dev)
             self.pos = torch.zeros(B, 1, dtype=torch.long, device=dev)
@@ -161,45 +192,71 @@ class Generator:
         self._prefill_fns: dict[int, Callable] = {}
         self._decode_fn: Callable | None = None
         self._graphs: dict[SamplingSpec, torch.cuda.CUDAGraph] = {}
+        self._show_progress = False  # this call's resolved ``progress`` (the compile messages read it)
         self._weights_seen = self._weights_fingerprint()
         _LIVE.add(self)
 
     # --- public -----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *,
-                 attention_mask: torch.Tensor | None = None, do_sample: bool = False,
+    def generate(self, input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]], max_new_tokens: int, *,
+                 attention_mask: torch.Tensor | Sequence | None = None, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, eos_token_id: int | Iterable[int] | None = None,
                  pad_token_id: int | None = None,
-                 streamer: Callable[[torch.Tensor], Any] | None = None) -> torch.Tensor:
-        """Generate up to ``max_new_tokens`` tokens after each row of ``input_ids`` ([B, P] or [P]).
+                 streamer: Callable[[torch.Tensor], Any] | None = None,
+                 progress: bool | None = None) -> torch.Tensor:
+        """Generate up to ``max_new_tokens`` tokens after each row of ``input_ids``.
 
+        ``input_ids``: an integer tensor ``[B, P]`` or ``[P]``, a list of ints, or a list of equal-length
+        lists of ints, every id in ``[0, vocab_size)``. ``attention_mask``: the same shape, bool or 0/1,
+        1 = real token; rows are left-padded (the last column is 1 on every row).
         Returns int64 ``[B, P + n]`` on the model's device (prompt as given, then the new tokens), where
         ``n <= max_new_tokens`` is the step at which the last row finished. ``streamer``, if given, is
         called once per step with the new tokens as a CPU int64 tensor ``[B]`` (pad for finished rows).
         ``seed`` makes sampling reproducible (a private ``torch.Generator``; without it the global RNG).
+        ``progress``: see the class; ``None`` = the Generator's setting.
         """
         t_call = time.perf_counter()
+        input_ids = as_token_ids(input_ids)
+        max_new_tokens = _as_int(max_new_tokens, "max_new_tokens")
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
-            if attention_mask is not None and attention_mask.dim() == 1:
-                attention_mask = attention_mask.unsqueeze(0)
-        input_ids = input_ids.to(self.device)
+        if attention_mask is not None:
+            attention_mask = _as_mask(attention_mask, input_ids.shape)
         b, P = input_ids.shape
         self._check_sizes(b, P, max_new_tokens)
+        check_token_ids(input_ids, self.input_vocab_size)
+        if attention_mask is not None:
+            _check_mask_rows(attention_mask)
+        spec = SamplingSpec.make(do_sample, temperature, top_k, top_p, self._vocab_size())
+        if seed is not None:
+            seed = _as_int(seed, "seed")
+        eos_ids, pad_id = self._special_tokens(eos_token_id, pad_token_id)
+        if streamer is not None and not callable(streamer):
+            raise TypeError(f"streamer must be callable (got {type(streamer).__name__})")
+        input_ids = input_ids.to(self.device, torch.long)
         if max_new_tokens == 0:
             return input_ids.clone()
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         attention_mask = attention_mask.to(self.device, torch.bool)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
-                             f"{tuple(input_ids.shape)}")
-        if not bool(attention_mask.any(dim=-1).all()):
-            raise ValueError("every row needs at least one unmasked prompt token")
-        spec = SamplingSpec.make(do_sample, temperature, top_k, top_p, self._vocab_size())
-        eos_ids, pad_id = self._special_tokens(eos_token_id, pad_token_id)
+        show = self._resolve_progress(progress)
+        explicit = progress is True or (progress is None and self.progress is True)
+        self._show_progress = show
+        # automatic progress leaves the bar out when a streamer prints the tokens itself
+        bar = _token_bar(max_new_tokens, show and (explicit or streamer is None), 0.0 if explicit else 1.0)
+        try:
+            return self._run(input_ids, attention_mask, max_new_tokens, spec, temperature, top_p, seed, eos_ids,
+                             pad_id, streamer, bar, t_call)
+        finally:
+            if bar is not None:
+                bar.close()
+            self._show_progress = False
+
+    def _run(self, input_ids, attention_mask, max_new_tokens, spec, temperature, top_p, seed, eos_ids, pad_id,
+             streamer, bar, t_call) -> torch.Tensor:
+        b, P = input_ids.shape
         if self._weights_fingerprint() != self._weights_seen:
             self._drop_graphs("the model's parameters changed (in-place update or new tensors)")
         if self.cuda_graphs and spec not in self._graphs:
@@ -242,6 +299,8 @@ class Generator:
         logits = self._prefill_fn(Pb)(self.model, self.cache, tokens, positions, self.key_mask)
         self._advance(logits, spec)
         n = 1
+        if bar is not None:
+            bar.update(1)
         if streamer is not None:
             streamer(self.out[:b, P].cpu())
         check = bool(eos_ids)
@@ -255,6 +314,8 @@ class Generator:
             else:
                 self._decode_step(spec)
             n += 1
+            if bar is not None:
+                bar.update(1)
             if streamer is not None:
                 streamer(self.out[:b, P + n - 1].cpu())
         if check and bool(self.finished.all()):
@@ -267,12 +328,13 @@ class Generator:
         return result
 
     def warmup(self, prompt_len: int = 16, *, do_sample: bool = False, top_k: int | None = None,
-               top_p: float | None = None) -> float:
+               top_p: float | None = None, progress: bool | None = None) -> float:
         """Compile (and capture) the steps a call with this prompt width and sampling setup will use;
         returns the seconds it took."""
         t = time.perf_counter()
         ids = torch.zeros(self.B, prompt_len, dtype=torch.long, device=self.device)
-        self.generate(ids, 2, do_sample=do_sample, top_k=top_k, top_p=top_p, seed=0, eos_token_id=[])
+        self.generate(ids, 2, do_sample=do_sample, top_k=top_k, top_p=top_p, seed=0, eos_token_id=[],
+                      progress=progress)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t
@@ -361,12 +423,30 @@ class Generator:
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0 (got {max_new_tokens})")
         if b > self.B:
-            raise ValueError(f"batch of {b} rows exceeds this Generator's max_batch_size={self.B}")
+            raise ValueError(f"input_ids: a batch of {b} rows exceeds this Generator's max_batch_size={self.B}; "
+                             f"make a Generator with max_batch_size >= {b} (or pass fewer rows per call)")
         if P < 1:
             raise ValueError("input_ids needs at least one token per row")
         if P + max_new_tokens > self.L:
             raise ValueError(f"prompt length {P} + max_new_tokens {max_new_tokens} = {P + max_new_tokens} "
                              f"exceeds max_cache_len={self.L}; pass a larger max_cache_len")
+
+    def _resolve_progress(self, progress: bool | None) -> bool:
+        if progress is None:
+            progress = self.progress
+        if progress is None:
+            return _stderr_is_terminal()
+        if not isinstance(progress, (bool, numbers.Integral)):
+            raise TypeError(f"progress must be True, False or None (auto) (got {type(progress).__name__})")
+        return bool(progress)
+
+    def _note(self, msg: str) -> None:
+        """A line about long work: on stderr when this call shows progress, else to the ``fxspec`` logger
+        (INFO)."""
+        if self._show_progress:
+            _write_line(f"fxspec: {msg}")
+        else:
+            log.info("%s", msg)
 
     def _bucket(self, P: int, max_new_tokens: int) -> int:
         cap = self.L - max_new_tokens
@@ -379,22 +459,46 @@ class Generator:
         return self.vocab_size if self.vocab_size is not None else 1 << 62
 
     def _special_tokens(self, eos_token_id, pad_token_id) -> tuple[list[int], int]:
+        """The end-token ids and the pad id of a call. Ids the caller passes must be ints in
+        ``[0, vocab)``; ids taken from the model's generation_config that are not (some configs say
+        ``pad_token_id = -1``) are dropped (eos) or replaced by the fallback (pad)."""
+        vocab = self.input_vocab_size
         gen_cfg = getattr(self.model, "generation_config", None) if self.is_hf else None
-        if eos_token_id is None and gen_cfg is not None:
+        from_config = eos_token_id is None and gen_cfg is not None
+        if from_config:
             eos_token_id = gen_cfg.eos_token_id
         if eos_token_id is None:
             eos = []
-        elif isinstance(eos_token_id, int):
-            eos = [eos_token_id]
-        elif isinstance(eos_token_id, torch.Tensor):
-            eos = [int(x) for x in eos_token_id.reshape(-1).tolist()]
         else:
-            eos = [int(x) for x in eos_token_id]
+            if isinstance(eos_token_id, torch.Tensor):
+                eos_token_id = eos_token_id.reshape(-1).tolist()
+            items = [eos_token_id] if not isinstance(eos_token_id, Iterable) else list(eos_token_id)
+            eos = []
+            for x in items:
+                if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+                    if from_config:
+                        continue
+                    raise TypeError(f"eos_token_id must be an int or a list of ints (got {type(x).__name__} {x!r})")
+                if not (0 <= x < (vocab if vocab is not None else x + 1)):
+                    if from_config:
+                        continue
+                    raise ValueError(f"eos_token_id {x} is outside the model's vocabulary "
+                                     f"[0, {vocab if vocab is not None else 'vocab'})")
+                eos.append(int(x))
         eos = list(dict.fromkeys(eos))
         if len(eos) > _MAX_EOS:
             raise ValueError(f"at most {_MAX_EOS} distinct eos_token_id values are supported (got {len(eos)})")
-        if pad_token_id is None and gen_cfg is not None:
+        if pad_token_id is not None:
+            if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, numbers.Integral):
+                raise TypeError(f"pad_token_id must be an int (got {type(pad_token_id).__name__} {pad_token_id!r})")
+            if not (0 <= pad_token_id < (vocab if vocab is not None else pad_token_id + 1)):
+                raise ValueError(f"pad_token_id {pad_token_id} is outside the model's vocabulary "
+                                 f"[0, {vocab if vocab is not None else 'vocab'}) (it is fed to the model)")
+        elif gen_cfg is not None:
             pad_token_id = gen_cfg.pad_token_id
+            if not (isinstance(pad_token_id, numbers.Integral) and not isinstance(pad_token_id, bool)
+                    and 0 <= pad_token_id < (vocab if vocab is not None else pad_token_id + 1)):
+                pad_token_id = None
         if pad_token_id is None:
             pad_token_id = eos[0] if eos else 0
         return eos, int(pad_token_id)
@@ -423,9 +527,20 @@ class _TimedCompiled:
             kwargs["options"] = copy.deepcopy(gen.config)
         return torch.compile(self.fn, **kwargs)
 
+    def _label(self) -> str:
+        gen = self.gen
+        if self.what == "decode":
+            return f"the decode step (batch {gen.B}, cache of {gen.L} tokens)"
+        width = self.what[len("prefill["):-1]
+        return f"the prefill step (batch {gen.B}, prompts up to {width} tokens)"
+
     def __call__(self, *args):
         if not self.first:
             return self.compiled(*args)
+        label = self._label()
+        backend = self.gen.backend if isinstance(self.gen.backend, str) else getattr(
+            self.gen.backend, "__name__", "custom")
+        self.gen._note(f"compiling {label} with torch.compile(backend={backend!r}) ...")
         t = time.perf_counter()
         try:
             out = self.compiled(*args)
@@ -440,6 +555,7 @@ class _TimedCompiled:
         if out.device.type == "cuda":
             torch.cuda.synchronize(out.device)
         dt = time.perf_counter() - t
+        self.gen._note(f"compiled {label} in {dt:.1f} s")
         self.gen.stats["compile_s"] += dt
         self.gen.stats["compile_decode_s" if self.what == "decode" else "compile_prefill_s"] += dt
         self.first = False
@@ -481,6 +597,182 @@ def _is_graph_break(e: Exception) -> bool:
     return isinstance(e, (Unsupported, UserError))
 
 
+# --- input checks ----------------------------------------------------------------------------------
+
+def _as_int(value, name: str) -> int:
+    """``value`` as an int if it is one (Python, NumPy or an integer 0-dim tensor); else TypeError.
+
+    Floats are refused rather than truncated (``max_new_tokens=2.5`` is a mistake, not 2 or 3 tokens)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int (got bool {value!r})")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int (got {type(value).__name__} {value!r})") from None
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def as_token_ids(input_ids, name: str = "input_ids") -> torch.Tensor:
+    """Token ids as an integer tensor ``[P]`` or ``[B, P]``.
+
+    Accepts an integer tensor, a list (or tuple) of ints, a list of equal-length lists of ints, or a NumPy
+    integer array; lists become int64 tensors. Refuses float and bool tensors (``TypeError``: a float id
+    would be truncated silently), ragged lists, empty input and other ranks (``ValueError``)."""
+    if isinstance(input_ids, torch.Tensor):
+        t = input_ids
+    elif isinstance(input_ids, (list, tuple)):
+        t = _ids_from_lists(input_ids, name)
+    elif hasattr(input_ids, "__array__") and hasattr(input_ids, "dtype"):  # a NumPy array
+        t = torch.as_tensor(input_ids)
+    else:
+        raise TypeError(f"{name} must be a tensor of token ids, a list of ints or a list of lists of ints "
+                        f"(got {type(input_ids).__name__})")
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise TypeError(f"{name} must hold integer token ids (got dtype {t.dtype}); token ids are integers in "
+                        f"[0, vocab_size): pass a torch.long tensor (tokenizer(..., return_tensors='pt'))")
+    if t.dim() not in (1, 2):
+        raise ValueError(f"{name} must be 1-D [P] or 2-D [B, P] (got shape {tuple(t.shape)})")
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)}); every row needs at least one token")
+    return t
+
+
+def _ids_from_lists(x: Sequence, name: str) -> torch.Tensor:
+    rows = list(x)
+    if not rows:
+        raise ValueError(f"{name} is empty; every row needs at least one token")
+    if all(_is_int(v) for v in rows):
+        return torch.tensor([int(v) for v in rows], dtype=torch.long)
+    if all(isinstance(r, (list, tuple)) for r in rows):
+        lengths = sorted({len(r) for r in rows})
+        if len(lengths) > 1:
+            raise ValueError(f"{name}: the rows have different lengths ({lengths[0]} to {lengths[-1]}); left-pad "
+                             f"them to one length and pass attention_mask with 0 at the pad positions")
+        for i, r in enumerate(rows):
+            for j, v in enumerate(r):
+                if not _is_int(v):
+                    raise TypeError(f"{name}[{i}][{j}] = {v!r} is not an int token id")
+        return torch.tensor([[int(v) for v in r] for r in rows], dtype=torch.long)
+    bad = next((v for v in rows if not _is_int(v) and not isinstance(v, (list, tuple))), rows[0])
+    raise TypeError(f"{name} must be a list of int token ids or a list of lists of them "
+                    f"(found {type(bad).__name__} {bad!r})")
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int | None, name: str = "input_ids") -> None:
+    """``ValueError`` naming the first id outside ``[0, vocab_size)`` (only ``>= 0`` when the size is unknown)."""
+    if ids.numel() == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo >= 0 and (vocab_size is None or hi < vocab_size):
+        return
+    bad = ids < 0 if vocab_size is None else (ids < 0) | (ids >= vocab_size)
+    where = tuple(int(i) for i in bad.nonzero()[0].tolist())
+    value = int(ids[where])
+    at = f"[{', '.join(map(str, where))}]"
+    allowed = f"[0, {vocab_size})" if vocab_size is not None else "ids >= 0"
+    raise ValueError(f"{name}{at} = {value} is outside the model's vocabulary {allowed} "
+                     f"(min id {lo}, max id {hi}); was the prompt tokenized with this model's tokenizer?")
+
+
+def input_vocab_size(model: torch.nn.Module) -> int | None:
+    """How many token ids ``model`` embeds: its input embedding's rows, else ``config.vocab_size`` (the
+    text config of a multimodal one), else a ``vocab_size`` attribute, else the rows of its only
+    ``nn.Embedding``; ``None`` when none of these says."""
+    get = getattr(model, "get_input_embeddings", None)
+    if callable(get):
+        try:
+            emb = get()
+        except (NotImplementedError, AttributeError, TypeError):
+            emb = None
+        weight = getattr(emb, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            return int(weight.shape[0])
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        text = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+        v = getattr(text, "vocab_size", None)
+        if _is_int(v) and v > 0:
+            return int(v)
+    v = getattr(model, "vocab_size", None)
+    if _is_int(v) and v > 0:
+        return int(v)
+    embeddings = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    if len(embeddings) == 1:
+        return embeddings[0].num_embeddings
+    return None
+
+
+def _as_mask(mask, ids_shape: torch.Size) -> torch.Tensor:
+    """``attention_mask`` as a tensor of ``ids_shape`` ``[B, P]``: bool, or integer / float holding only 0 and 1
+    (a 1-D ``[P]`` mask goes with a one-row prompt)."""
+    if isinstance(mask, (list, tuple)):
+        try:
+            mask = torch.tensor(mask)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"attention_mask: a list must be rectangular 0/1 values ({e})") from None
+    elif not isinstance(mask, torch.Tensor):
+        if hasattr(mask, "__array__") and hasattr(mask, "dtype"):
+            mask = torch.as_tensor(mask)
+        else:
+            raise TypeError(f"attention_mask must be a tensor (or list) of 0/1 values (got {type(mask).__name__})")
+    if mask.is_complex():
+        raise TypeError(f"attention_mask must be bool or 0/1 integers (got dtype {mask.dtype})")
+    if mask.dim() == 1 and len(ids_shape) == 2 and ids_shape[0] == 1:
+        mask = mask.unsqueeze(0)
+    if tuple(mask.shape) != tuple(ids_shape):
+        raise ValueError(f"attention_mask shape {tuple(mask.shape)} != input_ids shape {tuple(ids_shape)}; "
+                         f"it needs one 0/1 entry per prompt token")
+    if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+        bad = mask[(mask != 0) & (mask != 1)][0].item()
+        raise ValueError(f"attention_mask must hold only 0 and 1 (1 = real token, 0 = padding); found {bad} "
+                         f"(an additive 0/-inf mask is not accepted)")
+    return mask
+
+
+def _check_mask_rows(mask: torch.Tensor) -> None:
+    """Every row has a real token and ends with one (left padding)."""
+    m = mask.bool()
+    empty = (~m.any(dim=-1)).nonzero()
+    if len(empty):
+        raise ValueError(f"attention_mask: row {int(empty[0, 0])} is all padding; every row needs at least one "
+                         f"unmasked prompt token")
+    right = (~m[:, -1]).nonzero()
+    if len(right):
+        raise ValueError(f"attention_mask: row {int(right[0, 0])} ends with padding (0 in the last column); "
+                         f"generation continues after the last column, so pad on the left "
+                         f"(tokenizer.padding_side = 'left')")
+
+
+# --- progress ----------------------------------------------------------------------------------------
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr is not None and sys.stderr.isatty()
+    except (AttributeError, ValueError):  # closed or replaced by something without isatty
+        return False
+
+
+def _write_line(msg: str) -> None:
+    """One line on stderr, above a tqdm bar if one is showing."""
+    from tqdm import tqdm
+
+    tqdm.write(msg, file=sys.stderr)
+
+
+def _token_bar(total: int, show: bool, delay: float):
+    """A tqdm bar over the new tokens on stderr, or None; it appears once the call has run ``delay``
+    seconds (automatic progress waits a second, so short calls stay quiet) and is cleared at the end."""
+    if not show or total < 1:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="fxspec: generating", unit="tok", file=sys.stderr, leave=False, delay=delay,
+                dynamic_ncols=True)
+
+
 # --- the functional entry point --------------------------------------------------------------------
 
 #: Every live Generator (weakly): ``generate()`` reuses one that fits before making another.
@@ -495,22 +787,43 @@ def clear_cache() -> None:
     _RECENT.clear()
 
 
-def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *,
-             attention_mask: torch.Tensor | None = None, do_sample: bool = False, temperature: float = 1.0,
+def generate(model: torch.nn.Module, input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
+             max_new_tokens: int, *,
+             attention_mask: torch.Tensor | Sequence | None = None, do_sample: bool = False, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              eos_token_id: int | Iterable[int] | None = None, pad_token_id: int | None = None,
              streamer: Callable[[torch.Tensor], Any] | None = None, config: dict | None = None,
              max_cache_len: int | None = None, cuda_graphs: bool | str = "auto",
-             backend: str | Callable | None = None) -> torch.LongTensor:
+             backend: str | Callable | None = None, progress: bool | None = None) -> torch.LongTensor:
     """Generate with a compiled, CUDA-graphed :class:`Generator` (see the module docstring).
 
     Reuses a live Generator of ``model`` that fits (batch capacity, cache length, same config, backend
     and CUDA-graph setting), including one you made yourself; otherwise makes one with
     ``max_batch_size = B`` and ``max_cache_len`` = ``prompt + max_new_tokens`` rounded up to a multiple of
     256, and keeps the last few alive (:func:`clear_cache` drops them). Returns int64 ``[B, P + n]``.
+    ``input_ids`` may be a tensor, a list of ints or a list of equal-length lists of ints; the inputs are
+    checked as in :meth:`Generator.generate` before anything is allocated or compiled. ``progress``:
+    ``None`` = on when stderr is a terminal (see :class:`Generator`).
     """
-    b, P = (1, input_ids.shape[0]) if input_ids.dim() == 1 else input_ids.shape
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (got {type(model).__name__})")
+    input_ids = as_token_ids(input_ids)
+    max_new_tokens = _as_int(max_new_tokens, "max_new_tokens")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0 (got {max_new_tokens})")
+    if max_cache_len is not None:
+        max_cache_len = _as_int(max_cache_len, "max_cache_len")
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    b, P = input_ids.shape
+    check_token_ids(input_ids, input_vocab_size(model))
+    if attention_mask is not None:
+        _check_mask_rows(_as_mask(attention_mask, input_ids.shape))
+    SamplingSpec.make(do_sample, temperature, top_k, top_p, 1 << 62)  # raises on bad sampling arguments
     need = P + max_new_tokens
+    if max_cache_len is not None and need > max_cache_len:
+        raise ValueError(f"prompt length {P} + max_new_tokens {max_new_tokens} = {need} exceeds "
+                         f"max_cache_len={max_cache_len}; pass a larger max_cache_len (or leave it out)")
     backend = backend if backend is not None else default_backend()
     config = dict(config) if config else {}
     graphs = _resolve_cuda_graphs(cuda_graphs, model)
@@ -529,7 +842,8 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: in
         _RECENT.popitem(last=False)
     return gen.generate(input_ids, max_new_tokens, attention_mask=attention_mask, do_sample=do_sample,
                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                        eos_token_id=eos_token_id, pad_token_id=pad_token_id, streamer=streamer)
+                        eos_token_id=eos_token_id, pad_token_id=pad_token_id, streamer=streamer,
+                        progress=progress)
 
 
 def _resolve_cuda_graphs(cuda_graphs: bool | str, model: torch.nn.Module) -> bool:

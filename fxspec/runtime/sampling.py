@@ -20,6 +20,8 @@ top-p keeps the smallest prefix of the probability-sorted tokens whose mass reac
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -40,25 +42,43 @@ class SamplingSpec:
     @classmethod
     def make(cls, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
              vocab_size: int) -> "SamplingSpec":
-        """Validate user arguments and return the spec (greedy ignores the other arguments, as HF does)."""
+        """Validate user arguments and return the spec (greedy ignores the other arguments, as HF does).
+
+        With ``do_sample=True``: ``temperature`` a finite number > 0; ``top_k`` None or an int >= 0 (0 or
+        None: no top-k filter, as in ``transformers``); ``top_p`` None or a number in (0, 1]. A wrong type
+        raises ``TypeError``, a value out of range ``ValueError``; each message names the argument."""
+        if not (isinstance(do_sample, (bool, numbers.Integral)) or type(do_sample).__name__ == "bool_"):
+            raise TypeError(f"do_sample must be True or False (got {type(do_sample).__name__} {do_sample!r})")
         if not do_sample:
             return cls(False, None, False)
-        if not (temperature > 0.0):
-            raise ValueError(f"temperature must be > 0 when do_sample=True (got {temperature}); "
+        temperature = _real(temperature, "temperature")
+        if not (math.isfinite(temperature) and temperature > 0.0):
+            raise ValueError(f"temperature must be a finite number > 0 when do_sample=True (got {temperature}); "
                              f"use do_sample=False for greedy decoding")
         if top_k is not None:
-            if int(top_k) != top_k or top_k < 1:
-                raise ValueError(f"top_k must be a positive integer or None (got {top_k!r})")
+            if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
+                raise TypeError(f"top_k must be an int >= 0 or None (got {type(top_k).__name__} {top_k!r})")
+            if top_k < 0:
+                raise ValueError(f"top_k must be an int >= 0 or None (got {top_k}); 0 or None = no top-k filter")
             top_k = int(top_k)
-            if top_k >= vocab_size:
+            if top_k == 0 or top_k >= vocab_size:
                 top_k = None
         use_top_p = False
         if top_p is not None:
+            top_p = _real(top_p, "top_p")
             if not (0.0 < top_p <= 1.0):
                 raise ValueError(f"top_p must be in (0, 1] or None (got {top_p!r})")
             use_top_p = top_p < 1.0
         return cls(True, top_k, use_top_p)
 
+
+def _real(value, name: str) -> float:
+    """``value`` as a float, if it is a real number (Python, NumPy or a one-element tensor); else TypeError."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number (got {type(value).__name__} {value!r})")
+    return float(value)
 
 def select_tokens(logits: torch.Tensor, spec: SamplingSpec, *, temperature: torch.Tensor | None = None,
                   top_p: torch.Tensor | None = None, uniform: torch.Tensor | None = None) -> torch.Tensor:
