@@ -3,15 +3,20 @@
     fxspec inspect MODEL [--config FILE] [--set KEY=VALUE ...] [--json] [--seq-len N] [--batch B]
     fxspec config [--config FILE] [--set KEY=VALUE ...] [--schema]
     fxspec pipeline [--config FILE] [--set KEY=VALUE ...]
-    fxspec calibrate MODEL --data TOKENS.pt --out STATS.pt [--bits 4] [--group-size 128] [--method awq]
-                     [--include-lm-head]
+    fxspec calibrate MODEL --data TOKENS.pt --out FILE.safetensors [--bits 4] [--group-size 128]
+                     [--method awq] [--include-lm-head] [--progress | --no-progress]
 
 MODEL is one of
-  - a directory with a transformers ``config.json`` (weights are loaded when the directory has them,
-    e.g. ``../shared/ref-lm``);
   - ``hf:FAMILY``: a tiny random-weight transformers model of that family (llama, mistral, qwen2, qwen3,
     gemma, phi3, gpt2, gpt_neox, opt, falcon, mixtral, bert), for looking at what fxspec recognises;
+  - a directory with a transformers ``config.json`` (weights are loaded when the directory has them,
+    e.g. ``../shared/ref-lm``);
   - ``package.module:function``: a function returning a model, or ``(model, example_args)``.
+
+Mistakes in the command line or its inputs (a missing file, a bad value, token ids outside the model's
+vocabulary, a config error) are checked before any work and reported as one line, ``fxspec: error: ...``,
+with exit status 2. An unexpected failure says ``fxspec: internal error: ...`` (exit 1); ``--debug`` (or
+``FXSPEC_DEBUG=1``) shows the full traceback of either.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import inspect
 import os
+import re
 import sys
 from typing import Any
 
@@ -41,6 +48,62 @@ _FAMILIES = {
     "bert": ("BertConfig", "BertModel", {}),
 }
 
+#: int4 group sizes (``quantize.group_size``; the same list as ``fxspec.lowering.quant.pack.INT4_GROUP_SIZES``,
+#: kept here so that building the parser imports no torch)
+GROUP_SIZES = (32, 64, 128, 256)
+
+MODEL_FORMS = ("MODEL is hf:FAMILY (a tiny random model), a directory with a transformers model "
+               "(config.json + weights), or module:function (a factory)")
+
+_MODEL_HELP = ("MODEL is hf:FAMILY (a tiny random model), a directory with a transformers model\n"
+               "(config.json + weights), or module:function (a factory); `fxspec --help` lists the families.")
+
+HELP = f"""\
+fxspec: a torch.compile backend for transformer inference (quantized and fused kernels, a compiled
+decode runtime). This command looks at what fxspec makes of a model, prints configs and the pass
+pipeline, and collects calibration statistics for calibrated quantization.
+
+MODEL (for inspect and calibrate) is one of:
+  hf:FAMILY        a tiny random-weight transformers model of that family (no download), to see what
+                   fxspec recognises; FAMILY is one of:
+                   {", ".join(_FAMILIES)}
+  DIRECTORY        a directory with a transformers model: config.json, and weights (*.safetensors or
+                   *.bin; without them the model gets random weights), e.g. ../shared/ref-lm
+  MODULE:FUNCTION  a Python function (importable as module.function) returning a model, or
+                   (model, example_args), e.g. mypackage.models:build_model
+
+examples:
+  fxspec inspect hf:llama --set quantize.bits=4
+  fxspec config --schema
+  fxspec calibrate ../shared/ref-lm --data tokens.pt --out awq.safetensors --method awq
+
+Mistakes (a missing file, a bad value, ids outside the vocabulary) are reported in one line,
+"fxspec: error: ...", exit status 2. --debug (or FXSPEC_DEBUG=1) shows the full traceback.
+"""
+
+
+class UsageError(Exception):
+    """A mistake in the command line or in the files it names: reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line naming the problem (and where the help is)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"fxspec: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+# --- models ------------------------------------------------------------------------------------------
 
 def tiny_model(family: str) -> Any:
     """A tiny random-weight transformers model of ``family`` (see ``_FAMILIES``)."""
@@ -48,22 +111,64 @@ def tiny_model(family: str) -> Any:
     import transformers
 
     if family not in _FAMILIES:
-        raise SystemExit(f"unknown family {family!r}; known: {', '.join(sorted(_FAMILIES))}")
+        raise UsageError(f"MODEL 'hf:{family}': unknown family {family!r}; known: {', '.join(sorted(_FAMILIES))}")
     cfg_name, model_name, extra = _FAMILIES[family]
     cfg = getattr(transformers, cfg_name)(**{**TINY, **extra})
     torch.manual_seed(0)
     return getattr(transformers, model_name)(cfg).eval()
 
 
+def check_model_spec(spec: str) -> str:
+    """Which form of MODEL ``spec`` is ("hf", "dir" or "factory"), or UsageError saying what is wrong; reads
+    nothing but the file system."""
+    if spec.startswith("hf:"):
+        family = spec[3:]
+        if family not in _FAMILIES:
+            raise UsageError(f"MODEL {spec!r}: unknown family {family!r}; known: {', '.join(sorted(_FAMILIES))}")
+        return "hf"
+    if os.path.isdir(spec):
+        if not os.path.isfile(os.path.join(spec, "config.json")):
+            raise UsageError(f"MODEL {spec!r}: the directory has no config.json (a transformers model directory "
+                             f"needs one); {MODEL_FORMS}")
+        return "dir"
+    if os.path.exists(spec):
+        raise UsageError(f"MODEL {spec!r} is a file; pass the directory that holds the model's config.json and "
+                         f"weights ({MODEL_FORMS})")
+    if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", spec):
+        return "factory"
+    raise UsageError(f"MODEL {spec!r}: no such directory; {MODEL_FORMS}")
+
+
 def load_model(spec: str, dtype: str = "float32") -> tuple[Any, tuple | None]:
+    """The model that ``spec`` names (see the module docstring) and its example arguments, if the factory
+    gave any. UsageError for a MODEL that does not name a model."""
     import torch
 
-    if spec.startswith("hf:"):
+    kind = check_model_spec(spec)
+    if kind == "hf":
         model = tiny_model(spec[3:])
-    elif ":" in spec and not spec.startswith((".", "/")):
-        mod, fn = spec.split(":", 1)
-        out = getattr(importlib.import_module(mod), fn)()
-        model, args = (out if isinstance(out, tuple) else (out, None))
+    elif kind == "factory":
+        mod_name, fn_name = spec.split(":", 1)
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError as e:
+            raise UsageError(f"MODEL {spec!r}: cannot import module {mod_name!r} ({e}); {MODEL_FORMS}") from e
+        fn: Any = mod
+        for part in fn_name.split("."):
+            fn = getattr(fn, part, None)
+        if not callable(fn):
+            raise UsageError(f"MODEL {spec!r}: module {mod_name!r} has no function {fn_name!r}")
+        try:
+            out = fn()
+        except Exception as e:
+            raise UsageError(f"MODEL {spec!r}: the factory raised {type(e).__name__}: {e} "
+                             f"(--debug shows the traceback)") from e
+        model, args = (out if isinstance(out, tuple) and len(out) == 2 else (out, None))
+        if not isinstance(model, torch.nn.Module):
+            raise UsageError(f"MODEL {spec!r}: the factory returned {type(model).__name__}, not a torch.nn.Module "
+                             f"(or a (module, example_args) pair)")
+        if args is not None and not isinstance(args, tuple):
+            args = (args,)
         return model, args
     else:
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -76,11 +181,13 @@ def load_model(spec: str, dtype: str = "float32") -> tuple[Any, tuple | None]:
     return model.to(getattr(torch, dtype)), None
 
 
+# --- options -----------------------------------------------------------------------------------------
+
 def _parse_sets(sets: list[str]) -> dict:
     out: dict = {}
     for s in sets or []:
         if "=" not in s:
-            raise SystemExit(f"--set {s!r}: expected KEY=VALUE, e.g. --set quantize.bits=4")
+            raise UsageError(f"--set {s!r}: expected KEY=VALUE, e.g. --set quantize.bits=4")
         k, v = s.split("=", 1)
         try:
             out[k] = ast.literal_eval(v)
@@ -96,17 +203,24 @@ def _options(args: argparse.Namespace) -> dict:
     return opts
 
 
+# --- commands ----------------------------------------------------------------------------------------
+
 def cmd_inspect(args: argparse.Namespace) -> int:
+    opts = _options(args)
+    check_model_spec(args.model)
+
     import torch
 
     from . import explain
+    from .config import load_config
 
+    load_config(dict(opts))  # a config mistake is reported before the model is built
     model, ex = load_model(args.model, args.dtype)
     if ex is None:
         vocab = getattr(getattr(model, "config", None), "vocab_size", 128)
         g = torch.Generator().manual_seed(0)
         ex = (torch.randint(0, vocab, (args.batch, args.seq_len), generator=g),)
-    rep = explain(model, *ex, config=_options(args))
+    rep = explain(model, *ex, config=opts)
     print(rep.to_json() if args.json else rep)
     return 0
 
@@ -125,70 +239,234 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_calibrate(args: argparse.Namespace) -> int:
+def load_tokens(path: str, flag: str = "--data"):
+    """The token ids in a ``.pt`` file as a flat int64 tensor; UsageError for a missing or unreadable file,
+    something other than a 1-D or 2-D integer tensor (or list of ints), or negative ids."""
     import torch
 
+    if not os.path.exists(path):
+        raise UsageError(f"{flag} {path!r}: no such file")
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path!r} is a directory; expected a .pt file of token ids")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and torch errors all mean "not a tensor file"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UsageError(f"{flag} {path!r}: not a file torch.load can read ({type(e).__name__}: {first[:200]}); "
+                         f"expected a tensor of token ids saved with torch.save") from e
+    if isinstance(obj, (list, tuple)):
+        try:
+            obj = torch.tensor(obj)
+        except (TypeError, ValueError, RuntimeError):
+            raise UsageError(f"{flag} {path!r}: holds a {type(obj).__name__} that is not a rectangular list of "
+                             f"ints; expected a 1-D or 2-D tensor of token ids") from None
+    if not isinstance(obj, torch.Tensor):
+        raise UsageError(f"{flag} {path!r}: holds a {type(obj).__name__}; expected a 1-D or 2-D tensor of token "
+                         f"ids (torch.save(ids, path))")
+    if obj.dtype == torch.bool or obj.is_floating_point() or obj.is_complex():
+        raise UsageError(f"{flag} {path!r}: holds {str(obj.dtype).replace('torch.', '')} values, not token ids; "
+                         f"token ids are integers (save ids.long() or ids.int())")
+    if obj.dim() not in (1, 2):
+        raise UsageError(f"{flag} {path!r}: a tensor of shape {tuple(obj.shape)}; expected 1-D or 2-D token ids")
+    if obj.numel() == 0:
+        raise UsageError(f"{flag} {path!r}: the tensor is empty")
+    t = obj.reshape(-1).long()
+    if int(t.min()) < 0:
+        i = int((t < 0).nonzero()[0, 0])
+        raise UsageError(f"{flag} {path!r}: token id {int(t[i])} at position {i} is negative; token ids are in "
+                         f"[0, vocab_size)")
+    return t
+
+
+def check_token_range(tokens, vocab: int | None, path: str, flag: str = "--data") -> None:
+    if vocab is None:
+        return
+    bad = (tokens >= vocab).nonzero()
+    if len(bad):
+        i = int(bad[0, 0])
+        raise UsageError(f"{flag} {path!r}: token id {int(tokens[i])} at position {i} is outside the model's "
+                         f"vocabulary [0, {vocab}) ({len(bad)} of {tokens.numel()} ids are); was it tokenized "
+                         f"with this model's tokenizer?")
+
+
+def check_group_size(model: Any, group_size: int, include_lm_head: bool) -> None:
+    """UsageError unless ``group_size`` divides the input width of every linear that calibration covers."""
+    import torch.nn as nn
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    widths = [(n, m.in_features) for n, m in model.named_modules()
+              if isinstance(m, nn.Linear) and (include_lm_head or m is not head)]
+    bad = [(n, k) for n, k in widths if k % group_size]
+    if not bad:
+        return
+    name, k = min(bad, key=lambda x: x[1])
+    fits = [g for g in GROUP_SIZES if all(w % g == 0 for _, w in widths)]
+    problem = "is larger than" if group_size > k else "does not divide"
+    hint = (f"use --group-size {max(fits)} or smaller" if fits else
+            f"no int4 group size ({', '.join(map(str, GROUP_SIZES))}) divides every width; use --bits 8")
+    raise UsageError(f"--group-size {group_size} {problem} the input width of {name} ({k} features; "
+                     f"{len(bad)} of {len(widths)} linears); {hint}")
+
+
+def check_out_path(path: str, flag: str = "--out") -> None:
+    """UsageError unless ``path`` can be written: not a directory, in an existing, writable directory."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path!r} is a directory; name a file in it, e.g. "
+                         f"{os.path.join(path, 'calibration.safetensors')!r}")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{flag} {path!r}: the directory {os.path.dirname(path) or parent!r} does not exist; "
+                         f"create it first")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"{flag} {path!r}: the directory {parent!r} is not writable")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    # everything that can be checked without the model, before loading it
+    check_out_path(args.out)
+    if args.bits == 8 and args.group_size is not None:
+        raise UsageError(f"--group-size {args.group_size} is only for --bits 4; int8 weights have one scale per "
+                         f"output channel")
+    group_size = args.group_size or 128
+    check_model_spec(args.model)
+    tokens = load_tokens(args.data)
+    if tokens.numel() < args.seq_len:
+        raise UsageError(f"--data {args.data!r}: {tokens.numel()} tokens, fewer than --seq-len {args.seq_len}; "
+                         f"pass more tokens or a smaller --seq-len")
+
     from .runtime.calibrate import calibrate
+    from .runtime.generate import input_vocab_size
 
     model, _ = load_model(args.model, args.dtype)
-    tokens = torch.load(args.data).long()
+    check_token_range(tokens, input_vocab_size(model), args.data)
+    if args.bits == 4:
+        check_group_size(model, group_size, args.include_lm_head)
+
+    kwargs: dict[str, Any] = {}
+    if "progress" in inspect.signature(calibrate).parameters:
+        kwargs["progress"] = args.progress
     stats = calibrate(model, tokens, samples=args.samples, seq_len=args.seq_len, bits=args.bits,
-                      group_size=args.group_size, method=args.method,
-                      skip=(lambda name: False) if args.include_lm_head else None)
+                      group_size=group_size if args.bits == 4 else None, method=args.method,
+                      skip=(lambda name: False) if args.include_lm_head else None, **kwargs)
     stats.save(args.out)
     print(f"wrote calibration statistics for {len(stats.layers)} linears to {args.out}")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fxspec", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
+# --- the parser --------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    raw = argparse.RawDescriptionHelpFormatter
+    p = _Parser(prog="fxspec", description=HELP, formatter_class=raw)
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full traceback of any error (also: FXSPEC_DEBUG=1)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the full traceback of any error (also: FXSPEC_DEBUG=1)")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", title="commands")
 
     def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--config", help="a TOML config file")
+        sp.add_argument("--config", metavar="FILE", help="a TOML config file (see `fxspec config --schema`)")
         sp.add_argument("--set", action="append", metavar="KEY=VALUE",
-                        help="a config value, e.g. --set quantize.bits=4 (repeatable)")
+                        help="a config value, e.g. --set quantize.bits=4 (repeatable; wins over --config)")
 
-    sp = sub.add_parser("inspect", help="what fxspec recognises in a model, and what the passes would do")
-    sp.add_argument("model")
+    dtypes = ["float32", "bfloat16", "float16"]
+
+    sp = sub.add_parser(
+        "inspect", parents=[debug], formatter_class=raw,
+        help="what fxspec recognises in a model, and what the passes would do",
+        description="Trace MODEL once (no compile, no change to the model) and report, per graph, what fxspec "
+                    "recognises\n(attention, FFN, norms, LM head, ...) and what each pass of the pipeline would "
+                    f"do with the given config.\n\n{_MODEL_HELP}",
+        epilog="examples:\n  fxspec inspect hf:llama\n  fxspec inspect ../shared/ref-lm --set quantize.bits=4 --json\n"
+               "  fxspec inspect mypackage.models:build_model --config fxspec.toml")
+    sp.add_argument("model", metavar="MODEL", help="hf:FAMILY, a model directory, or module:function")
     common(sp)
     sp.add_argument("--json", action="store_true", help="machine-readable output")
-    sp.add_argument("--seq-len", type=int, default=16)
-    sp.add_argument("--batch", type=int, default=1)
-    sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    sp.add_argument("--seq-len", type=_positive_int, default=16, metavar="N",
+                    help="tokens in the example input (default 16)")
+    sp.add_argument("--batch", type=_positive_int, default=1, metavar="B", help="rows in the example input (default 1)")
+    sp.add_argument("--dtype", default="float32", choices=dtypes)
     sp.set_defaults(fn=cmd_inspect)
 
-    sp = sub.add_parser("config", help="print the effective config (all keys)")
+    sp = sub.add_parser(
+        "config", parents=[debug], formatter_class=raw,
+        help="print the effective config (all keys)",
+        description="Print the effective fxspec config as TOML: defaults, then $FXSPEC_CONFIG, --config and "
+                    "--set, every key\nincluded; or, with --schema, every key with its type, default and meaning.",
+        epilog="examples:\n  fxspec config --set quantize.bits=4 > fxspec.toml\n  fxspec config --schema")
     common(sp)
     sp.add_argument("--schema", action="store_true", help="every key with its type, default and meaning")
     sp.set_defaults(fn=cmd_config)
 
-    sp = sub.add_parser("pipeline", help="print the ordered pass pipeline")
+    sp = sub.add_parser(
+        "pipeline", parents=[debug], formatter_class=raw,
+        help="print the ordered pass pipeline",
+        description="Print the passes fxspec runs, in order, and which of them the config turns on.",
+        epilog="example:\n  fxspec pipeline --set quantize.bits=4")
     common(sp)
     sp.set_defaults(fn=cmd_pipeline)
 
-    sp = sub.add_parser("calibrate", help="collect calibration statistics for quantize.method = awq/gptq")
-    sp.add_argument("model")
-    sp.add_argument("--data", required=True, help="a .pt file of token ids (1-D or 2-D long tensor)")
-    sp.add_argument("--out", required=True)
+    sp = sub.add_parser(
+        "calibrate", parents=[debug], formatter_class=raw,
+        help="collect calibration statistics for quantize.method = awq/gptq",
+        description="Run MODEL eagerly on windows of the token ids in --data and save per-layer statistics for "
+                    "calibrated\nint4/int8 quantization (awq: activation scales; gptq: input Hessians). Use the "
+                    "file with\nquantize.method = awq|gptq and quantize.calibration = FILE. The inputs (--data, "
+                    "--out, the group size\nagainst the model's layers) are checked before the calibration runs."
+                    f"\n\n{_MODEL_HELP}",
+        epilog="example:\n"
+               "  python examples/make_tokens.py --tokenizer ../shared/ref-lm/tokenizer.json --out tokens.pt\n"
+               "  fxspec calibrate ../shared/ref-lm --data tokens.pt --out awq.safetensors --method awq --bits 4\n"
+               "then compile with quantize.method = \"awq\", quantize.calibration = \"awq.safetensors\", e.g.\n"
+               "  fxspec inspect ../shared/ref-lm --set quantize.bits=4 --set quantize.method=awq "
+               "--set quantize.calibration=awq.safetensors")
+    sp.add_argument("model", metavar="MODEL", help="hf:FAMILY, a model directory, or module:function")
+    sp.add_argument("--data", required=True, metavar="TOKENS.pt",
+                    help="a .pt file of token ids (a 1-D or 2-D integer tensor, saved with torch.save)")
+    sp.add_argument("--out", required=True, metavar="FILE", help="where to write the statistics")
     sp.add_argument("--method", default="awq", choices=["awq", "gptq"])
     sp.add_argument("--bits", type=int, default=4, choices=[4, 8])
-    sp.add_argument("--group-size", type=int, default=128)
-    sp.add_argument("--samples", type=int, default=32)
-    sp.add_argument("--seq-len", type=int, default=512)
-    sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    sp.add_argument("--group-size", type=int, default=None, choices=GROUP_SIZES,
+                    help="int4 elements per scale group (default 128); must divide every layer's input width")
+    sp.add_argument("--samples", type=_positive_int, default=32, metavar="N", help="windows of tokens (default 32)")
+    sp.add_argument("--seq-len", type=_positive_int, default=512, metavar="N", help="tokens per window (default 512)")
+    sp.add_argument("--dtype", default="float32", choices=dtypes)
     sp.add_argument("--include-lm-head", action="store_true",
                     help="calibrate the LM head too (for quantize.include_lm_head = true)")
+    sp.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                    help="a progress bar on stderr (default: when stderr is a terminal)")
     sp.set_defaults(fn=cmd_calibrate)
+    return p
 
-    args = p.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("FXSPEC_DEBUG", "") not in ("", "0")
+
     from .config import ConfigError
 
     try:
         return args.fn(args)
-    except ConfigError as e:
-        print(f"fxspec: config error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("fxspec: interrupted", file=sys.stderr)
+        return 130
+    except (UsageError, ConfigError, ValueError, OSError) as e:
+        if debug:
+            raise
+        msg = " ".join(line.strip() for line in str(e).strip().splitlines()) or type(e).__name__
+        if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
+            msg = f"{e.filename}: {msg}"
+        print(f"fxspec: error: {msg}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if debug:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0]
+        print(f"fxspec: internal error: {type(e).__name__}: {first}", file=sys.stderr)
+        print("fxspec: this is a bug in fxspec or in the model code; run again with --debug for the traceback",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
