@@ -39,7 +39,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from fxspec.lowering.dense import ops as dense_ops  # noqa: E402
-from fxspec.lowering.dense.ops import EPILOGUES, fused_linear_ref, rms_norm_ref  # noqa: E402
+from fxspec.lowering.dense.reference import EPILOGUES, fused_linear_ref, rms_norm_ref  # noqa: E402
 from tests import interp_harness  # noqa: E402
 
 op = torch.ops.fxspec.fused_linear
@@ -361,12 +361,13 @@ def test_autograd_matches_reference(epilogue, norm):
 
 def test_fused_launcher_config_logic():
     pytest.importorskip("triton")
-    from fxspec.lowering.dense import gemv as G
+    from fxspec.lowering._triton import helpers as H
+    from fxspec.lowering.dense import launch as G
     assert dense_ops.FUSED_MAX_M == G.FMA_MAX_M  # the op routes to the kernel only where it is the fma one
-    assert tuple(G._EPI_CODE) == EPILOGUES and (G.EPI_CAT, G.EPI_SILU_MUL, G.EPI_RESIDUAL) == (0, 1, 2)
+    assert tuple(G._EPI_CODE) == EPILOGUES and (H.EPI_CAT, H.EPI_SILU_MUL, H.EPI_RESIDUAL) == (0, 1, 2)
     nw = torch.ones(8)
     fz = {e: G._Fused(None, EPS, G._EPI_CODE[e], None) for e in EPILOGUES}
-    fzn = G._Fused(nw, EPS, G.EPI_CAT, None)
+    fzn = G._Fused(nw, EPS, H.EPI_CAT, None)
     for M in range(1, 5):
         assert G._fused_heuristic(M, [2048, 256, 256], 2048, fz["cat"]) == G._heuristic(M, [2048, 256, 256], 2048)
         h = G._fused_heuristic(M, [2048, 256, 256], 2048, fzn)
@@ -380,7 +381,7 @@ def test_fused_launcher_config_logic():
         G._check_config(G.GroupConfig("mma", 64, 128, 4, 0, 4), fz["cat"])
     with pytest.raises(ValueError, match="BLOCK_N >= 2"):
         G._check_config(G.GroupConfig("fma", 1, 256, 1), fz["silu_mul"])
-    assert G._inv_k(2048) == 2.0 ** -11 and G._inv_k(5632) == float(torch.tensor(1.0) / 5632)
+    assert H.inv_k(2048) == 2.0 ** -11 and H.inv_k(5632) == float(torch.tensor(1.0) / 5632)
     assert G._key(torch.empty(1, 8), 1, [8], 8) == ("cpu", "float32", 1, (8,), 8)  # linear_group's key unchanged
 
 
@@ -442,7 +443,7 @@ def _case_id(c):
 
 
 def _run_interp_case(c) -> dict:
-    from fxspec.lowering.dense import gemv as G
+    from fxspec.lowering.dense import launch as G
     g = torch.Generator().manual_seed(sum(map(ord, _case_id(c))))
     dt = getattr(torch, c["dt"])
     M, K, epi = c["M"], c["K"], c["epi"]
@@ -467,7 +468,7 @@ def _run_interp_case(c) -> dict:
 
 
 def _interp_main():
-    from fxspec.lowering.dense import gemv as G
+    from fxspec.lowering.dense import launch as G
     interp_harness.emit_cases(_interp_cases(), _run_interp_case)
     bf = torch.bfloat16
     x, w = torch.randn(1, 64, dtype=bf), torch.randn(8, 64, dtype=bf)

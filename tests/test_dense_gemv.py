@@ -28,7 +28,7 @@ from tests import interp_harness  # noqa: E402
 
 # Elementwise bound of a kernel vs the fp32 reference: one unit in the last place of the output
 # dtype (2^-7 relative for bf16, 2^-10 for fp16; the kernels round to nearest even, on the GPU and,
-# through gemv._round, under the interpreter) plus a small absolute term for the fp32 summation
+# through _triton.helpers.round_rne, under the interpreter) plus a small absolute term for the fp32 summation
 # order near zero.
 RTOL = {"bfloat16": 2.0 ** -7, "float16": 2.0 ** -10}
 ATOL_FRAC = 1e-4  # of max |ref|
@@ -179,7 +179,8 @@ def test_import_without_triton_uses_reference():
 
 def test_heuristic_and_candidates():
     pytest.importorskip("triton")
-    from fxspec.lowering.dense import gemv as G
+    from fxspec.lowering._triton.helpers import MAX_SPLIT
+    from fxspec.lowering.dense import launch as G
     for M in range(1, 17):
         h = G._heuristic(M, [2048, 256, 256], 2048)
         assert h.kernel == ("fma" if M <= G.FMA_MAX_M else "mma")
@@ -193,7 +194,7 @@ def test_heuristic_and_candidates():
     for tiles, nfull in [(4, 28), (40, 16), (16, 5), (1, 200)]:
         s = G._split_k("mma", tiles, nfull, 132)
         per = -(-nfull // s)
-        assert 1 <= s <= G._MAX_SPLIT and (s - 1) * per < nfull
+        assert 1 <= s <= MAX_SPLIT and (s - 1) * per < nfull
     assert G._split_k("fma", 8, 3, 132) == 1  # too few K blocks to split
     for bad in (dict(kernel="mma", BLOCK_N=8, BLOCK_K=64), dict(kernel="fma", BLOCK_N=3, BLOCK_K=64),
                 dict(kernel="fma", BLOCK_N=4, BLOCK_K=4), dict(kernel="dot", BLOCK_N=4, BLOCK_K=64)):
@@ -205,7 +206,7 @@ def test_launcher_rejects_cpu_tensors_without_interpreter():
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         pytest.skip("interpreter mode runs CPU tensors")
-    from fxspec.lowering.dense import gemv as G
+    from fxspec.lowering.dense import launch as G
     w = torch.randn(8, 64, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         G.linear_group_triton(torch.randn(1, 64, dtype=torch.bfloat16), [w, w])
@@ -262,7 +263,7 @@ def _make_x(c, g, dt):
 
 
 def _run_interp_case(c) -> dict:
-    from fxspec.lowering.dense import gemv as G
+    from fxspec.lowering.dense import launch as G
     g = torch.Generator().manual_seed(sum(map(ord, _case_id(c))))
     dt = getattr(torch, c["dt"])
     x = _make_x(c, g, dt)
@@ -287,13 +288,13 @@ def _run_interp_case(c) -> dict:
 
 
 def _interp_main():
-    from fxspec.lowering.dense import gemv as G
+    from fxspec.lowering.dense import launch as G
     interp_harness.emit_cases(_interp_cases(), _run_interp_case)
     extra = {}
     x = torch.randn(0, 64, dtype=torch.bfloat16)
     extra["m0_shape"] = list(G.linear_group_triton(x, [torch.randn(8, 64, dtype=torch.bfloat16)] * 2).shape)
-    extra["tune_under_interpreter"] = G._choose(torch.randn(1, 64, dtype=torch.bfloat16),
-                                                [torch.randn(8, 64, dtype=torch.bfloat16)], 1, 64, 8, True).describe()
+    extra["config_under_interpreter"] = G._choose(torch.randn(1, 64, dtype=torch.bfloat16),
+                                                  [torch.randn(8, 64, dtype=torch.bfloat16)], 1, 64).describe()
     extra["report_keys"] = len(G.tuning_report())
     try:  # a non-contiguous weight is refused (the kernel never copies weights)
         G.linear_group_triton(torch.randn(1, 64, dtype=torch.bfloat16),
@@ -327,8 +328,8 @@ def test_triton_launcher_extras_interpreter(interp_results):
     extra = interp_results["extra"]
     assert extra is not None, interp_results["stderr"][-3000:]
     assert extra["m0_shape"] == [0, 16]
-    # autotune is off under the interpreter: the heuristic's config
-    assert extra["tune_under_interpreter"].startswith("fma")
+    # no table under the interpreter: the heuristic's config
+    assert extra["config_under_interpreter"].startswith("fma")
     assert extra["report_keys"] >= 1
     assert extra["noncontiguous_weight"].startswith("ok: ") and "contiguous" in extra["noncontiguous_weight"]
 

@@ -1,8 +1,10 @@
-"""Programmatic dependent launch (fxspec/lowering/pdl.py).
+"""Programmatic dependent launch (fxspec/lowering/_triton/pdl.py) and the kernel settings that switch it
+(fxspec/lowering/settings.py).
 
-CPU: the switch, and the safety rule checked on the PTX of every kernel that takes ``PDL``,
-compiled offline for sm_90: from the kernel's entry to ``griddepcontrol.wait`` the code is straight
-(no branch, no return: every thread executes the wait) and touches memory only through L2
+CPU: the settings (validated, overridden for a block and restored, applied process-wide, read from
+``$FXSPEC_CONFIG``), the PDL switch, and the safety rule checked on the PTX of every kernel that takes
+``PDL``, compiled offline for sm_90: from the kernel's entry to ``griddepcontrol.wait`` the code is
+straight (no branch, no return: every thread executes the wait) and touches memory only through L2
 prefetches (no load, store or atomic), and the launch trigger is there.
 GPU (skipped without CUDA): chains of dependent kernels captured in CUDA graphs give bitwise the
 same results with PDL on and off.
@@ -12,104 +14,200 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import re
+import subprocess
+import sys
+from dataclasses import asdict
 
 import pytest
 import torch
 
-from fxspec.lowering import pdl
+from fxspec import ConfigError
+from fxspec.config import KernelsConfig
+from fxspec.lowering import settings
+from fxspec.lowering._triton import pdl
 
 CUDA = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def default_settings():
+    """Each test starts from the default kernel settings (a compile elsewhere in the session may have
+    applied its config's) and leaves the process's settings as they were."""
+    with settings.override(**asdict(KernelsConfig())):
+        yield
+
+
+# ---------------------------------------------------------------------------------- the settings
+
+def test_settings_override_restores():
+    before = settings.current()
+    assert before == KernelsConfig()
+    with settings.override(pdl="off", pdl_prefetch_bytes=8192, attention_combine="kernel") as s:
+        assert settings.current() is s
+        assert (s.pdl, s.pdl_prefetch_bytes, s.attention_combine) == ("off", 8192, "kernel")
+        assert s.int4_packed == before.int4_packed and s.tuned_tables == before.tuned_tables  # untouched keys
+        with settings.override(pdl="on"):  # nested: on top of the outer block's settings
+            assert settings.current().pdl == "on" and settings.current().pdl_prefetch_bytes == 8192
+        assert settings.current().pdl == "off"
+    assert settings.current() is before
+    with pytest.raises(RuntimeError, match="boom"):  # restored on an exception too
+        with settings.override(int4_packed=False):
+            raise RuntimeError("boom")
+    assert settings.current() is before
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(pdl="sometimes"), r"kernels\.pdl = 'sometimes' is not allowed"),
+    (dict(pdl=1), r"kernels\.pdl = 1 has the wrong type"),
+    (dict(pdl_prefetch_bytes=5000), r"power of two"),
+    (dict(pdl_prefetch_bytes=-4096), r"out of range"),
+    (dict(pdl_prefetch_max_mb=-1.0), r"out of range"),
+    (dict(int4_packed="no"), r"kernels\.int4_packed = 'no' has the wrong type"),
+    (dict(attention_combine="both"), r"kernels\.attention_combine"),
+    (dict(tuned_table=False), r"unknown key 'tuned_table' in the \[kernels\] section; did you mean 'tuned_tables'"),
+    (dict(FXSPEC_PDL="0"), r"(?s)unknown key 'FXSPEC_PDL'.*valid keys: attention_combine, int4_packed, pdl"),
+])
+def test_settings_refuse_bad_values(kw, match):
+    before = settings.current()
+    with pytest.raises(ConfigError, match=match):
+        with settings.override(**kw):
+            pass
+    assert settings.current() is before
+
+
+def test_settings_apply():
+    before = settings.current()
+    try:
+        cfg = KernelsConfig(pdl="off", tuned_tables=False)
+        settings.apply(cfg)
+        assert settings.current() == cfg
+        cfg.pdl = "on"  # the caller's object is not the settings: later changes do not leak
+        assert settings.current().pdl == "off"
+        with pytest.raises(ConfigError, match="KernelsConfig"):
+            settings.apply({"pdl": "off"})
+    finally:
+        settings.apply(before)
+    assert settings.current() == before
+
+
+def test_settings_from_fxspec_config_file(tmp_path):
+    """Without code: the [kernels] section of the TOML file $FXSPEC_CONFIG names, read on first use."""
+    toml = tmp_path / "fx.toml"
+    toml.write_text('[kernels]\npdl = "off"\nint4_packed = false\npdl_prefetch_bytes = 16384\n')
+    code = ("from fxspec.lowering import settings, _triton\n"
+            "from fxspec.lowering._triton import pdl\n"
+            "s = settings.current()\n"
+            "print('OK', s.pdl, s.int4_packed, s.pdl_prefetch_bytes, pdl.mode(), pdl.prefetch_bytes(1 << 20))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=ROOT, FXSPEC_CONFIG=str(toml)))
+    assert r.returncode == 0 and "OK off False 16384 off 16384" in r.stdout, r.stderr[-2000:]
+    toml.write_text('[kernels]\npdl = "maybe"\n')
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=ROOT, FXSPEC_CONFIG=str(toml)))
+    assert r.returncode != 0 and "ConfigError" in r.stderr and "kernels.pdl" in r.stderr
+
+
+def test_no_environment_switches_in_lowering():
+    """Launch switches come from the settings only: no FXSPEC_* variable is read under fxspec/lowering
+    (TRITON_INTERPRET, Triton's own switch, is the one environment read)."""
+    lowering = os.path.join(ROOT, "fxspec", "lowering")
+    reads = []
+    for dirpath, _, files in os.walk(lowering):
+        for f in files:
+            if f.endswith(".py"):
+                text = open(os.path.join(dirpath, f)).read()
+                reads += [f"{f}: {m}" for m in re.findall(r"(?:os\.environ|os\.getenv)[^\n]*", text)]
+    assert all("TRITON_INTERPRET" in r for r in reads), reads
+    assert len(reads) == 1, reads
 
 
 # ------------------------------------------------------------------------------------ the switch
 
-@pytest.mark.parametrize("value,expected", [(None, "auto"), ("auto", "auto"), ("1", "on"), ("on", "on"),
-                                            ("0", "off"), ("false", "off")])
-def test_mode(monkeypatch, value, expected):
-    if value is None:
-        monkeypatch.delenv(pdl.ENV, raising=False)
-    else:
-        monkeypatch.setenv(pdl.ENV, value)
-    assert pdl.mode() == expected
+@pytest.mark.parametrize("value", ["auto", "on", "off"])
+def test_mode(value):
+    assert pdl.mode() == settings.current().pdl
+    with settings.override(pdl=value):
+        assert pdl.mode() == value
 
 
-def test_mode_rejects_unknown(monkeypatch):
-    monkeypatch.setenv(pdl.ENV, "sometimes")
-    with pytest.raises(ValueError, match="FXSPEC_PDL"):
-        pdl.mode()
+def test_mode_rejects_unknown():
+    with pytest.raises(ConfigError, match="kernels.pdl"):
+        with settings.override(pdl="sometimes"):
+            pdl.mode()
 
 
-def test_prefetch_bytes(monkeypatch):
-    for k in ("FXSPEC_PDL_PREFETCH", "FXSPEC_PDL_PREFETCH_MAX_MB"):
-        monkeypatch.delenv(k, raising=False)
-    assert pdl.prefetch_bytes(8 << 20) == pdl.DEFAULT_PREFETCH_BYTES
-    monkeypatch.setenv("FXSPEC_PDL_PREFETCH", str(pdl.PREFETCH_BYTES))
-    monkeypatch.setattr(pdl, "MAX_PREFETCH_WEIGHT_BYTES", 32e6)
-    assert pdl.prefetch_bytes(8 << 20) == pdl.PREFETCH_BYTES
-    assert pdl.prefetch_bytes(64 << 20) == 0
-    monkeypatch.setenv("FXSPEC_PDL_PREFETCH_MAX_MB", "100")
-    assert pdl.prefetch_bytes(64 << 20) == pdl.PREFETCH_BYTES
-    monkeypatch.setenv("FXSPEC_PDL_PREFETCH", "0")
-    assert pdl.prefetch_bytes(1 << 20) == 0
-    monkeypatch.setenv("FXSPEC_PDL_PREFETCH", "5000")
-    with pytest.raises(ValueError, match="power of two"):
-        pdl.prefetch_bytes(1 << 20)
+def test_prefetch_bytes():
+    assert pdl.prefetch_bytes(8 << 20) == KernelsConfig().pdl_prefetch_bytes == 0
+    with settings.override(pdl_prefetch_bytes=pdl.PREFETCH_BYTES, pdl_prefetch_max_mb=32):
+        assert pdl.prefetch_bytes(8 << 20) == pdl.PREFETCH_BYTES
+        assert pdl.prefetch_bytes(64 << 20) == 0
+        with settings.override(pdl_prefetch_max_mb=100):
+            assert pdl.prefetch_bytes(64 << 20) == pdl.PREFETCH_BYTES
+        with settings.override(pdl_prefetch_bytes=0):
+            assert pdl.prefetch_bytes(1 << 20) == 0
+        with pytest.raises(ConfigError, match="power of two"):
+            with settings.override(pdl_prefetch_bytes=5000):
+                pdl.prefetch_bytes(1 << 20)
+    with settings.override(pdl_prefetch_bytes=pdl.PREFETCH_BYTES):  # no cap by default
+        assert pdl.prefetch_bytes(1 << 40) == pdl.PREFETCH_BYTES
 
 
-def test_never_on_cpu(monkeypatch):
-    monkeypatch.setenv(pdl.ENV, "1")
-    assert not pdl.enabled(torch.device("cpu"))
+def test_never_on_cpu():
+    with settings.override(pdl="on"):
+        assert not pdl.enabled(torch.device("cpu"))
 
 
 # ------------------------------------------------------------------------- the PTX of each kernel
 
 def _kernels():
     from fxspec.lowering.attention import decode as attn
-    from fxspec.lowering.dense import gemv as g
-    from fxspec.lowering.quant import triton_kernels as tk
+    from fxspec.lowering.dense import gemv_fma, gemv_mma
+    from fxspec.lowering.quant import gemm, gemv_int4, gemv_int8
     bf = "*bf16"
     attn_ptrs = dict(Q=bf, K=bf, V=bf, Mask="*u8", O=bf, OP="*fp32", ML="*fp32", CNT="*i32", KN=bf, VN=bf, COS=bf,
                      SIN=bf, SLOT="*i64")
     return {
         # name: (kernel, pointer types, float scalars, constexprs, has a weight prefetch)
-        "dense_fma": (g._gemv_group_kernel,
+        "dense_fma": (gemv_fma._gemv_group_kernel,
                       dict(X=bf, W0=bf, W1=bf, W2=bf, W3=bf, Y=bf, WS="*fp32", CNT="*i32", NW=bf, R=bf),
                       ("inv_k", "eps"),
                       dict(NUM_W=2, BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, EVEN_N=True, EVEN_K=True, NORM=True,
                            EPI=1, INTERP=False), True),
-        "dense_mma": (g._mma_group_kernel,
+        "dense_mma": (gemv_mma._mma_group_kernel,
                       dict(X=bf, W0=bf, W1=bf, W2=bf, W3=bf, Y=bf, WS="*fp32", CNT="*i32"), (),
                       dict(NUM_W=1, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, EVEN_N=True, EVEN_K=True, DOT_F32=False),
                       True),
-        "gemv8": (tk._gemv8_kernel, dict(X=bf, W="*u8", S="*fp32", B=bf, Y=bf, NW=bf, R=bf), ("inv_k", "eps"),
+        "gemv8": (gemv_int8._gemv8_kernel, dict(X=bf, W="*u8", S="*fp32", B=bf, Y=bf, NW=bf, R=bf), ("inv_k", "eps"),
                   dict(IS_FP8=False, HAS_BIAS=False, BLOCK_N=8, BLOCK_K=1024, EVEN_N=True, EVEN_K=True,
                        PRMT=True), True),
-        "gemv8_fused": (tk._gemv8_kernel, dict(X=bf, W="*u8", S="*fp32", B=bf, Y=bf, NW=bf, R=bf), ("inv_k", "eps"),
+        "gemv8_fused": (gemv_int8._gemv8_kernel, dict(X=bf, W="*u8", S="*fp32", B=bf, Y=bf, NW=bf, R=bf), ("inv_k", "eps"),
                         dict(IS_FP8=False, HAS_BIAS=False, BLOCK_N=8, BLOCK_K=1024, EVEN_N=True, EVEN_K=True,
                              PRMT=True, NORM=True, EPI=1, INTERP=False), True),
-        "gemv4": (tk._gemv4_kernel,
+        "gemv4": (gemv_int4._gemv4_kernel,
                   dict(X=bf, W="*i32", S=bf, Z=bf, B=bf, Y=bf, WS="*fp32", CNT="*i32", NW=bf, R=bf), ("inv_k", "eps"),
                   dict(GROUP=128, HAS_ZERO=False, HAS_BIAS=False, X_BF16=True, USE_ASM=True, DOT_F32=False,
                        BLOCK_N=16, BLOCK_M=1, BLOCK_K=512, GROUP_M=8, EVEN_N=True, EVEN_G=True, PACKED=0), True),
-        "gemv4_packed": (tk._gemv4_kernel,
+        "gemv4_packed": (gemv_int4._gemv4_kernel,
                          dict(X=bf, W="*i32", S=bf, Z=bf, B=bf, Y=bf, WS="*fp32", CNT="*i32", NW=bf, R=bf),
                          ("inv_k", "eps"),
                          dict(GROUP=128, HAS_ZERO=False, HAS_BIAS=False, X_BF16=True, USE_ASM=True, DOT_F32=False,
                               BLOCK_N=32, BLOCK_M=1, BLOCK_K=1024, GROUP_M=8, EVEN_N=True, EVEN_G=True, PACKED=2),
                          True),
-        "gemv4_packed_fused": (tk._gemv4_kernel,
+        "gemv4_packed_fused": (gemv_int4._gemv4_kernel,
                                dict(X=bf, W="*i32", S=bf, Z=bf, B=bf, Y=bf, WS="*fp32", CNT="*i32", NW=bf, R=bf),
                                ("inv_k", "eps"),
                                dict(GROUP=128, HAS_ZERO=False, HAS_BIAS=False, X_BF16=True, USE_ASM=True,
                                     DOT_F32=False, BLOCK_N=32, BLOCK_M=1, BLOCK_K=1024, GROUP_M=8, EVEN_N=True,
                                     EVEN_G=True, PACKED=2, NORM=True, EPI=2, INTERP=False), True),
-        "mm4": (tk._mm4_kernel,
+        "mm4": (gemm._mm4_kernel,
                 dict(X=bf, W="*u8", S=bf, Z=bf, B=bf, Y=bf, WS="*fp32", CNT="*i32"), (),
                 dict(GROUP=128, HAS_ZERO=False, HAS_BIAS=False, X_BF16=True, USE_ASM=True, DOT_F32=False,
                      BLOCK_N=64, BLOCK_M=16, GROUP_M=8, EVEN_N=True), True),
-        "mm8": (tk._mm8_kernel, dict(X=bf, W="*u8", S="*fp32", B=bf, Y=bf, WS="*fp32", CNT="*i32"), (),
+        "mm8": (gemm._mm8_kernel, dict(X=bf, W="*u8", S="*fp32", B=bf, Y=bf, WS="*fp32", CNT="*i32"), (),
                 dict(IS_FP8=False, HAS_BIAS=False, X_BF16=True, DOT_F32=False, BLOCK_N=64, BLOCK_M=16,
                      BLOCK_K=128, GROUP_M=8, EVEN_N=True, EVEN_K=True), True),
         "decode_attn": (attn._decode_attn_kernel, attn_ptrs, ("qk_scale",),
@@ -191,19 +289,19 @@ def test_gemv8_prmt_ptx(kernels):
 
 # ------------------------------------------------------------------------------- GPU: the chains
 
-def _graph_run(fn, pdl_on: bool, monkeypatch):
-    """fn() captured in a CUDA graph with PDL on/off, replayed twice; its output."""
-    monkeypatch.setenv(pdl.ENV, "1" if pdl_on else "0")
-    fn()  # compile / autotune outside capture
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
+def _graph_run(fn, pdl_on: bool, **kw):
+    """fn() captured in a CUDA graph with PDL on/off (and the settings ``kw``), replayed twice; its output."""
+    with settings.override(pdl="on" if pdl_on else "off", **kw):
+        fn()  # compile / autotune outside capture
         torch.cuda.synchronize()
-        with torch.cuda.graph(g, stream=s):
-            out = fn()
+        g = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+            torch.cuda.synchronize()
+            with torch.cuda.graph(g, stream=s):
+                out = fn()
     torch.cuda.synchronize()
     g.replay()
     g.replay()
@@ -226,9 +324,8 @@ def _dense_chain(x0, layers):
 
 
 @needs_gpu
-@pytest.mark.parametrize("rows,prefetch", [(1, "0"), (4, "0"), (1, "16384")])
-def test_gpu_dense_chain_bitwise(monkeypatch, rows, prefetch):
-    monkeypatch.setenv("FXSPEC_PDL_PREFETCH", prefetch)
+@pytest.mark.parametrize("rows,prefetch", [(1, 0), (4, 0), (1, 16384)])
+def test_gpu_dense_chain_bitwise(rows, prefetch):
     torch.manual_seed(0)
     H, I, dt = 1024, 2816, torch.bfloat16
     dev = "cuda"
@@ -239,19 +336,18 @@ def test_gpu_dense_chain_bitwise(monkeypatch, rows, prefetch):
                    n1=(1 + 0.1 * torch.randn(H, device=dev)).to(dt), n2=(1 + 0.1 * torch.randn(H, device=dev)).to(dt))
               for _ in range(6)]
     x0 = torch.randn(rows, H, device=dev, dtype=dt)
-    on = _graph_run(lambda: _dense_chain(x0, layers), True, monkeypatch)
-    off = _graph_run(lambda: _dense_chain(x0, layers), False, monkeypatch)
+    on = _graph_run(lambda: _dense_chain(x0, layers), True, pdl_prefetch_bytes=prefetch)
+    off = _graph_run(lambda: _dense_chain(x0, layers), False, pdl_prefetch_bytes=prefetch)
     assert torch.isfinite(on).all()
     assert torch.equal(on, off)
-    monkeypatch.setenv(pdl.ENV, "1")
-    assert torch.equal(_dense_chain(x0, layers), off)  # eager launches with PDL too
+    with settings.override(pdl="on", pdl_prefetch_bytes=prefetch):
+        assert torch.equal(_dense_chain(x0, layers), off)  # eager launches with PDL too
 
 
 @needs_gpu
-@pytest.mark.parametrize("bits,rows,prefetch", [(4, 1, "0"), (8, 1, "0"), (4, 8, "0"), (8, 8, "0"), (4, 1, "16384"),
-                                                (8, 8, "16384")])
-def test_gpu_quant_chain_bitwise(monkeypatch, bits, rows, prefetch):
-    monkeypatch.setenv("FXSPEC_PDL_PREFETCH", prefetch)
+@pytest.mark.parametrize("bits,rows,prefetch", [(4, 1, 0), (8, 1, 0), (4, 8, 0), (8, 8, 0), (4, 1, 16384),
+                                                (8, 8, 16384)])
+def test_gpu_quant_chain_bitwise(bits, rows, prefetch):
     from fxspec.lowering.quant import quantize_int4, quantize_int8, quantized_linear
     torch.manual_seed(1)
     K, dt = 2048, torch.bfloat16
@@ -264,14 +360,14 @@ def test_gpu_quant_chain_bitwise(monkeypatch, bits, rows, prefetch):
         for q in qws:  # y_i = W_i h_i + h_(i-1): each launch reads the two before it
             h, prev = quantized_linear(h, q) + prev, h
         return h
-    on = _graph_run(chain, True, monkeypatch)
-    off = _graph_run(chain, False, monkeypatch)
+    on = _graph_run(chain, True, pdl_prefetch_bytes=prefetch)
+    off = _graph_run(chain, False, pdl_prefetch_bytes=prefetch)
     assert torch.isfinite(on).all()
     assert torch.equal(on, off)
 
 
 @needs_gpu
-def test_gpu_attention_then_gemv_bitwise(monkeypatch):
+def test_gpu_attention_then_gemv_bitwise():
     import fxspec.lowering.dense  # noqa: F401
     from fxspec.lowering.attention.decode import decode_attention_triton
     torch.manual_seed(2)
@@ -287,7 +383,7 @@ def test_gpu_attention_then_gemv_bitwise(monkeypatch):
             o = decode_attention_triton(q, k, v, None, 1 / math.sqrt(D))
             q = torch.ops.fxspec.linear_group(o.reshape(B, H * D), wo).reshape(B, H, 1, D)
         return q
-    on = _graph_run(chain, True, monkeypatch)
-    off = _graph_run(chain, False, monkeypatch)
+    on = _graph_run(chain, True)
+    off = _graph_run(chain, False)
     assert torch.isfinite(on).all()
     assert torch.equal(on, off)

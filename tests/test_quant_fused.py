@@ -33,7 +33,7 @@ from tests import interp_harness  # noqa: E402
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernels run natively)")
 
 # Interpreter bounds (tolerances as data).  The fused kernels round with round-to-nearest-even where
-# eager does (dense.gemv._round), so the fp32-accumulating paths (int8, fp8, asymmetric int4) must be
+# eager does (_triton.helpers.round_rne), so the fp32-accumulating paths (int8, fp8, asymmetric int4) must be
 # nearly bitwise the reference (fp32 sums in another order: seen 100% equal on the cases below);
 # the packed-bf16x2 int4 GEMV (symmetric codes) carries its bf16 partial products (~3.4e-3 relative
 # error, tests/test_quant_kernels.py PACKED_REL_ERR_MAX), and silu_mul about doubles it (gate and up
@@ -72,16 +72,16 @@ def _call(fmt, x, qw, G, nw, eps, epi, res, *, triton=False, config=None):
     if fmt.startswith("int4"):
         args = (x, qw.qweight, qw.scales, qw.zeros, G)
         if triton:
-            from fxspec.lowering.quant import triton_kernels as tk
-            y = tk.int4_fused_linear_triton(*args, nw, eps, epi, res, config=config)
+            from fxspec.lowering.quant import launch as QL
+            y = QL.int4_fused_linear_triton(*args, nw, eps, epi, res, config=config)
         else:
             y = torch.ops.fxspec.int4_fused_linear(*args, nw, eps, epi, res)
         ref = fused_edges_ref(lambda v: Q.int4_linear_ref(v, *args[1:]), x, nw, eps, epi, res)
         return y, ref
     args = (x, qw.qweight, qw.scales)
     if triton:
-        from fxspec.lowering.quant import triton_kernels as tk
-        fn = tk.int8_fused_linear_triton if fmt == "int8" else tk.fp8_fused_linear_triton
+        from fxspec.lowering.quant import launch as QL
+        fn = QL.int8_fused_linear_triton if fmt == "int8" else QL.fp8_fused_linear_triton
         y = fn(*args, nw, eps, epi, res, config=config)
     else:
         y = getattr(torch.ops.fxspec, f"{fmt}_fused_linear")(*args, nw, eps, epi, res)
@@ -157,8 +157,8 @@ def test_opcheck(fmt):
 
 def test_fused_rows_limit_is_the_gemv_regime():
     pytest.importorskip("triton")
-    from fxspec.lowering.quant import triton_kernels as tk
-    assert qops.FUSED_MAX_M == tk.GEMV_MAX_M == tk.GEMV4_MAX_M
+    from fxspec.lowering.quant import launch as QL
+    assert qops.FUSED_MAX_M == QL.GEMV_MAX_M == QL.GEMV4_MAX_M
 
 
 # ------------------------------------------------------------------------------ the rewrite (CPU)
@@ -308,10 +308,10 @@ def _packed(c) -> bool:
 
 
 def _run_interp_case(c) -> dict:
-    from fxspec.lowering.quant import triton_kernels as tk
+    from fxspec.lowering.quant import launch as QL
     dt = getattr(torch, c["dt"])
     if c["cfg"] is None and c["fmt"] == "int4":
-        assert tk.int4_packed_enabled()
+        assert QL.int4_packed_enabled()
     W, x, nw, res = _inputs(c["N"], c["K"], (1,), c["epi"], c["norm"], dt, zlib.crc32(_case_id(c).encode()))
     qw = _quant(c["fmt"], W, c["G"], dt)
     y, ref = _call(c["fmt"], x, qw, c["G"], nw, 1e-5, c["epi"], res, triton=True, config=c["cfg"])

@@ -29,7 +29,7 @@ from tests import interp_harness  # noqa: E402
 # interpreter also absorbs its truncating fp32->bf16 cast (1 ulp = 2^-8 relative, worst case).
 REL_ERR_MAX = {"bfloat16": 1.2e-2, "float16": 2e-3, "float32": 1e-5}
 SQNR_MIN_DB = {"int8": 35.0, "int4g128": 18.0, "fp8": 25.0}
-# Experimental packed-bf16x2 int4 GEMV (PACKED = F words per flush; triton_kernels._gemv4_dot_packed).
+# Packed-bf16x2 int4 GEMV (PACKED = F words per flush; gemv_int4._gemv4_dot_packed).
 # Its bf16 partials add relative error 2.4-2.7e-3 (F = 1) / 3.3-3.5e-3 (F = 2) before the output's
 # own bf16 rounding (1.6e-3), measured on random data (K = 4096..14336, with and without activation
 # outliers); against the bf16 reference that is 3.3e-3 / 4.1e-3 on the GPU.  Under the interpreter
@@ -272,14 +272,14 @@ def test_launcher_rejects_cpu_tensors_without_interpreter():
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         pytest.skip("interpreter mode runs CPU tensors")
-    from fxspec.lowering.quant import triton_kernels as tk
+    from fxspec.lowering.quant import launch as QL
     q8 = Q.quantize_int8(torch.randn(16, 64))
     with pytest.raises(ValueError, match="need CUDA tensors"):
-        tk.int8_linear_triton(torch.randn(1, 64, dtype=torch.bfloat16), q8.qweight, q8.scales)
+        QL.int8_linear_triton(torch.randn(1, 64, dtype=torch.bfloat16), q8.qweight, q8.scales)
     with pytest.raises(TypeError, match="bfloat16/float16 activations"):
-        tk.int8_linear_triton(torch.randn(1, 64), q8.qweight, q8.scales)
+        QL.int8_linear_triton(torch.randn(1, 64), q8.qweight, q8.scales)
     with pytest.raises(ValueError, match="path must be one of"):
-        tk._pick_path("int8", 1, "fast")
+        QL._pick_path("int8", 1, "fast")
 
 
 # ------------------------------------------------------------------- Triton kernels (interpreter)
@@ -358,7 +358,7 @@ def _case_id(c):
 
 
 def _run_interp_case(c) -> dict:
-    from fxspec.lowering.quant import triton_kernels as tk
+    from fxspec.lowering.quant import launch as QL
     g = torch.Generator().manual_seed(zlib.crc32(_case_id(c).encode()))
     dt = getattr(torch, c["dt"])
     M, N, K = c["M"], c["N"], c["K"]
@@ -368,11 +368,11 @@ def _run_interp_case(c) -> dict:
     b = torch.randn(N, generator=g).to(dt) if c.get("bias") else None
     if c["fmt"] == "int4":
         qw = Q.quantize_int4(W, c["G"], c["sym"], dtype=dt)
-        y = tk.int4_linear_triton(x, qw.qweight, qw.scales, qw.zeros, c["G"], b, path=c["path"], config=c["cfg"])
+        y = QL.int4_linear_triton(x, qw.qweight, qw.scales, qw.zeros, c["G"], b, path=c["path"], config=c["cfg"])
         ref = Q.int4_linear_ref(x, qw.qweight, qw.scales, qw.zeros, c["G"], b)
     else:
         qw = (Q.quantize_int8 if c["fmt"] == "int8" else Q.quantize_fp8)(W.to(dt))
-        fn = tk.int8_linear_triton if c["fmt"] == "int8" else tk.fp8_linear_triton
+        fn = QL.int8_linear_triton if c["fmt"] == "int8" else QL.fp8_linear_triton
         y = fn(x, qw.qweight, qw.scales, b, path=c["path"], config=c["cfg"])
         ref = (Q.int8_linear_ref if c["fmt"] == "int8" else Q.fp8_linear_ref)(x, qw.qweight, qw.scales, b)
     out = dict(shape=list(y.shape), ref_shape=list(ref.shape), dtype=str(y.dtype)[6:])
@@ -422,7 +422,7 @@ def _max_ulp(y, m) -> float:
 
 
 def _interp_main():
-    from fxspec.lowering.quant import triton_kernels as tk
+    from fxspec.lowering.quant import launch as QL
     interp_harness.emit_cases(_interp_cases(), _run_interp_case)
     # launcher errors that only make sense in interpreter mode
     x = torch.randn(1, 64, dtype=torch.bfloat16)
@@ -430,11 +430,11 @@ def _interp_main():
     q8 = Q.quantize_int8(torch.randn(16, 64).to(torch.bfloat16))
     checks = {}
     for name, fn, exc in [
-        ("asm_under_interpreter", lambda: tk.int4_linear_triton(x, q4.qweight, q4.scales, None, 32, use_asm=True), ValueError),
-        ("fp32_activations", lambda: tk.int4_linear_triton(x.float(), q4.qweight, q4.scales, None, 32), TypeError),
-        ("unknown_path", lambda: tk.int4_linear_triton(x, q4.qweight, q4.scales, None, 32, path="gemv4"), ValueError),
-        ("noncontiguous_weight", lambda: tk.int4_linear_triton(x, q4.qweight.t().contiguous().t(), q4.scales, None, 32), ValueError),
-        ("int8_asm_under_interpreter", lambda: tk.int8_linear_triton(x, q8.qweight, q8.scales, use_asm=True), ValueError),
+        ("asm_under_interpreter", lambda: QL.int4_linear_triton(x, q4.qweight, q4.scales, None, 32, use_asm=True), ValueError),
+        ("fp32_activations", lambda: QL.int4_linear_triton(x.float(), q4.qweight, q4.scales, None, 32), TypeError),
+        ("unknown_path", lambda: QL.int4_linear_triton(x, q4.qweight, q4.scales, None, 32, path="gemv4"), ValueError),
+        ("noncontiguous_weight", lambda: QL.int4_linear_triton(x, q4.qweight.t().contiguous().t(), q4.scales, None, 32), ValueError),
+        ("int8_asm_under_interpreter", lambda: QL.int8_linear_triton(x, q8.qweight, q8.scales, use_asm=True), ValueError),
     ]:
         try:
             fn()
@@ -480,25 +480,27 @@ def test_triton_int4_packed_matches_model_interpreter(interp_results, cid, case)
 
 def test_int4_packed_gemv_is_the_bf16_default(monkeypatch):
     """bf16 activations with symmetric codes launch the packed-bf16x2 GEMV list ("gemv4p") unless
-    FXSPEC_INT4_PACKED=0; fp16 and asymmetric codes keep the fp32 list; the lists do not mix (so an
+    kernels.int4_packed is off; fp16 and asymmetric codes keep the fp32 list; the lists do not mix (so an
     autotune choice never switches the accumulation)."""
     pytest.importorskip("triton")
-    from fxspec.lowering.quant import triton_kernels as tk
-    assert all(c.kwargs.get("PACKED", 0) > 0 for c in tk._KERNELS["gemv4p"][1])
-    assert not any(c.kwargs.get("PACKED", 0) for c in tk._KERNELS["gemv4"][1])
+    from fxspec.lowering import settings
+    from fxspec.lowering.quant import launch as QL
+    assert all(c.kwargs.get("PACKED", 0) > 0 for c in QL._KERNELS["gemv4p"][1])
+    assert not any(c.kwargs.get("PACKED", 0) for c in QL._KERNELS["gemv4"][1])
     seen = []
-    monkeypatch.setattr(tk, "_mm_launch", lambda kernel, *a, **k: seen.append(kernel))
-    monkeypatch.setattr(tk, "_interpret", lambda: True)  # CPU tensors pass the launch checks
+    monkeypatch.setattr(QL, "_mm_launch", lambda kernel, *a, **k: seen.append(kernel))
+    monkeypatch.setattr(QL, "interpret", lambda: True)  # CPU tensors pass the launch checks
     q = torch.zeros(8, 64, dtype=torch.uint8)
     s = torch.ones(2, 8, dtype=torch.bfloat16)
     x = torch.zeros(1, 128, dtype=torch.bfloat16)
-    monkeypatch.delenv("FXSPEC_INT4_PACKED", raising=False)
-    tk.int4_linear_triton(x, q, s, None, 64, path="gemv")
-    tk.int4_linear_triton(x, q, s, torch.zeros_like(s), 64, path="gemv")
-    tk.int4_linear_triton(x.half(), q, s.half(), None, 64, path="gemv")
-    monkeypatch.setenv("FXSPEC_INT4_PACKED", "0")
-    tk.int4_linear_triton(x, q, s, None, 64, path="gemv")
-    assert seen == ["gemv4p", "gemv4", "gemv4", "gemv4"], seen
+    assert settings.current().int4_packed  # the default
+    QL.int4_linear_triton(x, q, s, None, 64, path="gemv")
+    QL.int4_linear_triton(x, q, s, torch.zeros_like(s), 64, path="gemv")
+    QL.int4_linear_triton(x.half(), q, s.half(), None, 64, path="gemv")
+    with settings.override(int4_packed=False):
+        QL.int4_linear_triton(x, q, s, None, 64, path="gemv")
+    QL.int4_linear_triton(x, q, s, None, 64, path="gemv")  # the override ended
+    assert seen == ["gemv4p", "gemv4", "gemv4", "gemv4", "gemv4p"], seen
 
 
 def test_triton_launcher_errors_interpreter(interp_results):
@@ -550,12 +552,12 @@ def test_gpu_cuda_graph_capture():
 @pytest.mark.parametrize("N,K", [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192),
                                  (1000, 4096)])
 def test_gpu_int4_packed_gemv(N, K):
-    """Experimental PACKED int4 GEMV (opt-in configs tk._GEMV4_PACKED) on the H100 decode shapes,
+    """The packed int4 GEMV (configs QL._GEMV4_PACKED, the bf16 default) on the H100 decode shapes,
     M = 1: vs the bf16 reference and vs the default GEMV config within PACKED_REL_ERR_MAX["gpu"];
     the PTX (bf16x2 lop3/fma) bitwise equal to the plain-Triton emulation (use_asm=False).  |x| is
     kept >= 1e-3: the emulation rounds the fp32 sum d*x + partial to bf16, which differs from the
     fused bf16x2 fma only when the partial is < 2^-24 of the product."""
-    from fxspec.lowering.quant import triton_kernels as tk
+    from fxspec.lowering.quant import launch as QL
     torch.manual_seed(N + K)
     W = torch.randn(N, K, device="cuda") * 0.02
     qw = Q.quantize_int4(W, 128, dtype=torch.bfloat16)
@@ -563,18 +565,18 @@ def test_gpu_int4_packed_gemv(N, K):
     x = (x.sign() * x.abs().clamp_min(1e-3)).to(torch.bfloat16)
     b = torch.randn(N, device="cuda", dtype=torch.bfloat16) if N == 1000 else None
     ref = Q.int4_linear_ref(x, qw.qweight, qw.scales, None, 128, b)
-    c0 = tk._GEMV4[0]
-    y0 = tk.int4_linear_triton(x, qw.qweight, qw.scales, None, 128, b, path="gemv",
+    c0 = QL._GEMV4[0]
+    y0 = QL.int4_linear_triton(x, qw.qweight, qw.scales, None, 128, b, path="gemv",
                                config=dict(c0.kwargs, num_warps=c0.num_warps, num_stages=c0.num_stages))
-    for c in tk._GEMV4_PACKED:
+    for c in QL._GEMV4_PACKED:
         cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-        y = tk.int4_linear_triton(x, qw.qweight, qw.scales, None, 128, b, path="gemv", config=cfg)
-        ye = tk.int4_linear_triton(x, qw.qweight, qw.scales, None, 128, b, path="gemv", config=cfg, use_asm=False)
+        y = QL.int4_linear_triton(x, qw.qweight, qw.scales, None, 128, b, path="gemv", config=cfg)
+        ye = QL.int4_linear_triton(x, qw.qweight, qw.scales, None, 128, b, path="gemv", config=cfg, use_asm=False)
         assert bool(torch.isfinite(y.float()).all()), cfg
         assert rel_err(y, ref) < PACKED_REL_ERR_MAX["gpu"], (cfg, rel_err(y, ref))
         assert rel_err(y, y0) < PACKED_REL_ERR_MAX["gpu"], (cfg, rel_err(y, y0))
         assert torch.equal(y, ye), (cfg, rel_err(y, ye), int((y != ye).sum()))
-        assert torch.equal(y, tk.int4_linear_triton(x, qw.qweight, qw.scales, None, 128, b, path="gemv",
+        assert torch.equal(y, QL.int4_linear_triton(x, qw.qweight, qw.scales, None, 128, b, path="gemv",
                                                     config=cfg))  # deterministic split-K
 
 
@@ -584,7 +586,7 @@ def test_gpu_int4_packed_gemv(N, K):
 def test_gpu_int8_prmt_bitwise(N, K):
     """The int8 GEMV's PTX byte conversion (PRMT, default on the GPU) gives the generic path's output
     bits for every config of the list, plain and fused (norm + residual), M = 1 and 3."""
-    from fxspec.lowering.quant import triton_kernels as tk
+    from fxspec.lowering.quant import launch as QL
     torch.manual_seed(N + K)
     qw = Q.quantize_int8((torch.randn(N, K, device="cuda") * 0.02).to(torch.bfloat16))
     nw = torch.rand(K, device="cuda", dtype=torch.bfloat16) + 0.5
@@ -592,13 +594,13 @@ def test_gpu_int8_prmt_bitwise(N, K):
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         res = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
         ref = Q.int8_linear_ref(x, qw.qweight, qw.scales)
-        for c in tk._GEMV8:
+        for c in QL._GEMV8:
             cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-            ys = [tk.int8_linear_triton(x, qw.qweight, qw.scales, path="gemv", config=cfg, use_asm=a)
+            ys = [QL.int8_linear_triton(x, qw.qweight, qw.scales, path="gemv", config=cfg, use_asm=a)
                   for a in (True, False)]
             assert torch.equal(ys[0], ys[1]), (cfg, M)
             assert rel_err(ys[0], ref) < 1e-2, (cfg, M)
-            fs = [tk.int8_fused_linear_triton(x, qw.qweight, qw.scales, nw, 1e-5, "residual", res, config=cfg,
+            fs = [QL.int8_fused_linear_triton(x, qw.qweight, qw.scales, nw, 1e-5, "residual", res, config=cfg,
                                               use_asm=a) for a in (True, False)]
             assert torch.equal(fs[0], fs[1]), (cfg, M, "fused")
 

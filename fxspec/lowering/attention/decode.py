@@ -6,42 +6,35 @@ The decode step of a transformers model with a static cache computes, per layer:
     o = scaled_dot_product_attention(q, k, v, attn_mask)      # q [B, H, 1, D], mask [B, 1, 1, L] bool
 
 On the H100 Inductor runs this as two copy kernels (the GQA repeat of the whole cache) plus cuDNN's
-prefill-shaped flash kernel: 11-18 us per layer (``benchmarks/results/decode.md``), for a few MB of
-K/V. This kernel reads each KV head once for all ``G = H / Hkv`` query heads that share it and splits
-the cache length over programs so that a batch-1 step still fills the GPU:
+prefill-shaped flash kernel: 11-18 us per layer, for a few MB of K/V. This kernel reads each KV head once
+for all ``G = H / Hkv`` query heads that share it and splits the cache length over programs so that a
+batch-1 step still fills the GPU:
 
     program (b, kv head j, split s):  keys t in [s * T, (s + 1) * T)
         S[g, t]   = (q[b, j*G + g] . k[b, j, t]) * scale * log2(e)     (tl.dot, M padded to 16)
         S[g, t]   = -inf where mask[b, t] is False (bool) / + mask * log2(e) (additive)
         m, l, acc = running max, sum of exp2(S - m), sum of exp2(S - m) * v[b, j, t]
     combine (b, h): o = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s,  M = max_s m_s
-                    done by a second kernel (default), or with FXSPEC_ATTN_COMBINE=kernel by the last
-                    split program of (b, j) to finish (counter in fxspec.lowering.workspace; splits
-                    summed in order 0..S-1; measured slower, see combine_in_kernel)
+                    done by a second kernel (default), or with kernels.attention_combine = "kernel" by
+                    the last split program of (b, j) to finish (counter in
+                    fxspec.lowering._triton.workspace; splits summed in order 0..S-1; slower end to end,
+                    see launch.combine_in_kernel)
 
 Masked keys are not loaded (the K/V loads are predicated on the mask), so the slots after the
 current position cost only their mask bytes. With one split the first kernel normalises and writes
 the output itself (no combine launch). The probabilities are rounded to the K/V dtype before the
 P @ V product, as flash attention does; scores and accumulators are fp32. A row whose keys are all
-masked gives NaN, as the math SDPA does.
+masked gives NaN, as the math SDPA does.  The launcher (split plan, workspaces) is :mod:`.launch`.
 """
 
 from __future__ import annotations
 
-import os
-
-import torch
 import triton
 import triton.language as tl
 
-from .. import pdl
-from ..workspace import COUNTER_LEN, split_counters
+from .._triton import pdl
 
-LOG2E = 1.4426950408889634
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+__all__ = ["_decode_attn_kernel", "_combine_kernel"]
 
 
 @triton.jit
@@ -58,7 +51,7 @@ def _decode_attn_kernel(Q, K, V, Mask, O, OP, ML, CNT, KN, VN, COS, SIN, SLOT,
                         BLOCK_L: tl.constexpr, MASK_KIND: tl.constexpr, SINGLE: tl.constexpr,
                         DOT_F32: tl.constexpr, ROPE: tl.constexpr = False, COMBINE: tl.constexpr = False,
                         S_PAD: tl.constexpr = 2, PDL: tl.constexpr = False):
-    # PDL (fxspec.lowering.pdl): nothing here is a weight, so no prefetch, only the two phases
+    # PDL (fxspec.lowering._triton.pdl): nothing here is a weight, so no prefetch, only the two phases
     pdl.launch_dependents(PDL)
     pdl.wait(PDL)
     pid = tl.program_id(0)
@@ -202,116 +195,3 @@ def _combine_kernel(OP, ML, O, H, num_splits, stride_ob, stride_oh, stride_od,
     out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
     tl.store(O + b * stride_ob + h * stride_oh + offs_d * stride_od, out.to(O.dtype.element_ty),
              mask=offs_d < D)
-
-
-COMBINE_ENV = "FXSPEC_ATTN_COMBINE"
-
-
-def combine_in_kernel() -> bool:
-    """Whether the last split program combines the partials (``FXSPEC_ATTN_COMBINE=kernel``) instead of a
-    second, PDL-overlapped launch (the default). Measured on the H100 (2026-11-23, 1.1B bf16 batch-1 decode):
-    the in-kernel combine was slower end to end (864-870 vs 896 tok/s): the serial tail of the last program
-    costs more than the overlapped launch it saves."""
-    return os.environ.get(COMBINE_ENV, "launch").lower() == "kernel"
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-# Keys per loop step; 64 x 128 x 2 bytes = 16 KB of K (and of V) per step.
-BLOCK_L = 64
-
-
-def plan_splits(B: int, H_kv: int, L: int, sms: int, block_l: int = BLOCK_L) -> tuple[int, int]:
-    """(number of splits, keys per split): enough programs for ~2 per SM, each at least one block."""
-    blocks = triton.cdiv(L, block_l)
-    want = max(1, triton.cdiv(2 * sms, max(1, B * H_kv)))
-    splits = max(1, min(blocks, want))
-    per = triton.cdiv(blocks, splits) * block_l
-    return triton.cdiv(L, per), per
-
-
-def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                            scale: float, *, splits: int | None = None, rope: tuple | None = None) -> torch.Tensor:
-    """``q [B, H, 1, D]``, ``k, v [B, Hkv, L, D]``, ``mask`` None or ``[B|1, 1, 1, L]`` (bool: True =
-    attend; float: added to the scores) -> ``[B, H, 1, D]`` in ``q.dtype``. ``splits`` overrides the plan
-    (tests).
-
-    ``rope = (k_new, v_new, cos, sin, slot)``: ``q`` is not rotated yet; the kernel applies the rotary
-    embedding (``x * cos + rotate_half(x) * sin``, ``cos``/``sin`` ``[B|1, 1, 1, D]``) to ``q`` and to
-    ``k_new [B, Hkv, 1, D]``, writes the rotated key and ``v_new`` into slot ``slot`` (a 1-element int64
-    tensor, read on the device) of the caches ``k``/``v``, and attends over the caches including them. A
-    slot outside ``[0, L)`` is not written (the caller checks the cache length)."""
-    B, H, T, D = q.shape
-    _, H_kv, L, _ = k.shape
-    assert T == 1 and H % H_kv == 0
-    G = H // H_kv
-    out = torch.empty((B, H, 1, D), dtype=q.dtype, device=q.device)
-    if mask is None:
-        kind, m, smb, sml = 0, q, 0, 0
-    else:
-        m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-        kind = 1 if mask.dtype == torch.bool else 2
-        smb = m.stride(0) if m.shape[0] > 1 else 0
-        sml = m.stride(3)
-    interp = _interpret()
-    block_l = BLOCK_L
-    launch = dict(PDL=True, launch_pdl=True) if pdl.enabled(q.device) else {}
-    if splits is None:
-        S, per = plan_splits(B, H_kv, L, _sm_count(q.device), block_l)
-    else:
-        per = triton.cdiv(triton.cdiv(L, splits), block_l) * block_l
-        S = triton.cdiv(L, per)
-    D_PAD = max(16, _next_pow2(D))
-    G_PAD = max(16, _next_pow2(G))
-    single = S == 1
-    if single:
-        op = ml = out  # unused
-    else:
-        op = torch.empty((B * H, S, D_PAD), dtype=torch.float32, device=q.device)
-        ml = torch.empty((B * H, S, 2), dtype=torch.float32, device=q.device)
-    if rope is None:
-        kn = vn = cos = sin = slot = q  # unused
-        rs = (0,) * 10
-    else:
-        kn, vn, cos, sin, slot = rope
-
-        def bstride(t):  # [B|1, 1, 1, D]: batch stride 0 when broadcast
-            return t.stride(0) if t.shape[0] > 1 else 0
-
-        rs = (kn.stride(0), kn.stride(1), kn.stride(3), vn.stride(0), vn.stride(1), vn.stride(3),
-              bstride(cos), cos.stride(3), bstride(sin), sin.stride(3))
-    fused_combine = not single and combine_in_kernel()
-    cnt = split_counters(q.device) if fused_combine else out
-    if fused_combine and B * H_kv > COUNTER_LEN:
-        raise ValueError(f"decode_attention: {B * H_kv} (batch x KV heads) programs exceed the counter buffer")
-    _decode_attn_kernel[(B * H_kv, S)](
-        q, k, v, m, out, op, ml, cnt, kn, vn, cos, sin, slot,
-        q.stride(0), q.stride(1), q.stride(3),
-        k.stride(0), k.stride(1), k.stride(2), k.stride(3),
-        v.stride(0), v.stride(1), v.stride(2), v.stride(3),
-        smb, sml,
-        out.stride(0), out.stride(1), out.stride(3),
-        *rs,
-        L, H_kv, per, S, float(scale) * LOG2E,
-        G=G, G_PAD=G_PAD, D=D, D_PAD=D_PAD, BLOCK_L=block_l, MASK_KIND=kind, SINGLE=single,
-        DOT_F32=interp or q.dtype == torch.float32, ROPE=rope is not None, COMBINE=fused_combine,
-        S_PAD=max(2, _next_pow2(S)), num_warps=4, num_stages=2, **launch)
-    if not single and not fused_combine:
-        _combine_kernel[(B * H,)](op, ml, out, H, S, out.stride(0), out.stride(1), out.stride(3),
-                                  D=D, D_PAD=D_PAD, S_PAD=max(2, _next_pow2(S)), num_warps=4, **launch)
-    return out
-
-
-def expected_splits(B: int, H_kv: int, L: int, device: torch.device) -> int:
-    return plan_splits(B, H_kv, L, _sm_count(device))[0]
-
-
-__all__ = ["decode_attention_triton", "plan_splits", "expected_splits", "BLOCK_L", "LOG2E"]

@@ -9,16 +9,17 @@ Signature (``x`` is ``[..., K]``)::
 
 The consumer narrows the result back into the per-linear outputs (q/k/v, gate/up). With w0 alone it is a
 plain bias-free linear through the same decode GEMV (faster than cuBLAS at M <= 4 on most decode shapes
-of the H100: ``benchmarks/results/dense_gemv.md``).
+of the H100: benchmarks/results/README.md).
 
 Implementations: CUDA with bf16/fp16 ``x``, contiguous weights and at most DECODE_MAX_M rows
 (``M = x.numel() // K``) -> one Triton launch that reads every weight through its own pointer
-(:mod:`.gemv`; no concatenated copy of the weights is ever made); everything else (CPU, fp32,
-prefill-sized M, non-contiguous weights, a machine without Triton) -> :func:`linear_group_ref`, the
+(:mod:`.launch`, kernels in :mod:`.gemv_fma` / :mod:`.gemv_mma`; no concatenated copy of the weights is
+ever made); everything else (CPU, fp32, prefill-sized M, non-contiguous weights, a machine without Triton)
+-> :func:`.reference.linear_group_ref`, the
 ``torch.cat`` of ``F.linear`` (what the graph computed before the rewrite, so on the CPU the op
 changes no bit).  ``register_fake`` gives Dynamo/Inductor the output shape, so the op sits opaque in
 ``torch.compile(fullgraph=True)`` graphs.  ``custom_op`` rather than ``triton_op``: the launcher
-picks a kernel and config by shape, may autotune and keeps a split-K workspace, which
+picks a kernel and config by shape (or a per-GPU table) and keeps a split-K workspace, which
 ``wrap_triton`` cannot trace (the choice made for :mod:`fxspec.lowering.quant.ops` too).
 
 ``torch.ops.fxspec.fused_linear``: the same decode GEMV with the small kernels around it folded in
@@ -32,86 +33,46 @@ picks a kernel and config by shape, may autotune and keeps a split-K workspace, 
                  "silu_mul": F.silu(F.linear(x, w0)) * F.linear(x, w1)        [..., N]  (2 weights, N0 == N1)
                  "residual": cat([F.linear(x, wi)], -1) + residual            [..., sum Ni]
 
-:func:`fused_linear_ref` is the exact eager computation (HF ``LlamaRMSNorm``, ``LlamaMLP`` and the
+:func:`.reference.fused_linear_ref` is the exact eager computation (HF ``LlamaRMSNorm``, ``LlamaMLP`` and the
 decoder layer's ``residual + h``), rounding to x's dtype wherever eager does.  CUDA, bf16/fp16,
 contiguous weights and at most FUSED_MAX_M rows -> one Triton launch of the CUDA-core GEMV with the
-prologue and epilogue compiled in (:func:`.gemv.fused_linear_triton`, same rounding points);
+prologue and epilogue compiled in (:func:`.launch.fused_linear_triton`, same rounding points);
 everything else -> the reference, so on the CPU the op changes no bit versus the unfused graph.
 """
 
 from __future__ import annotations
 
-import logging
-import math
 from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["linear_group", "linear_group_ref", "check_linear_group_args", "triton_available", "DECODE_MAX_M",
-           "SINGLE_MAX_M", "fused_linear", "fused_linear_ref", "rms_norm_ref", "check_fused_linear_args",
-           "EPILOGUES", "FUSED_MAX_M", "check_edge_args", "check_epilogue_name"]
+from .._triton import device as _device
+from .reference import (
+    check_fused_linear_args,
+    check_linear_group_args,
+    fused_linear_ref,
+    linear_group_ref,
+    rms_norm_ref,
+)
 
-log = logging.getLogger(__name__)
-_TRITON: Optional[bool] = None
+__all__ = ["linear_group", "fused_linear", "triton_available", "DECODE_MAX_M", "SINGLE_MAX_M", "FUSED_MAX_M"]
 
 # Rows of x (M = x.numel() // K) up to which the CUDA implementation takes the Triton kernel:
 # decode with batch 1..16.  Larger M (prefill) is cuBLAS's regime: the reference.
 DECODE_MAX_M = 16
 # Rows up to which a single (ungrouped) linear is worth routing through the op: the CUDA-core kernel's
-# regime (gemv.FMA_MAX_M). Measured on the H100 at M = 1 it beat cuBLAS on 3 of 4 single-weight decode
+# regime (launch.FMA_MAX_M). Measured on the H100 at M = 1 it beat cuBLAS on 3 of 4 single-weight decode
 # shapes (1.05-1.16x; 1.1B down_proj 0.93x); at M = 8 (tensor-core kernel) cuBLAS was faster on all four.
 SINGLE_MAX_M = 4
 # Rows up to which fused_linear takes its Triton kernel: the CUDA-core "fma" GEMV's regime
-# (gemv.FMA_MAX_M, checked equal by the tests); the prologue/epilogue exist only in that kernel.
+# (launch.FMA_MAX_M, checked equal by the tests); the prologue/epilogue exist only in that kernel.
 FUSED_MAX_M = 4
-# fused_linear's epilogues (the order is the kernel's constexpr code, gemv.EPI_*)
-EPILOGUES = ("cat", "silu_mul", "residual")
-
-
-def check_linear_group_args(x: torch.Tensor, weights: Sequence[Optional[torch.Tensor]],
-                            op: str = "linear_group", min_weights: int = 1):
-    """Validate; return ``(Ns, K)``.  ``weights`` may end in Nones (the optional w2, w3)."""
-    ws = list(weights)
-    while ws and ws[-1] is None:
-        ws.pop()
-    if any(w is None for w in ws):
-        raise ValueError(f"{op}: weights must be given in order (w3 without w2)")
-    if not min_weights <= len(ws) <= 4:
-        raise ValueError(f"{op}: takes {min_weights} to 4 weights, got {len(ws)}")
-    if x.dim() < 1:
-        raise ValueError(f"{op}: x must have at least one dimension [..., K]")
-    if not x.is_floating_point():
-        raise ValueError(f"{op}: x must be a floating-point tensor, got {x.dtype}")
-    K = x.shape[-1]
-    for i, w in enumerate(ws):
-        if w.dim() != 2:
-            raise ValueError(f"{op}: w{i} must be a 2-D [N, K] weight, got shape {list(w.shape)}")
-        if w.dtype != x.dtype:
-            raise ValueError(f"{op}: w{i} dtype {w.dtype} != x dtype {x.dtype} (all weights must have x's dtype)")
-        if w.shape[1] != K:
-            raise ValueError(f"{op}: w{i} is {list(w.shape)} but x's last dim is K={K} (every weight must be [Ni, {K}])")
-        if w.device != x.device:
-            raise ValueError(f"{op}: w{i} is on {w.device} but x is on {x.device}")
-    return [int(w.shape[0]) for w in ws], int(K)
-
-
-def linear_group_ref(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The reference: ``torch.cat([F.linear(x, w) for w in weights], -1)``."""
-    return torch.cat([F.linear(x, w) for w in weights], dim=-1)
 
 
 def triton_available() -> bool:
-    """True when the Triton launcher imports (triton installed); cached."""
-    global _TRITON
-    if _TRITON is None:
-        try:
-            from . import gemv  # noqa: F401
-            _TRITON = True
-        except Exception as e:  # ImportError, or a triton that fails to initialise
-            log.warning("fxspec.lowering.dense: Triton kernel unavailable (%s); using the reference", e)
-            _TRITON = False
-    return _TRITON
+    """True when the dense Triton launcher imports (triton installed and working); cached."""
+    return _device.triton_available(__package__ + ".launch")
 
 
 def _use_triton(x: torch.Tensor, weights: Sequence[torch.Tensor], K: int) -> bool:
@@ -142,7 +103,7 @@ def _linear_group_cuda(x, w0, w1=None, w2=None, w3=None):
     _, K = check_linear_group_args(x, (w0, w1, w2, w3))
     ws = _weights(w0, w1, w2, w3)
     if _use_triton(x, ws, K):
-        from .gemv import linear_group_triton
+        from .launch import linear_group_triton
         return linear_group_triton(x, ws)
     return linear_group_ref(x, ws)
 
@@ -178,83 +139,6 @@ linear_group.register_autograd(_backward, setup_context=_setup_context)
 
 # ------------------------------------------------------------------------------- fused_linear
 
-def check_fused_linear_args(x: torch.Tensor, weights: Sequence[torch.Tensor], norm_weight: Optional[torch.Tensor],
-                            eps: float, epilogue: str, residual: Optional[torch.Tensor]):
-    """Validate ``fused_linear``'s arguments; return ``(Ns, K, N_out)``."""
-    op = "fused_linear"
-    check_epilogue_name(op, epilogue)
-    if isinstance(weights, torch.Tensor) or not all(isinstance(w, torch.Tensor) for w in weights):
-        raise TypeError(f"{op}: weights must be a list of 1-4 [N, K] tensors")
-    Ns, K = check_linear_group_args(x, weights, op=op)
-    if epilogue == "silu_mul":
-        if len(Ns) != 2:
-            raise ValueError(f"{op}: epilogue 'silu_mul' takes exactly 2 weights (gate, up), got {len(Ns)}")
-        if Ns[0] != Ns[1]:
-            raise ValueError(f"{op}: epilogue 'silu_mul' needs gate and up of equal N, got {Ns[0]} and {Ns[1]}")
-        n_out = Ns[0]
-    else:
-        n_out = sum(Ns)
-    check_edge_args(op, x, K, n_out, norm_weight, eps, epilogue, residual)
-    return Ns, K, n_out
-
-
-def check_epilogue_name(op: str, epilogue: str) -> None:
-    if not isinstance(epilogue, str):
-        raise TypeError(f"{op}: epilogue must be a str, one of {EPILOGUES}; got {type(epilogue).__name__}")
-    if epilogue not in EPILOGUES:
-        raise ValueError(f"{op}: unknown epilogue {epilogue!r}; valid: {', '.join(EPILOGUES)}")
-
-
-def check_edge_args(op: str, x: torch.Tensor, K: int, n_out: int, norm_weight: Optional[torch.Tensor], eps: float,
-                    epilogue: str, residual: Optional[torch.Tensor]) -> None:
-    """The fused edges' arguments (shared by fused_linear and the quantized *_fused_linear ops): the
-    RMSNorm weight and eps of the prologue, the epilogue and its residual (the output is [..., n_out])."""
-    check_epilogue_name(op, epilogue)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"{op}: eps must be a float, got {type(eps).__name__}")
-    if not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"{op}: eps must be finite and >= 0, got {eps}")
-    if norm_weight is not None:
-        if tuple(norm_weight.shape) != (K,):
-            raise ValueError(f"{op}: norm_weight must have shape [K] = [{K}], got {list(norm_weight.shape)}")
-        if norm_weight.dtype != x.dtype:
-            raise ValueError(f"{op}: norm_weight dtype {norm_weight.dtype} != x dtype {x.dtype}")
-        if norm_weight.device != x.device:
-            raise ValueError(f"{op}: norm_weight is on {norm_weight.device} but x is on {x.device}")
-    out_shape = (*x.shape[:-1], n_out)
-    if epilogue == "residual":
-        if residual is None:
-            raise ValueError(f"{op}: epilogue 'residual' needs a residual tensor of the output's shape {list(out_shape)}")
-        if tuple(residual.shape) != out_shape:
-            raise ValueError(f"{op}: residual has shape {list(residual.shape)}, the output has {list(out_shape)}")
-        if residual.dtype != x.dtype:
-            raise ValueError(f"{op}: residual dtype {residual.dtype} != x dtype {x.dtype}")
-        if residual.device != x.device:
-            raise ValueError(f"{op}: residual is on {residual.device} but x is on {x.device}")
-    elif residual is not None:
-        raise ValueError(f"{op}: a residual is only taken with epilogue 'residual' (got epilogue {epilogue!r})")
-
-
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF ``LlamaRMSNorm.forward`` step by step (fp32 statistics, the normalised x rounded to x's
-    dtype, then the weight product in x's dtype)."""
-    h = x.to(torch.float32)
-    var = h.pow(2).mean(-1, keepdim=True)
-    h = h * torch.rsqrt(var + eps)
-    return weight * h.to(x.dtype)
-
-
-def fused_linear_ref(x: torch.Tensor, weights: Sequence[torch.Tensor], norm_weight: Optional[torch.Tensor] = None,
-                     eps: float = 1e-6, epilogue: str = "cat", residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The reference: the unfused eager computation (no validation; see :func:`check_fused_linear_args`)."""
-    if norm_weight is not None:
-        x = rms_norm_ref(x, norm_weight, eps)
-    if epilogue == "silu_mul":
-        return F.silu(F.linear(x, weights[0])) * F.linear(x, weights[1])
-    y = linear_group_ref(x, weights)
-    return y + residual if epilogue == "residual" else y
-
-
 def _use_triton_fused(x: torch.Tensor, weights: Sequence[torch.Tensor], K: int) -> bool:
     return (K > 0 and x.numel() // K <= FUSED_MAX_M) and _use_triton(x, weights, K)
 
@@ -271,7 +155,7 @@ def fused_linear(x: torch.Tensor, weights: List[torch.Tensor], norm_weight: Opti
 def _fused_linear_cuda(x, weights, norm_weight, eps, epilogue, residual):
     _, K, _ = check_fused_linear_args(x, weights, norm_weight, eps, epilogue, residual)
     if _use_triton_fused(x, weights, K):
-        from .gemv import fused_linear_triton
+        from .launch import fused_linear_triton
         return fused_linear_triton(x, weights, norm_weight, eps, epilogue, residual)
     return fused_linear_ref(x, weights, norm_weight, eps, epilogue, residual)
 

@@ -28,7 +28,7 @@ of ``fxspec.fused_linear``; made by the ``fuse_gemv_edges`` decode pass)::
     with the edges compiled in (same rounding points); otherwise the same unfused steps around the
     plain op, so the rewrite never changes a bit on the CPU.
 
-Implementations: CUDA with bf16/fp16 ``x`` -> the Triton launchers (:mod:`.triton_kernels`, path
+Implementations: CUDA with bf16/fp16 ``x`` -> the Triton launchers (:mod:`.launch`, path
 picked by M); everything else (CPU, fp32 activations, a machine without Triton) -> the plain-PyTorch
 reference, which is exact to fp32 rounding.  ``register_fake`` gives Dynamo/Inductor the output
 shape, so the ops sit opaque inside ``torch.compile(fullgraph=True)`` graphs with Inductor fusing
@@ -39,11 +39,11 @@ autotune, pick a path by M and keep a split-K workspace, which ``wrap_triton`` c
 
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import torch
 
+from .._triton import device as _device
 from .reference import (
     check_fp8_linear_args,
     check_fused_edge_args,
@@ -59,25 +59,14 @@ __all__ = ["int8_linear", "int4_linear", "fp8_linear", "int8_fused_linear", "int
            "fp8_fused_linear", "triton_available", "FUSED_MAX_M"]
 
 # Rows of x up to which the *_fused_linear ops take their fused Triton kernel: the CUDA-core GEMV's
-# regime (triton_kernels.GEMV_MAX_M / GEMV4_MAX_M, checked equal by the tests); above, the unfused steps
+# regime (launch.GEMV_MAX_M / GEMV4_MAX_M, checked equal by the tests); above, the unfused steps
 # run around the plain ops (the tensor-core kernels have no fused edges).
 FUSED_MAX_M = 1
 
-log = logging.getLogger(__name__)
-_TRITON = None
-
 
 def triton_available() -> bool:
-    """True when the Triton launchers import (triton installed); cached."""
-    global _TRITON
-    if _TRITON is None:
-        try:
-            from . import triton_kernels  # noqa: F401
-            _TRITON = True
-        except Exception as e:  # ImportError, or a triton that fails to initialise
-            log.warning("fxspec.lowering.quant: Triton kernels unavailable (%s); using the reference", e)
-            _TRITON = False
-    return _TRITON
+    """True when the quant Triton launchers import (triton installed and working); cached."""
+    return _device.triton_available(__package__ + ".launch")
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -100,7 +89,7 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
 @int8_linear.register_kernel("cuda")
 def _int8_linear_cuda(x, qweight, scale, bias=None):
     if _use_triton(x):
-        from .triton_kernels import int8_linear_triton
+        from .launch import int8_linear_triton
         return int8_linear_triton(x, qweight, scale, bias)
     return int8_linear_ref(x, qweight, scale, bias)
 
@@ -124,7 +113,7 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 @int4_linear.register_kernel("cuda")
 def _int4_linear_cuda(x, qweight, scales, zeros, group_size, bias=None):
     if _use_triton(x):
-        from .triton_kernels import int4_linear_triton
+        from .launch import int4_linear_triton
         return int4_linear_triton(x, qweight, scales, zeros, group_size, bias)
     return int4_linear_ref(x, qweight, scales, zeros, group_size, bias)
 
@@ -147,7 +136,7 @@ def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
 @fp8_linear.register_kernel("cuda")
 def _fp8_linear_cuda(x, qweight, scale, bias=None):
     if _use_triton(x):
-        from .triton_kernels import fp8_linear_triton
+        from .launch import fp8_linear_triton
         return fp8_linear_triton(x, qweight, scale, bias)
     return fp8_linear_ref(x, qweight, scale, bias)
 
@@ -185,8 +174,8 @@ def _per_channel_fused(fmt: str, check, ref, plain_cuda):
     def _cuda(x, qweight, scale, norm_weight, eps, epilogue, residual):
         _, K, _ = _check_fused(op, check, x, (qweight, scale), norm_weight, eps, epilogue, residual)
         if _fused_rows_ok(x, K):
-            from . import triton_kernels
-            return getattr(triton_kernels, f"{op}_triton")(x, qweight, scale, norm_weight, eps, epilogue, residual)
+            from . import launch
+            return getattr(launch, f"{op}_triton")(x, qweight, scale, norm_weight, eps, epilogue, residual)
         return fused_edges_ref(lambda v: plain_cuda(v, qweight, scale), x, norm_weight, eps, epilogue, residual)
 
     @fused.register_fake
@@ -218,7 +207,7 @@ def _int4_fused_linear_cuda(x, qweight, scales, zeros, group_size, norm_weight, 
     _, K, _ = _check_fused("int4_fused_linear", check_int4_linear_args, x, (qweight, scales, zeros, group_size),
                            norm_weight, eps, epilogue, residual)
     if _fused_rows_ok(x, K):
-        from .triton_kernels import int4_fused_linear_triton
+        from .launch import int4_fused_linear_triton
         return int4_fused_linear_triton(x, qweight, scales, zeros, group_size, norm_weight, eps, epilogue, residual)
     return fused_edges_ref(lambda v: _int4_linear_cuda(v, qweight, scales, zeros, group_size), x, norm_weight, eps,
                            epilogue, residual)

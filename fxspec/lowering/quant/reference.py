@@ -5,7 +5,8 @@ in fp32 and casts the result to the activation dtype. The Triton kernels compute
 function (fp32 accumulation) in a different summation order.
 
 The ``check_*`` functions validate arguments for both this path and the Triton launchers, so the
-two raise the same errors.
+two raise the same errors.  The fused edges' checks and the RMSNorm reference are shared with the dense
+ops (:mod:`fxspec.lowering.edges`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..edges import check_edge_args, check_epilogue_name, rms_norm_ref
 from .pack import INT4_GROUP_SIZES, unpack_int4
 
 __all__ = [
@@ -61,7 +63,8 @@ def check_int8_linear_args(x, qweight, scale, bias=None, op: str = "int8_linear"
         raise TypeError(f"{op}: qweight must be an int8 [N, K] tensor, got {qweight.dtype} {list(qweight.shape)}")
     N, K = qweight.shape
     if x.shape[-1] != K:
-        raise ValueError(f"{op}: x's last dim ({x.shape[-1]}) must equal K ({K}) of qweight [N, K] = {list(qweight.shape)}")
+        raise ValueError(f"{op}: x's last dim ({x.shape[-1]}) must equal K ({K}) of qweight [N, K] = "
+                         f"{list(qweight.shape)}")
     _check_scale_vec(op, scale, N)
     _check_common(op, x, bias, N, {"qweight": qweight, "scale": scale})
     return N, K
@@ -70,10 +73,12 @@ def check_int8_linear_args(x, qweight, scale, bias=None, op: str = "int8_linear"
 def check_fp8_linear_args(x, qweight, scale, bias=None, op: str = "fp8_linear"):
     """Validate; return ``(N, K)``."""
     if qweight.dtype != torch.float8_e4m3fn or qweight.dim() != 2:
-        raise TypeError(f"{op}: qweight must be a float8_e4m3fn [N, K] tensor, got {qweight.dtype} {list(qweight.shape)}")
+        raise TypeError(f"{op}: qweight must be a float8_e4m3fn [N, K] tensor, got {qweight.dtype} "
+                        f"{list(qweight.shape)}")
     N, K = qweight.shape
     if x.shape[-1] != K:
-        raise ValueError(f"{op}: x's last dim ({x.shape[-1]}) must equal K ({K}) of qweight [N, K] = {list(qweight.shape)}")
+        raise ValueError(f"{op}: x's last dim ({x.shape[-1]}) must equal K ({K}) of qweight [N, K] = "
+                         f"{list(qweight.shape)}")
     _check_scale_vec(op, scale, N)
     _check_common(op, x, bias, N, {"qweight": qweight, "scale": scale})
     return N, K
@@ -141,7 +146,6 @@ def check_fused_edge_args(op: str, x: torch.Tensor, N: int, K: int, norm_weight:
                           eps: float, epilogue: str, residual: Optional[torch.Tensor]) -> int:
     """Validate the fused edges of a quantized ``*_fused_linear`` op over an ``[N, K]`` matrix;
     return the output width (``N``, or ``N // 2`` for ``silu_mul``, whose matrix is ``[gate; up]``)."""
-    from ..dense.ops import check_edge_args, check_epilogue_name
     check_epilogue_name(op, epilogue)
     if epilogue == "silu_mul" and N % 2:
         raise ValueError(f"{op}: epilogue 'silu_mul' takes a [gate; up] matrix of even N, got N = {N}")
@@ -156,7 +160,6 @@ def fused_edges_ref(linear, x: torch.Tensor, norm_weight: Optional[torch.Tensor]
     computes it (``linear``: one of the quantized linears, reference or Triton): SiLU on the narrowed
     (strided) first half of the packed [gate; up] result, as the graph does (on the CPU, ATen's SiLU of a
     strided view and of a contiguous tensor can differ in the last bit)."""
-    from ..dense.ops import rms_norm_ref
     if norm_weight is not None:
         x = rms_norm_ref(x, norm_weight, eps)
     y = linear(x)
