@@ -42,7 +42,7 @@ def test_dotted_keys():
     ({"quantize": {"bits": 4, "fp8": True}}, ["fp8 = true needs quantize.bits = 8"]),
     ({"strict": "yes"}, ["strict = 'yes'", "expected bool"]),
     ({"target": "tpu"}, ["target = 'tpu'", "'auto', 'cuda', 'cpu', 'xla'"]),
-    ({"quantize": {"calibration_samples": 0}}, ["calibration_samples = 0", "out of range", "1 <= value"]),
+    ({"quantize": {"min_features": 0}}, ["min_features = 0", "out of range", ">= 1"]),
     ({"quantize": {"min_features": True}}, ["min_features = True", "expected int"]),
     ({"quantize": 5}, ["quantize = 5", "table of options"]),
     ({"moe": {}}, ["moe pass is not available"]),
