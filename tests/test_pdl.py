@@ -18,7 +18,6 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import asdict
 
 import pytest
 import torch
@@ -37,8 +36,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def default_settings():
     """Each test starts from the default kernel settings (a compile elsewhere in the session may have
     applied its config's) and leaves the process's settings as they were."""
-    with settings.override(**asdict(KernelsConfig())):
-        yield
+    saved = settings.current()
+    settings.apply(KernelsConfig())
+    yield
+    settings.apply(saved)
 
 
 # ---------------------------------------------------------------------------------- the settings

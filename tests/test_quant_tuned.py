@@ -4,7 +4,6 @@ lookup and its switch, and their use by the quant launchers (plain M = 1 GEMVs) 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 
 import pytest
 import torch
@@ -33,8 +32,10 @@ def _constexprs(fn) -> set:
 
 @pytest.fixture(autouse=True)
 def default_settings():
-    with settings.override(**asdict(KernelsConfig())):
-        yield
+    saved = settings.current()
+    settings.apply(KernelsConfig())
+    yield
+    settings.apply(saved)
 
 
 def test_shipped_tables_are_valid():
@@ -171,3 +172,21 @@ def test_gpu_table_entry_is_launched(monkeypatch):
     with settings.override(tuned_tables=False):
         QL.int8_linear_triton(x[:1], q8.qweight, q8.scales)
     assert tuning.hits() == {}
+
+
+def test_compile_inside_an_override_keeps_the_override():
+    """A graph compiled inside ``override(...)`` (the backend applies the graph's [kernels] section) must not
+    undo the block's keys; the compile's other keys apply, and everything comes back after the block."""
+    from fxspec.config import load_config
+    from fxspec.lowering import settings
+
+    settings.apply(load_config({}).kernels)
+    with settings.override(pdl="off"):
+        settings.apply(load_config({"kernels": {"int4_packed": False}}).kernels)  # as compile_graph does
+        assert settings.current().pdl == "off" and settings.current().int4_packed is False
+        with settings.override(pdl="on", tuned_tables=False):
+            assert (settings.current().pdl, settings.current().tuned_tables) == ("on", False)
+        assert (settings.current().pdl, settings.current().tuned_tables) == ("off", True)
+    assert settings.current().pdl == "auto" and settings.current().int4_packed is False
+    settings.apply(load_config({}).kernels)
+    assert settings.current().int4_packed is True

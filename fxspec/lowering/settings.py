@@ -31,7 +31,9 @@ from ..config import ConfigError, KernelsConfig, load_config
 
 __all__ = ["current", "apply", "override", "reset"]
 
-_CURRENT: Optional[KernelsConfig] = None
+_BASE: Optional[KernelsConfig] = None  # from $FXSPEC_CONFIG, then from apply()
+_OVERRIDES: list[dict] = []  # the open override() blocks, innermost last
+_CURRENT: Optional[KernelsConfig] = None  # _BASE with the overrides on top (cached)
 
 
 def current() -> KernelsConfig:
@@ -40,22 +42,34 @@ def current() -> KernelsConfig:
     :func:`override`."""
     global _CURRENT
     if _CURRENT is None:
-        _CURRENT = load_config().kernels
+        base = _base()
+        _CURRENT = KernelsConfig(**{k: v for d in [asdict(base), *_OVERRIDES] for k, v in d.items()}) \
+            if _OVERRIDES else base
     return _CURRENT
 
 
+def _base() -> KernelsConfig:
+    global _BASE
+    if _BASE is None:
+        _BASE = load_config().kernels
+    return _BASE
+
+
 def apply(cfg: KernelsConfig) -> None:
-    """Make ``cfg`` the process-wide settings (the backend calls it with each compiled graph's config)."""
-    global _CURRENT
+    """Make ``cfg`` the process-wide settings (the backend calls it with each compiled graph's config).
+    Keys set by an open :func:`override` block stay as that block set them until it ends: a graph compiled
+    inside ``with override(pdl="off"):`` launches without PDL there."""
+    global _BASE, _CURRENT
     if not isinstance(cfg, KernelsConfig):
         raise ConfigError(f"kernel settings must be a KernelsConfig (fxspec.config), got {type(cfg).__name__}")
-    _CURRENT = replace(cfg)  # a copy: later changes to the caller's object do not leak into launches
+    _BASE = replace(cfg)  # a copy: later changes to the caller's object do not leak into launches
+    _CURRENT = None
 
 
 def reset() -> None:
     """Forget the settings; the next :func:`current` reads ``$FXSPEC_CONFIG`` again."""
-    global _CURRENT
-    _CURRENT = None
+    global _BASE, _CURRENT
+    _BASE = _CURRENT = None
 
 
 @contextlib.contextmanager
@@ -71,10 +85,11 @@ def override(**changes: Any) -> Iterator[KernelsConfig]:
             hint = f"; did you mean '{near[0]}'?" if near else ""
             raise ConfigError(f"unknown key '{key}' in the [kernels] section{hint}\n"
                               f"valid keys: {', '.join(sorted(valid))}")
-    prev = current()
-    new = KernelsConfig(**{**asdict(prev), **changes})
+    new = KernelsConfig(**{**asdict(current()), **changes})  # validates before anything changes
+    _OVERRIDES.append(dict(changes))
     _CURRENT = new
     try:
         yield new
     finally:
-        _CURRENT = prev
+        _OVERRIDES.pop()
+        _CURRENT = None
