@@ -1,7 +1,8 @@
 """The pass protocol: one signature, one context, one explicit ordered list.
 
 Every pass is a function ``name(gm, ctx) -> gm`` in a file of its own, listed in
-:data:`fxspec.passes.pipeline.PIPELINE` with the config section that enables it. It may rewrite the graph in place; it must
+:data:`fxspec.passes.pipeline.PIPELINE` with the config section that enables it. It may rewrite the
+graph in place; it must
 
 - rewrite a match completely or leave it untouched, and say why with ``ctx.skip(...)``;
 - bump a counter for every rewrite (``ctx.rewrote(...)`` does both the counter and the log);

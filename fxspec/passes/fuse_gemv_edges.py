@@ -28,6 +28,7 @@ import torch.fx as fx
 from ..graph.nodes import dtype_of, module_path, static_rows
 from ..graph.patterns import gemv_epilogue, hf_rmsnorm
 from ..graph.rewrite import eliminate_dead_code
+from ..quant.formats import FORMATS, QuantFormat
 from ._decode_common import copy_meta, graph_applies
 from .base import PassContext
 
@@ -43,8 +44,9 @@ def fuse_gemv_edges(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
 
     params = {p.node: p for p in ctx.analysis(gm).params}
     group_op = torch.ops.fxspec.linear_group.default
-    quant_ops = _quant_fused_ops()
-    for lg in [n for n in gm.graph.nodes if n.op == "call_function" and (n.target is group_op or n.target in quant_ops)]:
+    quant_ops = {f.op: f for f in FORMATS.values()}
+    sites = [n for n in gm.graph.nodes if n.op == "call_function" and (n.target is group_op or n.target in quant_ops)]
+    for lg in sites:
         if lg.target in quant_ops:
             _fuse_quant_edges(gm, ctx, lg, params, quant_ops[lg.target])
             continue
@@ -77,16 +79,7 @@ def fuse_gemv_edges(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     return gm
 
 
-def _quant_fused_ops() -> dict:
-    """The quantized linears' ops -> (their fused form, number of leading args before ``bias``)."""
-    from ..lowering.quant import ops as _q  # noqa: F401  (registers the fxspec::*_linear ops)
-    f = torch.ops.fxspec
-    return {f.int8_linear.default: (f.int8_fused_linear.default, 3),
-            f.int4_linear.default: (f.int4_fused_linear.default, 5),
-            f.fp8_linear.default: (f.fp8_fused_linear.default, 3)}
-
-
-def _fuse_quant_edges(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, params: dict, fused_form) -> None:
+def _fuse_quant_edges(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, params: dict, fmt: QuantFormat) -> None:
     """The RMSNorm before / the SiLU*mul or residual add after a quantized decode GEMV (made by the
     quantize pass; a q/k/v or gate/up group is one packed matrix, narrowed) -> its *_fused_linear op.
 
@@ -97,10 +90,8 @@ def _fuse_quant_edges(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, param
     from ..lowering.quant.ops import FUSED_MAX_M
 
     cfg = ctx.config.decode
-    op, n_lead = fused_form
-    x, lead = node.args[0], node.args[:n_lead]
-    bias = node.args[n_lead] if len(node.args) > n_lead else node.kwargs.get("bias")
-    qw = node.args[1]
+    x, weight_args, bias, extra = fmt.split(node)
+    qw = weight_args[0]
     qw = getattr(gm, qw.target, None) if isinstance(qw, fx.Node) and qw.op == "get_attr" else None
     if not isinstance(qw, torch.Tensor):
         return  # (not made by the quantize pass: the packed weight is not a frozen constant)
@@ -110,7 +101,7 @@ def _fuse_quant_edges(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, param
         return
     where = f"{module_path(node)} ({node.target.name().split('::')[-1]})"
     rows = static_rows(x)
-    if bias is not None or len(node.args) > n_lead + 1 or set(node.kwargs) - {"bias"}:
+    if bias is not None or extra:
         ctx.skip(where, "the quantized linear has a bias (the fused GEMV takes none)")
         return
     if dtype_of(x) not in (torch.float16, torch.bfloat16):  # (the ops return x's dtype)
@@ -123,7 +114,7 @@ def _fuse_quant_edges(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, param
     src, norm_w, eps = norm if norm is not None else (x, None, 0.0)
     kind, replaced, residual = epi if epi is not None else ("cat", node, None)
     with gm.graph.inserting_before(replaced):
-        fused = gm.graph.call_function(op, (src, *lead[1:], norm_w, float(eps), kind, residual))
+        fused = gm.graph.call_function(fmt.fused_op, (src, *weight_args, norm_w, float(eps), kind, residual))
     copy_meta(fused, replaced, values=True)
     replaced.replace_all_uses_with(fused)
     if replaced is not node:

@@ -2,11 +2,15 @@
 
 A :class:`QuantFormat` says everything fxspec needs to know about one format:
 
-| format | packing (``fxspec.lowering.quant``) | op (``torch.ops.fxspec``) | fused op | arguments between ``x`` and ``bias`` |
-|---|---|---|---|---|
-| ``int8`` | per output channel, symmetric | ``int8_linear`` | ``int8_fused_linear`` | ``qweight [N, K] int8, scales [N]`` |
-| ``int4`` | group-wise, (a)symmetric | ``int4_linear`` | ``int4_fused_linear`` | ``qweight [N, K/2] uint8, scales [K/G, N], zeros [K/G, N] or None, group_size`` |
-| ``fp8``  | per output channel e4m3 | ``fp8_linear`` | ``fp8_fused_linear`` | ``qweight [N, K] float8_e4m3fn, scales [N]`` |
+- ``int8``: per output channel, symmetric; ``int8_linear`` / ``int8_fused_linear``;
+  ``qweight [N, K] int8, scales [N]``
+- ``int4``: group-wise, symmetric or not; ``int4_linear`` / ``int4_fused_linear``;
+  ``qweight [N, K/2] uint8, scales [K/G, N], zeros [K/G, N] or None, group_size``
+- ``fp8``: per output channel e4m3; ``fp8_linear`` / ``fp8_fused_linear``;
+  ``qweight [N, K] float8_e4m3fn, scales [N]``
+
+(packing in ``fxspec.lowering.quant``, ops in ``torch.ops.fxspec``; the last item of each is the op's
+arguments between ``x`` and ``bias``.)
 
 A group of linears that share their input (q/k/v, gate/up) is packed as one matrix: the constants of its
 members are concatenated along N (``qweight`` on dim 0, ``scales``/``zeros`` on :attr:`QuantFormat.n_dim`).
