@@ -370,7 +370,7 @@ def test_gpu_quant_chain_bitwise(bits, rows, prefetch):
 @needs_gpu
 def test_gpu_attention_then_gemv_bitwise():
     import fxspec.lowering.dense  # noqa: F401
-    from fxspec.lowering.attention.decode import decode_attention_triton
+    from fxspec.lowering.attention.launch import decode_attention_triton
     torch.manual_seed(2)
     B, H, Hkv, L, D, dt = 1, 16, 4, 1500, 64, torch.bfloat16
     k = torch.randn(B, Hkv, L, D, device="cuda", dtype=dt)
