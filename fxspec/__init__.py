@@ -58,6 +58,6 @@ def pipeline(config: dict | None = None) -> str:
     return pipeline_text(load_config(config) if config is not None else None)
 
 
-__all__ = ["ConfigError", "FxspecWarning", "FxspecConfig", "Generator", "Report", "generate", "StaleWeightError", "compile", "counters", "explain",
-           "fxspec_backend", "load_config", "mark_weights_changed", "pipeline", "recent_reports", "register",
-           "reset_counters", "__version__"]
+__all__ = ["ConfigError", "FxspecWarning", "FxspecConfig", "Generator", "Report", "generate", "StaleWeightError",
+           "compile", "counters", "explain", "fxspec_backend", "load_config", "mark_weights_changed", "pipeline",
+           "recent_reports", "register", "reset_counters", "__version__"]

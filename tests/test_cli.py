@@ -26,7 +26,8 @@ def test_inspect_json_on_tiny_llama():
     assert a["counts"]["ffn.gated"] == 2 and a["counts"]["attention.sdpa"] == 2
     assert a["lm_head"]["vocab_size"] == 128
     att = a["attentions"][0]
-    assert (att["num_heads"], att["num_kv_heads"], att["head_dim"], att["causal"], att["rope"]) == (4, 2, 16, True, True)
+    assert (att["num_heads"], att["num_kv_heads"], att["head_dim"], att["causal"], att["rope"]) == (
+        4, 2, 16, True, True)
     assert a["ffns"][0]["activation"] == "silu"
     actions = [(e["action"], e["where"]) for e in g["events"]]
     assert ("rewrote", "model.layers.0.mlp.down_proj") in actions

@@ -15,7 +15,8 @@ def test_defaults_apply_no_lossy_transform():
     # only the exact decode rewrites are on by default; no lossy pass is
     assert cfg.enabled_passes() == ["decode"]
     assert [p.name for p in PIPELINE if p.enabled(cfg) and p.lossy] == []
-    assert {p.name for p in PIPELINE if p.enabled(cfg)} == {"fuse_projections", "decode_attention", "fuse_rope_cache", "fuse_gemv_edges"}
+    assert {p.name for p in PIPELINE if p.enabled(cfg)} == {"fuse_projections", "decode_attention", "fuse_rope_cache",
+                                                            "fuse_gemv_edges"}
     assert cfg.quantize.enabled is False
     assert cfg.target == "auto" and cfg.strict is False
 

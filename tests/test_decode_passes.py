@@ -263,7 +263,8 @@ def test_decode_attention_rope_op_reference_and_errors():
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
     assert torch.equal(out, ops.decode_attention_ref(q2, kc2, vc2, mask, 0.3))
     # only the slot changed
-    assert not torch.equal(kc[:, :, 5], _rope_case()[5][:, :, 5]) and torch.equal(kc[:, :, :5], _rope_case()[5][:, :, :5])
+    assert not torch.equal(kc[:, :, 5], _rope_case()[5][:, :, 5]) and torch.equal(kc[:, :, :5],
+                                                                                  _rope_case()[5][:, :, :5])
     f = torch.ops.fxspec.decode_attention_rope
     with pytest.raises(ValueError, match="slot must be a 1-element int64"):
         f(q, k, v, cos, sin, kc, vc, torch.tensor([5, 6]), mask, 0.3)
@@ -300,7 +301,8 @@ def _traced_rope_site(rope_q=None, rope_k=None, extra_read=False, slot_0d=False,
     gm = fx.symbolic_trace(Site())
     q, k, v, cos, sin, kc, vc = _rope_case()
     mask = torch.ones(2, 1, 1, 12, dtype=torch.bool)
-    ShapeProp(gm).propagate(q, k, v, cos, sin, kc, vc, torch.tensor(3) if slot_0d else torch.tensor([3]), torch.tensor([4]), mask)
+    ShapeProp(gm).propagate(q, k, v, cos, sin, kc, vc, torch.tensor(3) if slot_0d else torch.tensor([3]),
+                            torch.tensor([4]), mask)
     att = next(n for n in gm.graph.nodes if n.target is torch.ops.fxspec.decode_attention.default)
     return gm, att
 

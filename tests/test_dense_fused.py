@@ -20,8 +20,9 @@ points, using the reference's own intermediates:
 So a typical element is allowed about one ulp (two with the residual; the summation term grows like
 K * 2^-16 ulps of bf16, K * 2^-13 of fp16: negligible at the interpreter's K, up to a few fp16 ulps at
 K = 14336), and in addition most elements must be bitwise equal (EQUAL_FRAC).  At the real 1.1B / 8B
-decode shapes the kernel under the interpreter was >= 99.95% bitwise equal, max 2 ulps (silu_mul).  That the check is sharp: each case also compares the kernel
-with a wrong reference that skips the intermediate roundings, which must fail the equality test.
+decode shapes the kernel under the interpreter was >= 99.95% bitwise equal, max 2 ulps (silu_mul).  That the
+check is sharp: each case also compares the kernel with a wrong reference that skips the intermediate roundings,
+which must fail the equality test.
 """
 
 from __future__ import annotations
@@ -224,25 +225,32 @@ def _error_args(case):
     r8, r16 = torch.randn(2, 8, dtype=bf), torch.randn(2, 16, dtype=bf)
     return {
         "epilogue": ((x, [w], None, EPS, "gelu", None), r"unknown epilogue 'gelu'; valid: cat, silu_mul, residual"),
-        "silu_count": ((x, [w, w, w], None, EPS, "silu_mul", None), r"'silu_mul' takes exactly 2 weights \(gate, up\), got 3"),
-        "silu_n": ((x, [w, torch.randn(4, 64, dtype=bf)], None, EPS, "silu_mul", None), r"gate and up of equal N, got 8 and 4"),
+        "silu_count": ((x, [w, w, w], None, EPS, "silu_mul", None),
+                       r"'silu_mul' takes exactly 2 weights \(gate, up\), got 3"),
+        "silu_n": ((x, [w, torch.randn(4, 64, dtype=bf)], None, EPS, "silu_mul", None),
+                   r"gate and up of equal N, got 8 and 4"),
         "too_many": ((x, [w] * 5, None, EPS, "cat", None), r"takes 1 to 4 weights, got 5"),
         "none": ((x, [], None, EPS, "cat", None), r"takes 1 to 4 weights, got 0"),
-        "w_dtype": ((x, [w, w.half()], None, EPS, "cat", None), r"w1 dtype torch.float16 != x dtype torch.bfloat16"),
-        "w_k": ((x, [torch.randn(8, 32, dtype=bf)], None, EPS, "cat", None), r"w0 is \[8, 32\] but x's last dim is K=64"),
-        "res_missing": ((x, [w], None, EPS, "residual", None), r"'residual' needs a residual tensor of the output's shape \[2, 8\]"),
+        "w_dtype": ((x, [w, w.half()], None, EPS, "cat", None),
+                    r"w1 dtype torch.float16 != x dtype torch.bfloat16"),
+        "w_k": ((x, [torch.randn(8, 32, dtype=bf)], None, EPS, "cat", None),
+                r"w0 is \[8, 32\] but x's last dim is K=64"),
+        "res_missing": ((x, [w], None, EPS, "residual", None),
+                        r"'residual' needs a residual tensor of the output's shape \[2, 8\]"),
         "res_extra": ((x, [w], None, EPS, "cat", r8), r"only taken with epilogue 'residual' \(got epilogue 'cat'\)"),
         "res_shape": ((x, [w], None, EPS, "residual", r16), r"residual has shape \[2, 16\], the output has \[2, 8\]"),
         "res_dtype": ((x, [w], None, EPS, "residual", r8.half()), r"residual dtype torch.float16 != x dtype"),
-        "norm_shape": ((x, [w], torch.ones(63, dtype=bf), EPS, "cat", None), r"norm_weight must have shape \[K\] = \[64\], got \[63\]"),
+        "norm_shape": ((x, [w], torch.ones(63, dtype=bf), EPS, "cat", None),
+                       r"norm_weight must have shape \[K\] = \[64\], got \[63\]"),
         "norm_dtype": ((x, [w], nw.float(), EPS, "cat", None), r"norm_weight dtype torch.float32 != x dtype"),
         "eps": ((x, [w], nw, -1.0, "cat", None), r"eps must be finite and >= 0, got -1.0"),
         "eps_nan": ((x, [w], nw, float("nan"), "cat", None), r"eps must be finite"),
     }[case]
 
 
-@pytest.mark.parametrize("case", ["epilogue", "silu_count", "silu_n", "too_many", "none", "w_dtype", "w_k", "res_missing",
-                                  "res_extra", "res_shape", "res_dtype", "norm_shape", "norm_dtype", "eps", "eps_nan"])
+@pytest.mark.parametrize("case", ["epilogue", "silu_count", "silu_n", "too_many", "none", "w_dtype", "w_k",
+                                  "res_missing", "res_extra", "res_shape", "res_dtype", "norm_shape", "norm_dtype",
+                                  "eps", "eps_nan"])
 def test_argument_errors(case):
     args, match = _error_args(case)
     with pytest.raises(ValueError, match=match):
@@ -268,8 +276,8 @@ def test_argument_type_errors():
 # ----------------------------------------------------------------------- fake / compile / autograd
 
 def test_schema():
-    assert str(op.default._schema) == ("fxspec::fused_linear(Tensor x, Tensor[] weights, Tensor? norm_weight, float eps, "
-                                       "str epilogue, Tensor? residual) -> Tensor")
+    assert str(op.default._schema) == ("fxspec::fused_linear(Tensor x, Tensor[] weights, Tensor? norm_weight, "
+                                       "float eps, str epilogue, Tensor? residual) -> Tensor")
 
 
 @pytest.mark.parametrize("epilogue", EPILOGUES)
@@ -436,7 +444,8 @@ def _interp_cases():
 def _case_id(c):
     s = f"{c['dt'][:4]}-M{c['M']}-{'+'.join(map(str, c['Ns']))}x{c['K']}-{'norm+' if c['norm'] else ''}{c['epi']}"
     if c["cfg"]:
-        s += "-" + "_".join(f"{k[6:] if k.startswith('BLOCK_') else k}{v}" for k, v in c["cfg"].items() if k != "kernel")
+        s += "-" + "_".join(f"{k[6:] if k.startswith('BLOCK_') else k}{v}"
+                            for k, v in c["cfg"].items() if k != "kernel")
     if c["layout"]:
         s += "-" + c["layout"]
     return s
@@ -461,7 +470,8 @@ def _run_interp_case(c) -> dict:
     y2 = G.fused_linear_triton(x, ws, nw, EPS, epi, res, config=c["cfg"])
     out = compare(y, x, ws, nw, EPS, epi, res)
     out["deterministic"] = bool(torch.equal(y, y2))
-    out["inputs_untouched"] = all(torch.equal(a, b) for a, b in zip([x, *ws] + [t for t in (nw, res) if t is not None], before))
+    out["inputs_untouched"] = all(torch.equal(a, b)
+                                  for a, b in zip([x, *ws] + [t for t in (nw, res) if t is not None], before))
     if lay == "up_first":
         out["w1_offset"] = G._w1_offset(ws)
     return out
@@ -485,7 +495,8 @@ def _interp_main():
                                                           config=dict(kernel="fma", BLOCK_N=1, BLOCK_K=64)))
     extra["noncontiguous_weight"] = err(lambda: G.fused_linear_triton(x, [torch.randn(64, 8, dtype=bf).t()]))
     extra["fp32"] = err(lambda: G.fused_linear_triton(x.float(), [w.float()]))
-    extra["m0_shape"] = list(G.fused_linear_triton(torch.randn(2, 0, 64, dtype=bf), [w, w], None, EPS, "silu_mul").shape)
+    extra["m0_shape"] = list(G.fused_linear_triton(torch.randn(2, 0, 64, dtype=bf), [w, w], None, EPS,
+                                                   "silu_mul").shape)
     G.fused_linear_triton(x, [w, w], torch.ones(64, dtype=bf), EPS, "silu_mul")
     extra["report"] = sorted(G.tuning_report())
     interp_harness.emit_extra(extra)

@@ -225,7 +225,8 @@ def _interp_cases():
                            (2, [20, 12, 9, 33], 200), (6, [40, 24], 128)]:
             cases.append(dict(dt=dt, M=M, Ns=Ns, K=K, cfg=None))  # the heuristic's kernel for M
         # the other kernel at the same M, and split-K through the workspace/counter epilogue
-        cases.append(dict(dt=dt, M=16, Ns=[45, 19, 7], K=200, cfg=dict(kernel="fma", BLOCK_N=4, BLOCK_K=64, num_warps=1)))
+        cases.append(dict(dt=dt, M=16, Ns=[45, 19, 7], K=200,
+                          cfg=dict(kernel="fma", BLOCK_N=4, BLOCK_K=64, num_warps=1)))
         cases.append(dict(dt=dt, M=1, Ns=[64, 32, 32], K=96, cfg=dict(kernel="mma", BLOCK_N=16, BLOCK_K=32)))
         cases.append(dict(dt=dt, M=3, Ns=[37, 29, 5], K=200,
                           cfg=dict(kernel="fma", BLOCK_N=8, BLOCK_K=32, num_warps=1, SPLIT_K=3)))

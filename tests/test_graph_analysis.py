@@ -374,7 +374,8 @@ def test_fused_gate_up(fused, gate_half):
 @pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "gelu_new", "gelu_erf", "relu", "silu"])
 def test_plain_ffn(act):
     f = run(PlainMLP(32, 64, act)).ffns[0]
-    assert (f.kind, f.activation, f.up.name, f.down.name, f.gate) == ("plain", ACT_NAME.get(act, act), "fc1", "fc2", None)
+    assert (f.kind, f.activation, f.up.name, f.down.name, f.gate) == ("plain", ACT_NAME.get(act, act), "fc1", "fc2",
+                                                                      None)
 
 
 class AddNotMul(GatedMLP):
@@ -689,7 +690,8 @@ def test_one_query_sdpa_pattern():
     site = one_query_sdpa(at.node, 4, "decode.max_tokens")
     assert not isinstance(site, str), site
     assert (site.q, site.k, site.v, site.mask, site.scale) == (ph["l_q_"], ph["l_k_"], ph["l_v_"], ph["l_mask_"], 0.3)
-    assert one_query_sdpa(_one_query_site(n_q=3)[0].node, 4) == "3 query tokens (a prefill step; only T = 1 is rewritten)"
+    assert one_query_sdpa(_one_query_site(n_q=3)[0].node, 4) == (
+        "3 query tokens (a prefill step; only T = 1 is rewritten)")
     assert one_query_sdpa(_one_query_site(b=2)[0].node, 1, "decode.max_tokens") == "2 rows > decode.max_tokens = 1"
     # unsqueeze(2): the analysis counts 2 KV heads through it; the rewrite reads only the exact repeat_kv form
     at, ph = _one_query_site(unsqueeze=True)

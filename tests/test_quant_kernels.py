@@ -3,7 +3,8 @@
 The Triton kernels run under ``TRITON_INTERPRET=1`` in ONE subprocess (this file executed as a
 module with ``--interp``, through :mod:`tests.interp_harness`): the variable must be set before
 triton is imported, and in a shared pytest process another module may already have imported
-triton, so an in-process switch would not be reliable.  Each case is its own parametrized test.  GPU tests are skipped without CUDA.
+triton, so an in-process switch would not be reliable.  Each case is its own parametrized test.  GPU tests are
+skipped without CUDA.
 """
 
 from __future__ import annotations
@@ -316,7 +317,8 @@ def _interp_cases():
                     if path == "gemv" and M > 16:
                         continue
                     cases.append(dict(fmt=fmt, dt=dt, M=M, N=N, K=K, path=path, cfg=None, bias=M == 3))
-            cases.append(dict(fmt=fmt, dt=dt, M=2, N=40, K=100, path="gemv", cfg=dict(BLOCK_N=16, BLOCK_K=64), bias=True))
+            cases.append(dict(fmt=fmt, dt=dt, M=2, N=40, K=100, path="gemv", cfg=dict(BLOCK_N=16, BLOCK_K=64),
+                              bias=True))
             cases.append(dict(fmt=fmt, dt=dt, M=5, N=40, K=200, path="mma",
                               cfg=dict(BLOCK_N=16, BLOCK_M=16, BLOCK_K=32, SPLIT_K=3), bias=True))
     cases.append(dict(fmt="int4", dt="bfloat16", M=6, N=40, K=128, G=32, sym=True, path="mma", cfg=None,
@@ -430,11 +432,14 @@ def _interp_main():
     q8 = Q.quantize_int8(torch.randn(16, 64).to(torch.bfloat16))
     checks = {}
     for name, fn, exc in [
-        ("asm_under_interpreter", lambda: QL.int4_linear_triton(x, q4.qweight, q4.scales, None, 32, use_asm=True), ValueError),
+        ("asm_under_interpreter",
+         lambda: QL.int4_linear_triton(x, q4.qweight, q4.scales, None, 32, use_asm=True), ValueError),
         ("fp32_activations", lambda: QL.int4_linear_triton(x.float(), q4.qweight, q4.scales, None, 32), TypeError),
         ("unknown_path", lambda: QL.int4_linear_triton(x, q4.qweight, q4.scales, None, 32, path="gemv4"), ValueError),
-        ("noncontiguous_weight", lambda: QL.int4_linear_triton(x, q4.qweight.t().contiguous().t(), q4.scales, None, 32), ValueError),
-        ("int8_asm_under_interpreter", lambda: QL.int8_linear_triton(x, q8.qweight, q8.scales, use_asm=True), ValueError),
+        ("noncontiguous_weight",
+         lambda: QL.int4_linear_triton(x, q4.qweight.t().contiguous().t(), q4.scales, None, 32), ValueError),
+        ("int8_asm_under_interpreter",
+         lambda: QL.int8_linear_triton(x, q8.qweight, q8.scales, use_asm=True), ValueError),
     ]:
         try:
             fn()

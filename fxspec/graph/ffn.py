@@ -171,7 +171,8 @@ def find_moe_experts(gm: fx.GraphModule, params: dict[fx.Node, ParamRef]) -> lis
         by_module.setdefault(module, []).append(leaf)
         consumer.setdefault(module, op)
     return [Unrecognised("ffn", module,
-                         f"mixture-of-experts weights {sorted(names)} are stacked (experts, out, in) tensors consumed by {consumer[module]}; the per-expert FFNs "
+                         f"mixture-of-experts weights {sorted(names)} are stacked (experts, out, in) tensors "
+                         f"consumed by {consumer[module]}; the per-expert FFNs "
                          f"are not separate F.linear calls")
             for module, names in by_module.items()]
 

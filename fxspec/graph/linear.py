@@ -15,8 +15,9 @@ explicit so no pass can quantize the wrong axis by accident.
 
 Seen but NOT accepted (``foreign`` projections, reported as :class:`Unrecognised` by the caller
 when no FFN / attention entry covers them): a 2-D parameter used untransposed as the right operand
-of ``torch.mm`` / ``matmul`` with no bias, or ``addmm`` whose bias is not a parameter. An ``F.linear`` whose weight or bias is not a parameter placeholder (a
-computed tensor, a plain graph input) is not a linear of the model and is skipped.
+of ``torch.mm`` / ``matmul`` with no bias, or ``addmm`` whose bias is not a parameter. An ``F.linear``
+whose weight or bias is not a parameter placeholder (a computed tensor, a plain graph input) is not a
+linear of the model and is skipped.
 """
 
 from __future__ import annotations

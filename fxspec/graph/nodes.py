@@ -238,7 +238,7 @@ def to_dtype(node: Any) -> torch.dtype | None:
 
 
 # placeholder -> example input of the graph being analysed (set by ``examples_in_scope``)
-_EXAMPLES: contextvars.ContextVar[dict] = contextvars.ContextVar("fxspec_graph_examples", default={})
+_EXAMPLES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("fxspec_graph_examples", default=None)
 
 
 @contextlib.contextmanager
@@ -265,7 +265,7 @@ def const(x: Any) -> float | None:
         return float(x)
     if isinstance(x, Node) and x.op == "call_method" and x.target == "item" and is_scalar(x):
         src = x.args[0]
-        example = _EXAMPLES.get().get(src)
+        example = (_EXAMPLES.get() or {}).get(src)
         if example is None and isinstance(src, Node):
             example = getattr(src.meta.get("grapharg"), "example", None)
         if isinstance(example, torch.Tensor) and example.numel() == 1 and not example.is_meta:

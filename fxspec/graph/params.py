@@ -27,7 +27,8 @@ import torch.fx as fx
 
 from .types import ParamRef
 
-_TOKEN = re.compile(r"""\.(_modules|_parameters|_buffers)\[['"]([^'"]+)['"]\]|\.([A-Za-z_]\w*)|\[['"]?([^\]'"]+)['"]?\]""")
+_TOKEN = re.compile(r"""\.(_modules|_parameters|_buffers)\[['"]([^'"]+)['"]\]"""
+                    r"""|\.([A-Za-z_]\w*)|\[['"]?([^\]'"]+)['"]?\]""")
 _PLACEHOLDER_SPLIT = re.compile(r"_(modules|parameters|buffers)_")
 
 
