@@ -57,7 +57,7 @@ def _events(n_before: int, pass_name: str) -> list[str]:
 
 def _n_reports() -> int:
     """Start collecting reports: empties the backend's bounded report deque (64 entries, full in a long
-    test session, where an index into it would not move) and returns the index to read from (0)."""
+    full pytest run, where an index into it would not move) and returns the index to read from (0)."""
     import fxspec.backend as fb
     fb.recent_reports.clear()
     return 0

@@ -34,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(autouse=True)
 def default_settings():
-    """Each test starts from the default kernel settings (a compile elsewhere in the session may have
+    """Each test starts from the default kernel settings (a compile elsewhere in the pytest run may have
     applied its config's) and leaves the process's settings as they were."""
     saved = settings.current()
     settings.apply(KernelsConfig())
