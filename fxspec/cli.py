@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import importlib
 import inspect
 import os
@@ -241,8 +242,11 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 def load_tokens(path: str, flag: str = "--data"):
     """The token ids in a ``.pt`` file as a flat int64 tensor; UsageError for a missing or unreadable file,
-    something other than a 1-D or 2-D integer tensor (or list of ints), or negative ids."""
+    something other than a 1-D or 2-D integer tensor (or list of ints), or negative ids (the checks of
+    :mod:`fxspec.runtime.inputs`, as the runtime makes them)."""
     import torch
+
+    from .runtime.inputs import as_token_ids, check_token_ids
 
     if not os.path.exists(path):
         raise UsageError(f"{flag} {path!r}: no such file")
@@ -263,30 +267,27 @@ def load_tokens(path: str, flag: str = "--data"):
     if not isinstance(obj, torch.Tensor):
         raise UsageError(f"{flag} {path!r}: holds a {type(obj).__name__}; expected a 1-D or 2-D tensor of token "
                          f"ids (torch.save(ids, path))")
-    if obj.dtype == torch.bool or obj.is_floating_point() or obj.is_complex():
-        raise UsageError(f"{flag} {path!r}: holds {str(obj.dtype).replace('torch.', '')} values, not token ids; "
-                         f"token ids are integers (save ids.long() or ids.int())")
-    if obj.dim() not in (1, 2):
-        raise UsageError(f"{flag} {path!r}: a tensor of shape {tuple(obj.shape)}; expected 1-D or 2-D token ids")
-    if obj.numel() == 0:
-        raise UsageError(f"{flag} {path!r}: the tensor is empty")
-    t = obj.reshape(-1).long()
-    if int(t.min()) < 0:
-        i = int((t < 0).nonzero()[0, 0])
-        raise UsageError(f"{flag} {path!r}: token id {int(t[i])} at position {i} is negative; token ids are in "
-                         f"[0, vocab_size)")
+    with _token_errors(path, flag):
+        t = as_token_ids(obj, "tokens").reshape(-1).long()
+        check_token_ids(t, None, "tokens")  # the vocabulary is checked once the model is loaded
     return t
 
 
 def check_token_range(tokens, vocab: int | None, path: str, flag: str = "--data") -> None:
-    if vocab is None:
-        return
-    bad = (tokens >= vocab).nonzero()
-    if len(bad):
-        i = int(bad[0, 0])
-        raise UsageError(f"{flag} {path!r}: token id {int(tokens[i])} at position {i} is outside the model's "
-                         f"vocabulary [0, {vocab}) ({len(bad)} of {tokens.numel()} ids are); was it tokenized "
-                         f"with this model's tokenizer?")
+    """UsageError naming the first id of ``tokens`` (from :func:`load_tokens`) outside ``[0, vocab)``."""
+    from .runtime.inputs import check_token_ids
+
+    with _token_errors(path, flag):
+        check_token_ids(tokens, vocab, "tokens")
+
+
+@contextlib.contextmanager
+def _token_errors(path: str, flag: str):
+    """The runtime's TypeError / ValueError about token ids as a UsageError naming the flag and the file."""
+    try:
+        yield
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{flag} {path!r}: {e}") from e
 
 
 def check_group_size(model: Any, group_size: int, include_lm_head: bool) -> None:
@@ -335,7 +336,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                          f"pass more tokens or a smaller --seq-len")
 
     from .runtime.calibrate import calibrate
-    from .runtime.generate import input_vocab_size
+    from .runtime.inputs import input_vocab_size
 
     model, _ = load_model(args.model, args.dtype)
     check_token_range(tokens, input_vocab_size(model), args.data)

@@ -90,12 +90,12 @@ def test_out_in_a_missing_directory_is_found_before_calibrating(capsys, tmp_path
 
 
 @pytest.mark.parametrize("content,match", [
-    (torch.rand(2048), "holds float32 values, not token ids"),  # used to become zeros silently
-    (torch.ones(2048, dtype=torch.bool), "holds bool values"),
+    (torch.rand(2048), "must hold integer token ids (got dtype torch.float32)"),  # used to become zeros silently
+    (torch.ones(2048, dtype=torch.bool), "(got dtype torch.bool)"),
     ({"input_ids": torch.zeros(4, dtype=torch.long)}, "holds a dict; expected a 1-D or 2-D tensor"),
-    (torch.zeros(2, 2, 600, dtype=torch.long), "expected 1-D or 2-D token ids"),
-    (torch.zeros(0, dtype=torch.long), "the tensor is empty"),
-    (torch.full((2048,), -3), "token id -3 at position 0 is negative"),
+    (torch.zeros(2, 2, 600, dtype=torch.long), "must be 1-D [P] or 2-D [B, P]"),
+    (torch.zeros(0, dtype=torch.long), "tokens is empty"),
+    (torch.full((2048,), -3), "tokens[0] = -3 is negative"),
     (torch.zeros(10, dtype=torch.long), "10 tokens, fewer than --seq-len 64"),
 ])
 def test_bad_data_content(capsys, tmp_path, no_work, content, match):
@@ -119,7 +119,7 @@ def test_ids_outside_the_vocabulary(capsys, tmp_path, monkeypatch):
     ids[100] = 5000
     torch.save(ids, path)
     err = one_error_line(capsys, calib("hf:llama", path, str(tmp_path / "o.safetensors"), "--group-size", "32"))
-    assert "token id 5000 at position 100 is outside the model's vocabulary [0, 128)" in err
+    assert "tokens[100] = 5000 is outside the model's vocabulary [0, 128)" in err
 
 
 def test_group_size_checks(capsys, tmp_path, tokens, monkeypatch):

@@ -14,37 +14,14 @@ import torch
 import torch.nn as nn
 
 from ..quant.calibration import CalibrationStats, LayerStats, awq_search, gptq_codes, rtn_roundtrip
+from .inputs import as_token_ids, check_token_ids, input_vocab_size
 
-__all__ = ["CalibrationStats", "LayerStats", "calibrate", "gptq_codes", "model_linears", "check_tokens"]
+__all__ = ["CalibrationStats", "LayerStats", "calibrate", "gptq_codes", "model_linears"]
 
 
 def model_linears(model: nn.Module) -> dict[str, tuple[int, int]]:
     """The model's ``nn.Linear`` layers: qualified name -> (out_features, in_features)."""
     return {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-
-
-def check_tokens(tokens: Any, vocab_size: int | None, what: str = "tokens") -> torch.Tensor:
-    """``tokens`` as a flat long tensor, or ValueError/TypeError saying what is wrong with it: not a tensor,
-    a floating-point tensor (token ids are integers), empty, or ids outside ``[0, vocab_size)``."""
-    if not isinstance(tokens, torch.Tensor):
-        raise TypeError(f"{what} must be a tensor of token ids, got {type(tokens).__name__}")
-    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-        raise TypeError(f"{what} must hold integer token ids, got dtype {tokens.dtype}")
-    t = tokens.reshape(-1).long()
-    if t.numel() == 0:
-        raise ValueError(f"{what} is empty")
-    lo, hi = int(t.min()), int(t.max())
-    if lo < 0 or (vocab_size is not None and hi >= vocab_size):
-        raise ValueError(f"{what} holds ids in [{lo}, {hi}]; the model's vocabulary is [0, {vocab_size})")
-    return t
-
-
-def _vocab_size(model: nn.Module) -> int | None:
-    n = getattr(getattr(model, "config", None), "vocab_size", None)
-    if n is None and hasattr(model, "get_input_embeddings"):
-        emb = model.get_input_embeddings()
-        n = getattr(emb, "num_embeddings", None)
-    return n
 
 
 def _model_info(model: nn.Module) -> dict[str, Any]:
@@ -58,7 +35,8 @@ def calibrate(model: nn.Module, tokens: torch.Tensor, *, method: str = "awq", bi
               search_tokens: int = 2048, grid: int = 20,
               quantizer: Callable[[torch.Tensor], torch.Tensor] | None = None,
               skip: Callable[[str], bool] | None = None, progress: bool | None = None) -> CalibrationStats:
-    """Collect statistics for ``method`` on ``samples`` windows of ``seq_len`` tokens taken from ``tokens``.
+    """Collect statistics for ``method`` on ``samples`` windows of ``seq_len`` tokens taken from ``tokens``
+    (1-D or 2-D integer token ids, read as one stream; checked as in :mod:`fxspec.runtime.inputs`).
 
     ``quantizer(W) -> W_dequantized`` is the round trip the AWQ search measures (default: RTN with
     ``bits``/``group_size``/``symmetric``, the same as the quantize pass). ``skip(name)`` leaves layers out
@@ -68,7 +46,9 @@ def calibrate(model: nn.Module, tokens: torch.Tensor, *, method: str = "awq", bi
         raise ValueError(f"calibrate: method {method!r} is not one of 'awq', 'gptq'")
     if bits == 8:
         group_size = None
-    tokens = check_tokens(tokens, _vocab_size(model))
+    tokens = as_token_ids(tokens, "tokens")  # TypeError / ValueError: not 1-D or 2-D integer ids, empty
+    check_token_ids(tokens, input_vocab_size(model), "tokens")  # ValueError: an id outside the vocabulary
+    tokens = tokens.reshape(-1).long()
     windows = _windows(tokens, samples, seq_len)
     quantizer = quantizer or rtn_roundtrip(bits, group_size, symmetric)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
