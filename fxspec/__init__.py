@@ -18,6 +18,7 @@ from ._log import FxspecWarning, counters, reset_counters
 from .backend import fxspec_backend, recent_reports, register
 from .config import ConfigError, FxspecConfig, load_config
 from .graph.frozen import StaleWeightError, mark_weights_changed
+from .passes.user import register_pass, unregister_pass
 from .report import Report, explain
 from .runtime import Generator, generate
 
@@ -60,4 +61,4 @@ def pipeline(config: dict | None = None) -> str:
 
 __all__ = ["ConfigError", "FxspecWarning", "FxspecConfig", "Generator", "Report", "generate", "StaleWeightError",
            "compile", "counters", "explain", "fxspec_backend", "load_config", "mark_weights_changed", "pipeline",
-           "recent_reports", "register", "reset_counters", "__version__"]
+           "recent_reports", "register", "register_pass", "reset_counters", "unregister_pass", "__version__"]

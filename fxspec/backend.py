@@ -5,7 +5,8 @@ Dynamo traces. For each graph:
 
 1. the config is resolved (``options``, the TOML file it names, ``$FXSPEC_CONFIG``);
 2. the graph is analysed (linears, FFN blocks, attention, norms, LM head; see ``fxspec.graph``);
-3. the enabled passes run in the order of ``fxspec.passes.PIPELINE`` on a copy of the graph;
+3. the enabled passes run in the order of ``fxspec.passes.PIPELINE`` (with the user passes placed in it:
+   ``fxspec.passes.user.effective_pipeline``) on a copy of the graph;
 4. the result goes to the target's compiler (Inductor for CUDA/CPU, openxla for XLA), with the
    frozen-weight guard in front when a pass froze parameters.
 
@@ -33,7 +34,8 @@ from .config import ConfigError, FxspecConfig, load_config
 from .graph.frozen import FrozenParams
 from .lowering import settings
 from .graph.types import GraphAnalysis
-from .passes import PIPELINE, PassContext, PassEvent, is_training, run_pipeline
+from .passes import PassContext, PassEvent, is_training, run_pipeline
+from .passes.user import effective_pipeline
 
 _GRAPH_IDS = itertools.count()
 _DYNAMO_CONTROL_FLOW = (torch._dynamo.exc.RestartAnalysis, torch._dynamo.exc.SkipFrame)
@@ -57,7 +59,7 @@ class GraphReport:
     @classmethod
     def new(cls, graph_id: int, config: FxspecConfig, example_inputs: list) -> GraphReport:
         return cls(graph_id, "?", is_training(example_inputs), None,
-                   [p.name for p in PIPELINE if p.enabled(config)])
+                   [p.name for p in effective_pipeline(config) if p.enabled(config)])
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -265,6 +265,11 @@ class FxspecConfig(_Section):
     sparse_attention: SparseAttentionConfig = field(default_factory=SparseAttentionConfig)
     draft_heads: DraftHeadsConfig = field(default_factory=DraftHeadsConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    passes: list = _opt(factory=list, doc="user passes: \"module:function\" or a table {fn = \"module:function\", "
+                        "after | before = \"<pass>\", position = \"first\" | \"last\"} (default: before "
+                        "quantize_weights); see fxspec/passes/README.md, Writing a pass")
+    pass_options: dict = _opt(factory=dict, doc="[pass_options.<name>]: the options of the user pass <name> "
+                              "(the fields of the dataclass it was registered with)")
 
     # -- output ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -276,7 +281,7 @@ class FxspecConfig(_Section):
         lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict) and v is not None]
         lines += [f"# {k} = (unset)" for k, v in d.items() if v is None]
         for sec, body in d.items():
-            if isinstance(body, dict):
+            if isinstance(body, dict) and body:
                 lines.append(f"\n[{sec}]")
                 for k, v in body.items():
                     lines.append(f"{k} = {_toml_value(v)}" if v is not None else f"# {k} = (unset)")
@@ -286,9 +291,17 @@ class FxspecConfig(_Section):
         return self.to_toml()
 
     def enabled_passes(self) -> list[str]:
-        return [name for name in PASS_SECTIONS if getattr(self, name).enabled]
+        """The enabled pass sections, then the user passes that run (``fxspec.register_pass``, ``passes``)."""
+        from .passes.user import UserPass, effective_pipeline
+
+        user = [p.name for p in effective_pipeline(self) if isinstance(p, UserPass) and p.enabled(self)]
+        return [name for name in PASS_SECTIONS if getattr(self, name).enabled] + user
 
     def validate(self) -> None:
+        if self.passes or self.pass_options:
+            from .passes.user import check_config
+
+            check_config(self)
         if self.target == "xla":
             try:
                 import torch_xla  # noqa: F401
@@ -460,4 +473,6 @@ def _toml_value(v: Any) -> str:
         return repr(v)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items() if x is not None) + "}"
     return json.dumps(str(v))

@@ -10,7 +10,8 @@ graph in place; it must
 - read shapes and dtypes from ``node.meta`` (``example_value`` / ``val``), never run the model.
 
 The run order is the explicit list :data:`fxspec.passes.pipeline.PIPELINE` (print it with ``fxspec pipeline``
-or ``fxspec.pipeline()``).
+or ``fxspec.pipeline()``); user passes (``fxspec.register_pass``, the config's ``passes``) are placed in it by
+:func:`fxspec.passes.user.effective_pipeline`.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class PassContext:
     _analysis: GraphAnalysis | None = None
     _gm: fx.GraphModule | None = None
     current_pass: str = ""
+    options: Any = None  # the running pass's options: its config section, or a user pass's options dataclass
 
     # -- analysis ------------------------------------------------------------------------------
     def analysis(self, gm: fx.GraphModule) -> GraphAnalysis:
@@ -106,21 +108,26 @@ class Pass:
     def enabled(self, config: FxspecConfig) -> bool:
         return bool(getattr(config, self.section).enabled)
 
+    def options(self, config: FxspecConfig) -> Any:
+        """What the pass reads as ``ctx.options``: its config section."""
+        return getattr(config, self.section)
+
 
 def run_pipeline(gm: fx.GraphModule, ctx: PassContext, dump: Callable[[str, fx.GraphModule], None] | None = None
                  ) -> fx.GraphModule:
-    """Run every enabled pass of :data:`fxspec.passes.pipeline.PIPELINE` in order; ``dump(stage, gm)`` is
-    called before the first and after each."""
-    from .pipeline import PIPELINE
+    """Run every enabled pass of the effective pipeline (:data:`fxspec.passes.pipeline.PIPELINE` with the
+    user passes placed in it) in order; ``dump(stage, gm)`` is called before the first and after each."""
+    from .user import UserPass, effective_pipeline, run_user_pass
 
     if dump:
         dump("00_input", gm)
-    for i, p in enumerate(PIPELINE, start=1):
+    for i, p in enumerate(effective_pipeline(ctx.config), start=1):
         if not p.enabled(ctx.config):
             continue
         ctx.current_pass = p.name
+        ctx.options = p.options(ctx.config)
         first_event = len(ctx.events)
-        gm = p.fn(gm, ctx)
+        gm = run_user_pass(p, gm, ctx) if isinstance(p, UserPass) else p.fn(gm, ctx)
         if p.lossy:
             _check_applied(p, ctx, ctx.events[first_event:])
         gm.graph.lint()
@@ -129,6 +136,7 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, dump: Callable[[str, fx.G
         if dump:
             dump(f"{i:02d}_{p.name}", gm)
     ctx.current_pass = ""
+    ctx.options = None
     return gm
 
 
