@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import difflib
 import itertools
 import json
 import os
@@ -138,20 +139,65 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def _dumper(dump_dir: str, report: GraphReport) -> Callable[[str, fx.GraphModule], None]:
+    """``dump(stage, gm)`` for ``run_pipeline``: writes ``<dump_dir>/graph_NNN/<stage>.py`` (the graph's code),
+    ``NN_<pass>.diff`` (a unified diff against the previous stage, when the pass changed the code),
+    ``index.md`` (the stages, lines +/- per pass, the pass's counters in this graph), ``analysis.json`` and
+    ``events.json``. Every file is rewritten after each stage, so a pipeline that fails midway leaves a
+    consistent dump of the stages it ran."""
     root = os.path.join(dump_dir, f"graph_{report.graph_id:03d}")
     os.makedirs(root, exist_ok=True)
+    stages: list[_Stage] = []
 
     def dump(stage: str, gm: fx.GraphModule) -> None:
+        code = gm.code
         with open(os.path.join(root, f"{stage}.py"), "w") as fh:
-            fh.write(gm.code)
+            fh.write(code)
+        st = _Stage(stage, code)
+        if stages and code != stages[-1].code:
+            prev = stages[-1]
+            diff = list(difflib.unified_diff(prev.code.splitlines(keepends=True), code.splitlines(keepends=True),
+                                             f"{prev.name}.py", f"{stage}.py"))
+            st.added = sum(1 for ln in diff if ln.startswith("+") and not ln.startswith("+++"))
+            st.removed = sum(1 for ln in diff if ln.startswith("-") and not ln.startswith("---"))
+            with open(os.path.join(root, f"{stage}.diff"), "w") as fh:
+                fh.writelines(diff)
+        stages.append(st)
         if stage == "00_input" and report.analysis is not None:
             with open(os.path.join(root, "analysis.json"), "w") as fh:
                 json.dump(report.analysis.describe(), fh, indent=1)
         if report.events:
             with open(os.path.join(root, "events.json"), "w") as fh:
                 json.dump([e.describe() for e in report.events], fh, indent=1)
+        with open(os.path.join(root, "index.md"), "w") as fh:
+            fh.write(_dump_index(report, stages))
 
     return dump
+
+
+@dataclass
+class _Stage:
+    name: str  # "00_input" | "NN_<pass>"
+    code: str
+    added: int = 0
+    removed: int = 0
+
+
+def _dump_index(report: GraphReport, stages: list[_Stage]) -> str:
+    """``index.md`` of one graph's dump: one row per stage."""
+    from .passes.base import counts_text, event_counts
+
+    per_pass = event_counts(report.events)
+    lines = [f"# graph {report.graph_id} (target {report.target}{', training' if report.training else ''})", "",
+             "| stage | graph | lines +/- | diff | counters (this graph) |", "|---|---|---|---|---|"]
+    for st in stages:
+        pass_name = st.name.split("_", 1)[1] if st.name != "00_input" else ""
+        changed = st.added or st.removed
+        what = "input" if not pass_name else ("changed" if changed else "unchanged")
+        plus_minus = f"+{st.added} -{st.removed}" if changed else ""
+        diff = f"[{st.name}.diff]({st.name}.diff)" if changed else ""
+        count = counts_text(per_pass.get(pass_name, collections.Counter())) if pass_name else ""
+        lines.append(f"| [{st.name}]({st.name}.py) | {what} | {plus_minus} | {diff} | {count} |")
+    return "\n".join(lines) + "\n"
 
 
 def register() -> None:

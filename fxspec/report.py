@@ -14,6 +14,7 @@ import torch
 
 from .backend import GraphReport, prepare
 from .config import ConfigError, FxspecConfig, load_config
+from .passes.base import counts_text, event_counts
 
 
 @dataclass
@@ -22,7 +23,7 @@ class Report:
     graphs: list[GraphReport] = field(default_factory=list)
 
     def describe(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "graphs": [g.describe() for g in self.graphs]}
+        return {"config": self.config.to_dict(), "graphs": [_graph_json(g) for g in self.graphs]}
 
     def to_json(self, indent: int | None = 1) -> str:
         return json.dumps(self.describe(), indent=indent)
@@ -61,6 +62,11 @@ def explain(model: Any, *args: Any, config: dict | FxspecConfig | None = None, g
     return report
 
 
+def _graph_json(g: GraphReport) -> dict[str, Any]:
+    """A graph's report with ``counters``: per pass, the counters its events bumped in this graph."""
+    return {**g.describe(), "counters": {p: dict(c) for p, c in event_counts(g.events).items()}}
+
+
 def _graph_text(g: GraphReport) -> str:
     a = g.analysis
     lines = [f"\ngraph {g.graph_id} (target {g.target}{', training' if g.training else ''})"]
@@ -91,6 +97,11 @@ def _graph_text(g: GraphReport) -> str:
         lines.append(f"  linears: {len(a.linears)} ({', '.join(dtypes)})")
     for u in a.unrecognised:
         lines.append(f"  unrecognised {u.what} at {u.where}: {u.reason}")
+    per_pass = event_counts(g.events)
+    if per_pass:
+        lines.append("  counters:")
+        w = max(len(p) for p in per_pass)
+        lines += [f"    {p + ':':<{w + 1}} {counts_text(c)}" for p, c in per_pass.items()]
     if g.events:
         lines.append("  passes:")
         lines += [f"    {e}" for e in g.events]

@@ -38,9 +38,13 @@ class PassEvent:
     action: str  # "rewrote" | "skipped" | "note"
     where: str
     detail: str
+    counter: str | None = None  # the counter it bumped: fxspec.counters[pass_name][counter] (None for a note)
 
     def describe(self) -> dict[str, str]:
-        return {"pass": self.pass_name, "action": self.action, "where": self.where, "detail": self.detail}
+        d = {"pass": self.pass_name, "action": self.action, "where": self.where, "detail": self.detail}
+        if self.counter is not None:
+            d["counter"] = self.counter
+        return d
 
     def __str__(self) -> str:
         return f"{self.pass_name}: {self.action} {self.where}" + (f" ({self.detail})" if self.detail else "")
@@ -76,22 +80,39 @@ class PassContext:
     # -- logging -------------------------------------------------------------------------------
     def rewrote(self, where: str, detail: str = "", counter: str | None = None) -> None:
         counters[self.current_pass][counter or "rewrites"] += 1
-        self._event("rewrote", where, detail)
+        self._event("rewrote", where, detail, counter or "rewrites")
 
     def skip(self, where: str, reason: str) -> None:
         counters[self.current_pass]["skipped"] += 1
-        self._event("skipped", where, reason)
+        self._event("skipped", where, reason, "skipped")
 
     def note(self, where: str, detail: str) -> None:
         self._event("note", where, detail)
 
-    def _event(self, action: str, where: str, detail: str) -> None:
-        ev = PassEvent(self.current_pass, action, where, detail)
+    def _event(self, action: str, where: str, detail: str, counter: str | None = None) -> None:
+        ev = PassEvent(self.current_pass, action, where, detail, counter)
         self.events.append(ev)
         log.info("%s", ev)
 
     def example_value(self, index: int) -> Any:
         return self.example_inputs[index]
+
+
+def event_counts(events: list[PassEvent]) -> dict[str, collections.Counter]:
+    """Per pass, the counters its events bumped: ``{"quantize_weights": Counter(int8=14, skipped=1)}``, in
+    pass order. The counts of one graph's events are that graph's share of the process-wide ``fxspec.counters``
+    (every ``ctx.rewrote`` / ``ctx.skip`` bumps both)."""
+    out: dict[str, collections.Counter] = {}
+    for e in events:
+        if e.counter is not None:
+            out.setdefault(e.pass_name, collections.Counter())[e.counter] += 1
+    return out
+
+
+def counts_text(counts: collections.Counter) -> str:
+    """``int8 x14, skipped x1``: rewrite counters first (most first), ``skipped`` last."""
+    items = sorted(counts.items(), key=lambda kv: (kv[0] == "skipped", -kv[1], kv[0]))
+    return ", ".join(f"{k} x{n}" for k, n in items)
 
 
 PassFn = Callable[[fx.GraphModule, PassContext], fx.GraphModule]
