@@ -7,6 +7,7 @@ import torch
 import fxspec
 from fxspec.cli import tiny_model
 from fxspec.config import ConfigError
+from fxspec.testing import NotFire, check_pass
 
 pytest.importorskip("transformers")
 
@@ -33,16 +34,13 @@ FAMILIES = {"llama": 14, "qwen2": 14, "phi3": 8, "gpt_neox": 8, "gpt2": 8}  # gp
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_int8_fires_per_family_and_stays_accurate(family):
-    m = tiny_model(family)
-    with torch.no_grad():
-        ref = m(IDS).logits
-        out = torch.compile(m, backend="fxspec",
-                            options={"quantize": {"bits": 8, "min_features": 1}, "strict": True})(IDS).logits
-    assert fxspec.counters["quantize_weights"]["int8"] == FAMILIES[family]
-    assert fxspec.counters["backend"]["fallback"] == 0
-    ev = fxspec.recent_reports[-1].events
-    assert any(e.action == "skipped" and "LM head" in e.detail for e in ev)
-    assert sqnr_db(ref, out) > 30
+    # the three-way check (fxspec.testing): the counter moved by exactly FAMILIES[family], SQNR > 30 dB
+    # against eager, no graph fell back; must not fire where every linear is excluded
+    res = check_pass("quantize_weights", family, config={"quantize": {"bits": 8, "min_features": 1}, "strict": True},
+                     counter={"int8": FAMILIES[family]}, tolerance={"sqnr_db": 30},
+                     must_not_fire=NotFire(config={"quantize": {"exclude": ["*"]}, "strict": False},
+                                           reason="excluded by pattern '*'"))
+    assert any(e.action == "skipped" and "LM head" in e.detail for e in res[family].events)
 
 
 @pytest.mark.parametrize("opts, counter, min_db", [

@@ -297,3 +297,22 @@ def test_example_custom_pass_runs():
     assert result["rewrites"] == 2  # both FFN blocks of the tiny BERT
     assert result["max_diff_vs_eager_tanh"] < 1e-5  # computes the tanh GELU ...
     assert result["max_diff_vs_eager_erf"] > result["max_diff_vs_eager_tanh"]  # ... not the exact one
+
+
+def test_example_custom_pass_three_ways():
+    """The example's pass through ``fxspec.testing.check_pass``: rewrites both FFN blocks, computes the tanh GELU
+    (matches the same weights with ``gelu_pytorch_tanh`` within 1e-5, no rtol), is off with the default option,
+    and is further from the erf model than from the tanh one."""
+    from fxspec.testing import NotFire, check_pass
+
+    ns = runpy.run_path(str(ROOT / "examples" / "custom_pass.py"), run_name="custom_pass_example")
+    model, tanh_ref = ns["tiny_bert"](), ns["tiny_bert"]("gelu_pytorch_tanh")
+    tanh_ref.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    on = {"pass_options": {"gelu_tanh": {"approximate": "tanh"}}}
+    res = check_pass(ns["gelu_tanh"], model, ids, config=on, counter={"gelu_tanh": 2}, reference=tanh_ref,
+                     tolerance={"rtol": 0, "atol": 1e-5},
+                     must_not_fire=NotFire(config={"pass_options": {"gelu_tanh": {"approximate": "none"}}}))
+    assert [c.must_not_fire for c in res.cases] == [False, True]
+    vs_erf = check_pass(ns["gelu_tanh"], model, ids, config=on, counter={"gelu_tanh": 2}, tolerance={"atol": 1e-2})
+    assert vs_erf["BertModel"].max_error > res["BertModel"].max_error
