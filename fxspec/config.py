@@ -250,7 +250,8 @@ class FxspecConfig(_Section):
     strict: bool = _opt(False, doc="raise on any failure inside fxspec instead of falling back to Inductor")
     log_level: str = _opt("warning", doc="logging level of the 'fxspec' logger",
                           choices=("debug", "info", "warning", "error"))
-    dump_dir: str | None = _opt(None, doc="write each graph before/after every pass, and the analysis, here")
+    dump_dir: str | None = _opt(None, doc="write each graph before/after every pass (code, a unified diff per "
+                                "changing pass, an index.md with each pass's counters) and the analysis here")
     on_weight_change: str = _opt("refresh", doc="when a frozen weight changes after compile: refresh "
                                  "(re-derive the packed constants on the next call) or raise",
                                  choices=("refresh", "raise"))
