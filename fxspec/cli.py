@@ -5,6 +5,9 @@
     fxspec pipeline [--config FILE] [--set KEY=VALUE ...]
     fxspec calibrate MODEL --data TOKENS.pt --out FILE.safetensors [--bits 4] [--group-size 128]
                      [--method awq] [--include-lm-head] [--progress | --no-progress]
+    fxspec experiment CONFIG.toml [CONFIG.toml ...] --model MODEL --data TOKENS.pt [--batch 1,8] [--prompt 32]
+                     [--new 64] [--ppl-tokens 4096] [--ppl-len N] [--reps 3] [--eager-prefill] [--out DIR]
+                     [--progress | --no-progress]
 
 MODEL is one of
   - ``hf:FAMILY``: a tiny random-weight transformers model of that family (llama, mistral, qwen2, qwen3,
@@ -62,9 +65,10 @@ _MODEL_HELP = ("MODEL is hf:FAMILY (a tiny random model), a directory with a tra
 HELP = f"""\
 fxspec: a torch.compile backend for transformer inference (quantized and fused kernels, a compiled
 decode runtime). This command looks at what fxspec makes of a model, prints configs and the pass
-pipeline, and collects calibration statistics for calibrated quantization.
+pipeline, collects calibration statistics for calibrated quantization, and compares configs against the
+plain model (experiment).
 
-MODEL (for inspect and calibrate) is one of:
+MODEL (for inspect, calibrate and experiment) is one of:
   hf:FAMILY        a tiny random-weight transformers model of that family (no download), to see what
                    fxspec recognises; FAMILY is one of:
                    {", ".join(_FAMILIES)}
@@ -77,6 +81,7 @@ examples:
   fxspec inspect hf:llama --set quantize.bits=4
   fxspec config --schema
   fxspec calibrate ../shared/ref-lm --data tokens.pt --out awq.safetensors --method awq
+  fxspec experiment int8.toml --model ../shared/ref-lm --data ../shared/ref-lm/val_tokens.pt
 
 Mistakes (a missing file, a bad value, ids outside the vocabulary) are reported in one line,
 "fxspec: error: ...", exit status 2. --debug (or FXSPEC_DEBUG=1) shows the full traceback.
@@ -354,6 +359,72 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch_list(text: str) -> list[int]:
+    """``--batch 1,8`` -> [1, 8]."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        out = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, e.g. 1,8; got {text!r}") \
+            from None
+    if not out or any(b < 1 for b in out):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, e.g. 1,8; got {text!r}")
+    return out
+
+
+def _at_least_2(text: str) -> int:
+    v = _positive_int(text)
+    if v < 2:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 2 (decode speed needs two or more new tokens), "
+                                         f"got {v}")
+    return v
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    # everything that can be checked without the model, before loading it
+    from .experiment import normalize_configs
+
+    names: dict[str, str] = {}
+    for path in args.configs:
+        if not os.path.exists(path):
+            raise UsageError(f"CONFIG {path!r}: no such file (a TOML config; see `fxspec config --schema`)")
+        if os.path.isdir(path):
+            raise UsageError(f"CONFIG {path!r} is a directory; expected a TOML config file")
+        stem = os.path.splitext(os.path.basename(path))[0] or "config"
+        name, i = stem, 2
+        while name in names or name == "baseline":
+            name, i = f"{stem}_{i}", i + 1
+        names[name] = path
+    normalize_configs(names)  # ConfigError for a bad config, before any work
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out!r} is a file; name a directory (it is created if missing)")
+    parent = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(parent):
+        raise UsageError(f"--out {args.out!r}: the directory {parent!r} does not exist; create it first")
+    check_model_spec(args.model)
+    tokens = load_tokens(args.data)
+
+    from .experiment import run
+    from .runtime.inputs import input_vocab_size
+
+    model, _ = load_model(args.model, args.dtype)
+    check_token_range(tokens, input_vocab_size(model), args.data)
+    try:
+        res = run(model, names, tokens, batches=args.batch, prompt_len=args.prompt, new_tokens=args.new,
+                  ppl_tokens=args.ppl_tokens, ppl_len=args.ppl_len, reps=args.reps,
+                  compile_prefill=not args.eager_prefill, progress=args.progress, model_name=args.model)
+    except ValueError as e:
+        if "tokens:" in str(e):
+            raise UsageError(f"--data {args.data!r}: {e}") from e
+        raise
+    res.print()
+    paths = res.write(args.out)
+    print(f"wrote {paths['json']}" + (f" and {paths['png']}" if paths["png"] else ""))
+    if paths["note"]:
+        print(f"note: {paths['note']}")
+    return 0
+
+
 # --- the parser --------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -438,6 +509,43 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                     help="a progress bar on stderr (default: when stderr is a terminal)")
     sp.set_defaults(fn=cmd_calibrate)
+
+    sp = sub.add_parser(
+        "experiment", parents=[debug], formatter_class=raw,
+        help="compare configs against the plain model: decode tok/s, prefill, perplexity, agreement, memory",
+        description="Measure MODEL with no fxspec passes (the baseline row) and with each CONFIG, on this machine "
+                    "in one run,\nand print one table: decode tok/s per batch (prefill excluded), prefill time, "
+                    "perplexity on --data\nand its change, greedy agreement with the baseline, peak memory (CUDA) "
+                    "and compile time. Also writes\nDIR/experiment_<date>.json and, with matplotlib, a .png bar "
+                    "plot. The baseline's speed columns\ncome from fxspec.Generator with the default (lossless) "
+                    "config; its perplexity and greedy tokens\nfrom the eager model. Inputs are checked before any "
+                    f"work.\n\n{_MODEL_HELP}",
+        epilog="example:\n"
+               "  fxspec experiment examples/experiment.toml --model ../shared/ref-lm \\\n"
+               "      --data ../shared/ref-lm/val_tokens.pt --batch 1,8 --out results/")
+    sp.add_argument("configs", nargs="+", metavar="CONFIG.toml",
+                    help="fxspec config files (a row each, named by the file name)")
+    sp.add_argument("--model", required=True, metavar="MODEL",
+                    help="hf:FAMILY, a model directory, or module:function")
+    sp.add_argument("--data", required=True, metavar="TOKENS.pt",
+                    help="a .pt file of token ids: prompts and the perplexity text")
+    sp.add_argument("--batch", type=_batch_list, default=[1, 8], metavar="B[,B...]",
+                    help="batch sizes for decode tok/s (default 1,8)")
+    sp.add_argument("--prompt", type=_positive_int, default=32, metavar="N", help="prompt tokens (default 32)")
+    sp.add_argument("--new", type=_at_least_2, default=64, metavar="N", help="new tokens per call (default 64)")
+    sp.add_argument("--ppl-tokens", type=_positive_int, default=4096, metavar="N",
+                    help="tokens of --data for perplexity (default 4096)")
+    sp.add_argument("--ppl-len", type=_positive_int, default=None, metavar="N",
+                    help="perplexity window (default: the model's context, at most 2048)")
+    sp.add_argument("--reps", type=_positive_int, default=3, metavar="N",
+                    help="timed calls per measurement, median (default 3)")
+    sp.add_argument("--eager-prefill", action="store_true",
+                    help="run the prefill eagerly in every row (half the compiles; prefill ms is then eager)")
+    sp.add_argument("--out", default=".", metavar="DIR", help="where the .json and .png go (default: .)")
+    sp.add_argument("--dtype", default="float32", choices=dtypes)
+    sp.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                    help="progress on stderr (default: when stderr is a terminal)")
+    sp.set_defaults(fn=cmd_experiment)
     return p
 
 
