@@ -303,15 +303,17 @@ def run(model: torch.nn.Module, configs: Mapping[str, Any], tokens: torch.Tensor
     tokens = as_token_ids(tokens, "tokens").reshape(-1).long().cpu()
     check_token_ids(tokens, input_vocab_size(model), "tokens")
     if tokens.numel() < max(prompt_len, 2):
-        raise ValueError(f"tokens: {tokens.numel()} tokens, fewer than the prompt ({prompt_len})")
+        raise ValueError(f"tokens: {tokens.numel()} tokens, fewer than the prompt (prompt_len / --prompt "
+                         f"{prompt_len})")
     ctx = model_context(model)
     if ctx is not None and prompt_len + new_tokens > ctx:
-        raise ValueError(f"prompt_len {prompt_len} + new_tokens {new_tokens} exceeds the model's context ({ctx})")
+        raise ValueError(f"prompt_len (--prompt) {prompt_len} + new_tokens (--new) {new_tokens} exceeds the "
+                         f"model's context ({ctx})")
     ppl_used = min(ppl_tokens, tokens.numel())
     if ppl_len is not None:
         ppl_len = _pos_int(ppl_len, "ppl_len")
         if ctx is not None and ppl_len > ctx:
-            raise ValueError(f"ppl_len {ppl_len} exceeds the model's context ({ctx})")
+            raise ValueError(f"ppl_len (--ppl-len) {ppl_len} exceeds the model's context ({ctx})")
     # max_position_embeddings is often longer than what the model was trained on (ref-lm: 4096 vs 2048)
     window = min(ppl_len or min(ctx or DEFAULT_PPL_LEN, DEFAULT_PPL_LEN), ppl_used)
     if window < 2:
