@@ -407,7 +407,14 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     from .experiment import run
     from .runtime.inputs import input_vocab_size
 
-    model, _ = load_model(args.model, args.dtype)
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is available on this machine")
+    dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    model, _ = load_model(args.model, dtype)
+    model = model.to(device)
     check_token_range(tokens, input_vocab_size(model), args.data)
     try:
         res = run(model, names, tokens, batches=args.batch, prompt_len=args.prompt, new_tokens=args.new,
@@ -542,7 +549,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--eager-prefill", action="store_true",
                     help="run the prefill eagerly in every row (half the compiles; prefill ms is then eager)")
     sp.add_argument("--out", default=".", metavar="DIR", help="where the .json and .png go (default: .)")
-    sp.add_argument("--dtype", default="float32", choices=dtypes)
+    sp.add_argument("--dtype", default=None, choices=dtypes,
+                    help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
+    sp.add_argument("--device", default=None, choices=("cuda", "cpu"),
+                    help="where the model runs (default: cuda when a GPU is available, else cpu)")
     sp.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                     help="progress on stderr (default: when stderr is a terminal)")
     sp.set_defaults(fn=cmd_experiment)

@@ -138,6 +138,8 @@ def test_cli_errors(capsys, tmp_path, files, no_work):
     assert "--new" in one_error_line(capsys, ["experiment", cfg, *base, "--new", "1"])
     assert "unknown family" in one_error_line(capsys, ["experiment", cfg, "--model", "hf:nope", "--data", data])
     assert "is a file" in one_error_line(capsys, ["experiment", cfg, *base, "--out", data])
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU" in one_error_line(capsys, ["experiment", cfg, *base, "--device", "cuda"])
 
 
 def test_cli_end_to_end(capsys, tmp_path, files):
