@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
 
 from fxspec.graph import GraphAnalysis, analyze
 
@@ -29,3 +31,15 @@ def analyze_one(fn, *args, **kwargs) -> tuple[GraphAnalysis, fx.GraphModule, lis
     assert len(graphs) == 1, f"expected one graph, Dynamo produced {len(graphs)}"
     gm, ex = graphs[0]
     return analyze(gm, ex), gm, ex
+
+
+class MLP(nn.Module):
+    """Two linears around a ReLU: the smallest model with something for a pass to rewrite."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.up = nn.Linear(d, 2 * d)
+        self.down = nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        return self.down(F.relu(self.up(x)))

@@ -15,15 +15,7 @@ import fxspec
 from fxspec.passes import scoped_registry
 from fxspec.testing import NotFire, check_pass
 
-
-class MLP(nn.Module):
-    def __init__(self, d=16):
-        super().__init__()
-        self.up = nn.Linear(d, 2 * d)
-        self.down = nn.Linear(2 * d, d)
-
-    def forward(self, x):
-        return self.down(F.relu(self.up(x)))
+from .graph_helpers import MLP
 
 
 class TwoGraphs(nn.Module):

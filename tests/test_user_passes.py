@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import fxspec
 from fxspec.passes import UserPassError, scoped_registry
+
+from .graph_helpers import MLP
 
 from .tolerances import assert_close
 
@@ -54,16 +54,6 @@ def one_arg(gm):
 
 not_a_function = 3
 '''
-
-
-class MLP(nn.Module):
-    def __init__(self, d=16):
-        super().__init__()
-        self.up = nn.Linear(d, 2 * d)
-        self.down = nn.Linear(2 * d, d)
-
-    def forward(self, x):
-        return self.down(F.relu(self.up(x)))
 
 
 @pytest.fixture(autouse=True)
