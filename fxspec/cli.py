@@ -27,12 +27,13 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
-import importlib
 import inspect
 import os
 import re
 import sys
 from typing import Any
+
+from ._imports import MissingAttribute, import_object
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=128, max_position_embeddings=128)
@@ -155,13 +156,13 @@ def load_model(spec: str, dtype: str = "float32") -> tuple[Any, tuple | None]:
         model = tiny_model(spec[3:])
     elif kind == "factory":
         mod_name, fn_name = spec.split(":", 1)
+        fn: Any = None
         try:
-            mod = importlib.import_module(mod_name)
+            _, fn = import_object(spec)
         except ImportError as e:
             raise UsageError(f"MODEL {spec!r}: cannot import module {mod_name!r} ({e}); {MODEL_FORMS}") from e
-        fn: Any = mod
-        for part in fn_name.split("."):
-            fn = getattr(fn, part, None)
+        except MissingAttribute:
+            pass
         if not callable(fn):
             raise UsageError(f"MODEL {spec!r}: module {mod_name!r} has no function {fn_name!r}")
         try:

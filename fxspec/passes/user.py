@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.fx as fx
 
+from .._imports import MissingAttribute, import_object
 from ..config import ConfigError, FxspecConfig, _check_keys, _check_type
 from .base import Pass, PassFn
 
@@ -226,16 +227,14 @@ def _resolve(entry: _Entry, where: str) -> UserPass:
     else:
         mod_name, _, attr = entry.fn.partition(":")
         try:
-            module = importlib.import_module(mod_name)
+            module, obj = import_object(entry.fn)
+        except MissingAttribute:
+            module = importlib.import_module(mod_name)  # (imported above: cached)
+            public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+            raise ConfigError(f"{where}: module {mod_name!r} has no attribute {attr!r}; its functions: "
+                              f"{', '.join(public) or 'none'}") from None
         except Exception as e:
             raise ConfigError(f"{where}: cannot import module {mod_name!r}: {type(e).__name__}: {e}") from None
-        obj: Any = module
-        for part in attr.split("."):
-            if not hasattr(obj, part):
-                public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
-                raise ConfigError(f"{where}: module {mod_name!r} has no attribute {attr!r}; its functions: "
-                                  f"{', '.join(public) or 'none'}")
-            obj = getattr(obj, part)
         _check_fn(obj, where)
         base = getattr(obj, "__fxspec_pass__", None)
         if base is None or base.fn is not obj:
