@@ -18,6 +18,10 @@ Python (the module must be importable, e.g. on ``PYTHONPATH``)::
     [pass_options.gelu_tanh]
     approximate = "tanh"
     layers = ["encoder.layer.0.*"]
+
+or on the command line, ``fxspec inspect hf:bert --set passes=custom_pass:gelu_tanh --set
+pass_options.gelu_tanh.approximate=tanh``; ``fxspec config --schema --set passes=custom_pass:gelu_tanh`` lists the
+options below with their types, defaults and the comments at the end of their lines.
 """
 
 from __future__ import annotations

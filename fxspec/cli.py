@@ -16,6 +16,11 @@ MODEL is one of
     e.g. ``../shared/ref-lm``);
   - ``package.module:function``: a function returning a model, or ``(model, example_args)``.
 
+``--set KEY=VALUE`` (inspect, config, pipeline) takes a Python literal, a TOML array or inline table, true /
+false, or plain text: ``--set quantize.bits=4``, ``--set passes=mypkg.passes:fold,mypkg.passes:count`` (user
+passes; an empty value clears the list), ``--set 'passes=[{fn = "mypkg.passes:fold", position = -1}]'``,
+``--set pass_options.fold.threshold=0.25``.
+
 Mistakes in the command line or its inputs (a missing file, a bad value, token ids outside the model's
 vocabulary, a config error) are checked before any work and reported as one line, ``fxspec: error: ...``,
 with exit status 2. An unexpected failure says ``fxspec: internal error: ...`` (exit 1); ``--debug`` (or
@@ -190,16 +195,39 @@ def load_model(spec: str, dtype: str = "float32") -> tuple[Any, tuple | None]:
 
 # --- options -----------------------------------------------------------------------------------------
 
+def _parse_value(text: str) -> Any:
+    """A ``--set`` value: a Python literal (``4``, ``'a'``, ``["m:f"]``, ``{"fn": "m:f"}``), a TOML array or
+    inline table (``[{fn = "m:f", position = 2}]``), true / false, or else the text itself."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        pass
+    if text.lstrip()[:1] in ("[", "{"):
+        from .config import tomllib
+
+        try:
+            return tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
 def _parse_sets(sets: list[str]) -> dict:
+    """``--set KEY=VALUE`` options. ``passes`` also takes comma-separated specs, ``--set passes=m:f,m:g`` (an
+    empty value clears the list); ``pass_options.NAME.KEY=VALUE`` sets one option of a user pass."""
     out: dict = {}
     for s in sets or []:
         if "=" not in s:
             raise UsageError(f"--set {s!r}: expected KEY=VALUE, e.g. --set quantize.bits=4")
         k, v = s.split("=", 1)
-        try:
-            out[k] = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            out[k] = {"true": True, "false": False}.get(v.lower(), v)
+        k = k.strip()
+        value = _parse_value(v)
+        if k == "passes":
+            if isinstance(value, str):
+                value = [x.strip() for x in value.split(",") if x.strip()]
+            elif isinstance(value, (dict, tuple)):
+                value = [value] if isinstance(value, dict) else list(value)
+        out[k] = value
     return out
 
 
@@ -235,7 +263,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     from .config import describe_schema, load_config
 
-    print(describe_schema() if args.schema else load_config(_options(args)).to_toml(), end="")
+    config = load_config(_options(args))
+    if args.schema:
+        from .passes.user import describe_options
+
+        # then the user passes (registered, or named by the config's passes) with their option fields
+        user = describe_options(config)
+        print(describe_schema() + ("\n" + user if user else ""))
+    else:
+        print(config.to_toml(), end="")
     return 0
 
 
@@ -346,6 +382,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     model, _ = load_model(args.model, args.dtype)
     check_token_range(tokens, input_vocab_size(model), args.data)
+    if args.target == "sparse_ffn":
+        from .runtime.calibrate_sparsity import calibrate_sparsity
+
+        sstats = calibrate_sparsity(model, tokens, samples=args.samples, seq_len=args.seq_len,
+                                    activation=args.activation, shift=args.shift, progress=args.progress)
+        sstats.save(args.out)
+        print(f"wrote activation-sparsity statistics for {len(sstats.sites)} sites to {args.out}; use it with "
+              f"sparse_ffn.calibration = {args.out!r}")
+        return 0
     if args.bits == 4:
         check_group_size(model, group_size, args.include_lm_head)
 
@@ -448,7 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--config", metavar="FILE", help="a TOML config file (see `fxspec config --schema`)")
         sp.add_argument("--set", action="append", metavar="KEY=VALUE",
-                        help="a config value, e.g. --set quantize.bits=4 (repeatable; wins over --config)")
+                        help="a config value, e.g. --set quantize.bits=4, --set passes=mypkg.passes:fold, "
+                             "--set pass_options.fold.threshold=0.25 (repeatable; wins over --config; values are "
+                             "Python literals, TOML arrays / inline tables, or text)")
 
     dtypes = ["float32", "bfloat16", "float16"]
 
@@ -473,10 +520,14 @@ def build_parser() -> argparse.ArgumentParser:
         "config", parents=[debug], formatter_class=raw,
         help="print the effective config (all keys)",
         description="Print the effective fxspec config as TOML: defaults, then $FXSPEC_CONFIG, --config and "
-                    "--set, every key\nincluded; or, with --schema, every key with its type, default and meaning.",
-        epilog="examples:\n  fxspec config --set quantize.bits=4 > fxspec.toml\n  fxspec config --schema")
+                    "--set, every key\nincluded; or, with --schema, every key with its type, default and meaning, "
+                    "then the option\nfields of the user passes ([pass_options.<name>]: registered ones and those "
+                    "the config's passes names).",
+        epilog="examples:\n  fxspec config --set quantize.bits=4 > fxspec.toml\n  fxspec config --schema\n"
+               "  fxspec config --schema --set passes=mypkg.passes:fold")
     common(sp)
-    sp.add_argument("--schema", action="store_true", help="every key with its type, default and meaning")
+    sp.add_argument("--schema", action="store_true",
+                    help="every key with its type, default and meaning, and the user passes' option fields")
     sp.set_defaults(fn=cmd_config)
 
     sp = sub.add_parser(
@@ -489,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser(
         "calibrate", parents=[debug], formatter_class=raw,
-        help="collect calibration statistics for quantize.method = awq/gptq",
+        help="collect calibration statistics for quantize.method = awq/gptq, or for sparse_ffn",
         description="Run MODEL eagerly on windows of the token ids in --data and save per-layer statistics for "
                     "calibrated\nint4/int8 quantization (awq: activation scales; gptq: input Hessians). Use the "
                     "file with\nquantize.method = awq|gptq and quantize.calibration = FILE. The inputs (--data, "
@@ -500,11 +551,19 @@ def build_parser() -> argparse.ArgumentParser:
                "  fxspec calibrate ../shared/ref-lm --data tokens.pt --out awq.safetensors --method awq --bits 4\n"
                "then compile with quantize.method = \"awq\", quantize.calibration = \"awq.safetensors\", e.g.\n"
                "  fxspec inspect ../shared/ref-lm --set quantize.bits=4 --set quantize.method=awq "
-               "--set quantize.calibration=awq.safetensors")
+               "--set quantize.calibration=awq.safetensors\n"
+               "activation sparsity:\n"
+               "  fxspec calibrate ../shared/ref-lm --data tokens.pt --for sparse_ffn --out sparse.safetensors")
     sp.add_argument("model", metavar="MODEL", help="hf:FAMILY, a model directory, or module:function")
     sp.add_argument("--data", required=True, metavar="TOKENS.pt",
                     help="a .pt file of token ids (a 1-D or 2-D integer tensor, saved with torch.save)")
     sp.add_argument("--out", required=True, metavar="FILE", help="where to write the statistics")
+    sp.add_argument("--for", dest="target", default="quantize", choices=["quantize", "sparse_ffn"],
+                    help="what the statistics are for: quantize (awq/gptq, the default) or sparse_ffn (activation "
+                         "thresholds for cats/teal/wina at any sparsity)")
+    sp.add_argument("--activation", default="keep", choices=["keep", "relu", "shifted_relu"],
+                    help="--for sparse_ffn: record the model with this sparse_ffn.activation (default keep)")
+    sp.add_argument("--shift", type=float, default=1.0, help="--for sparse_ffn with shifted_relu: the shift")
     sp.add_argument("--method", default="awq", choices=["awq", "gptq"])
     sp.add_argument("--bits", type=int, default=4, choices=[4, 8])
     sp.add_argument("--group-size", type=int, default=None, choices=GROUP_SIZES,

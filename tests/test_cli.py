@@ -111,3 +111,117 @@ def test_calibrate_passes_progress_through(tmp_path, monkeypatch, has_progress):
     for flag in ([], ["--progress"], ["--no-progress"]):
         assert main(base + flag) == 0
     assert seen == ([None, True, False] if has_progress else ["absent"] * 3)
+
+
+# --- user passes on the command line -----------------------------------------------------------------
+
+CLI_PASSES = '''
+from dataclasses import dataclass, field
+
+
+@dataclass
+class FoldOptions:
+    threshold: float = 0.5  # fold below this
+    layers: list[str] = field(default_factory=list)
+    """fnmatch patterns over layer names"""
+
+
+def fold(gm, ctx):
+    """Notes its options."""
+    opts = ctx.options
+    ctx.note("graph", f"fold sees threshold={getattr(opts, 'threshold', None) or opts.get('threshold')}")
+    return gm
+
+
+def count(gm, ctx):
+    """Does nothing."""
+    return gm
+'''
+
+
+@pytest.fixture
+def cli_passes(tmp_path, monkeypatch):
+    from fxspec.passes import scoped_registry
+
+    (tmp_path / "cli_user_passes.py").write_text(CLI_PASSES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with scoped_registry():
+        yield "cli_user_passes"
+    sys.modules.pop("cli_user_passes", None)
+
+
+def _pipeline_names(capsys, *sets):
+    from fxspec.cli import main
+
+    assert main(["pipeline", *[a for s in sets for a in ("--set", s)]]) == 0
+    return [line.split()[1] for line in capsys.readouterr().out.splitlines() if line[:1].isdigit()]
+
+
+def test_set_passes_in_every_form(capsys, cli_passes):
+    from fxspec.passes import PIPELINE
+
+    builtin = [p.name for p in PIPELINE]
+    q = builtin.index("quantize_weights")
+    default = builtin[:q] + ["fold", "count"] + builtin[q:]
+    mod = cli_passes
+    assert _pipeline_names(capsys, f"passes={mod}:fold,{mod}:count") == default  # comma-separated specs
+    assert _pipeline_names(capsys, f'passes=["{mod}:fold", "{mod}:count"]') == default  # a Python list
+    assert _pipeline_names(capsys, f'passes=[{{fn = "{mod}:fold", position = -1}}, "{mod}:count"]') == (
+        builtin[:q] + ["count"] + builtin[q:] + ["fold"])  # a TOML array with an inline table
+    assert _pipeline_names(capsys, f'passes={{"fn": "{mod}:fold", "position": 0}}') == ["fold", *builtin]
+    assert _pipeline_names(capsys, f"passes={mod}:fold", "passes=") == builtin  # a later, empty value clears it
+
+
+def test_set_pass_options_in_config_and_inspect(capsys, cli_passes, tmp_path):
+    from fxspec.cli import main
+
+    mod = cli_passes
+    sets = ["--set", f'passes=[{{fn = "{mod}:fold", options = "{mod}:FoldOptions"}}]',
+            "--set", "pass_options.fold.threshold=0.25", "--set", 'pass_options.fold.layers=["up*"]']
+    assert main(["config", *sets]) == 0
+    toml = capsys.readouterr().out
+    assert f'passes = [{{fn = "{mod}:fold", options = "{mod}:FoldOptions"}}]' in toml
+    assert '\n[pass_options]\nfold = {threshold = 0.25, layers = ["up*"]}\n' in toml
+    (tmp_path / "printed.toml").write_text(toml)  # what `fxspec config` prints loads back
+    cfg = fxspec.load_config({"config": str(tmp_path / "printed.toml")})
+    assert cfg.pass_options == {"fold": {"threshold": 0.25, "layers": ["up*"]}}
+    # a pass without an options dataclass gets the plain values
+    assert main(["inspect", "hf:llama", "--set", f"passes={mod}:fold", "--set", "pass_options.fold.threshold=2"]) == 0
+    assert "fold sees threshold=2" in capsys.readouterr().out
+    assert main(["inspect", "hf:llama", *sets]) == 0
+    assert "fold sees threshold=0.25" in capsys.readouterr().out
+
+
+def test_config_schema_lists_user_pass_options(capsys, cli_passes):
+    import importlib
+
+    from fxspec.cli import main
+
+    mod = importlib.import_module(cli_passes)
+    assert main(["config", "--schema"]) == 0
+    plain = capsys.readouterr().out
+    assert "pass_options" in plain and "  user pass " not in plain  # no user pass: the schema as before
+    fxspec.register_pass("registered_fold", options=mod.FoldOptions)(mod.fold)
+    assert main(["config", "--schema", "--set", f"passes={cli_passes}:count"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(plain.rstrip("\n"))
+    assert (f"\n\n[pass_options.registered_fold]  user pass registered_fold (registered from Python): options "
+            f"{cli_passes}.FoldOptions\n"
+            "pass_options.registered_fold.threshold: float = 0.5\n    fold below this\n"
+            "pass_options.registered_fold.layers: list[str] = []\n    fnmatch patterns over layer names\n") in out
+    assert (f"[pass_options.count]  user pass count (passes[0] = '{cli_passes}:count'): no options dataclass; "
+            f"ctx.options is the table as given, a read-only mapping") in out
+    assert main(["config", "--schema", "--set", f'passes=[{{fn = "{cli_passes}:count", options = '
+                                                f'"{cli_passes}:FoldOptions"}}]']) == 0
+    assert "pass_options.count.threshold: float = 0.5\n    fold below this" in capsys.readouterr().out
+
+
+def test_set_values():
+    from fxspec.cli import _parse_sets
+
+    assert _parse_sets(["quantize.bits=4", "strict=true", "dump_dir=out", "x=[1, 2]", "y={a = 1}", "z=[a"]) == {
+        "quantize.bits": 4, "strict": True, "dump_dir": "out", "x": [1, 2], "y": {"a": 1}, "z": "[a"}
+    assert _parse_sets(["passes=a:f, b:g", "pass_options.f.k=0.5"]) == {
+        "passes": ["a:f", "b:g"], "pass_options.f.k": 0.5}
+    assert _parse_sets(["passes="]) == {"passes": []}
+    assert _parse_sets(['passes={fn = "a:f", position = 2}']) == {"passes": [{"fn": "a:f", "position": 2}]}

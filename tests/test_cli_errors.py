@@ -151,6 +151,62 @@ def test_other_argument_mistakes(capsys):
     assert "COMMAND" in err
 
 
+# --- user passes given with --set ------------------------------------------------------------------------
+
+USER_PASSES = """
+from dataclasses import dataclass
+
+
+@dataclass
+class FoldOptions:
+    threshold: float = 0.5
+
+
+def fold(gm, ctx):
+    return gm
+"""
+
+
+@pytest.fixture
+def user_passes(tmp_path, monkeypatch):
+    from fxspec.passes import scoped_registry
+
+    (tmp_path / "cli_err_passes.py").write_text(USER_PASSES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with scoped_registry():
+        yield "cli_err_passes"
+    sys.modules.pop("cli_err_passes", None)
+
+
+@pytest.mark.parametrize("cmd", ["pipeline", "config", "inspect"])
+def test_user_pass_mistakes_in_set(capsys, user_passes, no_work, cmd):
+    """Every command that takes --set reports a bad user pass as one line, before any work."""
+    mod = user_passes
+    pre = [cmd, "hf:llama"] if cmd == "inspect" else [cmd]
+
+    def err(*sets):
+        return one_error_line(capsys, [*pre, *[a for s in sets for a in ("--set", s)]])
+
+    assert "passes[0] = 'no_such_module_xyz:f': cannot import module 'no_such_module_xyz'" in err(
+        "passes=no_such_module_xyz:f")
+    assert f"passes[1] = '{mod}:nope': module '{mod}' has no attribute 'nope'; its functions: fold" in err(
+        f"passes={mod}:fold,{mod}:nope")
+    msg = err(f'passes=[{{fn = "{mod}:fold", position = 99}}]')
+    assert "position = 99 is out of range; the pipeline has" in msg and "(0: first, -1: last)" in msg
+    assert "position = 'middle' is not allowed; use 'first', 'last' or an integer index" in err(
+        f'passes=[{{fn = "{mod}:fold", position = "middle"}}]')
+    assert ("pass_options.flod: no user pass has the options section 'flod'; did you mean 'fold'?; user passes: "
+            "fold") in err(f"passes={mod}:fold", "pass_options.flod.threshold=1")
+    typed = f'passes=[{{fn = "{mod}:fold", options = "{mod}:FoldOptions"}}]'
+    assert "unknown key 'treshold' in the [pass_options.fold] section; did you mean 'threshold'?" in err(
+        typed, "pass_options.fold.treshold=1")
+    assert "pass_options.fold.threshold = 'big' has the wrong type; expected float, got str" in err(
+        typed, "pass_options.fold.threshold=big")
+    assert f"options = '{mod}:Nope': module '{mod}' has no attribute 'Nope'; its dataclasses: FoldOptions" in err(
+        f'passes=[{{fn = "{mod}:fold", options = "{mod}:Nope"}}]')
+    assert "pass_options.fold = 3 must be a table of options" in err(f"passes={mod}:fold", "pass_options.fold=3")
+
+
 # --- ordinary vs internal errors ------------------------------------------------------------------------
 
 def test_ordinary_and_internal_errors(capsys, monkeypatch):

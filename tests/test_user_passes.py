@@ -2,7 +2,9 @@
 
 A pass from a module path runs at its stated place (seen in the event order, the report and
 ``fxspec.pipeline``), its counters move and the output matches eager; registration from Python and its undo;
-typed options; every bad spec is a ConfigError naming the entry; a pass that raises or changes the outputs
+typed options (from ``register_pass(options=)`` or a table's ``options = "module:Dataclass"``) and the plain,
+read-only mapping of a pass without a dataclass; placement by name, first / last and an integer index; every bad
+spec is a ConfigError naming the entry; a pass that raises, changes the outputs or makes an output alias an input
 makes the backend fall back with a warning naming it (strict: raises)."""
 
 import runpy
@@ -49,6 +51,16 @@ def opts_pass(gm, ctx):
     ctx.note("graph", f"factor={ctx.options.factor}")
     return gm
 
+def plain_opts(gm, ctx):
+    """Reads its options as a plain mapping."""
+    try:
+        ctx.options["planted"] = 1
+        writable = True
+    except TypeError:
+        writable = False
+    ctx.note("graph", f"{sorted(ctx.options.items())} writable={writable}")
+    return gm
+
 def one_arg(gm):
     return gm
 
@@ -73,6 +85,25 @@ def usermod(tmp_path, monkeypatch):
     sys.modules.pop("my_fx_passes", None)
 
 
+def _names(cfg):
+    return [line.split()[1] for line in fxspec.pipeline(cfg).splitlines() if line[0].isdigit()]
+
+
+def _builtin():
+    """The built-in pass names, in order (read from PIPELINE: the expectations hold as passes land)."""
+    from fxspec.passes import PIPELINE
+
+    return [p.name for p in PIPELINE]
+
+
+def _with(names, *inserts):
+    """``names`` with ``(name, "before" | "after", anchor)`` inserted in turn."""
+    out = list(names)
+    for name, where, anchor in inserts:
+        out.insert(out.index(anchor) + (where == "after"), name)
+    return out
+
+
 def _run(options, d=16):
     m = MLP(d).eval()
     x = torch.randn(2, 3, d)
@@ -91,9 +122,8 @@ def test_toml_module_pass_runs_in_place(usermod, tmp_path):
         min_features = 1
     """))
     cfg = fxspec.load_config({"config": str(toml)})
-    names = [line.split()[1] for line in fxspec.pipeline({"config": str(toml)}).splitlines() if line[0].isdigit()]
-    assert names == ["mark_relus", "quantize_weights", "fuse_projections", "noop", "decode_attention",
-                     "fuse_rope_cache", "fuse_gemv_edges"]
+    expected = _with(_builtin(), ("mark_relus", "before", "quantize_weights"), ("noop", "after", "fuse_projections"))
+    assert _names({"config": str(toml)}) == expected
     assert "user pass, passes[1]" in fxspec.pipeline({"config": str(toml)})
     assert cfg.enabled_passes()[-2:] == ["mark_relus", "noop"]
     m = MLP().eval()
@@ -103,8 +133,8 @@ def test_toml_module_pass_runs_in_place(usermod, tmp_path):
     assert 10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean()) > 30  # int8 weights
     rep = fxspec.recent_reports[-1]
     assert rep.fallback is None
-    assert rep.passes == ["mark_relus", "quantize_weights", "fuse_projections", "noop", "decode_attention",
-                          "fuse_rope_cache", "fuse_gemv_edges"]
+    assert rep.passes == [p.name for p in fxspec.passes.effective_pipeline(cfg) if p.enabled(cfg)]
+    assert rep.passes[:4] == ["mark_relus", "quantize_weights", "fuse_projections", "noop"]
     order = [e.pass_name for e in rep.events]
     assert order.index("mark_relus") < order.index("quantize_weights") < order.index("noop")
     assert fxspec.counters["mark_relus"]["relus"] == 1
@@ -130,7 +160,8 @@ def test_register_pass_from_python_and_unregister():
         ctx.rewrote("graph", f"{len(gm.graph.nodes)} nodes", counter="graphs")
         return gm
 
-    assert "2. count_nodes" in fxspec.pipeline()  # lossless: runs in every compile while registered
+    i = _builtin().index("quantize_weights") + 2
+    assert f"{i}. count_nodes" in fxspec.pipeline()  # lossless: runs in every compile while registered
     rep = _run({})
     assert seen == ["count_nodes"] and "count_nodes" in rep.passes
     assert fxspec.counters["count_nodes"]["graphs"] == 1
@@ -168,9 +199,9 @@ def test_several_user_passes_keep_their_order(usermod):
 
     cfg = {"passes": [f"{usermod}:mark_relus", {"fn": f"{usermod}:noop", "after": "mark_relus"},
                       {"fn": f"{usermod}:opts_pass", "position": "last"}]}
-    names = [line.split()[1] for line in fxspec.pipeline(cfg).splitlines() if line[0].isdigit()]
-    assert names[:4] == ["first_registered", "mark_relus", "noop", "quantize_weights"]
-    assert names[-1] == "opts_pass"
+    assert _names(cfg) == _with(_builtin(), ("first_registered", "before", "quantize_weights"),
+                                ("mark_relus", "before", "quantize_weights"), ("noop", "after", "mark_relus"),
+                                ) + ["opts_pass"]
 
 
 def test_pass_options_typed_and_validated(usermod):
@@ -192,6 +223,137 @@ def test_pass_options_typed_and_validated(usermod):
         fxspec.load_config({"pass_options": {"nope": {}}})
 
 
+@pytest.mark.parametrize("index", [0, 1, 3, "n", -1, -2, "-n-1"])
+def test_integer_position_is_an_index_into_the_pipeline(usermod, index):
+    from fxspec.passes import effective_pipeline
+
+    n = len(_builtin())
+    index = {"n": n, "-n-1": -n - 1}.get(index, index)
+    cfg = {"passes": [{"fn": f"{usermod}:noop", "position": index}]}
+    expected = _builtin()
+    expected.insert(index if index >= 0 else n + 1 + index, "noop")
+    assert _names(cfg) == expected
+    assert effective_pipeline(fxspec.load_config(cfg))[index].name == "noop"  # an index, as in Python
+    assert f"{index % (n + 1) + 1}. noop" in fxspec.pipeline(cfg)  # printed from 1
+    for bad in (n + 1, -n - 2):
+        with pytest.raises(fxspec.ConfigError, match=rf"passes\[0\] = .*: position = {bad} is out of range; the "
+                                                     rf"pipeline has {n} other passes, so an index is from "
+                                                     rf"{-n - 1} to {n} \(0: first, -1: last\): 0: {_builtin()[0]}, "
+                                                     rf"1: {_builtin()[1]}"):
+            fxspec.load_config({"passes": [{"fn": f"{usermod}:noop", "position": bad}]})
+
+
+def test_integer_position_from_register_pass_and_in_a_compile(usermod):
+    @fxspec.register_pass(position=1)
+    def second(gm, ctx):
+        """Second in the pipeline."""
+        ctx.note("graph", "second")
+        return gm
+
+    assert _names({}) == _builtin()[:1] + ["second"] + _builtin()[1:]
+    assert "2. second" in fxspec.pipeline()
+    rep = _run({})
+    assert rep.passes.index("second") < rep.passes.index("fuse_projections")
+    assert [e.detail for e in rep.events if e.pass_name == "second"] == ["second"]
+    n = len(_builtin())  # "second" is placed by an index too: not one of the others
+    with pytest.raises(fxspec.ConfigError, match=rf"register_pass\('too_far'\): position = {n + 1} is out of "
+                                                 rf"range; the pipeline has {n} other passes, so an index is from "
+                                                 rf"{-n - 1} to {n}"):
+        fxspec.register_pass("too_far", position=n + 1)(lambda gm, ctx: gm)
+    with pytest.raises(fxspec.ConfigError, match=r"register_pass\('p'\): position = 1.5 is not allowed"):
+        fxspec.register_pass("p", position=1.5)(lambda gm, ctx: gm)
+
+
+def test_placements_together_keep_a_stable_order(usermod):
+    """Name / first / last placements first (registered, then the config's in list order), then the integer
+    positions, each an index into the list of all the others; equal indices keep that same order."""
+    @fxspec.register_pass(name="reg_index", position=-1)
+    def _r(gm, ctx):
+        return gm
+
+    @fxspec.register_pass(name="reg_last", position="last")
+    def _l(gm, ctx):
+        return gm
+
+    cfg = {"passes": [{"fn": f"{usermod}:noop", "position": 0},
+                      {"fn": f"{usermod}:mark_relus", "position": 0},
+                      {"fn": f"{usermod}:opts_pass", "after": "fuse_projections", "options": f"{usermod}:Opts"},
+                      {"fn": f"{usermod}:plain_opts", "position": 2}]}
+    others = _with(_builtin(), ("opts_pass", "after", "fuse_projections")) + ["reg_last"]
+    assert _names(cfg) == ["noop", "mark_relus", *others[:2], "plain_opts", *others[2:], "reg_index"]
+    # the order is the same however often it is computed, and a compile runs it
+    assert _names(cfg) == _names(cfg)
+    rep = _run(cfg)
+    assert rep.fallback is None
+    assert rep.passes[:2] == ["noop", "mark_relus"] and rep.passes[-1] == "reg_index"
+    # a placement naming a pass placed by an index cannot see it (indices are placed last)
+    bad = {"passes": [{"fn": f"{usermod}:noop", "position": 0}, {"fn": f"{usermod}:mark_relus", "after": "noop"}]}
+    with pytest.raises(fxspec.ConfigError, match=r"passes\[1\] = .*: after = 'noop' names no pass placed before "
+                                                 r"this one; 'noop' is placed by position = 0, after every pass "
+                                                 r"placed by a name; give this pass a position too"):
+        fxspec.load_config(bad)
+
+
+def test_undecorated_pass_gets_its_table_as_a_read_only_mapping(usermod):
+    rep = _run({"passes": [f"{usermod}:plain_opts"],
+                "pass_options": {"plain_opts": {"k": 1, "names": ["a", "b"]}}})
+    assert [e.detail for e in rep.events if e.pass_name == "plain_opts"] == [
+        "[('k', 1), ('names', ['a', 'b'])] writable=False"]
+    torch._dynamo.reset()
+    rep = _run({"passes": [f"{usermod}:plain_opts"]})  # no table: an empty mapping
+    assert [e.detail for e in rep.events if e.pass_name == "plain_opts"] == ["[] writable=False"]
+    with pytest.raises(fxspec.ConfigError, match=r"pass_options.plain_opts = 3 must be a table of options"):
+        fxspec.load_config({"passes": [f"{usermod}:plain_opts"], "pass_options": {"plain_opts": 3}})
+
+    @fxspec.register_pass
+    def registered_plain(gm, ctx):  # registered without options=: the same mapping
+        ctx.note("graph", f"{dict(ctx.options)}")
+        return gm
+
+    torch._dynamo.reset()
+    rep = _run({"pass_options": {"registered_plain": {"on": True}}})
+    assert [e.detail for e in rep.events if e.pass_name == "registered_plain"] == ["{'on': True}"]
+
+
+def test_options_dataclass_named_in_the_table(usermod, tmp_path):
+    toml = tmp_path / "fxspec.toml"
+    toml.write_text(textwrap.dedent(f"""
+        passes = [{{fn = "{usermod}:opts_pass", options = "{usermod}:Opts", position = "first"}}]
+        [pass_options.opts_pass]
+        factor = 3
+    """))
+    rep = _run({"config": str(toml)})
+    assert [e.detail for e in rep.events if e.pass_name == "opts_pass"] == ["factor=3.0"]
+    assert rep.passes[0] == "opts_pass"
+    entry = {"fn": f"{usermod}:opts_pass", "options": f"{usermod}:Opts"}
+    torch._dynamo.reset()
+    rep = _run({"passes": [entry]})  # no table: the dataclass's defaults
+    assert [e.detail for e in rep.events if e.pass_name == "opts_pass"] == ["factor=1.0"]
+    with pytest.raises(fxspec.ConfigError, match=r"unknown key 'factr' in the \[pass_options.opts_pass\] "
+                                                 r"section; did you mean 'factor'\?"):
+        fxspec.load_config({"passes": [entry], "pass_options": {"opts_pass": {"factr": 2.0}}})
+    with pytest.raises(fxspec.ConfigError, match=r"pass_options.opts_pass.tags = 3 has the wrong type; expected a "
+                                                 r"list of str"):
+        fxspec.load_config({"passes": [entry], "pass_options": {"opts_pass": {"tags": 3}}})
+
+
+def test_options_for_no_such_pass_names_the_user_passes(usermod):
+    @dataclass
+    class Opts:
+        x: int = 0
+
+    fxspec.register_pass("renamed", section="renamed_opts", options=Opts)(lambda gm, ctx: gm)
+    with pytest.raises(fxspec.ConfigError, match=r"pass_options.plain_opt: no user pass has the options section "
+                                                 r"'plain_opt'; did you mean 'plain_opts'\?; user passes: renamed "
+                                                 r"\(\[pass_options.renamed_opts\]\), plain_opts"):
+        fxspec.load_config({"passes": [f"{usermod}:plain_opts"], "pass_options": {"plain_opt": {"k": 1}}})
+    with pytest.raises(fxspec.ConfigError, match=r"pass_options.elsewhere: no user pass has the options section "
+                                                 r"'elsewhere'; user passes: renamed "
+                                                 r"\(\[pass_options.renamed_opts\]\) \(a pass from a module is "
+                                                 r"known once the config's passes names it\)"):
+        fxspec.load_config({"pass_options": {"elsewhere": {}}})
+
+
 @pytest.mark.parametrize("entry,message", [
     ("no_such_module_xyz:fn", r"passes\[0\] = 'no_such_module_xyz:fn': cannot import module 'no_such_module_xyz'"),
     ("{mod}:missing", r"module 'my_fx_passes' has no attribute 'missing'; its functions: .*mark_relus"),
@@ -201,7 +363,22 @@ def test_pass_options_typed_and_validated(usermod):
                                                         r"this one; known passes: .*quantize_weights"),
     ({"fn": "{mod}:noop", "after": "mark_relus"}, r"it is placed later"),
     ({"fn": "{mod}:noop", "aftr": "x"}, r"unknown key 'aftr' in the \[passes\[0\]\] section; did you mean 'after'"),
-    ({"fn": "{mod}:noop", "position": "middle"}, r"position = 'middle' is not allowed; use 'first' or 'last'"),
+    ({"fn": "{mod}:noop", "position": "middle"}, r"position = 'middle' is not allowed; use 'first', 'last' or an "
+                                                 r"integer index into the pipeline as `fxspec pipeline` prints it "
+                                                 r"\(0: first, -1: last\)"),
+    ({"fn": "{mod}:noop", "position": True}, r"position = True is not allowed; use 'first', 'last' or an integer"),
+    ({"fn": "{mod}:noop", "position": 99}, r"passes\[0\] = .*: position = 99 is out of range; the pipeline has "
+                                           r"\d+ other passes, so an index is from -\d+ to \d+"),
+    ({"fn": "{mod}:noop", "position": 0, "after": "quantize_weights"}, r"give one of after, before, position "
+                                                                       r"\(got after, position\)"),
+    ({"fn": "{mod}:noop", "options": "{mod}:Missing"}, r"options = 'my_fx_passes:Missing': module 'my_fx_passes' "
+                                                       r"has no attribute 'Missing'; its dataclasses: Opts"),
+    ({"fn": "{mod}:noop", "options": "{mod}:mark_relus"}, r"options = 'my_fx_passes:mark_relus': options = "
+                                                          r"<function mark_relus .*> must be a dataclass type"),
+    ({"fn": "{mod}:noop", "options": "Opts"}, r"options = 'Opts' must name a dataclass as \"module:Dataclass\""),
+    ({"fn": "{mod}:noop", "options": "no_such_module_xyz:Opts"}, r"options = 'no_such_module_xyz:Opts': cannot "
+                                                                 r"import module 'no_such_module_xyz'"),
+    ({"fn": "{mod}:noop", "options": 3}, r"passes\[0\].options = 3 has the wrong type; expected str"),
     ({"fn": "{mod}:noop", "after": "a", "before": "b"}, r"give one of after, before, position"),
     ("unregistered_name", r"expected \"module:function\" \(or the name of a pass registered"),
     (3, r"an entry is a string"),
@@ -273,6 +450,70 @@ def test_pass_that_changes_outputs_is_caught():
     with pytest.warns(fxspec.FxspecWarning, match=r"user pass 'halve_output' changed what the graph returns: "
                                                   r"output 0 was float32\[2, 3, 16\], now float32\[2, 3, 8\]"):
         _run({})  # the fallback compiles the original graph: output matches eager
+
+
+def _replace_output(gm, make):
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == "l_x_")
+    with gm.graph.inserting_before(out):
+        out.args = (make(gm.graph, x, out.args[0]),)
+    return gm
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda g, x, ret: (x,), r"made output 0 \(node l_x_\) alias a graph input: it is input 'l_x_', which it did "
+                             r"not alias before; return a new tensor \(e.g. .clone\(\)\)"),
+    (lambda g, x, ret: (_meta(g.call_method("view", (x, 2, 3, 16)), x),),
+     r"made output 0 \(node view\) alias a graph input: it is a view of input 'l_x_'"),
+    (lambda g, x, ret: (_meta(g.call_function(torch.ops.aten.alias.default, (x,)), x),),
+     r"made output 0 \(node alias_default\) alias a graph input: it is a view of input 'l_x_'"),
+    (lambda g, x, ret: (*ret, ret[0]), r"changed what the graph returns: 1 output\(s\) before, 2 after"),
+])
+def test_pass_that_breaks_output_invariants_falls_back(make, message):
+    @fxspec.register_pass
+    def bad_outputs(gm, ctx):
+        return _replace_output(gm, make)
+
+    with pytest.warns(fxspec.FxspecWarning, match=r"user pass 'bad_outputs' .*" + message):
+        rep = _run({}, d=16)  # input and output are both float32[2, 3, 16]: only the alias differs
+    assert "bad_outputs" in rep.fallback and fxspec.counters["backend"]["fallback"] == 1
+    torch._dynamo.reset()
+    with torch.no_grad(), pytest.raises(Exception, match=message) as info:
+        torch.compile(MLP().eval(), backend="fxspec", options={"strict": True})(torch.randn(2, 3, 16))
+    chain, e = [], info.value
+    while e is not None:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    assert any(isinstance(e, UserPassError) for e in chain), chain
+
+
+def _meta(node, like):
+    node.meta = dict(like.meta)
+    return node
+
+
+def test_output_aliases_that_were_there_before_are_kept():
+    """Only new aliases are violations: a graph that returns a view of its input already may keep it, and a
+    conversion that copies (a different dtype) is no alias."""
+    from fxspec.passes.user import output_aliases
+
+    from .graph_helpers import capture
+
+    def f(x):
+        return x.view(-1), x.sin(), x[0], x.t().float(), x.t().double()
+
+    ((gm, _),) = capture(f, torch.randn(3, 4))
+    assert output_aliases(gm) == [{"l_x_"}, set(), {"l_x_"}, {"l_x_"}, set()]
+
+    @fxspec.register_pass
+    def keeps(gm, ctx):
+        ctx.note("graph", "ran")
+        return gm
+
+    with torch.no_grad():
+        out = torch.compile(f, backend="fxspec")(torch.randn(3, 4))
+    assert len(out) == 5 and fxspec.recent_reports[-1].fallback is None
+    assert [e.detail for e in fxspec.recent_reports[-1].events if e.pass_name == "keeps"] == ["ran"]
 
 
 def test_pass_returning_none_is_caught():
