@@ -18,10 +18,15 @@ A runtime's decode step with draft heads::
 """
 
 from .accept import Acceptance, greedy_accept, processed_probs, speculative_accept, typical_accept
+from .heads import (EagleCache, EagleHead, HeadsSpec, HydraHeads, MedusaHeads, build_heads, load_heads,
+                    save_heads)
+from .train import DraftLoss, TrainResult, draft_loss, evaluate_heads, train_draft_heads
 from .tree import (DraftTree, Frontier, TreeBuffers, chain_tree, dynamic_tree, expected_accept_length,
                    static_tree, tree_paths)
 
 __all__ = [
-    "Acceptance", "DraftTree", "Frontier", "TreeBuffers", "chain_tree", "dynamic_tree", "expected_accept_length",
-    "greedy_accept", "processed_probs", "speculative_accept", "static_tree", "tree_paths", "typical_accept",
+    "Acceptance", "DraftLoss", "DraftTree", "EagleCache", "EagleHead", "Frontier", "HeadsSpec", "HydraHeads",
+    "MedusaHeads", "TrainResult", "TreeBuffers", "build_heads", "chain_tree", "draft_loss", "dynamic_tree",
+    "evaluate_heads", "expected_accept_length", "greedy_accept", "load_heads", "processed_probs", "save_heads",
+    "speculative_accept", "static_tree", "train_draft_heads", "tree_paths", "typical_accept",
 ]
