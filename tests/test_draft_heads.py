@@ -16,8 +16,8 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 
 from fxspec.config import ConfigError  # noqa: E402
-from fxspec.draft import (EagleCache, HeadsSpec, TreeBuffers, build_heads, draft_loss, load_heads,  # noqa: E402
-                          save_heads, static_tree, train_draft_heads)
+from fxspec.draft import (EagleCache, HeadsSpec, TreeBuffers, build_heads, draft_loss, greedy_accept,  # noqa: E402
+                          load_heads, save_heads, static_tree, train_draft_heads)
 from fxspec.draft.train import _base_forward  # noqa: E402
 
 V, H = 128, 64
@@ -304,3 +304,100 @@ def test_bad_training_inputs(model, tmp_path, kwargs, exc, match):
     tokens = args.pop("tokens")
     with pytest.raises(exc, match=match):
         train_draft_heads(model, tokens, **args)
+
+
+# --- a whole speculative decode loop on the tiny Llama --------------------------------------------
+
+
+def _verify(model, seq, cand, tree):
+    """One tree-verify forward without a KV cache: the accepted context ``seq`` [1, S] (causal), then the
+    tree's nodes ``cand`` [1, n] (node 0 = the root token) under the tree mask, at positions S + depth.
+    Returns the nodes' logits and LM-head inputs."""
+    c, n = seq.shape[1], tree.num_nodes
+    inp = torch.cat([seq, cand], 1)
+    L = c + n
+    mask = torch.zeros(1, 1, L, L, dtype=torch.bool)
+    mask[0, 0, :c, :c] = torch.ones(c, c, dtype=torch.bool).tril()
+    mask[0, 0, c:, :c] = True
+    mask[0, 0, c:, c:] = tree.mask[0]
+    pos = torch.cat([torch.arange(c), tree.position_ids(c)[0]]).unsqueeze(0)
+    out = model(inp, attention_mask=mask, position_ids=pos, output_hidden_states=True)
+    return out.logits[:, c:], out.hidden_states[-1][:, c:]
+
+
+def _greedy_reference(model, prompt, n):
+    seq = prompt
+    for _ in range(n):
+        seq = torch.cat([seq, model(seq).logits[:, -1:].argmax(-1)], 1)
+    return seq
+
+
+@torch.no_grad()
+def test_medusa_tree_decoding_is_greedy_decoding(model):
+    """Propose from Medusa heads, verify the static tree in one forward with the tree mask, accept
+    greedily: the tokens are exactly plain greedy decoding's."""
+    torch.manual_seed(3)
+    lm, _ = _weights(model)
+    heads = build_heads(HeadsSpec.for_model("medusa", 3, model.config))
+    for p in heads.parameters():
+        p.data.add_(torch.randn_like(p) * 0.02)
+    tree = TreeBuffers.from_paths(static_tree([[0.6, 0.7, 0.8], [0.4, 0.5, 0.6], [0.3, 0.4, 0.5]], 12))
+    prompt, N = torch.randint(0, V, (1, 6)), 16
+    out = model(prompt, output_hidden_states=True)
+    seq, root, h_last = prompt, out.logits[:, -1].argmax(-1), out.hidden_states[-1][:, -1]
+    accepted = 0
+    while seq.shape[1] < prompt.shape[1] + N:
+        cand = heads.propose(h_last, root, tree, lm)
+        logits, hidden = _verify(model, seq, cand, tree)
+        acc = greedy_accept(logits, cand, tree)
+        k = int(acc.num_accepted[0])
+        accepted += k
+        seq = torch.cat([seq, root.view(1, 1), acc.tokens[:, :k]], 1)
+        root, h_last = acc.bonus, hidden[:, int(acc.last_node[0])]
+    ref = _greedy_reference(model, prompt, N)
+    assert torch.equal(seq[:, :ref.shape[1]], ref)
+    assert accepted >= 4  # the random model repeats itself, and fresh heads guess that (measured: 12 of 16)
+
+
+@torch.no_grad()
+def test_eagle_tree_decoding_is_greedy_decoding(model):
+    """EAGLE-2 drafting with the draft KV cache across verify steps (commit the accepted path's real
+    features, crop the draft nodes): the tokens are exactly plain greedy decoding's. The draft layer is
+    made nearly a pass-through of its input feature (fc = [I, 0], small attention and MLP outputs), so it
+    guesses "the base's next token again", which the repetitive random model often accepts."""
+    lm, emb = _weights(model)
+    torch.manual_seed(4)
+    eagle = build_heads(HeadsSpec.for_model("eagle", 3, model.config)).eval()
+    eagle.fc.weight.zero_()
+    eagle.fc.weight[:, :H].copy_(torch.eye(H))
+    eagle.fc.bias.zero_()
+    eagle.o_proj.weight.mul_(0.01)
+    eagle.down_proj.weight.mul_(0.01)
+    spec = eagle.spec
+    accepted = 0
+    prompt, N = torch.randint(0, V, (1, 6)), 16
+    out = model(prompt, output_hidden_states=True)
+    root = out.logits[:, -1].argmax(-1)
+    cache = EagleCache(1, 128, spec.num_key_value_heads, spec.head_dim)
+    feats, toks = out.hidden_states[-1], torch.cat([prompt[:, 1:], root.view(1, 1)], 1)
+    pos = torch.arange(prompt.shape[1]).unsqueeze(0)
+    seq = prompt
+    while seq.shape[1] < prompt.shape[1] + N:
+        drafted = eagle.draft(cache, emb, lm, features=feats, tokens=toks, positions=pos, depth=3, top_k=2,
+                              num_nodes=6)
+        tree = drafted.buffers()
+        assert int(drafted.tokens[0, 0]) == int(root) and cache.length == seq.shape[1]  # committed: the context
+        logits, hidden = _verify(model, seq, drafted.tokens, tree)
+        acc = greedy_accept(logits, drafted.tokens, tree)
+        k = int(acc.num_accepted[0])
+        accepted += k
+        path = acc.path[:, :k + 1]  # root .. last accepted node
+        start = seq.shape[1]
+        seq = torch.cat([seq, root.view(1, 1), acc.tokens[:, :k]], 1)
+        # the accepted nodes' real features and the token after each: the next draft's committed input
+        feats, toks = hidden[:, path[0]], acc.tokens[:, :k + 1]
+        pos = (start + torch.arange(k + 1)).unsqueeze(0)
+        root = acc.bonus
+    ref = _greedy_reference(model, prompt, N)
+    assert torch.equal(seq[:, :ref.shape[1]], ref)
+    assert accepted >= 4, accepted
