@@ -25,6 +25,18 @@ Shapes returned by ``forward``: ``[K, B, T, V]`` logits (``K`` heads or draft de
 ``[i]``. Shared weights (the LM head, the input embeddings) are never parameters of the heads: they are
 passed in, so they are not saved with the heads and are not trained.
 
+What a decode runtime calls (``h_last`` ``[B, H]``: the LM-head input at the last accepted node, ``root``
+``[B]``: the token the base chose there, which becomes the tree's node 0)::
+
+    cand = medusa.propose(h_last, root, tree, lm_head_weight)           # [B, n], static tree
+    cand = hydra.propose(h_last, root, tree, embed_weight, lm_head_weight)
+    drafted = eagle.draft(cache, embed_weight, lm_head_weight, features=F, tokens=X, positions=P,
+                          valid=M, depth=6, top_k=8, num_nodes=59)       # DraftTree, dynamic tree
+
+For EAGLE, ``F`` are the base's LM-head inputs at the nodes accepted by the last verify (root first; the
+prompt after a prefill), ``X`` the token after each (the accepted tokens, then the new root), ``P`` their
+positions; they are committed to the draft cache, the draft nodes are not.
+
 Checkpoints: :func:`save_heads` / :func:`load_heads` (``fxspec.checkpoint``'s format, kind ``"draft_heads"``
 format 1). The JSON document holds ``type``, ``num_heads``, ``hidden_size``, ``vocab_size``,
 ``num_hidden_layers`` (the base's), ``spec`` (every :class:`HeadsSpec` field), ``base`` (``name``,

@@ -31,7 +31,8 @@ measurement that counts.
 
 **Resuming.** ``out/train_state.safetensors`` holds the heads, the optimizer state, the step, the batch
 sampler's random state and the settings; it is written every ``save_every`` steps and at the end, and a
-new call with ``resume=True`` (default) continues from it (to a larger ``steps`` too). Settings that would
+new call with ``resume=True`` (default) continues from it (to a larger ``steps`` too: the learning-rate
+schedule is then the new ``steps``'s from the saved step on). Settings that would
 change the run's meaning (type, heads, window length, batch size, lr, seed, targets, data size) must
 match, or a :class:`fxspec.ConfigError` says which one differs.
 
