@@ -32,10 +32,10 @@ def compile(model: Any, config: str | dict | None = None, **torch_compile_kwargs
     ``model = fxspec.compile(model, "fxspec.toml")``.
 
     Every config mistake raises :class:`ConfigError` here, directly: unknown keys, wrong values, a calibrated
-    method without its calibration file, and a calibration file that is unreadable or was made for another
-    model or config. (Errors raised while ``torch.compile`` runs a backend reach the caller wrapped in
-    ``torch._dynamo.exc.BackendCompilerFailed``, with the ``ConfigError`` as its ``__cause__``; checking
-    here avoids that.)
+    method without its calibration file, and a calibration file (quantize or sparse_ffn) that is unreadable or
+    was made for another model or config. (Errors raised while ``torch.compile`` runs a backend reach the caller
+    wrapped in ``torch._dynamo.exc.BackendCompilerFailed``, with the ``ConfigError`` as its ``__cause__``;
+    checking here avoids that.)
     """
     import torch
 
@@ -49,6 +49,10 @@ def compile(model: Any, config: str | dict | None = None, **torch_compile_kwargs
         stats = load_calibration(cfg.quantize)
         stats.check_layers({n: s for n, s in model_linears(model).items() if n in stats.layers or
                             not n.endswith("lm_head")}, cfg.quantize.calibration)
+    if cfg.sparse_ffn.enabled and cfg.sparse_ffn.sparsity > 0:
+        from .passes.sparse_ffn import check_calibration
+
+        check_calibration(cfg.sparse_ffn)
     return torch.compile(model, backend="fxspec", options=options, **torch_compile_kwargs)
 
 

@@ -141,10 +141,44 @@ class _ReservedSection(_Section):
 
 
 @dataclass
-class SparseFFNConfig(_ReservedSection):
-    """Sparse-activation FFN (CATS/TEAL thresholds). Planned."""
+class SparseFFNConfig(_Section):
+    """Activation sparsity in the FFNs (lossy: runs only when this section is given). Calibrated thresholds
+    zero the small activations of decode steps, and GEMVs that skip the weight rows of zeros turn that into
+    speed (fxspec/passes/sparse_ffn.py)."""
 
     _section = "sparse_ffn"
+    enabled: bool = _opt(False, doc="turn the pass on (implied by giving the section)")
+    method: str = _opt("teal", doc="cats (threshold |SiLU(gate)| of gated FFNs: skip up rows and down columns), "
+                       "teal (threshold |x| at the projections' inputs) or wina (threshold |x| * the weight "
+                       "column norm)", choices=("cats", "teal", "wina"))
+    sparsity: float = _opt(0.5, doc="model-wide fraction of activations zeroed, in [0, 1); 0 leaves the model "
+                           "exactly dense", lo=0.0)
+    calibration: str | None = _opt(None, doc="the file made by `fxspec calibrate MODEL --data TOKENS.pt --for "
+                                   "sparse_ffn --out FILE` (needed when sparsity > 0)")
+    allocation: str = _opt("uniform", doc="how the target spreads over layers: uniform (every site at "
+                           "`sparsity`) or greedy (less where the calibrated output error grows fastest)",
+                           choices=("uniform", "greedy"))
+    attention: bool = _opt(False, doc="teal/wina: also threshold the inputs of q/k/v and o")
+    prefill: str = _opt("dense", doc="steps of more than `max_tokens` rows (prefill): dense (exact, as TEAL "
+                        "serves) or sparse (thresholded too: for perplexity measurements)",
+                        choices=("dense", "sparse"))
+    max_tokens: int = _opt(16, doc="rows (batch x tokens) up to which a step counts as decode", lo=1, hi=16)
+    activation: str = _opt("keep", doc="ReLU-fication for models that will be fine-tuned: keep the model's "
+                           "activation, or replace SiLU/GELU by relu or shifted_relu (relu(x - shift)); "
+                           "changes the model, also in training graphs", choices=("keep", "relu", "shifted_relu"))
+    shift: float = _opt(1.0, doc="shifted_relu: the shift")
+
+    def validate(self) -> None:
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ConfigError(f"sparse_ffn.sparsity = {self.sparsity!r} is out of range; allowed: 0 <= "
+                              f"sparsity < 1 (the fraction of activations zeroed)")
+        if self.enabled and self.sparsity > 0 and self.calibration is None:
+            raise ConfigError(f"sparse_ffn.sparsity = {self.sparsity!r} needs sparse_ffn.calibration = a file "
+                              f"made by `fxspec calibrate MODEL --data TOKENS.pt --for sparse_ffn --out FILE` "
+                              f"(thresholds are calibrated per layer)")
+        if self.attention and self.method == "cats":
+            raise ConfigError("sparse_ffn.attention = true is for method 'teal' or 'wina' (cats thresholds "
+                              "the FFN's gate activation only)")
 
 
 @dataclass
@@ -267,10 +301,11 @@ class FxspecConfig(_Section):
     draft_heads: DraftHeadsConfig = field(default_factory=DraftHeadsConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     passes: list = _opt(factory=list, doc="user passes: \"module:function\" or a table {fn = \"module:function\", "
-                        "after | before = \"<pass>\", position = \"first\" | \"last\"} (default: before "
-                        "quantize_weights); see fxspec/passes/README.md, Writing a pass")
-    pass_options: dict = _opt(factory=dict, doc="[pass_options.<name>]: the options of the user pass <name> "
-                              "(the fields of the dataclass it was registered with)")
+                        "after | before = \"<pass>\" or position = \"first\" | \"last\" | <index>, options = "
+                        "\"module:Dataclass\"} (default: before quantize_weights); see fxspec/passes/README.md, "
+                        "Writing a pass")
+    pass_options: dict = _opt(factory=dict, doc="[pass_options.<name>]: the options of the user pass <name> (the "
+                              "fields of its options dataclass; without one, passed as given as a read-only mapping)")
 
     # -- output ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -360,6 +395,8 @@ def from_dict(d: dict[str, Any]) -> FxspecConfig:
             kwargs[key] = cls(**sec)
         else:
             kwargs[key] = value
+    if isinstance(kwargs.get("passes"), (str, dict)):  # one user pass given without a list
+        kwargs["passes"] = [kwargs["passes"]]
     return FxspecConfig(**kwargs)
 
 

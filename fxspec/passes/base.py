@@ -142,9 +142,8 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, dump: Callable[[str, fx.G
 
     if dump:
         dump("00_input", gm)
-    for i, p in enumerate(effective_pipeline(ctx.config), start=1):
-        if not p.enabled(ctx.config):
-            continue
+    run = [p for p in effective_pipeline(ctx.config) if p.enabled(ctx.config)]
+    for i, p in enumerate(run, start=1):  # stages are numbered by the passes that run
         ctx.current_pass = p.name
         ctx.options = p.options(ctx.config)
         first_event = len(ctx.events)

@@ -23,6 +23,7 @@ from .fuse_gemv_edges import fuse_gemv_edges
 from .fuse_projections import fuse_projections
 from .fuse_rope_cache import fuse_rope_cache
 from .quantize_weights import quantize_weights
+from .sparse_ffn import sparse_ffn
 
 
 def _doc(fn) -> str:
@@ -35,7 +36,9 @@ def _p(fn, section: str, lossy: bool) -> Pass:
 
 #: The run order. Tests may swap the list's contents (``PIPELINE[:] = [...]``) and restore them.
 PIPELINE: list[Pass] = [
-    # -- structural passes (sparse_attention, sparse_ffn, moe, draft_heads) take their places here --
+    # -- structural passes: sparse_attention takes its place here --
+    _p(sparse_ffn, "sparse_ffn", lossy=True),
+    # -- moe, draft_heads take their places here --
     _p(quantize_weights, "quantize", lossy=True),
     _p(fuse_projections, "decode", lossy=False),
     _p(decode_attention, "decode", lossy=False),
