@@ -94,7 +94,7 @@ def calibrate_sparsity(model: nn.Module, tokens: torch.Tensor, *, samples: int =
         sites, _ = find_sites(analysis, None, attention=True)
         for site in sites:
             ws = [example_inputs[li.weight.index].detach() for li in site.consumers]
-            colnorm = torch.cat([w.float() for w in ws], 0).norm(dim=0) if site.kind == "input" else None
+            colnorm = torch.cat([w.float() for w in ws], 0).norm(dim=0).cpu() if site.kind == "input" else None
             name = f"_fxspec_record_{len(recorders)}"
             rec = recorders.setdefault(site.key, _Recorder(site, colnorm, per_call_values, per_call_rows))
             gm.add_submodule(name, rec)
@@ -104,8 +104,8 @@ def calibrate_sparsity(model: nn.Module, tokens: torch.Tensor, *, samples: int =
             after = site.mul if site.kind == "act" else site.node
             with gm.graph.inserting_after(after):
                 gm.graph.call_module(name, args)
-            if site.key not in weights:
-                weights[site.key] = [w.float().cpu() for w in (ws if site.kind == "input" else ws[1:])]
+            if site.key not in weights:  # the weights themselves (no copy): the error curves read them at the end
+                weights[site.key] = ws if site.kind == "input" else ws[1:]
                 found.append(site)
         gm.graph.lint()
         gm.recompile()
@@ -131,14 +131,17 @@ def calibrate_sparsity(model: nn.Module, tokens: torch.Tensor, *, samples: int =
         rec = recorders[site.key]
         st = SiteStats(site.key, site.kind, site.width, site.block, [li.name for li in site.consumers],
                        site.weight_elems)
-        X = torch.cat(rec.rows)
-        H = torch.cat(rec.hrows) if rec.hrows else None
-        W = torch.cat(weights[site.key], 0)  # input: stacked consumers; act: down's weight
+        # the statistics are computed where the model is (an 8B model's error curves are GPU work)
+        X = torch.cat(rec.rows).to(device)
+        H = torch.cat(rec.hrows).to(device) if rec.hrows else None
+        W = torch.cat([w.to(device, torch.float32) for w in weights[site.key]], 0)  # input: consumers stacked
+        colnorm = rec.colnorm.to(device) if rec.colnorm is not None else None
         for score, vals in rec.values.items():
-            v = torch.cat(vals).sort().values
-            pos = (LEVELS * (v.numel() - 1)).round().long()
-            st.quantiles[score] = v[pos].clone()
-            st.error[score] = _error_curve(X, H, W, score, st, site.kind, rec.colnorm)
+            v = torch.cat(vals).to(device).sort().values
+            pos = (LEVELS.to(device) * (v.numel() - 1)).round().long()
+            st.quantiles[score] = v[pos].cpu()
+            st.error[score] = _error_curve(X, H, W, score, st, site.kind, colnorm)
+        del X, H, W
         stats.sites[site.key] = st
     return stats
 
