@@ -84,6 +84,12 @@ def main(argv=None) -> int:
     dense = perplexity(model, val, args.window, windows)
     rows = [{"method": "dense", "allocation": "-", "sparsity": 0.0, "ppl": dense, "rel": 0.0}]
     print(f"dense: ppl {dense:.4f} ({windows} x {args.window} tokens)", flush=True)
+    if args.quantize:  # the quantized model without sparsity: what the sparse rows add to it
+        be = eager_backend({"quantize": {"bits": args.quantize}, "strict": True})
+        ppl = perplexity(model, val, args.window, windows, be)
+        rows.append({"method": f"int{args.quantize} only", "allocation": "-", "sparsity": 0.0, "ppl": ppl,
+                     "rel": ppl / dense - 1})
+        print(f"int{args.quantize} only: ppl {ppl:.4f} ({(ppl / dense - 1) * 100:+.2f}%)", flush=True)
     for method in args.methods.split(","):
         for alloc in args.allocations.split(","):
             for s in [float(x) for x in args.sparsities.split(",")]:
