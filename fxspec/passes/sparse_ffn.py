@@ -272,7 +272,7 @@ def _replace_linear(gm: fx.GraphModule, ctx: PassContext, li: LinearInfo, x: fx.
     copy_meta(new, li.node, values=True)
     li.node.replace_all_uses_with(new)
     gm.graph.erase_node(li.node)
-    ctx.note(li.name, f"input-sparse GEMV ({fmt}{f', group {gs}' if gs else ''})")
+    ctx.note(li.name, f"input-sparse GEMV ({'float' if fmt == 'dense' else fmt}{f', group {gs}' if gs else ''})")
 
 
 def _rewrite_input(gm: fx.GraphModule, ctx: PassContext, site: Site, t: float, formats: _QuantChoice,
@@ -308,7 +308,8 @@ def _rewrite_act(gm: fx.GraphModule, ctx: PassContext, site: Site, t: float, for
     copy_meta(h, mul, values=True)
     mul.replace_all_uses_with(h)
     gm.graph.erase_node(mul)
-    ctx.note(up.name, f"output-sparse GEMV: rows of inactive neurons skipped ({fmt}{f', group {gs}' if gs else ''})")
+    ctx.note(up.name, f"output-sparse GEMV: rows of inactive neurons skipped "
+                      f"({'float' if fmt == 'dense' else fmt}{f', group {gs}' if gs else ''})")
     _replace_linear(gm, ctx, down, down.input, formats, down.node)
 
 
