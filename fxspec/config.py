@@ -196,10 +196,48 @@ class SparseAttentionConfig(_ReservedSection):
 
 
 @dataclass
-class DraftHeadsConfig(_ReservedSection):
-    """Medusa/Hydra draft heads with lossless speculative verification. Planned."""
+class DraftHeadsConfig(_Section):
+    """Speculative decoding with draft heads (Medusa, Hydra, EAGLE) on the LM head's input, verified by the base
+    model in one forward over a candidate tree. Lossless unless ``acceptance = "typical"``: greedy decoding gives
+    exactly plain greedy decoding's tokens, sampling keeps the base's distribution. Used by ``fxspec.generate`` /
+    ``fxspec.Generator`` (fxspec/runtime/speculative.py); the ``draft_heads`` pass only opens the channel that
+    hands the runtime the LM head's input (fxspec/passes/draft_heads.py)."""
 
     _section = "draft_heads"
+    enabled: bool = _opt(False, doc="decode speculatively (implied by giving the section)")
+    type: str = _opt("medusa", doc="medusa (independent heads), hydra (heads that read the tokens drafted before "
+                     "them) or eagle (one draft decoder layer run autoregressively over its own features)",
+                     choices=("medusa", "hydra", "eagle"))
+    num_heads: int | None = _opt(None, doc="heads (medusa, hydra) or draft depths (eagle); unset: the "
+                                 "checkpoint's, 4 for fresh heads", lo=1, hi=16)
+    checkpoint: str | None = _opt(None, doc="heads trained by `fxspec train-draft-heads MODEL --data TOKENS.pt "
+                                  "--type TYPE --out DIR` (the directory or its draft_heads.safetensors); unset: "
+                                  "freshly initialised heads, with a warning (lossless, but few drafts accepted)")
+    tree: str | None = _opt(None, doc="candidate tree: static (a fixed set of top-k paths: the checkpoint's, "
+                            "chosen from its measured accuracies) or dynamic (EAGLE-2: grown per step from the "
+                            "draft's own confidence); unset: static for medusa/hydra, dynamic for eagle (which "
+                            "drafts dynamic trees only)", choices=("static", "dynamic"))
+    tree_nodes: int | None = _opt(None, doc="draft tokens verified per step (the root excluded); unset: the "
+                                  "checkpoint's static tree (fresh heads: 15), 24 for dynamic trees", lo=1, hi=1024)
+    depth: int | None = _opt(None, doc="dynamic trees: draft tokens on the longest path (unset: num_heads; "
+                             "medusa/hydra: at most num_heads)", lo=1, hi=16)
+    top_k: int = _opt(4, doc="dynamic trees: children per expanded node, and nodes expanded per depth", lo=1, hi=64)
+    acceptance: str = _opt("exact", doc="exact (greedy: plain greedy decoding's tokens; sampling: lossless "
+                           "speculative sampling) or typical (Medusa's typical acceptance: LOSSY, the output "
+                           "no longer follows the base's distribution; sampling only)", choices=("exact", "typical"))
+    posterior_threshold: float = _opt(0.09, doc="typical acceptance: accept a draft token whose probability "
+                                      "exceeds min(posterior_threshold, posterior_alpha * exp(-entropy))",
+                                      lo=0.0, hi=1.0)
+    posterior_alpha: float = _opt(0.3, doc="typical acceptance: see posterior_threshold", lo=0.0, hi=1.0)
+
+    def validate(self) -> None:
+        if self.type == "eagle" and self.tree == "static":
+            raise ConfigError("draft_heads.tree = 'static' is for medusa and hydra heads; eagle drafts a dynamic "
+                              "tree (remove draft_heads.tree or set it to 'dynamic')")
+        if self.type != "eagle" and self.depth is not None and self.num_heads is not None \
+                and self.depth > self.num_heads:
+            raise ConfigError(f"draft_heads.depth = {self.depth} exceeds draft_heads.num_heads = {self.num_heads}: "
+                              f"{self.type} head i drafts depth i + 1")
 
 
 @dataclass

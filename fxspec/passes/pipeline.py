@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from .base import Pass
 from .decode_attention import decode_attention
+from .draft_heads import draft_heads
 from .fuse_gemv_edges import fuse_gemv_edges
 from .fuse_projections import fuse_projections
 from .fuse_rope_cache import fuse_rope_cache
@@ -38,7 +39,8 @@ def _p(fn, section: str, lossy: bool) -> Pass:
 PIPELINE: list[Pass] = [
     # -- structural passes: sparse_attention takes its place here --
     _p(sparse_ffn, "sparse_ffn", lossy=True),
-    # -- moe, draft_heads take their places here --
+    # -- moe takes its place here --
+    _p(draft_heads, "draft_heads", lossy=False),
     _p(quantize_weights, "quantize", lossy=True),
     _p(fuse_projections, "decode", lossy=False),
     _p(decode_attention, "decode", lossy=False),

@@ -131,6 +131,15 @@ class Generator:
     ``ValueError`` for a value out of range, each naming the argument and what it accepts.
     """
 
+    def __new__(cls, model: torch.nn.Module | None = None, *args: Any, config: dict | None = None, **kwargs: Any):
+        # a config with [draft_heads] decodes speculatively (fxspec/runtime/speculative.py)
+        if cls is Generator:
+            from .speculative import SpeculativeGenerator, wants_speculative
+
+            if wants_speculative(config):
+                cls = SpeculativeGenerator
+        return super().__new__(cls)
+
     def __init__(self, model: torch.nn.Module, max_batch_size: int = 1, max_cache_len: int = 2048, *,
                  config: dict | None = None, backend: str | Callable | None = None,
                  cuda_graphs: bool | str = "auto", compile: bool = True, fullgraph: bool = True,
@@ -679,6 +688,9 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor | Sequence[int] | S
     backend = backend if backend is not None else default_backend()
     config = dict(config) if config else {}
     graphs = _resolve_cuda_graphs(cuda_graphs, model)
+    from .speculative import cache_room
+
+    need += 0 if max_cache_len else cache_room(config)  # [draft_heads]: room for the verified tree
     fits = [g for g in list(_LIVE)
             if g.model is model and g.B >= b and g.config == config and g.backend == backend
             and g.cuda_graphs == graphs and (g.L == max_cache_len if max_cache_len else g.L >= need)]
