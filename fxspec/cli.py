@@ -5,6 +5,8 @@
     fxspec pipeline [--config FILE] [--set KEY=VALUE ...]
     fxspec calibrate MODEL --data TOKENS.pt --out FILE.safetensors [--bits 4] [--group-size 128]
                      [--method awq] [--include-lm-head] [--progress | --no-progress]
+    fxspec train-draft-heads MODEL --data TOKENS.pt --type medusa|hydra|eagle --out DIR [--num-heads 4] [--steps N]
+                     [--batch-size B] [--seq-len N] [--lr LR] [--device cpu|cuda] [--dtype D]
     fxspec experiment CONFIG.toml [CONFIG.toml ...] --model MODEL --data TOKENS.pt [--batch 1,8] [--prompt 32]
                      [--new 64] [--ppl-tokens 4096] [--ppl-len N] [--reps 3] [--eager-prefill] [--out DIR]
                      [--progress | --no-progress]
@@ -87,6 +89,7 @@ examples:
   fxspec inspect hf:llama --set quantize.bits=4
   fxspec config --schema
   fxspec calibrate ../shared/ref-lm --data tokens.pt --out awq.safetensors --method awq
+  fxspec train-draft-heads ../shared/ref-lm --data tokens.pt --type medusa --out heads/
   fxspec experiment int8.toml --model ../shared/ref-lm --data ../shared/ref-lm/val_tokens.pt
 
 Mistakes (a missing file, a bad value, ids outside the vocabulary) are reported in one line,
@@ -405,6 +408,67 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not v > 0 or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return v
+
+
+def check_out_dir(path: str, flag: str = "--out") -> None:
+    """UsageError unless ``path`` can be a directory to write into: an existing writable directory, or a new one
+    in an existing writable directory."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path!r} is a file; name a directory (it is created if missing)")
+    target = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(target):
+        raise UsageError(f"{flag} {path!r}: the directory {os.path.dirname(path) or target!r} does not exist; "
+                         f"create it first")
+    if not os.access(target, os.W_OK):
+        raise UsageError(f"{flag} {path!r}: the directory {target!r} is not writable")
+
+
+def cmd_train_draft_heads(args: argparse.Namespace) -> int:
+    # everything that can be checked without the model, before loading it
+    check_out_dir(args.out)
+    if args.seq_len < args.num_heads + 3:
+        raise UsageError(f"--seq-len {args.seq_len} is too short for --num-heads {args.num_heads} (need at least "
+                         f"num_heads + 3 = {args.num_heads + 3})")
+    check_model_spec(args.model)
+    tokens = load_tokens(args.data)
+    windows = tokens.numel() // args.seq_len
+    if windows < 2:
+        raise UsageError(f"--data {args.data!r}: {tokens.numel()} tokens make {windows} window(s) of --seq-len "
+                         f"{args.seq_len}; need at least 2 (one is held out to measure the heads' accuracy): pass "
+                         f"more tokens or a smaller --seq-len")
+
+    import torch
+
+    from .draft.train import train_draft_heads
+    from .runtime.inputs import input_vocab_size
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is available on this machine")
+    model, _ = load_model(args.model, args.dtype)
+    check_token_range(tokens, input_vocab_size(model), args.data)
+    if not (callable(getattr(model, "get_output_embeddings", None)) and model.get_output_embeddings() is not None):
+        raise UsageError(f"MODEL {args.model!r}: {type(model).__name__} has no LM head (get_output_embeddings()); "
+                         f"draft heads need a causal LM")
+    res = train_draft_heads(model, tokens, type=args.type, num_heads=args.num_heads, out=args.out, steps=args.steps,
+                            batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, device=device,
+                            targets=args.targets, resume=args.resume, tree_nodes=args.tree_nodes,
+                            progress=bool(args.progress) if args.progress is not None else sys.stderr.isatty())
+    top1 = ", ".join(f"{a:.3f}" for a in res.top1)
+    print(f"wrote {res.path} ({args.type}, {res.spec.num_heads} heads, {res.step} steps, loss {res.loss:.4f}); "
+          f"held-out top-1 accuracy per head: {top1}; static tree of {len(res.tree)} nodes")
+    print(f"use it with: draft_heads = {{type = \"{args.type}\", checkpoint = \"{args.out}\"}}")
+    return 0
+
+
 def _batch_list(text: str) -> list[int]:
     """``--batch 1,8`` -> [1, 8]."""
     parts = [p.strip() for p in text.split(",")]
@@ -576,6 +640,42 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                     help="a progress bar on stderr (default: when stderr is a terminal)")
     sp.set_defaults(fn=cmd_calibrate)
+
+    sp = sub.add_parser(
+        "train-draft-heads", parents=[debug], formatter_class=raw,
+        help="train Medusa / Hydra / EAGLE draft heads for speculative decoding ([draft_heads])",
+        description="Train draft heads on a frozen MODEL with windows of the token ids in --data (self-distillation: "
+                    "the heads\nlearn the model's own next-token distributions), measure their top-k accuracy on "
+                    "held-out windows,\nchoose a static tree from it, and write DIR/draft_heads.safetensors (and "
+                    "DIR/train_state.safetensors:\na run started again with the same settings continues). The inputs "
+                    f"are checked before the model is loaded.\n\n{_MODEL_HELP}",
+        epilog="example:\n"
+               "  python examples/make_tokens.py --tokenizer ../shared/ref-lm/tokenizer.json --out tokens.pt\n"
+               "  fxspec train-draft-heads ../shared/ref-lm --data tokens.pt --type medusa --out heads/ --steps 500\n"
+               "then decode with config={\"draft_heads\": {\"type\": \"medusa\", \"checkpoint\": \"heads/\"}}")
+    sp.add_argument("model", metavar="MODEL", help="hf:FAMILY, a model directory, or module:function")
+    sp.add_argument("--data", required=True, metavar="TOKENS.pt",
+                    help="a .pt file of token ids (a 1-D or 2-D integer tensor, saved with torch.save)")
+    sp.add_argument("--type", required=True, choices=["medusa", "hydra", "eagle"], help="the draft head type")
+    sp.add_argument("--out", required=True, metavar="DIR", help="directory for the heads (created if missing)")
+    sp.add_argument("--num-heads", type=_positive_int, default=4, metavar="K",
+                    help="heads (medusa, hydra) or draft depths (eagle) (default 4)")
+    sp.add_argument("--steps", type=_positive_int, default=1000, metavar="N", help="optimizer steps (default 1000)")
+    sp.add_argument("--batch-size", type=_positive_int, default=8, metavar="B", help="windows per step (default 8)")
+    sp.add_argument("--seq-len", type=_positive_int, default=512, metavar="N", help="tokens per window (default 512)")
+    sp.add_argument("--lr", type=_positive_float, default=1e-3, help="peak learning rate (default 1e-3)")
+    sp.add_argument("--targets", default="self", choices=["self", "data"],
+                    help="self: the model's own distributions (default); data: the next token of the text")
+    sp.add_argument("--tree-nodes", type=_positive_int, default=63, metavar="N",
+                    help="draft nodes of the static tree written with the heads (default 63)")
+    sp.add_argument("--device", default=None, choices=("cuda", "cpu"),
+                    help="where to train (default: cuda when a GPU is available, else cpu)")
+    sp.add_argument("--dtype", default="float32", choices=dtypes, help="the model's dtype (the heads train in float32)")
+    sp.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                    help="continue from DIR's training state when there is one (default: yes)")
+    sp.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                    help="a progress bar on stderr (default: when stderr is a terminal)")
+    sp.set_defaults(fn=cmd_train_draft_heads)
 
     sp = sub.add_parser(
         "experiment", parents=[debug], formatter_class=raw,
