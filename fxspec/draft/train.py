@@ -1,7 +1,7 @@
 """Training draft heads on a frozen base model, and the loss that joint training shares.
 
     from fxspec.draft import train_draft_heads
-    tokens = torch.load("tokens.pt")                      # 1-D token ids (examples/make_tokens.py)
+    tokens = torch.load("tokens.pt", weights_only=True)  # 1-D token ids (examples/make_tokens.py)
     res = train_draft_heads(model, tokens, type="medusa", num_heads=4, out="heads/", steps=2000,
                             batch_size=8, seq_len=512, lr=1e-3)
     res.top1, res.tree                                    # held-out accuracy per head, the static tree
