@@ -21,6 +21,7 @@ from .graph.frozen import StaleWeightError, mark_weights_changed
 from .passes.user import register_pass, unregister_pass
 from .report import Report, explain
 from .runtime import Generator, generate
+from .training import aux_loss
 
 register()
 
@@ -64,5 +65,6 @@ def pipeline(config: dict | None = None) -> str:
 
 
 __all__ = ["ConfigError", "FxspecWarning", "FxspecConfig", "Generator", "Report", "generate", "StaleWeightError",
-           "compile", "counters", "explain", "fxspec_backend", "load_config", "mark_weights_changed", "pipeline",
-           "recent_reports", "register", "register_pass", "reset_counters", "unregister_pass", "__version__"]
+           "aux_loss", "compile", "counters", "explain", "fxspec_backend", "load_config", "mark_weights_changed",
+           "pipeline", "recent_reports", "register", "register_pass", "reset_counters", "unregister_pass",
+           "__version__"]

@@ -1,0 +1,128 @@
+"""The training-time API shared by the passes that train something (draft heads, attention gates, routers):
+``loss = loss + fxspec.aux_loss(model)``.
+
+A pass that trains a small module next to a frozen base model does not change what the compiled graph
+returns. Instead it inserts :func:`torch.ops.fxspec.stash` calls that hand the tensors its loss needs (the
+LM head's input, a layer's q/k, ...) to the process, detached; after the forward, ``fxspec.aux_loss(model)``
+runs each registered :class:`AuxTerm` on those tensors, eagerly and with autograd, so the loss is
+differentiable with respect to the trained modules' parameters (which the term registers on ``model``, so
+that an optimizer built after ``fxspec.compile`` updates them) and to nothing in the base model (the base
+is frozen: the stashed tensors are detached). This is the Medusa-1 / SeerAttention recipe (heads or gates
+trained by self-distillation against a frozen base); training the base jointly (Medusa-2) needs the aux
+loss inside the graph and is not offered.
+
+    model = fxspec.compile(model, "fxspec.toml")        # a config with a training pass's section
+    opt = torch.optim.AdamW(model.parameters())         # includes the trained modules
+    for batch in data:
+        loss = model(**batch).loss + fxspec.aux_loss(model)
+        loss.backward(); opt.step(); opt.zero_grad()
+
+``aux_loss`` raises when no forward since the last call stashed anything (a pass that did not run, or the
+model was not compiled through fxspec), instead of returning a silent zero; ``aux_loss(model,
+missing_ok=True)`` returns 0 then. Each call consumes the stash of one forward.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+__all__ = ["AuxTerm", "aux_loss", "register_term", "terms", "stash_key", "stashed", "clear"]
+
+#: key -> the tensor the last forward stashed under it (detached)
+_STASH: dict[str, torch.Tensor] = {}
+#: id(model) -> (weakref to the model, its terms)
+_TERMS: dict[int, tuple[weakref.ref, list[AuxTerm]]] = {}
+
+
+@dataclass
+class AuxTerm:
+    """One auxiliary loss: ``fn(stash) -> scalar tensor`` over the tensors stashed under ``keys``."""
+
+    name: str
+    keys: list[str]
+    fn: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+    weight: float = 1.0
+    last: dict[str, float] = field(default_factory=dict)  # the last values, for logging
+
+
+def stash_key(model: torch.nn.Module, what: str) -> str:
+    """The stash key of ``what`` for ``model`` (unique per live model object)."""
+    return f"{id(model)}:{what}"
+
+
+def register_term(model: torch.nn.Module, term: AuxTerm) -> None:
+    """Make ``fxspec.aux_loss(model)`` include ``term`` (replacing a term of the same name)."""
+    ref, lst = _TERMS.get(id(model), (None, []))
+    if ref is None or ref() is not model:
+        lst = []
+    lst = [t for t in lst if t.name != term.name] + [term]
+    _TERMS[id(model)] = (weakref.ref(model), lst)
+
+
+def terms(model: torch.nn.Module) -> list[AuxTerm]:
+    ref, lst = _TERMS.get(id(model), (None, []))
+    return lst if ref is not None and ref() is model else []
+
+
+def stashed(key: str) -> torch.Tensor | None:
+    return _STASH.get(key)
+
+
+def clear() -> None:
+    _STASH.clear()
+
+
+def aux_loss(model: torch.nn.Module, *, missing_ok: bool = False) -> torch.Tensor:
+    """The sum of the auxiliary losses of ``model``'s training passes on its last forward (see the module
+    docstring). Consumes that forward's stash."""
+    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper
+    ts = terms(model)
+    if not ts:
+        if missing_ok:
+            return torch.zeros(())
+        raise RuntimeError("fxspec.aux_loss: this model has no fxspec training pass; compile it with "
+                           "fxspec.compile(model, config) where the config has a section that trains something "
+                           "(e.g. [draft_heads] with a training graph)")
+    total = None
+    for t in ts:
+        missing = [k for k in t.keys if k not in _STASH]
+        if missing:
+            if missing_ok:
+                continue
+            raise RuntimeError(f"fxspec.aux_loss: nothing stashed for {t.name} since the last call ({missing[0]}): "
+                               f"run a training forward (grad mode on) of the compiled model first; if it ran, the "
+                               f"fxspec pass did not apply (see fxspec.explain / the FxspecWarning)")
+        value = t.fn({k: _STASH[k] for k in t.keys}) * t.weight
+        t.last = {"loss": float(value.detach())}
+        total = value if total is None else total + value
+    for t in ts:
+        for k in t.keys:
+            _STASH.pop(k, None)
+    return total if total is not None else torch.zeros(())
+
+
+# -- the stash op ---------------------------------------------------------------------------------
+
+@torch.library.custom_op("fxspec::stash", mutates_args=())
+def stash(x: torch.Tensor, key: str) -> torch.Tensor:
+    """Keep ``x`` (detached) for :func:`aux_loss` under ``key``; returns a copy of ``x`` that the graph uses in
+    its place (a custom op may not return its input, and a call whose result is unused could be dropped by a
+    compiler). The gradient passes through unchanged."""
+    _STASH[key] = x.detach()
+    return x.clone()
+
+
+@stash.register_fake
+def _stash_fake(x, key):
+    return torch.empty_like(x)
+
+
+def _stash_backward(ctx, grad):
+    return grad, None
+
+
+stash.register_autograd(_stash_backward)
