@@ -258,6 +258,20 @@ def test_speculative_sampling_keeps_the_distribution():
     assert min(acc) > 1.0  # drafts were accepted in every call: the tree path was exercised
 
 
+def test_typical_acceptance_is_opt_in_and_greedy_stays_exact(models, plain_eager):
+    """``acceptance = "typical"`` (lossy) runs for sampling; greedy calls keep exact verification."""
+    m = models["llama"]
+    gen = _fresh(m, _draft("hydra", acceptance="typical", posterior_threshold=0.05), compile=False)
+    ids, mask = _case("ragged")
+    assert torch.equal(gen.generate(ids, N_NEW, attention_mask=mask),
+                       plain_eager["llama"].generate(ids, N_NEW, attention_mask=mask))
+    out = gen.generate(ids, N_NEW, attention_mask=mask, do_sample=True, temperature=0.7, seed=0)
+    assert out.shape == (3, 11 + N_NEW) and gen.last_stats["steps"] >= 1
+    assert torch.equal(out, gen.generate(ids, N_NEW, attention_mask=mask, do_sample=True, temperature=0.7, seed=0))
+    with pytest.raises(ConfigError, match="posterior_alpha = 1.5 is out of range"):
+        _fresh(m, _draft("hydra", acceptance="typical", posterior_alpha=1.5))
+
+
 # --- errors ---------------------------------------------------------------------------------------------------
 
 

@@ -48,8 +48,9 @@ differs, so a seed gives other tokens than :class:`fxspec.Generator` without the
 ``acceptance = "typical"`` is lossy and applies to sampling only (greedy calls stay exact).
 
 **Stats.** ``gen.last_stats``: ``steps`` (verify forwards), ``mean_accepted`` (tokens emitted per verify
-step and active row: accepted drafts + the bonus), ``mean_accepted_per_row``, ``tree_nodes``,
-``compactions``; running totals in ``gen.stats`` (``spec_steps``, ``spec_tokens``).
+step and active row: accepted drafts + the bonus), ``mean_accepted_per_row``, ``tokens_per_step`` (per
+step, each row's tokens; 0 once a row is done), ``tree_nodes``, ``compactions``; running totals in
+``gen.stats`` (``spec_steps``, ``spec_tokens``).
 
 Not yet: CUDA graphs for the draft and verify steps (each is a compiled call; the host builds the tree
 mask and moves the accepted K/V between steps) -- TODO: static mask / candidate / position buffers and
@@ -311,7 +312,7 @@ class SpeculativeGenerator(Generator):
         rows = torch.arange(B, device=dev)
         steps, emitted = 0, torch.zeros(B, dtype=torch.long, device=dev)
         active_steps = torch.zeros(B, dtype=torch.long, device=dev)
-        compactions = 0
+        compactions, history = 0, []
         while True:
             done = finished | (count >= cap)
             if bool(done[:b].all()):
@@ -360,6 +361,7 @@ class SpeculativeGenerator(Generator):
             self._emit(out, count, finished, acc.tokens, torch.where(done, 0, k + 1), eos, cap)
             streamed = self._stream(out, count, finished, streamed, b, cap, streamer, bar)
             emitted += torch.where(done, 0, k + 1)
+            history.append(torch.where(done, 0, k + 1)[:b].tolist())
             active_steps += (~done).long()
             steps += 1
             if eagle is not None:
@@ -379,7 +381,7 @@ class SpeculativeGenerator(Generator):
         self.last_stats = {
             "steps": steps, "tree_nodes": self.n_nodes, "compactions": compactions,
             "mean_accepted": float(emitted[:b].sum()) / max(total_steps, 1),
-            "mean_accepted_per_row": per_row, "new_tokens": n_new,
+            "mean_accepted_per_row": per_row, "new_tokens": n_new, "tokens_per_step": history,
         }
         self.stats["calls"] += 1
         self.stats["spec_steps"] += steps
