@@ -10,6 +10,7 @@ the ``@triton.jit`` kernels in files named by path:
 * ``quant``: weight-only quantized linears (int8 / int4 / fp8; ``pack.py`` holds the packed formats);
 * ``attention``: one-token decode attention over a KV cache;
 * ``sparse``: decode GEMVs that skip the weight rows of zero activations (input- and output-sparse).
+* ``block_sparse``: learned block-sparse attention (kept key blocks only; the gates' block stats; decode).
 
 Families share only :mod:`._triton` (interpreter switch, device facts, split-K workspace, programmatic
 dependent launch, the shared ``@triton.jit`` helpers, autotune and the per-GPU tables in
