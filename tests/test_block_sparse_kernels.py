@@ -414,6 +414,23 @@ def test_decode_split_plan_depends_on_shapes_only():
     assert L.plan_splits(1, 8, 51, 132) == (26, 2)
 
 
+def test_ops_take_the_reference_off_the_gpu_path(monkeypatch):
+    """The CUDA implementations' path choice: CPU tensors, fp32 and head dims over MAX_HEAD_DIM never reach
+    the Triton launchers."""
+    from fxspec.lowering.block_sparse import ops as O
+    q = torch.randn(1, 2, 4, 64, dtype=torch.bfloat16)
+    assert not O._use_triton(q)  # CPU
+    monkeypatch.setattr(O, "triton_available", lambda: True)
+
+    class FakeCuda:  # what _use_triton looks at
+        def __init__(self, t):
+            self.is_cuda, self.dtype, self.shape = True, t.dtype, t.shape
+
+    assert O._use_triton(FakeCuda(q)) and O._use_triton(FakeCuda(q.half()))
+    assert not O._use_triton(FakeCuda(q.float()))
+    assert not O._use_triton(FakeCuda(torch.empty(1, 2, 4, O.MAX_HEAD_DIM * 2, dtype=torch.bfloat16)))
+
+
 def test_launcher_rejects_cpu_tensors_without_interpreter():
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET", "0") == "1":

@@ -52,6 +52,11 @@ Implementations: CUDA with bf16/fp16 inputs, D <= 128 and Triton -> the kernels 
 :mod:`.prefill` converts the mask to index lists and visits only the kept blocks, so the cost scales with
 the density; :mod:`.stats`; :mod:`.decode`, split-K over the selected blocks + a combine); everything else
 (CPU, fp32) -> the fp32 references of :mod:`.reference`.  Inference ops: no autograd formula.
+
+Mask per query head or per KV head: both are accepted by one kernel whose program owns one query head and
+one query block; with a per-KV-head mask the G programs of a group visit the same blocks, so their K/V
+loads meet in L2 rather than being shared in registers (a G-heads-per-program variant is possible for
+small blocks; not written).  Decode is per KV head group by construction.
 """
 
 from __future__ import annotations
