@@ -11,8 +11,8 @@ calibrated quantiles for its sparsity (uniform allocation). Accuracy on a traine
 
 Rows, in priority order (each ``fxspec.runtime.Generator``: compiled prefill, compiled + CUDA-graphed decode;
 prefill stays dense, ``sparse_ffn.prefill = "dense"``): per batch, the dense baseline (``fxspec bf16``: the
-default config, the decode rewrites on), then sparse configs: ``teal+attn s`` (every projection's input
-thresholded, TEAL's setting), ``teal s`` (FFN only), ``cats s``; and ``int8`` vs ``int8 teal+attn s``.
+default config, the decode rewrites on), then sparse configs: ``teal s`` (the FFN's inputs), ``cats s``,
+``teal+attn s`` (every projection's input thresholded, TEAL's setting); and ``int8`` vs ``int8 teal s``.
 Decode tok/s = B x (N - 1) / (t(N new) - t(1 new)) (prefill excluded); speedup = sparse / dense of the same
 batch and weight format, measured in this run.
 """
@@ -44,13 +44,13 @@ def rows_plan(batches: list[int], quick: bool) -> list[tuple[int, str, dict]]:
     plan = []
     for b in batches:
         plan.append((b, "bf16 dense", {}))
-        plan.append((b, "bf16 teal+attn 0.5", sp("teal", 0.5, True)))
+        plan.append((b, "bf16 teal 0.5", sp("teal", 0.5)))
         if b == batches[0]:
-            plan += [(b, "bf16 teal+attn 0.4", sp("teal", 0.4, True)), (b, "bf16 teal 0.5", sp("teal", 0.5)),
-                     (b, "bf16 cats 0.5", sp("cats", 0.5)),
+            plan += [(b, "bf16 cats 0.5", sp("cats", 0.5)), (b, "bf16 teal+attn 0.5", sp("teal", 0.5, True)),
+                     (b, "bf16 teal 0.4", sp("teal", 0.4)),
                      (b, "int8 dense", {"quantize": {"bits": 8}}),
-                     (b, "int8 teal+attn 0.5", {**sp("teal", 0.5, True), "quantize": {"bits": 8}}),
-                     (b, "bf16 teal+attn 0.8", sp("teal", 0.8, True))]
+                     (b, "int8 teal 0.5", {**sp("teal", 0.5), "quantize": {"bits": 8}}),
+                     (b, "bf16 teal 0.8", sp("teal", 0.8))]
     return plan[:3] if quick else plan
 
 

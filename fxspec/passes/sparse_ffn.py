@@ -291,8 +291,46 @@ def _rewrite_input(gm: fx.GraphModule, ctx: PassContext, site: Site, t: float, f
 
             thr = ctx.frozen.freeze_group(idx, ws, f"{site.key}.wina", derive, insert_before=first)["thr"]
         x = _threshold(gm, x, thr, first)
-    for li in site.consumers:
-        _replace_linear(gm, ctx, li, x, formats, li.node)
+    groups: dict[tuple, list[LinearInfo]] = {}
+    for li in site.consumers:  # bias-free linears of one format and dtype share one launch (q/k/v, gate/up)
+        fmt, gs = formats(li)
+        w = ctx.example_value(li.weight.index)
+        if li.bias is None and len(site.consumers) > 1:
+            groups.setdefault((fmt, gs, w.dtype), []).append(li)
+        else:
+            _replace_linear(gm, ctx, li, x, formats, li.node)
+    for (fmt, gs, _), lis in groups.items():
+        if len(lis) == 1:
+            _replace_linear(gm, ctx, lis[0], x, formats, lis[0].node)
+        else:
+            _replace_group(gm, ctx, lis, x, fmt, gs)
+
+
+def _replace_group(gm: fx.GraphModule, ctx: PassContext, lis: list[LinearInfo], x: fx.Node, fmt: str,
+                   gs: int | None) -> None:
+    """Linears reading one thresholded input -> one input-sparse op on their weights packed side by side
+    (``W^T = [W_0^T | W_1^T | ...]``: one launch reads each active row once), narrowed back per linear."""
+    first = min((li.node for li in lis), key=lambda n: node_position(gm, n))
+    pack = _pack("cols", fmt, gs, ctx.config.quantize.symmetric)
+    idx = [li.weight.index for li in lis]
+    ws = [ctx.example_value(i) for i in idx]
+    consts = ctx.frozen.freeze_group(idx, ws, "+".join(li.name for li in lis) + ".weight",
+                                     lambda ws: pack([torch.cat(ws, 0)]), insert_before=first)
+    with gm.graph.inserting_before(first):
+        new = _call(gm.graph, "cols", fmt, gs, x, consts)
+    val = example(lambda v: v.new_empty((*v.shape[:-1], sum(li.out_features for li in lis))), x)
+    if val is not None:
+        new.meta["val"] = new.meta["example_value"] = val
+    start = 0
+    for li in lis:
+        with gm.graph.inserting_before(li.node):
+            out = gm.graph.call_function(torch.narrow, (new, -1, start, li.out_features))
+        copy_meta(out, li.node, values=True)
+        start += li.out_features
+        li.node.replace_all_uses_with(out)
+        gm.graph.erase_node(li.node)
+    ctx.note("+".join(li.name for li in lis), f"one input-sparse GEMV over {len(lis)} packed weights "
+             f"({'float' if fmt == 'dense' else fmt}{f', group {gs}' if gs else ''})")
 
 
 def _rewrite_act(gm: fx.GraphModule, ctx: PassContext, site: Site, t: float, formats: _QuantChoice) -> None:

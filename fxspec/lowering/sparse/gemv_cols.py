@@ -33,7 +33,7 @@ import triton.language as tl
 
 from .common import _int8_bytes_to_f32, _nibbles_to_f32, _store_tile
 
-__all__ = ["_cols_kernel"]
+__all__ = ["_cols_kernel", "_cols1_kernel"]
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -106,3 +106,48 @@ def _cols_kernel(X, W, S, Z, B, Y, WS, CNT,
     num_m = tl.num_programs(0)
     _store_tile(acc, Y, y_offs, mask, WS, CNT, local, pid_n * num_m + pid_m, num_m * tl.num_programs(2), SPLIT_K,
                 BLOCK_M * BLOCK_N, acc, False, INTERP)
+
+
+@triton.jit
+def _cols1_kernel(X, W, S, B, Y, WS, CNT, N, K, stride_wk, SPLIT_K,
+                  FMT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  EVEN_N: tl.constexpr, INTERP: tl.constexpr):
+    # One row of x (batch-1 decode), float or int8 weights.  The weight tile [BLOCK_K, BLOCK_N] is spread
+    # over the threads along both axes and accumulated elementwise into an fp32 [BLOCK_K, BLOCK_N] tile;
+    # the sum over K happens once, after the loop.  A thread needs only the x entries of the rows it
+    # loads (no broadcast of x, no cross-thread work per step), so many weight rows stay in flight; a
+    # row whose x entry is zero is masked off (constant along N: its loads issue no memory traffic).
+    pid_k = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    nblk = tl.cdiv(K, BLOCK_K)
+    per = tl.cdiv(nblk, SPLIT_K)
+    kb_lo = pid_k * per
+    kb_hi = tl.minimum(kb_lo + per, nblk)
+    ak = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    for kb in range(kb_lo, kb_hi):
+        offs_k = kb * BLOCK_K + ak
+        xv = tl.load(X + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)       # [BK]
+        act = xv != 0.0
+        w_ptrs = W + (offs_k.to(tl.int64) * stride_wk)[:, None] + offs_n[None, :]
+        if EVEN_N:
+            w = tl.load(w_ptrs, mask=act[:, None], other=0, eviction_policy="evict_first")
+        else:
+            w = tl.load(w_ptrs, mask=act[:, None] & n_mask[None, :], other=0, eviction_policy="evict_first")
+        if FMT == 1:
+            wf = _int8_bytes_to_f32(w)
+        else:
+            wf = w.to(tl.float32)
+        acc += xv[:, None] * wf
+    y = tl.sum(acc, axis=0)                                                       # [BN]
+    if FMT == 1:
+        y = y * tl.load(S + offs_n, mask=n_mask, other=0.0)
+    if HAS_BIAS:
+        if pid_k == 0:
+            y += tl.load(B + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    y2 = y[None, :]
+    local = tl.arange(0, BLOCK_N)[None, :]
+    _store_tile(y2, Y, offs_n[None, :], n_mask[None, :], WS, CNT, local, pid_n, tl.num_programs(2), SPLIT_K,
+                BLOCK_N, y2, False, INTERP)

@@ -30,7 +30,7 @@ import triton
 from .._triton.device import cuda_index, device_name, interpret, num_sms
 from .._triton.helpers import split_k as _split_k
 from .._triton.workspace import COUNTER_LEN, split_counters
-from .gemv_cols import _cols_kernel
+from .gemv_cols import _cols1_kernel, _cols_kernel
 from .gemv_rows import _rows_kernel
 from .reference import check_cols_args, check_rows_args
 
@@ -223,6 +223,8 @@ def _cols(fmt: str, x: torch.Tensor, w: torch.Tensor, scale, zero, G, bias, conf
                "int8": lambda: R.sparse_int8_linear_ref(x, w, scale, bias),
                "int4": lambda: R.sparse_int4_linear_ref(x, w, scale, zero, G, bias)}[fmt]
         return ref()
+    if M == 1 and fmt in ("bf16", "int8") and config is None:
+        return _cols1(fmt, x.reshape(K), w, scale, bias, N, K).reshape(*lead, N)
     cfg = _as_config(config) if config is not None else _choose(x, "cols", fmt, M, N, K, G)
     _check_config("cols", fmt, cfg, G)
     x2 = _rows2(x, M, K)
@@ -239,6 +241,35 @@ def _cols(fmt: str, x: torch.Tensor, w: torch.Tensor, scale, zero, G, bias, conf
         FMT=_FMT[fmt], HAS_ZERO=zero is not None, HAS_BIAS=bias is not None,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_N=N % bn == 0, INTERP=interpret(), num_warps=cfg.num_warps)
     return out.reshape(*lead, N)
+
+
+def cols1_config(fmt: str, N: int, K: int, sms: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_N, BLOCK_K, num_warps, split_k)`` of the one-row input-sparse kernel: 16-byte loads along
+    N, a [BLOCK_K, BLOCK_N] tile of 64 fp32 accumulators per thread (4 warps), and split-K to about four
+    programs per SM (the column blocks alone give 4-56 on Llama-8B shapes)."""
+    if fmt == "int8":
+        bn, bk = (512 if N >= 4096 else 256), 16
+    else:
+        bn, bk = (256 if N >= 2048 else 128), 32
+    bn = max(16, min(bn, _p2(N)))
+    nblk = triton.cdiv(K, bk)
+    split = max(1, min(nblk, triton.cdiv(4 * sms, triton.cdiv(N, bn))))
+    split = triton.cdiv(nblk, triton.cdiv(nblk, split))  # no empty split
+    return bn, bk, 4, split
+
+
+def _cols1(fmt: str, x1: torch.Tensor, w: torch.Tensor, scale, bias, N: int, K: int) -> torch.Tensor:
+    bn, bk, warps, split = cols1_config(fmt, N, K, num_sms(x1.device))
+    x1 = x1 if x1.stride(0) == 1 else x1.contiguous()
+    out = torch.empty((1, N), dtype=x1.dtype, device=x1.device)
+    n_blocks = triton.cdiv(N, bn)
+    ws, cnt = _workspace(x1.device, split, n_blocks, 1, bn, out)
+    wk = w.view(torch.uint8) if fmt == "int8" else w
+    _cols1_kernel[(1, split, n_blocks)](
+        x1, wk, scale if scale is not None else x1, bias if bias is not None else x1, out, ws, cnt,
+        N, K, w.stride(0), split, FMT=_FMT[fmt], HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_K=bk,
+        EVEN_N=N % bn == 0, INTERP=interpret(), num_warps=warps)
+    return out
 
 
 def _rows(fmt: str, x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, scale, zero, G, config, op: str) -> torch.Tensor:
