@@ -50,6 +50,10 @@ def compile(model: Any, config: str | dict | None = None, **torch_compile_kwargs
         stats = load_calibration(cfg.quantize)
         stats.check_layers({n: s for n, s in model_linears(model).items() if n in stats.layers or
                             not n.endswith("lm_head")}, cfg.quantize.calibration)
+    if cfg.draft_heads.enabled and isinstance(model, torch.nn.Module) and hasattr(model, "get_output_embeddings"):
+        from .draft.joint import attach  # heads as a submodule + their aux term (training with fxspec.aux_loss)
+
+        attach(model, cfg.draft_heads)
     if cfg.sparse_ffn.enabled and cfg.sparse_ffn.sparsity > 0:
         from .passes.sparse_ffn import check_calibration
 

@@ -45,6 +45,8 @@ def _is_anchor(node: fx.Node) -> bool:
 def draft_heads(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Copy the LM head's input into the speculative runtime's tap buffer (the draft heads' input)."""
     anchors = [n for n in gm.graph.nodes if _is_anchor(n)]
+    if not anchors and (ctx.training or torch.is_grad_enabled()):  # a training step (the base may be frozen)
+        return _stash_for_training(gm, ctx)
     if not anchors:
         ctx.note("graph", "no draft-tap anchor: not a step of the speculative runtime (fxspec.generate / "
                  "fxspec.Generator decode speculatively with [draft_heads]); the graph is left as it is")
@@ -88,3 +90,36 @@ def _hidden_of_shape(node: fx.Node, want: tuple | None) -> fx.Node | None:
             return None
         node = node.args[0]
     return None
+
+
+def _stash_for_training(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """A training graph of a model that ``fxspec.compile`` gave draft heads (:mod:`fxspec.draft.joint`): stash
+    the LM head's input and the input ids for ``fxspec.aux_loss(model)`` (the graph's values are unchanged)."""
+    from ..draft.joint import keys_for
+    from ..training import stash  # noqa: F401 - registers torch.ops.fxspec.stash
+
+    analysis = ctx.analysis(gm)
+    head = analysis.lm_head
+    if head is None:
+        ctx.skip("graph", "training graph without a recognised LM head: nothing for the draft heads to learn from")
+        return gm
+    keys = keys_for(ctx.example_value(head.linear.weight.index))
+    if keys is None:
+        ctx.skip("graph", "training graph of a model without attached draft heads: compile it with "
+                 "fxspec.compile(model, config) so that fxspec.aux_loss(model) can train them")
+        return gm
+    targets = [(head.hidden, keys["hidden"])]
+    ids = next((n.args[0] for n in gm.graph.nodes if is_op(n, "embedding") and n.args
+                and any(n.args[1] is e.node for e in analysis.embeddings)), None)
+    if isinstance(ids, fx.Node):
+        targets.append((ids, keys["ids"]))
+    for node, key in targets:
+        with gm.graph.inserting_after(node):
+            st = gm.graph.call_function(torch.ops.fxspec.stash.default, (node, key))
+        st.meta.update({k: v for k, v in node.meta.items() if k in ("val", "example_value", "tensor_meta")})
+        for u in list(node.users):
+            if u is not st:
+                u.replace_input_with(node, st)
+    ctx.rewrote("graph", f"stashed the LM head's input{' and the input ids' if len(targets) > 1 else ''} for "
+                f"fxspec.aux_loss", counter="stashes")
+    return gm
