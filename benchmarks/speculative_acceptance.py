@@ -59,7 +59,7 @@ def main(argv=None) -> int:
             continue
         cfg = {"draft_heads": {"type": args.type, "checkpoint": args.heads, "tree": tree}}
         for b in [int(x) for x in args.batches.split(",")]:
-            gen = fxspec.Generator(model, max_batch_size=b, max_cache_len=args.prompt_len + args.new + 64,
+            gen = fxspec.Generator(model, max_batch_size=b, max_cache_len=args.prompt_len + args.new + 256,
                                    config=cfg, compile=args.compile)
             acc, steps, same = [], 0, True
             for i in range(0, args.prompts, b):
