@@ -460,3 +460,16 @@ def test_gpu_hf_generate_with_fxspec_static_cache(how):
         kw["compile_config"] = hf_compile_config(backend=BACKEND)
     for _ in range(3):  # the second and third calls replay what the first compiled
         assert torch.equal(hf_greedy(model, ids, 16, **kw), ref)
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "opt"])
+def test_generate_on_multi_head_attention_families_matches_hf(family):
+    """The static cache of an MHA model has as many KV heads as query heads (hf:gpt_neox's config once carried a
+    stray num_key_value_heads that sized it wrong)."""
+    from fxspec.cli import tiny_model
+
+    m = tiny_model(family)
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    out = generate(m, ids, 5, eos_token_id=[])
+    ref = m.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(out, ref)
