@@ -38,6 +38,29 @@ def emit_extra(extra: dict) -> None:
     print("EXTRA " + json.dumps(extra), flush=True)
 
 
+def emit_value_errors(calls) -> None:
+    """Run each ``(name, fn)`` (a launcher call that must raise ValueError) and emit, per name, ``"ok: <the
+    message>"``, ``"no error"`` or ``"wrong error ..."``; :func:`assert_value_errors` checks them."""
+    checks = {}
+    for name, fn in calls:
+        try:
+            fn()
+            checks[name] = "no error"
+        except ValueError as e:
+            checks[name] = "ok: " + str(e)[:200]
+        except Exception as e:
+            checks[name] = f"wrong error {type(e).__name__}: {e}"[:300]
+    emit_extra(checks)
+
+
+def assert_value_errors(results: dict) -> None:
+    """Every call of :func:`emit_value_errors` in the subprocess raised a ValueError."""
+    errs = results["extra"]
+    assert errs is not None, results["stderr"][-3000:]
+    for name, v in errs.items():
+        assert v.startswith("ok: "), (name, v)
+
+
 def run_module(test_file: str, timeout: int = 600) -> dict:
     """Pytest side: run ``tests/<test_file>`` as ``python -m tests.<name> --interp`` under the
     interpreter; returns ``{cases: {id: result}, extra, rc, stderr}``.  Fails the calling test when
