@@ -35,6 +35,7 @@ from .reference import (
     indices_to_block_mask,
     pool_kv_blocks_ref,
 )
+from .xattn import xattn_block_scores, xattn_block_scores_ref
 
 __all__ = [
     "MAX_HEAD_DIM",
@@ -54,4 +55,6 @@ __all__ = [
     "indices_to_block_mask",
     "ensure_sink_and_diagonal",
     "expand_block_mask",
+    "xattn_block_scores",
+    "xattn_block_scores_ref",
 ]
