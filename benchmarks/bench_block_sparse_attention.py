@@ -15,6 +15,9 @@ run are measured in the same process; each time is the best of 5 replays of a CU
   SDPA's work).  Two rows per density: ``op`` (the op: mask -> index lists on the device + the kernel) and
   ``kernel`` (index lists built beforehand, the kernel alone);
 * stats: ``torch.ops.fxspec.attention_block_stats`` (pool avg) at each T, and its time / SDPA's;
+* gate: what chooses the blocks, relative to SDPA: a SeerAttention gate (``attention_gate_logits``: pooled q/k,
+  per-head projections to 64, block RoPE) + ``select_key_blocks`` (top 10%), and ``xattn_block_scores``
+  (stride 8) + the same selection;
 * decode over a 32k and a 128k cache (``--L``; a size that does not fit is an error row):
   ``torch.ops.fxspec.decode_attention`` (dense split-K, all slots valid) vs
   ``torch.ops.fxspec.block_sparse_decode_attention`` over 10% of the blocks (sink + the last block + random
@@ -96,7 +99,7 @@ def bench_prefill(T: int, dev, args, rows: list) -> None:
     v = torch.randn(B, HKV, T, D, device=dev, dtype=dt, generator=g)
     scale = D ** -0.5
     base = dict(part="prefill", B=B, Hq=HQ, Hkv=HKV, D=D, T=T, block=BLOCK)
-    n_calls = 3 if T >= 16384 else 8
+    n_calls = 1 if T >= 65536 else 3 if T >= 16384 else 8
 
     def sdpa():
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, scale=scale)
@@ -126,6 +129,26 @@ def bench_prefill(T: int, dev, args, rows: list) -> None:
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
             rows.append(row)
             print(json.dumps(row), flush=True)
+    # what chooses the blocks: a seer gate (pooling, per-head projections, block RoPE, logits) + top-k selection,
+    # and XAttention's antidiagonal scoring (stride 8) + top-k selection; cost relative to dense attention
+    import fxspec.sparse_attention  # noqa: F401  (registers the gate / selection ops)
+    wq = torch.randn(HQ, D, 64, device=dev) * D ** -0.5
+    wk = torch.randn(HKV, 3 * D, 64, device=dev) * (3 * D) ** -0.5
+    gate_fns = {
+        "seer gate + select": lambda: torch.ops.fxspec.select_key_blocks(
+            torch.ops.fxspec.attention_gate_logits(q, k, wq, wk, BLOCK, 10000.0), 0.1, 0.0, "topk"),
+        "xattn scores + select": lambda: torch.ops.fxspec.select_key_blocks(
+            torch.ops.fxspec.xattn_block_scores(q, k, BLOCK, 8, scale, True), 0.1, 0.0, "topk"),
+    }
+    for what, fn in gate_fns.items():
+        row = dict(base, part="gate", method=what)
+        try:
+            row["us"] = gpu_time_us([fn], dev, n_calls)
+            row["vs_sdpa"] = row["us"] / sdpa_us
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     row = dict(base, part="stats", method="attention_block_stats avg")
     try:
         row["us"] = gpu_time_us([lambda: torch.ops.fxspec.attention_block_stats(q, k, BLOCK, scale, True, None)],
@@ -205,6 +228,12 @@ def table(rows, meta) -> str:
                 r = next((r for r in rs if r.get("density") == d and r["method"] == f"block_sparse {what}"), {})
                 cells.append(f"{us(r)} ({r['speedup_vs_sdpa']:.2f}x)" if "speedup_vs_sdpa" in r else us(r))
         lines.append("| " + " | ".join(cells) + " |")
+    gates = [r for r in rows if r["part"] == "gate"]
+    if gates:
+        lines += ["", "| T | block choice | us | x sdpa |", "|---|---|---|---|"]
+        for r in gates:
+            lines.append(f"| {r['T']} | {r['method']} | {us(r)} | "
+                         f"{r['vs_sdpa']:.3f} |" if "vs_sdpa" in r else f"| {r['T']} | {r['method']} | {us(r)} | - |")
     dec = [r for r in rows if r["part"] == "decode"]
     if dec:
         lines += ["", "| decode L | dense decode_attention us | block-sparse 10% us | speedup |", "|---|---|---|---|"]

@@ -28,8 +28,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
-def eager_backend(options: dict):
-    """fxspec's passes, then the rewritten graph run eagerly (no Inductor: quick to build per config)."""
+def eager_backend(options: dict, pass_name: str = "sparse_ffn"):
+    """fxspec's passes, then the rewritten graph run eagerly (no Inductor: quick to build per config);
+    ``backend.rewrites`` counts ``pass_name``'s rewrites."""
     from fxspec.backend import GraphReport, prepare
     from fxspec.config import load_config
 
@@ -37,7 +38,7 @@ def eager_backend(options: dict):
         cfg = load_config(options, env={})
         report = GraphReport.new(0, cfg, example_inputs)
         work, ctx = prepare(gm, example_inputs, cfg, report)
-        events = [e for e in report.events if e.pass_name == "sparse_ffn" and e.action == "rewrote"]
+        events = [e for e in report.events if e.pass_name == pass_name and e.action == "rewrote"]
         backend.rewrites += len(events)
         return ctx.frozen.wrap(work.forward)
 

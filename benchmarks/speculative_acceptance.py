@@ -9,7 +9,8 @@ other Python source files). For each tree (static: the checkpoint's; dynamic: EA
 size, ``fxspec.Generator`` with ``[draft_heads]`` decodes ``--new`` tokens greedily; the script reports
 ``last_stats["mean_accepted"]`` (tokens per verify step, the bonus token included) and checks the tokens
 against ``fxspec.generate`` without the section. Acceptance does not depend on the device (the same greedy
-tokens); speed does, and is not measured here.
+tokens). ``--speed`` also times whole ``generate`` calls (prefill included, median of 3 after a warm-up) of
+the speculative and the plain generator on the same prompts, in the same run.
 """
 
 from __future__ import annotations
@@ -27,6 +28,21 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
+def _time(fn, device: str, reps: int = 3) -> float:
+    """Median wall time of ``fn`` (a whole generate call) after one warm-up, synchronised on CUDA."""
+    fn()
+    ts = []
+    for _ in range(reps):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t)
+    return sorted(ts)[len(ts) // 2]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="../shared/ref-lm")
@@ -39,13 +55,16 @@ def main(argv=None) -> int:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--compile", action="store_true", help="compile the steps (default: eager, for the CPU)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--speed", action="store_true",
+                    help="also time generate() (prefill included) against plain greedy of the same batch, same run")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
     import fxspec
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(args.device).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(args.device).eval()
     model.generation_config.eos_token_id = None
     val = torch.load(os.path.join(args.model, "val_tokens.pt"), weights_only=True).reshape(-1).long()
     stride = val.numel() // args.prompts
@@ -73,6 +92,12 @@ def main(argv=None) -> int:
                 steps += gen.last_stats.get("steps", 0)
             row = {"type": args.type, "tree": tree, "batch": b, "mean_accepted": sum(acc) / len(acc),
                    "verify_steps": steps, "identical_to_greedy": same}
+            if args.speed:
+                ids = prompts[:b]
+                t_spec = _time(lambda: gen.generate(ids, args.new, eos_token_id=[]), args.device)
+                t_plain = _time(lambda: plain.generate(ids, args.new, eos_token_id=[]), args.device)
+                row.update(spec_tok_s=b * args.new / t_spec, plain_tok_s=b * args.new / t_plain,
+                           speedup=t_plain / t_spec)
             rows.append(row)
             print(json.dumps(row), flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -83,7 +108,8 @@ def main(argv=None) -> int:
             "heads_training_steps": (hmeta.get("training") or {}).get("steps")}
     result = {"benchmark": "speculative_acceptance", "date": datetime.date.today().isoformat(), "commit": commit,
               "model": args.model, "heads": args.heads, "prompts": args.prompts, "prompt_len": args.prompt_len,
-              "new_tokens": args.new, "device": args.device, "seconds": round(time.time() - t0, 1), "rows": rows,
+              "new_tokens": args.new, "device": args.device, "dtype": args.dtype,
+              "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None, "seconds": round(time.time() - t0, 1), "rows": rows,
               **meta}
     if args.out:
         with open(args.out, "w") as f:

@@ -54,6 +54,10 @@ def compile(model: Any, config: str | dict | None = None, **torch_compile_kwargs
         from .draft.joint import attach  # heads as a submodule + their aux term (training with fxspec.aux_loss)
 
         attach(model, cfg.draft_heads)
+    if cfg.sparse_attention.enabled and cfg.sparse_attention.mode == "seer" and isinstance(model, torch.nn.Module):
+        from .sparse_attention import attach as attach_gates  # gates as a submodule + their aux term
+
+        attach_gates(model, cfg.sparse_attention)
     if cfg.sparse_ffn.enabled and cfg.sparse_ffn.sparsity > 0:
         from .passes.sparse_ffn import check_calibration
 

@@ -86,3 +86,49 @@ def load(path: str | os.PathLike, *, kind: str, formats: tuple[int, ...], what: 
         raise ConfigError(f"{what} = '{path}' has {kind} format {meta.get('format')!r}; this fxspec reads "
                           f"format {', '.join(map(str, formats))}{hint}")
     return tensors, meta
+
+
+# -- training state (resumable trainers) ------------------------------------------------------------------
+
+def save_train_state(path: Path, module: torch.nn.Module, opt: torch.optim.Optimizer, step: int,
+                     gen: torch.Generator, settings: dict, loss: float, *, kind: str, format: int) -> None:
+    """Write a trainer's state (the trained module under ``heads.``, the optimizer state, the step, the batch
+    sampler's random state, the run's settings) to ``path`` atomically (a half-written state never replaces
+    a good one)."""
+    sd = opt.state_dict()
+    tensors = {f"heads.{k}": v for k, v in module.state_dict().items()}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"opt.{idx}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+    tensors["rng"] = gen.get_state()
+    meta = {"kind": kind, "format": format, "step": step, "settings": settings, "loss": loss,
+            "param_groups": sd["param_groups"]}
+    tmp = Path(path).with_suffix(".tmp")
+    save(tmp, tensors, meta)
+    tmp.replace(path)
+
+
+def load_train_state(path: Path, module: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
+                     settings: dict, *, kind: str, format: int, resume_keys: tuple[str, ...]) -> tuple[int, float]:
+    """Restore what :func:`save_train_state` wrote into ``module``, ``opt`` and ``gen``; ``(step, loss)``.
+    Settings in ``resume_keys`` that differ from the saved run's are a :class:`ConfigError` naming the first."""
+    tensors, meta = load(path, kind=kind, formats=(format,), what="training state",
+                         make_hint="pass resume=False to start over")
+    saved = meta.get("settings", {})
+    for k in resume_keys:
+        if saved.get(k) != settings.get(k):
+            raise ConfigError(f"'{path}' is the state of a run with {k} = {saved.get(k)!r}; this run asks for "
+                              f"{settings.get(k)!r}. Pass resume=False to start over, or another out directory")
+    module.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("heads.")})
+    state: dict[int, dict[str, Any]] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, idx, name = k.split(".", 2)
+            state.setdefault(int(idx), {})[name] = v
+    groups = meta["param_groups"]
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    opt.load_state_dict({"state": state, "param_groups": groups})
+    gen.set_state(tensors["rng"])
+    return int(meta["step"]), float(meta.get("loss", float("nan")))

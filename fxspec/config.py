@@ -189,10 +189,40 @@ class MoEConfig(_ReservedSection):
 
 
 @dataclass
-class SparseAttentionConfig(_ReservedSection):
-    """Learned block-sparse attention gates (SeerAttention) and per-head sparse patterns (MoA). Planned."""
+class SparseAttentionConfig(_Section):
+    """Block-sparse attention for prefill (lossy: runs only when this section is given). Each query block
+    computes only the key blocks a score picks: learned gates (seer: SeerAttention), XAttention's training-free
+    antidiagonal scoring (xattn), or the most recent blocks (window: a sliding-window baseline of the same
+    density). The first key block and the diagonal are always kept (fxspec/passes/sparse_attention.py)."""
 
     _section = "sparse_attention"
+    enabled: bool = _opt(False, doc="turn the pass on (implied by giving the section)")
+    mode: str = _opt("seer", doc="seer (learned gates, `gates`), xattn (antidiagonal scoring, no training) or "
+                     "window (sink + most recent blocks: the baseline)", choices=("seer", "xattn", "window"))
+    block: int = _opt(64, doc="tokens per block (query and key), a power of two in [16, 128]", lo=16, hi=128)
+    density: float = _opt(0.1, doc="fraction of each query block's visible key blocks computed, in (0, 1]; "
+                          "1.0 leaves attention exactly dense", lo=0.0, hi=1.0)
+    threshold: float | None = _opt(None, doc="instead of `density`: seer keeps the key blocks whose gate "
+                                   "probability is >= threshold; xattn keeps the fewest blocks whose scores sum "
+                                   "to >= threshold (XAttention's tau)", lo=0.0, hi=1.0)
+    gates: str | None = _opt(None, doc="seer: the directory made by `fxspec train-gates MODEL --data TOKENS.pt "
+                             "--out DIR` for this model; unset: fresh gates for training with fxspec.aux_loss")
+    stride: int = _opt(8, doc="xattn: the antidiagonal stride (tokens per reduced row), a power of two <= block",
+                       lo=1, hi=128)
+    gate_dim: int = _opt(64, doc="seer, fresh gates: the width of the gates' per-head projections", lo=8, hi=512)
+
+    def validate(self) -> None:
+        if self.block & (self.block - 1):
+            raise ConfigError(f"sparse_attention.block = {self.block} is not a power of two; use 16, 32, 64 or 128")
+        if self.stride & (self.stride - 1) or self.stride > self.block:
+            raise ConfigError(f"sparse_attention.stride = {self.stride} must be a power of two <= block "
+                              f"({self.block})")
+        if self.density <= 0.0:
+            raise ConfigError(f"sparse_attention.density = {self.density!r} is out of range; allowed: 0 < density "
+                              f"<= 1 (the fraction of key blocks computed)")
+        if self.threshold is not None and self.mode == "window":
+            raise ConfigError("sparse_attention.threshold is for mode 'seer' or 'xattn'; mode 'window' keeps "
+                              "`density` of the blocks")
 
 
 @dataclass

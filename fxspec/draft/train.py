@@ -234,45 +234,17 @@ def _check_args(tokens, kind, num_heads, steps, batch_size, seq_len, lr, targets
 
 def _save_state(path: Path, heads: nn.Module, opt: torch.optim.Optimizer, step: int, gen: torch.Generator,
                 settings: dict, loss: float) -> None:
-    from ..checkpoint import save
+    from ..checkpoint import save_train_state
 
-    sd = opt.state_dict()
-    tensors = {f"heads.{k}": v for k, v in heads.state_dict().items()}
-    for idx, st in sd["state"].items():
-        for k, v in st.items():
-            tensors[f"opt.{idx}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
-    tensors["rng"] = gen.get_state()
-    meta = {"kind": STATE_KIND, "format": STATE_FORMAT, "step": step, "settings": settings, "loss": loss,
-            "param_groups": sd["param_groups"]}
-    tmp = path.with_suffix(".tmp")
-    save(tmp, tensors, meta)
-    tmp.replace(path)  # never leave a half-written state
+    save_train_state(path, heads, opt, step, gen, settings, loss, kind=STATE_KIND, format=STATE_FORMAT)
 
 
 def _load_state(path: Path, heads: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
                 settings: dict) -> tuple[int, float]:
-    from ..checkpoint import load
+    from ..checkpoint import load_train_state
 
-    tensors, meta = load(path, kind=STATE_KIND, formats=(STATE_FORMAT,), what="training state",
-                         make_hint="pass resume=False to start over")
-    saved = meta.get("settings", {})
-    for k in _RESUME_KEYS:
-        if saved.get(k) != settings.get(k):
-            raise ConfigError(f"'{path}' is the state of a run with {k} = {saved.get(k)!r}; this run asks for "
-                              f"{settings.get(k)!r}. Pass resume=False to start over, or another out directory")
-    heads.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("heads.")})
-    state: dict[int, dict[str, Any]] = {}
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            _, idx, name = k.split(".", 2)
-            state.setdefault(int(idx), {})[name] = v
-    groups = meta["param_groups"]
-    for g in groups:
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
-    opt.load_state_dict({"state": state, "param_groups": groups})
-    gen.set_state(tensors["rng"])
-    return int(meta["step"]), float(meta.get("loss", float("nan")))
+    return load_train_state(path, heads, opt, gen, settings, kind=STATE_KIND, format=STATE_FORMAT,
+                            resume_keys=_RESUME_KEYS)
 
 
 def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:

@@ -145,7 +145,9 @@ class AttentionFinder:
             kind=core.kind, node=core.node, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
             causal=causal, rope=traces["q"].rope and traces["k"].rope, name=name,
             scale=core.scale, sliding_window=window, qk_norm=traces["q"].norm and traces["k"].norm,
-            mask=core.masks[0] if core.masks else None)
+            mask=core.masks[0] if core.masks else None,
+            q=core.q if isinstance(core.q, fx.Node) else None, k=core.k if isinstance(core.k, fx.Node) else None,
+            v=core.v if isinstance(core.v, fx.Node) else None)
         projs = {"q": traces["q"].proj, "k": traces["k"].proj, "v": traces["v"].proj, "o": o_proj}
         if any(t.conflict for t in traces.values()):
             projs.update(q=None, k=None, v=None)

@@ -176,6 +176,10 @@ class AttentionInfo:
     qk_norm: bool = False
     # the mask tensor fed to the core (SDPA attn_mask, or the additive mask), None when none
     mask: fx.Node | None = None
+    # the core's operands as it reads them: q, k (before any transpose for q @ k^T; None when unknown), v
+    q: fx.Node | None = None
+    k: fx.Node | None = None
+    v: fx.Node | None = None
 
     def describe(self) -> dict[str, Any]:
         return {

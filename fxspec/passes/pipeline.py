@@ -24,6 +24,7 @@ from .fuse_gemv_edges import fuse_gemv_edges
 from .fuse_projections import fuse_projections
 from .fuse_rope_cache import fuse_rope_cache
 from .quantize_weights import quantize_weights
+from .sparse_attention import sparse_attention
 from .sparse_ffn import sparse_ffn
 
 
@@ -37,7 +38,8 @@ def _p(fn, section: str, lossy: bool) -> Pass:
 
 #: The run order. Tests may swap the list's contents (``PIPELINE[:] = [...]``) and restore them.
 PIPELINE: list[Pass] = [
-    # -- structural passes: sparse_attention takes its place here --
+    # -- structural passes --
+    _p(sparse_attention, "sparse_attention", lossy=True),
     _p(sparse_ffn, "sparse_ffn", lossy=True),
     # -- moe takes its place here --
     _p(draft_heads, "draft_heads", lossy=False),
