@@ -28,9 +28,12 @@ threshold leaves every attention exactly dense. XLA: skipped (Triton kernels).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.fx as fx
 
+from .._log import FxspecWarning
 from ..config import SparseAttentionConfig
 from ..graph.attention import repeat_kv_source
 from ..graph.nodes import ancestors, is_any, is_cast, is_layout, is_op, shape, skip_back, static_int
@@ -77,6 +80,12 @@ def sparse_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             if cfg.mode == "seer":
                 if gates is None:
                     gates = sa.gates_for_graph(ctx, gm, cfg)
+                    if gates is not None and not gates.trained:
+                        msg = ("the attention gates are fresh and untrained (no sparse_attention.gates, and no "
+                               "fxspec.aux_loss step yet): the blocks they choose are arbitrary and accuracy will "
+                               "suffer; train them with `fxspec train-gates` or fxspec.aux_loss")
+                        ctx.note("graph", msg)
+                        warnings.warn(f"fxspec: {msg}", FxspecWarning, stacklevel=2)
                 layer = sa.layer_index(info.name)
                 g = None if gates is None or layer is None or layer not in gates else gates[layer]
                 if g is None:
@@ -127,7 +136,8 @@ def _site(info: AttentionInfo) -> tuple | str:
     """``(q, k_kv, v_kv, T)`` of an attention the pass can rewrite, or why not."""
     if info.causal is not True:
         return "not a causal attention (or a mask tensor decides causality at run time): left dense"
-    if info.mask is not None and any(n.op == "placeholder" for n in ancestors(info.mask, limit=4000)):
+    if info.mask is not None and any(n.op == "placeholder" and isinstance(n.meta.get("example_value"), torch.Tensor)
+                                     for n in ancestors(info.mask, limit=4000)):
         return ("the attention mask depends on a graph input (padding?): visibility is decided at run time; "
                 "left dense")
     if info.sliding_window is not None:

@@ -146,6 +146,7 @@ class AttentionGates(nn.Module):
     def __init__(self, spec: GateSpec):
         super().__init__()
         self.spec = spec
+        self.trained = False  # loaded from a checkpoint, or stepped by fxspec.aux_loss: True
         self.layers = nn.ModuleDict({str(i): LayerGate(h, kv, d, spec.gate_dim)
                                      for i, (h, kv, d) in sorted(spec.layers.items())})
 
@@ -215,4 +216,5 @@ def load_gates(path: str | Path, expect: dict | None = None, *, what: str = "spa
         gates.layers.load_state_dict(state)
     except RuntimeError as e:
         raise ConfigError(f"{what} = '{path}': tensors do not match the file's gate spec: {e}") from None
+    gates.trained = True
     return gates, meta

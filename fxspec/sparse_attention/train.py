@@ -116,6 +116,7 @@ def attach(model: nn.Module, cfg: SparseAttentionConfig) -> AttentionGates:
     keys = [stash_key_for(model, i, r) for i in sorted(int(x) for x in gates.layers.keys()) for r in ROLES]
 
     def term(st: dict[str, torch.Tensor]) -> torch.Tensor:
+        gates.trained = True
         scales = _SCALES.get(id(model), {})
         total, n = None, 0
         for i in sorted(int(x) for x in gates.layers.keys()):
