@@ -112,7 +112,9 @@ def stash(x: torch.Tensor, key: str) -> torch.Tensor:
     """Keep ``x`` (detached) for :func:`aux_loss` under ``key``; returns a copy of ``x`` that the graph uses in
     its place (a custom op may not return its input, and a call whose result is unused could be dropped by a
     compiler). The gradient passes through unchanged."""
-    _STASH[key] = x.detach()
+    # a copy: the compiled graph may reuse x's buffer for later values once x is dead in the graph (Inductor's
+    # buffer reuse does not know that this op keeps a reference)
+    _STASH[key] = x.detach().clone()
     return x.clone()
 
 

@@ -220,21 +220,25 @@ def test_compiled_equals_an_eager_reference_with_the_same_blocks(mode):
 
 def test_seer_gates_read_q_and_k_before_rope(tmp_path):
     """The stash of a training graph holds the pre-RoPE projections (hooks on q_proj / k_proj give them)."""
-    m = tiny()
+    m = tiny(layers=4)
     x = ids(b=1, t=64)
     got = {}
-    attn = m.model.layers[0].self_attn
-    attn.q_proj.register_forward_hook(lambda mod, i, o: got.__setitem__("q", o))
-    attn.k_proj.register_forward_hook(lambda mod, i, o: got.__setitem__("k", o))
+    for i, layer in enumerate(m.model.layers):
+        layer.self_attn.q_proj.register_forward_hook(lambda mod, a, o, i=i: got.__setitem__(("q", i), o.detach()))
+        layer.self_attn.k_proj.register_forward_hook(lambda mod, a, o, i=i: got.__setitem__(("k", i), o.detach()))
+    with torch.no_grad():
+        m(x, use_cache=False)  # eager: the hooks see every layer's projections
     torch._dynamo.reset()
     c = fxspec.compile(m, {"sparse_attention": {"mode": "seer", "block": 16}})
     c(x, use_cache=False)
     from fxspec import training
     from fxspec.sparse_attention import stash_key_for
-    q0 = training.stashed(stash_key_for(m, 0, "q0"))
-    k0 = training.stashed(stash_key_for(m, 0, "k0"))
-    torch.testing.assert_close(q0, got["q"].view(1, 64, 4, 16).transpose(1, 2))
-    torch.testing.assert_close(k0, got["k"].view(1, 64, 2, 16).transpose(1, 2))
+    # every layer: the stash holds its own copy (a compiled graph reuses dead buffers for later values)
+    for i in range(4):
+        q0 = training.stashed(stash_key_for(m, i, "q0"))
+        k0 = training.stashed(stash_key_for(m, i, "k0"))
+        torch.testing.assert_close(q0, got[("q", i)].view(1, 64, 4, 16).transpose(1, 2))
+        torch.testing.assert_close(k0, got[("k", i)].view(1, 64, 2, 16).transpose(1, 2))
     loss = fxspec.aux_loss(m)
     assert loss.requires_grad and loss.item() > 0
 

@@ -83,3 +83,19 @@ def test_stash_op_checks():
     y.sum().backward()
     assert torch.equal(x.grad, torch.ones_like(x))
     training.clear()
+
+
+def test_stash_keeps_its_own_copy_when_the_compiled_graph_reuses_the_buffer():
+    """Inductor reuses a dead intermediate's buffer for a later matmul's output; the stash must not see that."""
+    import fxspec.training as tr
+
+    def f(x, w):
+        y = torch.relu(x * 2)
+        s = torch.ops.fxspec.stash(y, "reuse-check")
+        return torch.relu(torch.relu(s @ w) @ w) @ w
+
+    torch._dynamo.reset()
+    x, w = torch.randn(64, 64), torch.randn(64, 64)
+    torch.compile(f)(x, w)
+    assert torch.equal(tr.stashed("reuse-check"), torch.relu(x * 2))
+    tr.clear()
