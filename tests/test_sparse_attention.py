@@ -355,3 +355,16 @@ def test_composes_with_quantize():
             "quantize": {"bits": 8, "min_features": 1}}, x)
     assert counters["sparse_attention"]["window"] == 2
     assert counters["quantize_weights"]["int8"] > 0
+
+
+def test_gate_pooling_fast_path_matches_the_reference():
+    from fxspec.lowering.block_sparse import pool_kv_blocks_ref
+    from fxspec.sparse_attention.gates import pool_keys, pool_queries
+
+    g = torch.Generator().manual_seed(0)
+    for T in (64, 70):
+        k = torch.randn(2, 3, T, 8, generator=g)
+        torch.testing.assert_close(pool_keys(k, 16), pool_kv_blocks_ref(k, 16, None))
+        q = torch.randn(2, 3, T, 8, generator=g)
+        want = torch.stack([q[:, :, i:i + 16].mean(2) for i in range(0, T, 16)], 2)
+        torch.testing.assert_close(pool_queries(q, 16), want)

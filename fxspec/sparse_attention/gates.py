@@ -85,10 +85,25 @@ def pool_queries(q: torch.Tensor, block: int) -> torch.Tensor:
     partial last block averages the rows it has)."""
     B, H, T, D = q.shape
     nb = -(-T // block)
+    if T == nb * block:  # no padding: one read of q
+        return q.reshape(B, H, nb, block, D).mean(3, dtype=torch.float32)
     qf = F.pad(q.float(), (0, 0, 0, nb * block - T)).reshape(B, H, nb, block, D).sum(3)
     counts = torch.full((nb,), float(block), device=q.device)
     counts[-1] = T - (nb - 1) * block
     return qf / counts[:, None]
+
+
+def pool_keys(k: torch.Tensor, block: int) -> torch.Tensor:
+    """``k [B, H, T, D]`` -> fp32 ``[B, H, cdiv(T, block), 3D]``: cat(max, min, mean) of each block's keys
+    (``torch.ops.fxspec.pool_kv_blocks``'s math; without padding, three reductions over one view of k)."""
+    B, H, T, D = k.shape
+    nb = -(-T // block)
+    if T != nb * block:
+        from ..lowering.block_sparse.reference import pool_kv_blocks_ref
+
+        return pool_kv_blocks_ref(k, block, None).float()
+    kv = k.reshape(B, H, nb, block, D)
+    return torch.cat([kv.amax(3).float(), kv.amin(3).float(), kv.mean(3, dtype=torch.float32)], dim=-1)
 
 
 def _rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
@@ -106,12 +121,10 @@ def gate_logits(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Te
     """fp32 ``[B, Hq, NQB, NKB]`` gate logits (module docstring) for ``q [B, Hq, Tq, D]``, ``k [B, Hkv, Tk, D]``,
     ``wq [Hq, D, Dg]``, ``wk [Hkv, 3D, Dg]``; ``-inf`` at key blocks a causal query block cannot see
     (bottom-right aligned, as the kernels). Differentiable in ``wq``/``wk`` (q and k are treated as data)."""
-    from ..lowering.block_sparse.reference import pool_kv_blocks_ref
-
     B, Hq, Tq, D = q.shape
     Hkv = k.shape[1]
     qp = pool_queries(q.detach(), block)                                  # [B, Hq, NQB, D]
-    kp = pool_kv_blocks_ref(k.detach(), block, None).float()              # [B, Hkv, NKB, 3D]
+    kp = pool_keys(k.detach(), block)                                     # [B, Hkv, NKB, 3D]
     nq, nk = qp.shape[2], kp.shape[2]
     qg = torch.einsum("bhnd,hde->bhne", qp, wq.float())
     kg = torch.einsum("bgnd,gde->bgne", kp, wk.float())

@@ -53,18 +53,24 @@ def select_key_blocks_ref(scores: torch.Tensor, density: float, threshold: float
     s = scores.float().masked_fill(~vis, float("-inf"))
     if rule == "prob":
         keep = torch.softmax(s, dim=-1) >= threshold
+    elif rule == "topk":
+        ranked = s.masked_fill(forced, float("inf"))
+        n_keep = torch.floor(density * n_vis.double() + 0.5).long()  # float64: the same rounding as k_max
+        n_keep = torch.maximum(n_keep, n_vis.clamp(max=2)).clamp(max=n_vis)
+        # the largest count (the last query block's: it sees every key block), known from the shapes alone
+        n_last = nk
+        k_max = min(max(int(density * n_last + 0.5), min(2, n_last)), n_last)
+        top = torch.topk(ranked, k_max, dim=-1, sorted=True).indices          # [B, H, NQB, k_max]
+        take = torch.arange(k_max, device=s.device) < n_keep[:, None]          # [NQB, k_max]
+        keep = torch.zeros(s.shape, dtype=torch.bool, device=s.device).scatter_(-1, top, take.expand_as(top))
     else:
         ranked = s.masked_fill(forced, float("inf"))
         order = ranked.argsort(dim=-1, descending=True, stable=True)
         rank = torch.empty_like(order).scatter_(-1, order, torch.arange(nk, device=s.device).expand_as(order))
-        if rule == "topk":
-            n_keep = torch.floor(density * n_vis.float() + 0.5).long()
-            n_keep = torch.maximum(n_keep, n_vis.clamp(max=2)).clamp(max=n_vis)
-            keep = rank < n_keep[:, None]
-        else:  # cumulative: keep a block while the mass of the blocks ranked before it is below the threshold
-            sorted_s = torch.gather(s.masked_fill(~vis, 0.0), -1, order)
-            before = sorted_s.cumsum(-1) - sorted_s
-            keep = torch.gather(before < threshold, -1, rank)
+        # cumulative: keep a block while the mass of the blocks ranked before it is below the threshold
+        sorted_s = torch.gather(s.masked_fill(~vis, 0.0), -1, order)
+        before = sorted_s.cumsum(-1) - sorted_s
+        keep = torch.gather(before < threshold, -1, rank)
     return (keep | forced) & vis
 
 
