@@ -3,8 +3,10 @@ helpers, ops (opcheck, torch.compile), argument errors, Triton kernels under the
 
 The Triton kernels run under ``TRITON_INTERPRET=1`` in ONE subprocess (this file executed as a module with
 ``--interp``, through :mod:`tests.interp_harness`), each case then its own parametrized test.  Besides
-matching the reference, the kernels' inputs have the K/V rows of dropped blocks set to NaN: a finite,
-unchanged output shows that the kernels never read them.  GPU tests skip without CUDA.
+matching the reference, the kernels' inputs have the K/V rows of dropped blocks set to NaN (for the prefill:
+the keys past kv_len, and every block no query block of the KV head's group both kept and can see, e.g.
+blocks above the diagonal or past kv_len): a finite, unchanged output shows that the kernels never read
+them.  GPU tests skip without CUDA.
 """
 
 from __future__ import annotations
@@ -443,11 +445,86 @@ def test_launcher_rejects_cpu_tensors_without_interpreter():
         L.attention_block_stats_triton(q.double(), k.double(), 16, 1.0, True, None)
 
 
+def _visible_and_full_blocks(B, Tq, Tk, blk, causal, kv_lens):
+    """bool [B, NQB, NKB] each: some row of the query block sees some key of the key block / every row
+    (< Tq) sees every key of the block (the block ending at or before Tk), from the element mask."""
+    nqb, nkb = num_blocks(Tq, blk), num_blocks(Tk, blk)
+    allowed = _allowed(B, Tq, Tk, causal, kv_lens)[:, 0]  # [B, Tq, Tk]
+    pad = torch.zeros(B, nqb * blk, nkb * blk, dtype=torch.bool)
+    pad[:, :Tq, :Tk] = allowed
+    tiles = pad.reshape(B, nqb, blk, nkb, blk)
+    vis = tiles.any(4).any(2)
+    row_ok = torch.zeros(nqb * blk, dtype=torch.bool)
+    row_ok[:Tq] = True
+    row_ok = row_ok.reshape(1, nqb, blk, 1, 1)
+    full = (tiles | ~row_ok).all(4).all(2)
+    return vis, full
+
+
+@pytest.mark.parametrize("Tq,Tk,blk", [(64, 64, 16), (50, 77, 16), (40, 24, 16), (33, 100, 32), (1, 90, 16)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("lens", [False, True])
+def test_prefill_counts_are_the_visible_and_full_prefixes(Tq, Tk, blk, causal, lens):
+    pytest.importorskip("triton")
+    from fxspec.lowering.block_sparse import launch as L
+    g = torch.Generator().manual_seed(Tq * 1000 + Tk)
+    B, Hm = 3, 2
+    kv_lens = torch.tensor([Tk, max(0, Tk - 19), 0]) if lens else None
+    nqb, nkb = num_blocks(Tq, blk), num_blocks(Tk, blk)
+    bm = torch.rand(B, Hm, nqb, nkb, generator=g) < 0.6
+    idx, cnt = BS.block_mask_to_indices(bm)
+    cnt_vis, n_full = L.prefill_counts(idx, cnt, blk, Tq, Tk, causal, kv_lens)
+    assert cnt_vis.dtype == torch.int32 and n_full.dtype == torch.int32
+    assert tuple(cnt_vis.shape) == tuple(n_full.shape) == (B, Hm, nqb)
+    vis, full = _visible_and_full_blocks(B, Tq, Tk, blk, causal, kv_lens)
+    for b in range(B):
+        for h in range(Hm):
+            for qb in range(nqb):
+                kept = idx[b, h, qb, :cnt[b, h, qb]].tolist()
+                v = [bool(vis[b, qb, kb]) for kb in kept]
+                f = [bool(full[b, qb, kb]) for kb in kept]
+                nv, nf = int(cnt_vis[b, h, qb]), int(n_full[b, h, qb])
+                assert v == [True] * nv + [False] * (len(kept) - nv), (b, h, qb, kept, v, nv)
+                assert f == [True] * nf + [False] * (len(kept) - nf), (b, h, qb, kept, f, nf)
+    # the index lists past the counts (and lists truncated by max_blocks) are never counted
+    idx2, cnt2 = BS.block_mask_to_indices(bm, max_blocks=2)
+    cv2, nf2 = L.prefill_counts(idx2, cnt2, blk, Tq, Tk, causal, kv_lens)
+    assert bool((cv2 <= cnt2).all()) and torch.equal(cv2, torch.minimum(cnt_vis, cnt2))
+    assert torch.equal(nf2, torch.minimum(n_full, cnt2))
+
+
+def test_prefill_config_candidates():
+    pytest.importorskip("triton")
+    from fxspec.lowering.block_sparse import launch as L
+
+    def heads(block, mask_g):
+        return sorted({c["HEADS_PER_PROG"] for c in L.prefill_candidates(block, mask_g)})
+
+    assert heads(64, 4) == [2, 4] and heads(64, 1) == [1] and heads(64, 8) == [2, 4]
+    assert heads(128, 4) == [1, 2] and heads(16, 8) == [4, 8] and heads(64, 6) == [1, 2] and heads(64, 3) == [1]
+    for block, mask_g in [(16, 1), (16, 4), (32, 2), (64, 1), (64, 4), (128, 1), (128, 8)]:
+        cands = L.prefill_candidates(block, mask_g)
+        for c in cands:
+            rows = c["HEADS_PER_PROG"] * block
+            assert rows <= L.MAX_TILE_ROWS and mask_g % c["HEADS_PER_PROG"] == 0
+            assert block % c["BLOCK_N"] == 0 and 16 <= c["BLOCK_N"] <= 64
+            assert c["num_warps"] in (4, 8, 16) and c["num_stages"] in L.PREFILL_STAGES
+        if block >= 64:
+            assert {c["BLOCK_N"] for c in cands} == set(L.PREFILL_BLOCK_N)
+        # the autotuner's list, pruned for this launch, is exactly the candidates
+        tuned = L._tuned_prefill()
+        kept = L._prune_prefill(tuned.configs, {"G": mask_g, "MASK_G": mask_g}, BLOCK=block)
+        assert sorted(map(L._cfg_key, kept)) == sorted(map(L._cfg_key, cands))
+    assert len(L.prefill_candidates(64, 4)) == 24 and len(L.prefill_candidates(64, 1)) == 12
+
+
 # --------------------------------------------------------------------------- Triton kernels (interpreter)
 
 def _interp_cases():
-    """(id, spec): tiny odd shapes.  prefill: dtypes, GQA, masks per query / KV head, causal with Tq < Tk,
-    ragged kv_lens, densities (all, random, empty rows), block 16 / 32, a 16-key step inside 32-key blocks;
+    """(id, spec): tiny odd shapes.  prefill: dtypes, GQA, masks per query / KV head (G = 1, 2, 4; several
+    heads per program, by default and by override), causal with Tq < Tk and Tq > Tk, no causal, ragged
+    kv_lens, densities (all, random, empty rows, rows keeping only invisible blocks), block 16 / 32 / 64,
+    16-key steps inside 32-key blocks, an explicit config;
     stats: both pools; decode: one split / several / the plan, an empty selection, out-of-range indices."""
     P = "prefill"
     cases = [
@@ -461,6 +538,28 @@ def _interp_cases():
              block_n=16),
         dict(kind=P, dt="bfloat16", B=1, Hq=2, Hkv=2, Tq=48, Tk=48, D=32, blk=16, causal=True, per="q", dens=0.3,
              empty=True),
+        # per-KV-head masks: G = 1; G = 2 with Tq < Tk, ragged lengths and rows past kv_len; G = 4 grouped
+        # (4 heads per program, and 2 by override), 4 x 64 rows per program, 16-key steps, no causal
+        dict(kind=P, dt="bfloat16", B=2, Hq=2, Hkv=2, Tq=50, Tk=50, D=32, blk=16, causal=True, per="kv", dens=0.5,
+             lens=(50, 37)),
+        dict(kind=P, dt="bfloat16", B=2, Hq=4, Hkv=2, Tq=45, Tk=77, D=32, blk=16, causal=True, per="kv", dens=0.5,
+             lens=(77, 50)),
+        dict(kind=P, dt="float16", B=1, Hq=8, Hkv=2, Tq=70, Tk=70, D=32, blk=16, causal=True, per="kv", dens=0.5),
+        dict(kind=P, dt="bfloat16", B=2, Hq=8, Hkv=2, Tq=70, Tk=70, D=32, blk=16, causal=True, per="kv", dens=0.5,
+             lens=(61, 70), hpp=2),
+        dict(kind=P, dt="bfloat16", B=1, Hq=4, Hkv=1, Tq=150, Tk=150, D=32, blk=64, causal=True, per="kv",
+             dens=1.0),
+        dict(kind=P, dt="float32", B=2, Hq=4, Hkv=1, Tq=40, Tk=100, D=24, blk=32, causal=False, per="kv",
+             dens=0.5, lens=(90, 33), block_n=16),
+        dict(kind=P, dt="bfloat16", B=2, Hq=4, Hkv=2, Tq=30, Tk=90, D=32, blk=16, causal=True, per="q", dens=0.5,
+             lens=(90, 45)),
+        dict(kind=P, dt="bfloat16", B=1, Hq=8, Hkv=2, Tq=100, Tk=100, D=32, blk=32, causal=True, per="kv",
+             dens=0.6, cfg=dict(BLOCK_N=16, HEADS_PER_PROG=2, num_warps=4, num_stages=3)),
+        # Tq > Tk: the first rows see no key; rows whose kept blocks are all invisible (above the diagonal,
+        # past kv_len) give 0
+        dict(kind=P, dt="bfloat16", B=1, Hq=4, Hkv=2, Tq=40, Tk=24, D=32, blk=16, causal=True, per="kv", dens=1.0),
+        dict(kind=P, dt="bfloat16", B=2, Hq=4, Hkv=2, Tq=64, Tk=64, D=32, blk=16, causal=True, per="kv", dens=0.5,
+             lens=(64, 20), invisible=True),
         dict(kind="stats", dt="bfloat16", B=2, Hq=4, Hkv=2, Tq=50, Tk=50, D=32, blk=16, causal=True, pool="avg",
              lens=(50, 31)),
         dict(kind="stats", dt="float16", B=1, Hq=2, Hkv=1, Tq=20, Tk=70, D=32, blk=16, causal=True, pool="max"),
@@ -489,6 +588,12 @@ def _case_id(c):
         s += f"-bn{c['block_n']}"
     if c.get("empty"):
         s += "-empty"
+    if c.get("hpp"):
+        s += f"-hpp{c['hpp']}"
+    if c.get("invisible"):
+        s += "-invisible"
+    if c.get("cfg"):
+        s += "-cfg" + "-".join(f"{k}{v}" for k, v in sorted(c["cfg"].items()))
     return s
 
 
@@ -542,24 +647,41 @@ def _run_interp_case(c) -> dict:
             bm = torch.rand(B, Hm, nqb, nkb, generator=g) < c["dens"]
             if c.get("empty"):
                 bm[0, 0, 1] = False  # a query block that keeps nothing
-            else:
+            elif c["dens"] < 1.0:
                 bm = BS.ensure_sink_and_diagonal(bm, Tq, Tk, blk)
-            y = L.block_sparse_attention_triton(q, k, v, bm, blk, scale, causal, kv_lens, block_n=c.get("block_n"))
+            if c.get("invisible"):
+                bm[0, 0, 1] = False
+                bm[0, 0, 1, 2:] = True  # query block 1 keeps only blocks above the diagonal
+                bm[1, :, 0] = False
+                bm[1, :, 0, 2:] = True  # batch row 1 (kv_len 20), query block 0: only blocks past kv_len
+                bm[1, 1, 3] = False  # (and above the diagonal), query block 3 of KV head 1: only block 2,
+                bm[1, 1, 3, 2] = True  # below the diagonal but past kv_len
+            kw = dict(block_n=c.get("block_n"), heads_per_prog=c.get("hpp"), config=c.get("cfg"))
+            y = L.block_sparse_attention_triton(q, k, v, bm, blk, scale, causal, kv_lens, **kw)
             ref = BS.block_sparse_attention_ref(q, k, v, bm, blk, scale, causal, kv_lens)
-            # poison K/V of the blocks no query head of a KV head keeps
+            # poison the keys past kv_len and K/V of the blocks no query block of a KV head's group both kept
+            # and can see
             G = Hq // Hkv
-            used = bm.any(2)  # [B, Hm, NKB]
+            vis, _ = _visible_and_full_blocks(B, Tq, Tk, blk, causal, kv_lens)
+            used = (bm & vis[:, None]).any(2)  # [B, Hm, NKB]
             if Hm == Hq:
                 used = used.reshape(B, Hkv, G, nkb).any(2)
             keys = used.repeat_interleave(blk, -1)[..., :Tk]
+            if kv_lens is not None:
+                keys &= (torch.arange(Tk)[None, :] < kv_lens[:, None])[:, None]
             kp, vp = k.clone(), v.clone()
             kp[~keys] = float("nan")
             vp[~keys] = float("nan")
-            yp = L.block_sparse_attention_triton(q, kp, vp, bm, blk, scale, causal, kv_lens,
-                                                 block_n=c.get("block_n"))
+            yp = L.block_sparse_attention_triton(q, kp, vp, bm, blk, scale, causal, kv_lens, **kw)
             out["poisoned_equal"] = bool(torch.equal(yp, y))
-            if c.get("empty"):
-                out["empty_zero"] = bool((y[0, 0, blk:2 * blk] == 0).all())
+            # rows that see no kept key are exactly 0
+            elem = BS.expand_block_mask(bm, blk, Tq, Tk)
+            if Hm != Hq:
+                elem = elem.repeat_interleave(G, 1)
+            live = (elem & _allowed(B, Tq, Tk, causal, kv_lens)).any(-1)  # [B, Hq, Tq]
+            if c.get("empty") or c.get("invisible") or not bool(live.all()):
+                out["empty_zero"] = bool((y[~live] == 0).all()) and bool((ref[~live] == 0).all())
+                out["n_empty_rows"] = int((~live).sum())
             if c["dens"] == 1.0 and causal and Tq == Tk and kv_lens is None:
                 sd = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=True)
                 out["sdpa_rel_err"] = rel_err(y, sd)
@@ -578,6 +700,13 @@ def _interp_main():
                                                             True, None)),
         ("bad_block_n", lambda: L.block_sparse_attention_triton(q, q, q, torch.ones(1, 2, 1, 1, dtype=torch.bool),
                                                                 16, 1.0, True, None, block_n=8)),
+        ("bad_heads_per_prog", lambda: L.block_sparse_attention_triton(
+            q, q[:, :1], q[:, :1], torch.ones(1, 1, 1, 1, dtype=torch.bool), 16, 1.0, True, None, heads_per_prog=4)),
+        ("heads_per_prog_with_query_head_mask", lambda: L.block_sparse_attention_triton(
+            q, q[:, :1], q[:, :1], torch.ones(1, 2, 1, 1, dtype=torch.bool), 16, 1.0, True, None,
+            heads_per_prog=2)),
+        ("bad_config_key", lambda: L.block_sparse_attention_triton(
+            q, q, q, torch.ones(1, 2, 1, 1, dtype=torch.bool), 16, 1.0, True, None, config=dict(BLOCK_M=64))),
         ("bad_indices", lambda: L.block_sparse_attention_triton(
             q, q, q, None, 16, 1.0, True, None,
             indices=(torch.zeros(1, 2, 1, 1, dtype=torch.int64), torch.ones(1, 2, 1, dtype=torch.int32)))),
@@ -603,6 +732,8 @@ def test_triton_kernel_matches_reference_interpreter(interp_results, cid, case):
         assert res["poisoned_equal"], res  # dropped blocks are never read
     if "empty_zero" in res:
         assert res["empty_zero"], res
+    if case.get("empty") or case.get("invisible") or case.get("Tq", 0) > case.get("Tk", 0):
+        assert res.get("n_empty_rows", 0) > 0, res  # the case has the empty rows it is meant to have
     if "sdpa_rel_err" in res:
         assert res["sdpa_rel_err"] <= REL_ERR_MAX[case["dt"]], res
 
@@ -641,6 +772,45 @@ def test_gpu_prefill_and_stats_match_reference(dtype, D, blk):
         P = torch.ops.fxspec.attention_block_stats(q, k, blk, D ** -0.5, True, kv_lens, pool)
         Pr = BS.attention_block_stats_ref(q, k, blk, D ** -0.5, True, kv_lens, pool)
         assert (P - Pr).abs().max().item() < 2e-3
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("G,per", [(4, "kv"), (4, "q"), (1, "kv")])
+def test_gpu_prefill_configs_match_reference_and_capture(G, per):
+    """The autotuned launch and every candidate config (grouped heads with a mask per KV head, one head
+    per program with a mask per query head) against the reference; the launch captured in a CUDA graph."""
+    from fxspec.lowering.block_sparse import launch as L
+    torch.manual_seed(G)
+    B, Hkv, Tq, Tk, D, blk = 2, 2, 1000, 1300, 128, 64
+    Hq, dt = G * Hkv, torch.bfloat16
+    q = torch.randn(B, Hq, Tq, D, device="cuda", dtype=dt)
+    k = torch.randn(B, Hkv, Tk, D, device="cuda", dtype=dt)
+    v = torch.randn(B, Hkv, Tk, D, device="cuda", dtype=dt)
+    kv_lens = torch.tensor([1300, 1111], device="cuda")
+    Hm = Hkv if per == "kv" else Hq
+    bm = torch.rand(B, Hm, num_blocks(Tq, blk), num_blocks(Tk, blk), device="cuda") < 0.3
+    bm = BS.ensure_sink_and_diagonal(bm, Tq, Tk, blk)
+    ref = BS.block_sparse_attention_ref(q, k, v, bm, blk, D ** -0.5, True, kv_lens)
+    o = torch.ops.fxspec.block_sparse_attention(q, k, v, bm, blk, D ** -0.5, True, kv_lens)  # autotunes
+    assert rel_err(o, ref) < 1e-2
+    from triton.runtime.errors import OutOfResources
+    ran = 0
+    for cfg in L.prefill_candidates(blk, G if per == "kv" else 1):
+        try:
+            y = L.block_sparse_attention_triton(q, k, v, bm, blk, D ** -0.5, True, kv_lens, config=cfg)
+        except OutOfResources:  # (shared memory at the deepest stages) autotune skips these too
+            continue
+        ran += 1
+        assert rel_err(y, ref) < 1e-2, cfg
+    assert ran > 0
+    assert L.tuning_report()["block_sparse_prefill"]
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = torch.ops.fxspec.block_sparse_attention(q, k, v, bm, blk, D ** -0.5, True, kv_lens)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, o)
 
 
 @pytest.mark.gpu
