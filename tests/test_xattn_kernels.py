@@ -208,8 +208,11 @@ def test_op_takes_the_reference_off_the_gpu_path(monkeypatch):
 # --------------------------------------------------------------------------- Triton kernel (interpreter)
 
 def _interp_cases():
-    """(id, spec): small shapes, T off the block grid; D 64 / 128 / 32; stride 1 / 4 / 8 / 16; GQA, MQA;
-    several query blocks per program (R < 16), several key blocks per step, one reduced row per block."""
+    """(id, spec): T off the block and stride grids; D 16 / 32 / 64 / 80 / 128; stride 1 / 2 / 4 / 8 / 16;
+    G = 1 / 2 / 4; causal and not.  The default 64 x 64 tiles and fixed ``block_m`` / ``block_n``: several
+    row tiles with a partial last one, BLOCK_N above and below BLOCK_M (diagonal tiles that start before
+    or inside the row tile), R = 128 (one block a tile), a D that is not a whole number of feature chunks,
+    q / k in a [B, T, H, D] layout."""
     cases = [
         dict(dt="float32", B=1, Hq=4, Hkv=2, T=100, D=64, blk=32, S=8, causal=True),
         dict(dt="float32", B=1, Hq=2, Hkv=1, T=150, D=128, blk=64, S=4, causal=False),
@@ -217,6 +220,24 @@ def _interp_cases():
         dict(dt="float32", B=1, Hq=4, Hkv=1, T=90, D=128, blk=16, S=16, causal=True),
         dict(dt="float32", B=1, Hq=2, Hkv=1, T=70, D=64, blk=16, S=4, causal=True, block_n=16),
         dict(dt="bfloat16", B=1, Hq=2, Hkv=1, T=77, D=64, blk=32, S=8, causal=True),
+        # block 64, stride 8 / 4 / 16; three row tiles (the last partial), T % stride != 0, G = 4 / 2 / 1
+        dict(dt="float32", B=1, Hq=4, Hkv=1, T=1100, D=64, blk=64, S=8, causal=True),
+        dict(dt="float32", B=1, Hq=4, Hkv=1, T=1100, D=64, blk=64, S=8, causal=False),
+        dict(dt="float32", B=1, Hq=4, Hkv=2, T=1001, D=32, blk=64, S=4, causal=False),
+        dict(dt="float32", B=1, Hq=4, Hkv=2, T=1001, D=32, blk=64, S=4, causal=True, block_m=128, block_n=64),
+        dict(dt="float32", B=1, Hq=2, Hkv=2, T=1500, D=64, blk=64, S=16, causal=True, block_n=128),
+        dict(dt="float32", B=1, Hq=2, Hkv=2, T=1500, D=64, blk=64, S=16, causal=False, block_m=16, block_n=128),
+        dict(dt="bfloat16", B=1, Hq=4, Hkv=2, T=1300, D=64, blk=64, S=8, causal=True, block_m=128, block_n=64),
+        # block 16, stride 1 / 2: several row tiles, BLOCK_M above / below BLOCK_N
+        dict(dt="float32", B=1, Hq=4, Hkv=2, T=150, D=16, blk=16, S=1, causal=True),
+        dict(dt="float32", B=1, Hq=4, Hkv=1, T=150, D=16, blk=16, S=1, causal=False, block_m=32, block_n=64),
+        dict(dt="float32", B=1, Hq=2, Hkv=1, T=201, D=32, blk=16, S=2, causal=False, block_m=32, block_n=16),
+        dict(dt="float32", B=1, Hq=2, Hkv=2, T=201, D=32, blk=16, S=2, causal=True, block_m=16, block_n=32),
+        # R = 128: one block a tile; D = 80: a partial feature chunk; [B, T, H, D] strides, B = 2
+        dict(dt="float32", B=1, Hq=2, Hkv=1, T=300, D=16, blk=128, S=1, causal=True),
+        dict(dt="float32", B=1, Hq=2, Hkv=1, T=700, D=80, blk=64, S=8, causal=True, block_m=32, block_n=32),
+        dict(dt="float32", B=2, Hq=4, Hkv=2, T=530, D=32, blk=64, S=8, causal=True, block_m=16, block_n=16,
+             bthd=True),
     ]
     return [(_case_id(c), c) for c in cases]
 
@@ -224,7 +245,9 @@ def _interp_cases():
 def _case_id(c):
     s = (f"{c['dt'][:4]}-B{c['B']}-H{c['Hq']}x{c['Hkv']}-T{c['T']}-D{c['D']}-b{c['blk']}-s{c['S']}"
          f"-{'causal' if c['causal'] else 'full'}")
-    return s + (f"-bn{c['block_n']}" if c.get("block_n") else "")
+    s += f"-bm{c['block_m']}" if c.get("block_m") else ""
+    s += f"-bn{c['block_n']}" if c.get("block_n") else ""
+    return s + ("-bthd" if c.get("bthd") else "")
 
 
 def _run_interp_case(c) -> dict:
@@ -233,8 +256,12 @@ def _run_interp_case(c) -> dict:
     dt = getattr(torch, c["dt"])
     q = torch.randn(c["B"], c["Hq"], c["T"], c["D"], generator=g).to(dt)
     k = torch.randn(c["B"], c["Hkv"], c["T"], c["D"], generator=g).to(dt)
+    if c.get("bthd"):  # the same values, [B, T, H, D] in memory
+        q, k = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k))
+        assert not q.is_contiguous()
     scale = c["D"] ** -0.5
-    y = xattn_block_scores_triton(q, k, c["blk"], c["S"], scale, c["causal"], block_n=c.get("block_n"))
+    y = xattn_block_scores_triton(q, k, c["blk"], c["S"], scale, c["causal"], block_m=c.get("block_m"),
+                                  block_n=c.get("block_n"))
     ref = BS.xattn_block_scores_ref(q, k, c["blk"], c["S"], scale, c["causal"])
     out = dict(shape=list(y.shape), ref_shape=list(ref.shape), dtype=str(y.dtype)[6:],
                max_abs_err=float((y - ref).abs().max()), finite=bool(torch.isfinite(y).all()),
@@ -252,6 +279,9 @@ def _interp_main():
         ("float64", lambda: xt(q.double(), q.double(), 16, 4, 1.0, True)),
         ("bad_block_n", lambda: xt(q, q, 16, 1, 1.0, True, block_n=8)),
         ("block_n_not_multiple_of_R", lambda: xt(q, q, 128, 2, 1.0, True, block_n=32)),
+        ("block_n_not_pow2", lambda: xt(q, q, 16, 4, 1.0, True, block_n=48)),
+        ("bad_block_m", lambda: xt(q, q, 16, 4, 1.0, True, block_m=8)),
+        ("block_m_below_R", lambda: xt(q, q, 64, 1, 1.0, True, block_m=32)),
         ("stride", lambda: xt(q, q, 16, 3, 1.0, True)),
         ("lengths", lambda: xt(q, q[:, :, :20], 16, 4, 1.0, True)),
     ])
@@ -278,6 +308,32 @@ def test_triton_launcher_errors_interpreter(interp_results):
     interp_harness.assert_value_errors(interp_results)
 
 
+def test_autotune_list_keys_and_pruning():
+    """Every candidate that survives pruning tiles whole blocks (BLOCK_M, BLOCK_N multiples of R, at least
+    16); short problems drop the tiles taller / wider than needed; R = 128 keeps only the 128-wide tiles."""
+    pytest.importorskip("triton")
+    from fxspec.lowering._triton import tuning
+    from fxspec.lowering.block_sparse import xattn_kernel as XK
+    names = tuning.arg_names(XK._xattn_scores_kernel)
+    assert set(XK._TUNE_KEY) <= set(names) and set(XK._HEURISTICS) <= set(names)
+    cfgs = XK._configs()
+    assert len({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in cfgs}) == len(cfgs)
+    for R, TR in [(8, 4096), (8, 16384), (4, 1000), (16, 40), (1, 7), (64, 100), (128, 4096), (128, 10)]:
+        kept = XK._prune(cfgs, dict(TR=TR, T=TR * 8), R=R, S=8, D=128, CAUSAL=True)
+        assert kept, (R, TR)
+        for c in kept:
+            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            assert bm % R == 0 and bn % R == 0 and min(bm, bn) >= 16, (R, TR, c)
+            meta = {k: f(dict(c.kwargs, R=R, D=128)) for k, f in XK._HEURISTICS.items()}
+            assert meta["QPB"] * R == bm and meta["KPB"] * R == bn and meta["BLOCK_D"] == 64
+        if TR >= 4096:
+            assert len(kept) == len([c for c in cfgs if min(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) >= R])
+        if TR <= 64:
+            assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept} == {(max(64, R), max(64, R))}
+    assert all(c.kwargs["BLOCK_M"] >= 128 and c.kwargs["BLOCK_N"] >= 128
+               for c in XK._prune(cfgs, dict(TR=4096), R=128))
+
+
 # ---------------------------------------------------------------------------------------------- GPU
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernels run natively)")
@@ -286,15 +342,35 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("D,blk,S", [(128, 64, 8), (128, 128, 16), (64, 16, 16), (64, 64, 1)])
+@pytest.mark.parametrize("D,blk,S", [(128, 64, 8), (128, 128, 16), (64, 16, 16), (64, 64, 1), (96, 64, 4),
+                                     (128, 16, 2)])
 def test_gpu_kernel_matches_reference(dtype, D, blk, S):
     torch.manual_seed(D + blk + S)
     B, Hq, Hkv, T = 2, 8, 2, 1000
     q = torch.randn(B, Hq, T, D, device="cuda", dtype=dtype)
     k = torch.randn(B, Hkv, T, D, device="cuda", dtype=dtype)
     for causal in (False, True):
-        y = torch.ops.fxspec.xattn_block_scores(q, k, blk, S, D ** -0.5, causal)
+        y = torch.ops.fxspec.xattn_block_scores(q, k, blk, S, D ** -0.5, causal)  # autotuned
         ref = BS.xattn_block_scores_ref(q, k, blk, S, D ** -0.5, causal)
+        assert (y - ref).abs().max().item() < 2e-3
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("bm,bn,warps,stages", [(64, 64, 4, 2), (128, 64, 8, 3), (64, 128, 4, 3),
+                                                (128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3)])
+def test_gpu_fixed_tiles_long_gqa(bm, bn, warps, stages):
+    """Every tile shape of the autotune list, G = 4, T = 5000 (off the stride and block grids), q / k in a
+    [B, T, H, D] layout."""
+    from fxspec.lowering.block_sparse.xattn_kernel import xattn_block_scores_triton
+    torch.manual_seed(bm + bn)
+    B, Hq, Hkv, T, D = 1, 8, 2, 5003, 128
+    q = torch.randn(B, T, Hq, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    k = torch.randn(B, T, Hkv, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    for causal in (False, True):
+        y = xattn_block_scores_triton(q, k, 64, 8, D ** -0.5, causal, block_m=bm, block_n=bn, num_warps=warps,
+                                      num_stages=stages)
+        ref = BS.xattn_block_scores_ref(q, k, 64, 8, D ** -0.5, causal)
         assert (y - ref).abs().max().item() < 2e-3
 
 
