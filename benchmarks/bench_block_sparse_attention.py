@@ -12,8 +12,9 @@ run are measured in the same process; each time is the best of 5 replays of a CU
   per query head, random, key block 0 (sink) and the diagonal always kept, nothing above the diagonal;
   query block qb keeps ``clamp(round(density * (qb + 1)), min(2, qb + 1), qb + 1)`` of its qb + 1 visible
   blocks, the same count in every head (density = the kept share of the causal blocks, so density 1.0 does
-  SDPA's work).  Two rows per density: ``op`` (the op: mask -> index lists on the device + the kernel) and
-  ``kernel`` (index lists built beforehand, the kernel alone);
+  SDPA's work).  Three rows per density: ``op`` (the op: mask -> index lists on the device + the kernel),
+  ``kernel`` (index lists built beforehand, the kernel alone) and ``op kv-group mask`` (one pattern per KV head,
+  shared by the group's 4 query heads: the kernel's grouped path, each K/V tile loaded once per group);
 * stats: ``torch.ops.fxspec.attention_block_stats`` (pool avg) at each T, and its time / SDPA's;
 * gate: what chooses the blocks, relative to SDPA: a SeerAttention gate (``attention_gate_logits``: pooled q/k,
   per-head projections to 64, block RoPE) + ``select_key_blocks`` (top 10%), and ``xattn_block_scores``
@@ -60,8 +61,8 @@ def rel_err(a, b) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def causal_block_mask(T: int, density: float, device, g) -> torch.Tensor:
-    """bool [B, HQ, NB, NB]: per query block qb, the same number of kept blocks in every head (see above)."""
+def causal_block_mask(T: int, density: float, device, g, heads: int = HQ) -> torch.Tensor:
+    """bool [B, heads, NB, NB]: per query block qb, the same number of kept blocks in every head (see above)."""
     nb = -(-T // BLOCK)
     qb = torch.arange(nb, device=device)
     visible = qb[None, :] <= qb[:, None]  # [qb, kb]
@@ -69,12 +70,12 @@ def causal_block_mask(T: int, density: float, device, g) -> torch.Tensor:
     keep = torch.clamp(torch.round(density * n.double()).long(), min=0)
     keep = torch.maximum(keep, torch.clamp(n, max=2))
     keep = torch.minimum(keep, n)
-    score = torch.rand(B, HQ, nb, nb, device=device, generator=g)
+    score = torch.rand(B, heads, nb, nb, device=device, generator=g)
     score = torch.where(visible, score, torch.full_like(score, -1.0))
     score[..., 0] = 2.0  # sink
     score[..., qb, qb] = 2.0  # diagonal
     ranked = torch.sort(score, dim=-1, descending=True).values
-    thr = ranked.gather(-1, (keep - 1).expand(B, HQ, nb)[..., None])
+    thr = ranked.gather(-1, (keep - 1).expand(B, heads, nb)[..., None])
     return (score >= thr) & visible
 
 
@@ -113,8 +114,11 @@ def bench_prefill(T: int, dev, args, rows: list) -> None:
         nb = mask.shape[-1]
         kept = mask.sum().item() / (B * HQ * nb * (nb + 1) / 2)
         idx, cnt = block_mask_to_indices(mask)
+        gmask = causal_block_mask(T, dens, dev, g, heads=HKV)  # one pattern per KV head group
         fns = {
             "op": lambda: torch.ops.fxspec.block_sparse_attention(q, k, v, mask, BLOCK, scale, True, None),
+            "op kv-group mask": lambda: torch.ops.fxspec.block_sparse_attention(q, k, v, gmask, BLOCK, scale, True,
+                                                                                None),
             "kernel": lambda: block_sparse_attention_triton(q, k, v, None, BLOCK, scale, True, None,
                                                             indices=(idx, cnt)),
         }
@@ -216,15 +220,16 @@ def table(rows, meta) -> str:
              f"{meta['triton']}, commit {meta['commit']}. B={B} Hq={HQ} Hkv={HKV} D={D} bf16, block {BLOCK}; "
              "us per call (best of 5 CUDA-graph replays).\n",
              "| T | sdpa causal us | stats us (x sdpa) | " + " | ".join(
-                 f"d={d} op us (speedup) | d={d} kernel us (speedup)" for d in DENSITIES) + " |",
-             "|---|---|---|" + "---|" * (2 * len(DENSITIES))]
+                 f"d={d} op us (speedup) | d={d} kernel us (speedup) | d={d} kv-group op us (speedup)"
+                 for d in DENSITIES) + " |",
+             "|---|---|---|" + "---|" * (3 * len(DENSITIES))]
     for T in sorted({r["T"] for r in rows if r["part"] in ("prefill", "stats")}):
         rs = [r for r in rows if r.get("T") == T]
         sd = next((r for r in rs if r["method"] == "sdpa"), {})
         st = next((r for r in rs if r["part"] == "stats"), {})
         cells = [f"{T}", us(sd), f"{us(st)} ({st['vs_sdpa']:.2f}x)" if "vs_sdpa" in st else us(st)]
         for d in DENSITIES:
-            for what in ("op", "kernel"):
+            for what in ("op", "kernel", "op kv-group mask"):
                 r = next((r for r in rs if r.get("density") == d and r["method"] == f"block_sparse {what}"), {})
                 cells.append(f"{us(r)} ({r['speedup_vs_sdpa']:.2f}x)" if "speedup_vs_sdpa" in r else us(r))
         lines.append("| " + " | ".join(cells) + " |")

@@ -53,10 +53,10 @@ Implementations: CUDA with bf16/fp16 inputs, D <= 128 and Triton -> the kernels 
 the density; :mod:`.stats`; :mod:`.decode`, split-K over the selected blocks + a combine); everything else
 (CPU, fp32) -> the fp32 references of :mod:`.reference`.  Inference ops: no autograd formula.
 
-Mask per query head or per KV head: both are accepted by one kernel whose program owns one query head and
-one query block; with a per-KV-head mask the G programs of a group visit the same blocks, so their K/V
-loads meet in L2 rather than being shared in registers (a G-heads-per-program variant is possible for
-small blocks; not written).  Decode is per KV head group by construction.
+Mask per query head or per KV head: both are accepted by one kernel. With a mask per query head a program
+owns one query head and one query block; with a mask per KV head a program owns several query heads of the
+group (tile rows = heads x block), so each K/V tile is loaded once for all of them (:mod:`.prefill`).
+Decode is per KV head group by construction.
 """
 
 from __future__ import annotations
