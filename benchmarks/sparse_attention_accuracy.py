@@ -53,6 +53,8 @@ def main(argv=None) -> int:
     ap.add_argument("--densities", default="0.5,0.3,0.1")
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--stride", type=int, default=8)
+    ap.add_argument("--mask-per", default="query_head",
+                    help="query_head, kv_head or both (comma-separated): one block choice per query head or per group")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--tag", default=None)
@@ -71,20 +73,22 @@ def main(argv=None) -> int:
     dense = perplexity(model, val, args.window, windows)
     rows = [{"mode": "dense", "density": 1.0, "kept": 1.0, "ppl": dense, "rel": 0.0, "attentions": 0}]
     print(f"dense: ppl {dense:.4f} ({windows} x {args.window} tokens, {args.dtype}, {args.device})", flush=True)
-    for mode in args.modes.split(","):
+    plan = [(mode, per) for mode in args.modes.split(",") for per in args.mask_per.split(",")
+            if not (mode == "window" and per == "kv_head")]  # window: one choice per KV head either way
+    for mode, per in plan:
         if mode == "seer" and not args.gates:
             print("seer: no --gates, skipped", flush=True)
             continue
         for d in [float(x) for x in args.densities.split(",")]:
-            sa = {"mode": mode, "block": args.block, "density": d, "stride": args.stride}
+            sa = {"mode": mode, "block": args.block, "density": d, "stride": args.stride, "mask_per": per}
             if mode == "seer":
                 sa["gates"] = args.gates
             be = eager_backend({"sparse_attention": sa, "strict": True}, pass_name="sparse_attention")
             ppl = perplexity(model, val, args.window, windows, be)
             kept = realized_share(args.window, args.block, d)
-            rows.append({"mode": mode, "density": d, "kept": round(kept, 4), "ppl": ppl, "rel": ppl / dense - 1,
+            rows.append({"mode": mode if per == "query_head" else f"{mode} per KV head", "density": d, "kept": round(kept, 4), "ppl": ppl, "rel": ppl / dense - 1,
                          "attentions": be.rewrites})
-            print(f"{mode:6s} density {d:.2f} (kept {kept:.3f} of the causal blocks): ppl {ppl:.4f} "
+            print(f"{mode:6s} {per:10s} density {d:.2f} (kept {kept:.3f} of the causal blocks): ppl {ppl:.4f} "
                   f"({(ppl / dense - 1) * 100:+.2f}%), {be.rewrites} attentions", flush=True)
     meta = harness.run_meta(args.device if args.device.startswith("cuda") else "cpu",
                             model=args.model, data="val_tokens.pt", window=args.window, windows=windows,

@@ -210,6 +210,9 @@ class SparseAttentionConfig(_Section):
     stride: int = _opt(8, doc="xattn: the antidiagonal stride (tokens per reduced row), a power of two <= block",
                        lo=1, hi=128)
     gate_dim: int = _opt(64, doc="seer, fresh gates: the width of the gates' per-head projections", lo=8, hi=512)
+    mask_per: str = _opt("query_head", doc="one block choice per query head, or one per KV head shared by its "
+                         "group (the group's scores averaged; the kernel then loads each K/V tile once for the "
+                         "group)", choices=("query_head", "kv_head"))
 
     def validate(self) -> None:
         if self.block & (self.block - 1):

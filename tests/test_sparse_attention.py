@@ -368,3 +368,25 @@ def test_gate_pooling_fast_path_matches_the_reference():
         q = torch.randn(2, 3, T, 8, generator=g)
         want = torch.stack([q[:, :, i:i + 16].mean(2) for i in range(0, T, 16)], 2)
         torch.testing.assert_close(pool_queries(q, 16), want)
+
+
+def test_one_block_choice_per_kv_head_group():
+    from fxspec.sparse_attention.select import group_block_scores
+
+    s = torch.randn(1, 4, 3, 3).masked_fill(~torch.ones(3, 3).tril().bool(), float("-inf"))
+    g = group_block_scores(s, 2, True)
+    want = (torch.softmax(s[:, 2], -1) + torch.softmax(s[:, 3], -1)) / 2
+    assert torch.equal(torch.isinf(g[:, 1]), torch.isinf(s[:, 2]))
+    torch.testing.assert_close(g[:, 1].masked_fill(torch.isinf(g[:, 1]), 0), want)
+    with pytest.raises(ValueError, match="multiple"):
+        group_block_scores(s, 3, True)
+    # the pass: seer and xattn with mask_per = "kv_head" build [B, Hkv, ...] masks and still fire
+    m = tiny()
+    x = ids()
+    for mode in ("seer", "xattn"):
+        out = run(clone(m), {"sparse_attention": {"mode": mode, "block": 16, "density": 0.5, "stride": 4,
+                                                  "mask_per": "kv_head"}}, x)
+        assert counters["sparse_attention"][mode] == 2 and torch.isfinite(out).all()
+    # all blocks kept by the group equals dense
+    out = run(clone(m), {"sparse_attention": {"mode": "seer", "block": 16, "threshold": 0.0, "mask_per": "kv_head"}}, x)
+    torch.testing.assert_close(out, run(clone(m), {}, x), rtol=1e-4, atol=1e-4)

@@ -109,6 +109,12 @@ def sparse_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             else:
                 scores = graph.call_function(torch.ops.fxspec.recent_block_scores.default, (q, k, cfg.block))
                 rule = "topk"
+            G = static_int(shape(q)[1]) // static_int(shape(k)[1])
+            if cfg.mask_per == "kv_head" and cfg.mode != "window" and G > 1:
+                scores = graph.call_function(torch.ops.fxspec.group_block_scores.default,
+                                             (scores, G, cfg.mode == "seer"))
+                if rule == "prob":
+                    rule = "value"  # the group's mean probabilities, thresholded as they are
             mask = graph.call_function(torch.ops.fxspec.select_key_blocks.default,
                                        (scores, float(cfg.density), float(cfg.threshold or 0.0), rule))
             out = graph.call_function(torch.ops.fxspec.block_sparse_attention.default,

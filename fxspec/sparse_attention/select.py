@@ -8,6 +8,10 @@
         fp32 [B, Hkv, NQB, NKB], the score of key block j is j (-inf after the diagonal): with the top-k rule
         this keeps the sink and the most recent blocks, a sliding window of the same density (the baseline).
 
+    torch.ops.fxspec.group_block_scores(Tensor scores, int groups, bool logits) -> Tensor
+        fp32 [B, H / groups, NQB, NKB]: per KV head group, the mean of the group's softmax(scores) (logits) or
+        scores (``mask_per = "kv_head"``: one block choice shared by the group).
+
     torch.ops.fxspec.select_key_blocks(Tensor scores, float density, float threshold, str rule) -> Tensor
         bool [B, H, NQB, NKB]: the key blocks each query block computes (causal, bottom-right aligned:
         query block i sees key blocks j <= i + NKB - NQB; nothing after the diagonal is ever kept).
@@ -16,6 +20,8 @@
                            the row's ``n`` visible blocks (density = the kept share of the causal blocks)
         rule "prob":       blocks whose softmax probability over the row's visible blocks is >= threshold
                            (SeerAttention's threshold rule; ``scores`` are logits)
+        rule "value":      blocks whose score is >= threshold (scores that are probabilities already: a KV
+                           group's mean gate probabilities)
         rule "cumulative": the fewest highest-scoring blocks whose scores sum to >= threshold (XAttention's
                            rule; ``scores`` are a distribution per row, as ``xattn_block_scores`` gives)
 
@@ -32,7 +38,7 @@ from .gates import gate_logits
 
 __all__ = ["select_key_blocks", "select_key_blocks_ref", "RULES"]
 
-RULES = ("topk", "prob", "cumulative")
+RULES = ("topk", "prob", "value", "cumulative")
 
 
 def _visible(nq: int, nk: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -53,6 +59,8 @@ def select_key_blocks_ref(scores: torch.Tensor, density: float, threshold: float
     s = scores.float().masked_fill(~vis, float("-inf"))
     if rule == "prob":
         keep = torch.softmax(s, dim=-1) >= threshold
+    elif rule == "value":
+        keep = s >= threshold
     elif rule == "topk":
         ranked = s.masked_fill(forced, float("inf"))
         n_keep = torch.floor(density * n_vis.double() + 0.5).long()  # float64: the same rounding as k_max
@@ -82,6 +90,26 @@ def select_key_blocks(scores: torch.Tensor, density: float, threshold: float, ru
 @select_key_blocks.register_fake
 def _select_fake(scores, density, threshold, rule):
     return torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+
+
+@torch.library.custom_op("fxspec::group_block_scores", mutates_args=())
+def group_block_scores(scores: torch.Tensor, groups: int, logits: bool) -> torch.Tensor:
+    """fp32 ``[B, H / groups, NQB, NKB]``: the mean over each group of ``groups`` consecutive heads (query heads
+    ``j*G .. j*G+G-1`` share KV head ``j``) of ``softmax(scores)`` (``logits``) or of ``scores``; ``-inf`` stays
+    where every head has ``-inf`` (blocks after the diagonal)."""
+    B, H, nq, nk = scores.shape
+    if groups < 1 or H % groups:
+        raise ValueError(f"group_block_scores: {H} heads are not a multiple of groups = {groups}")
+    s = scores.float()
+    vis = torch.isfinite(s).view(B, H // groups, groups, nq, nk).any(2)
+    p = torch.softmax(s, dim=-1) if logits else s.masked_fill(~torch.isfinite(s), 0.0)
+    return p.view(B, H // groups, groups, nq, nk).mean(2).masked_fill(~vis, float("-inf"))
+
+
+@group_block_scores.register_fake
+def _group_fake(scores, groups, logits):
+    B, H, nq, nk = scores.shape
+    return scores.new_empty((B, H // groups, nq, nk), dtype=torch.float32)
 
 
 @torch.library.custom_op("fxspec::attention_gate_logits", mutates_args=())
