@@ -5,7 +5,8 @@
     python benchmarks/sparse_attention_accuracy.py --gates gates/ --out benchmarks/results
 
 For each mode -- ``seer`` (the trained gates), ``xattn`` (antidiagonal scoring, no training) and ``window``
-(the attention sink plus the most recent blocks: the baseline of the same density) -- and each density, every
+(the attention sink plus the most recent blocks: the baseline of the same density), and with ``--modes`` also
+``oracle`` (the dense attention's own block map: the best choice at block granularity) -- and each density, every
 attention of the model runs block-sparse over each whole window of ``--window`` tokens (context 2048, block
 64: 32 query blocks), and the perplexity of every position is counted. Density is the kept share of each
 query block's visible key blocks (``clamp(round(d * n), min(2, n), n)`` of ``n``); the realized share of the
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
     rows = [{"mode": "dense", "density": 1.0, "kept": 1.0, "ppl": dense, "rel": 0.0, "attentions": 0}]
     print(f"dense: ppl {dense:.4f} ({windows} x {args.window} tokens, {args.dtype}, {args.device})", flush=True)
     plan = [(mode, per) for mode in args.modes.split(",") for per in args.mask_per.split(",")
-            if not (mode == "window" and per == "kv_head")]  # window: one choice per KV head either way
+            if not (mode in ("window", "oracle") and per == "kv_head")]  # window: one choice per KV head either way
     for mode, per in plan:
         if mode == "seer" and not args.gates:
             print("seer: no --gates, skipped", flush=True)

@@ -500,7 +500,7 @@ def cmd_train_gates(args: argparse.Namespace) -> int:
     check_token_range(tokens, input_vocab_size(model), args.data)
     res = train_gates(model, tokens, out=args.out, steps=args.steps, batch_size=args.batch_size,
                       seq_len=args.seq_len, lr=args.lr, block=args.block, gate_dim=args.gate_dim, device=device,
-                      resume=args.resume,
+                      resume=args.resume, target=args.target,
                       progress=bool(args.progress) if args.progress is not None else sys.stderr.isatty())
     ev = res.eval
     kept = ", ".join(f"{k[5:]}: {v:.3f}" for k, v in ev.items() if k.startswith("mass@"))
@@ -737,6 +737,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, metavar="DIR", help="directory for the gates (created if missing)")
     sp.add_argument("--block", type=_positive_int, default=64, help="tokens per block (default 64)")
     sp.add_argument("--gate-dim", type=_positive_int, default=64, help="width of the gates' projections (default 64)")
+    sp.add_argument("--target", default="avg", choices=("avg", "max"),
+                    help="the dense map the gates learn: each key block's attention mass averaged over a query "
+                         "block's rows (avg, default) or its maximum over them, renormalised (max)")
     sp.add_argument("--steps", type=_positive_int, default=500, metavar="N", help="optimizer steps (default 500)")
     sp.add_argument("--batch-size", type=_positive_int, default=4, metavar="B", help="windows per step (default 4)")
     sp.add_argument("--seq-len", type=_positive_int, default=2048, metavar="N",

@@ -197,8 +197,10 @@ class SparseAttentionConfig(_Section):
 
     _section = "sparse_attention"
     enabled: bool = _opt(False, doc="turn the pass on (implied by giving the section)")
-    mode: str = _opt("seer", doc="seer (learned gates, `gates`), xattn (antidiagonal scoring, no training) or "
-                     "window (sink + most recent blocks: the baseline)", choices=("seer", "xattn", "window"))
+    mode: str = _opt("seer", doc="seer (learned gates, `gates`), xattn (antidiagonal scoring, no training), "
+                     "window (sink + most recent blocks: the baseline) or oracle (the dense attention's own "
+                     "block map: the best choice at block granularity, for measurements; no speedup)",
+                     choices=("seer", "xattn", "window", "oracle"))
     block: int = _opt(64, doc="tokens per block (query and key), a power of two in [16, 128]", lo=16, hi=128)
     density: float = _opt(0.1, doc="fraction of each query block's visible key blocks computed, in (0, 1]; "
                           "1.0 leaves attention exactly dense", lo=0.0, hi=1.0)

@@ -195,6 +195,8 @@ def _reference_attention(mode, density, block, stride=4):
     def fn(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kw):
         if mode == "window":
             s = torch.ops.fxspec.recent_block_scores(query, key, block)
+        elif mode == "oracle":
+            s = torch.ops.fxspec.attention_block_stats(query, key, block, scaling, True, None, "avg")
         else:
             s = torch.ops.fxspec.xattn_block_scores(query, key, block, stride, scaling, True)
         mask = select_key_blocks_ref(s, density, 0.0, "topk")
@@ -203,7 +205,7 @@ def _reference_attention(mode, density, block, stride=4):
     return fn
 
 
-@pytest.mark.parametrize("mode", ["window", "xattn"])
+@pytest.mark.parametrize("mode", ["window", "xattn", "oracle"])
 def test_compiled_equals_an_eager_reference_with_the_same_blocks(mode):
     name = f"fxspec_test_{mode}"
     transformers.AttentionInterface.register(name, _reference_attention(mode, 0.4, 16))

@@ -5,6 +5,7 @@
     after:   s = fxspec.attention_gate_logits(q0, k0, Wq, Wk, block, theta)     mode seer  (q0, k0: before RoPE)
              s = fxspec.xattn_block_scores(q, k, block, stride, scale, True)     mode xattn
              s = fxspec.recent_block_scores(q, k, block)                          mode window (baseline)
+             s = fxspec.attention_block_stats(q, k, block, scale, True, None)     mode oracle (measurement)
              m = fxspec.select_key_blocks(s, density, threshold, rule)           sink + diagonal always kept
              o = fxspec.block_sparse_attention(q, k_kv, v_kv, m, block, scale, True, None)
 
@@ -105,6 +106,10 @@ def sparse_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             elif cfg.mode == "xattn":
                 scores = graph.call_function(torch.ops.fxspec.xattn_block_scores.default,
                                              (q, k, cfg.block, cfg.stride, float(info.scale), True))
+                rule = "topk" if cfg.threshold is None else "cumulative"
+            elif cfg.mode == "oracle":
+                scores = graph.call_function(torch.ops.fxspec.attention_block_stats.default,
+                                             (q, k, cfg.block, float(info.scale), True, None, "avg"))
                 rule = "topk" if cfg.threshold is None else "cumulative"
             else:
                 scores = graph.call_function(torch.ops.fxspec.recent_block_scores.default, (q, k, cfg.block))

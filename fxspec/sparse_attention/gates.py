@@ -52,6 +52,9 @@ class GateSpec:
     gate_dim: int = 64
     rope_theta: float = 10000.0
     layers: dict[int, list[int]] = field(default_factory=dict)
+    # what the gates were trained towards: the block-pooled dense map averaged over each query block's rows
+    # ("avg"), or its maximum over those rows renormalised per row ("max": blocks that few rows need count)
+    target: str = "avg"
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -61,17 +64,21 @@ class GateSpec:
     @classmethod
     def from_json(cls, d: dict) -> "GateSpec":
         return cls(block=int(d["block"]), gate_dim=int(d["gate_dim"]), rope_theta=float(d["rope_theta"]),
-                   layers={int(k): [int(x) for x in v] for k, v in d["layers"].items()})
+                   layers={int(k): [int(x) for x in v] for k, v in d["layers"].items()},
+                   target=str(d.get("target", "avg")))
 
     @classmethod
-    def for_model(cls, config, block: int = 64, gate_dim: int = 64, rope_theta: float = 10000.0) -> "GateSpec":
+    def for_model(cls, config, block: int = 64, gate_dim: int = 64, rope_theta: float = 10000.0,
+                  target: str = "avg") -> "GateSpec":
         """One gate per decoder layer of a transformers-style ``config``."""
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         heads = int(text.num_attention_heads)
         kv = int(getattr(text, "num_key_value_heads", None) or heads)
         hd = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+        if target not in ("avg", "max"):
+            raise ValueError(f"target must be 'avg' or 'max', got {target!r}")
         return cls(block=block, gate_dim=gate_dim, rope_theta=rope_theta,
-                   layers={i: [heads, kv, hd] for i in range(int(text.num_hidden_layers))})
+                   layers={i: [heads, kv, hd] for i in range(int(text.num_hidden_layers))}, target=target)
 
 
 def layer_index(name: str) -> int | None:

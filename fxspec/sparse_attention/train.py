@@ -4,7 +4,9 @@
 attention, ``P = torch.ops.fxspec.attention_block_stats(q, k, block, scale, causal=True, pool="avg")`` (for
 each query block, how its rows' attention mass spreads over the key blocks; a flash-style kernel on the GPU,
 no [T, T] matrix in memory), and the gate's ``softmax(logits)`` is trained towards it with
-``KL(P || softmax(logits))``, averaged over rows, heads and layers. The base is frozen (the stashed q/k are
+``KL(P || softmax(logits))``, averaged over rows, heads and layers. ``target = "max"`` uses instead the maximum
+over each query block's rows of the per-block mass, renormalised per row (a block that a few rows need counts
+as much as one all rows need a little). The base is frozen (the stashed q/k are
 detached); only the gates learn.
 
 **In a training script** (config opt-in)::
@@ -45,7 +47,7 @@ ATTR = "fxspec_attention_gates"
 ROLES = ("q0", "k0", "q", "k")
 STATE_FILE = "train_state.safetensors"
 STATE_KIND, STATE_FORMAT = "attention_gates_train_state", 1
-_RESUME_KEYS = ("block", "gate_dim", "seq_len", "batch_size", "lr", "seed", "num_tokens", "eval_fraction")
+_RESUME_KEYS = ("block", "gate_dim", "seq_len", "batch_size", "lr", "seed", "num_tokens", "eval_fraction", "target")
 EVAL_DENSITIES = (0.1, 0.3, 0.5)
 
 #: id(a parameter of the model) -> weakref to the model that has gates attached
@@ -56,16 +58,22 @@ _SCALES: dict[int, dict[int, float]] = {}
 
 def gate_loss(gates: AttentionGates, layer: int, q0: torch.Tensor, k0: torch.Tensor, q: torch.Tensor,
               k: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(KL, target, logits)`` of one layer: ``q0``/``k0`` what the gate reads (pre-RoPE), ``q``/``k`` what the
+    """``(KL, mass, logits)`` of one layer: ``q0``/``k0`` what the gate reads (pre-RoPE), ``q``/``k`` what the
     attention reads (the target's inputs). ``KL`` is the mean over batch, heads and query blocks of
-    ``KL(target row || softmax(logits row))``."""
+    ``KL(target row || softmax(logits row))``, the target being the block-pooled dense map of
+    ``gates.spec.target`` ("avg", or "max" renormalised per row); ``mass`` is the "avg" map (the share of each
+    query block's attention mass in each key block, what a block choice keeps)."""
     with torch.no_grad():
-        target = torch.ops.fxspec.attention_block_stats(q.detach(), k.detach(), gates.spec.block, float(scale), True,
-                                                        None, "avg")
+        stats = torch.ops.fxspec.attention_block_stats
+        mass = stats(q.detach(), k.detach(), gates.spec.block, float(scale), True, None, "avg")
+        target = mass
+        if gates.spec.target == "max":
+            mx = stats(q.detach(), k.detach(), gates.spec.block, float(scale), True, None, "max")
+            target = mx / mx.sum(-1, keepdim=True).clamp(min=1e-30)
     logits = gates.logits(layer, q0, k0)
     logp = torch.log_softmax(logits, dim=-1)
     kl = torch.where(target > 0, target * (torch.log(target.clamp(min=1e-30)) - logp), torch.zeros_like(logp))
-    return kl.sum(-1).mean(), target, logits
+    return kl.sum(-1).mean(), mass, logits
 
 
 def kept_mass(target: torch.Tensor, logits: torch.Tensor, density: float) -> torch.Tensor:
@@ -216,7 +224,7 @@ def evaluate_gates(compiled, model: nn.Module, windows: torch.Tensor, batch_size
 def train_gates(model: nn.Module, tokens: torch.Tensor, *, out: str | Path, steps: int = 500, batch_size: int = 4,
                 seq_len: int = 2048, lr: float = 1e-3, block: int = 64, gate_dim: int = 64, resume: bool = True,
                 progress: bool = True, device: torch.device | str | None = None, eval_fraction: float = 0.02,
-                seed: int = 0, save_every: int = 100) -> GateTrainResult:
+                seed: int = 0, save_every: int = 100, target: str = "avg") -> GateTrainResult:
     """Train SeerAttention gates for ``model`` on windows of ``tokens`` and write them to ``out`` (module
     docstring). The base model is frozen and not modified (its parameters' ``requires_grad`` is restored)."""
     import fxspec
@@ -243,15 +251,18 @@ def train_gates(model: nn.Module, tokens: torch.Tensor, *, out: str | Path, step
     if hasattr(model, ATTR):
         delattr(model, ATTR)
     torch.manual_seed(seed)
+    if target not in ("avg", "max"):
+        raise ValueError(f"target must be 'avg' or 'max' (got {target!r})")
     cfg = {"sparse_attention": {"mode": "seer", "block": block, "gate_dim": gate_dim}}
     compiled = fxspec.compile(model, cfg)
     gates: AttentionGates = getattr(model, ATTR)
+    gates.spec.target = target
     dev = next(model.parameters()).device
     gates.to(dev)
     opt = torch.optim.AdamW(gates.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed + 1)
     settings = {"block": block, "gate_dim": gate_dim, "seq_len": seq_len, "batch_size": batch_size, "lr": lr,
-                "seed": seed, "num_tokens": int(tokens.numel()), "eval_fraction": eval_fraction}
+                "seed": seed, "num_tokens": int(tokens.numel()), "eval_fraction": eval_fraction, "target": target}
     state_path = out / STATE_FILE
     step, last = 0, float("nan")
     from ..checkpoint import load_train_state, save_train_state
@@ -296,7 +307,7 @@ def train_gates(model: nn.Module, tokens: torch.Tensor, *, out: str | Path, step
         model.train(was_training)
     meta = {"training": {**settings, "steps": step, "loss": last, "time_s": round(time.time() - t0, 1),
                          "train_windows": int(train_w.shape[0]), "eval_windows": int(eval_w.shape[0]),
-                         "loss_kind": "KL(block-pooled dense attention || gate softmax), base frozen"},
+                         "loss_kind": f"KL(block-pooled ({target}) dense attention || gate softmax), base frozen"},
             "eval": {**ev, "measured_on": f"{int(eval_w.shape[0])} held-out windows of {seq_len} tokens"}}
     json.dumps(meta)
     path = save(model, out, meta)
