@@ -207,6 +207,9 @@ class SparseAttentionConfig(_Section):
     threshold: float | None = _opt(None, doc="instead of `density`: seer keeps the key blocks whose gate "
                                    "probability is >= threshold; xattn keeps the fewest blocks whose scores sum "
                                    "to >= threshold (XAttention's tau)", lo=0.0, hi=1.0)
+    budget: int | None = _opt(None, doc="instead of `density`: key tokens each query block computes (a whole "
+                              "number of blocks, at least 2: the sink and the diagonal), the same for every query "
+                              "block that sees that many", lo=1)
     gates: str | None = _opt(None, doc="seer: the directory made by `fxspec train-gates MODEL --data TOKENS.pt "
                              "--out DIR` for this model; unset: fresh gates for training with fxspec.aux_loss")
     stride: int = _opt(8, doc="xattn: the antidiagonal stride (tokens per reduced row), a power of two <= block",
@@ -225,6 +228,13 @@ class SparseAttentionConfig(_Section):
         if self.density <= 0.0:
             raise ConfigError(f"sparse_attention.density = {self.density!r} is out of range; allowed: 0 < density "
                               f"<= 1 (the fraction of key blocks computed)")
+        if self.budget is not None:
+            if self.budget % self.block or self.budget < 2 * self.block:
+                raise ConfigError(f"sparse_attention.budget = {self.budget} tokens must be a multiple of block "
+                                  f"({self.block}) and at least two blocks ({2 * self.block}: the sink and the diagonal)")
+            if self.threshold is not None:
+                raise ConfigError("sparse_attention.budget and sparse_attention.threshold are two ways to choose the "
+                                  "blocks; give one")
         if self.threshold is not None and self.mode == "window":
             raise ConfigError("sparse_attention.threshold is for mode 'seer' or 'xattn'; mode 'window' keeps "
                               "`density` of the blocks")

@@ -54,6 +54,8 @@ def run(model, options, x, **kw):
     ({"block": 48}, "power of two"), ({"density": 0.0}, "density"), ({"density": 1.5}, "out of range"),
     ({"stride": 32, "block": 16}, "stride"), ({"mode": "window", "threshold": 0.1}, "threshold"),
     ({"mode": "dense"}, "not allowed"), ({"block": 8}, "out of range"), ({"gatez": "x"}, "gatez"),
+    ({"budget": 100}, "multiple of block"), ({"budget": 64}, "at least two blocks"),
+    ({"budget": 256, "threshold": 0.1}, "give one"),
 ])
 def test_bad_configs_are_config_errors(bad, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -414,3 +416,19 @@ def test_gpu_bf16_pass_matches_the_fp32_reference_path(mode, per):
             ref = eager(x, use_cache=False).logits
         assert (out.float() - ref.float()).abs().max() < 0.1  # bf16 logits of a random tiny model
     assert torch.isfinite(out).all()
+
+
+def test_token_budget_keeps_the_same_count_per_row_and_budget_over_length_is_said():
+    s = torch.randn(1, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    m = select_key_blocks_ref(s, 0.1, 0.0, "topk", budget_blocks=3)
+    assert m.sum(-1)[0, 0].tolist() == [1, 2, 3, 3, 3, 3, 3, 3]
+    m = tiny()
+    x = ids(t=200)
+    out = run(clone(m), {"sparse_attention": {"mode": "window", "block": 16, "budget": 64}}, x)
+    assert counters["sparse_attention"]["window"] == 2 and torch.isfinite(out).all()
+    torch._dynamo.reset()
+    reset_counters()
+    c = fxspec.compile(clone(m), {"sparse_attention": {"mode": "window", "block": 16, "budget": 256}})
+    with pytest.warns(fxspec.FxspecWarning, match="budget = 256 tokens is not below"):
+        with torch.no_grad():
+            c(x, use_cache=False)

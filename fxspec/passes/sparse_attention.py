@@ -59,7 +59,7 @@ def sparse_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         ctx.skip("graph", "training graph (grad mode on): attention stays dense; call the model under "
                  "torch.no_grad() for sparse attention")
         return gm
-    if cfg.density >= 1.0 and cfg.threshold is None:
+    if cfg.density >= 1.0 and cfg.threshold is None and cfg.budget is None:
         ctx.note("graph", "density = 1.0: attention stays exactly dense")
         return gm
     analysis = ctx.analysis(gm)
@@ -75,6 +75,10 @@ def sparse_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         q, k, v, T = site
         if T is not None and T <= cfg.block:
             ctx.note(info.name, f"{T} tokens fit in one block of {cfg.block}: nothing to skip, left dense")
+            continue
+        if cfg.budget is not None and T is not None and cfg.budget >= T:
+            ctx.skip(info.name, f"sparse_attention.budget = {cfg.budget} tokens is not below the sequence's {T} "
+                     f"tokens: every block would be computed; left dense (lower the budget or use density)")
             continue
         graph = gm.graph
         with graph.inserting_before(info.node):
@@ -121,12 +125,14 @@ def sparse_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                 if rule == "prob":
                     rule = "value"  # the group's mean probabilities, thresholded as they are
             mask = graph.call_function(torch.ops.fxspec.select_key_blocks.default,
-                                       (scores, float(cfg.density), float(cfg.threshold or 0.0), rule))
+                                       (scores, float(cfg.density), float(cfg.threshold or 0.0), rule,
+                                        (cfg.budget or 0) // cfg.block))
             out = graph.call_function(torch.ops.fxspec.block_sparse_attention.default,
                                       (q, k, v, mask, cfg.block, float(info.scale), True, None))
         copy_meta(out, info.node, values=True)
         info.node.replace_all_uses_with(out)
-        how = f"{rule} density {cfg.density:g}" if rule == "topk" else f"{rule} threshold {cfg.threshold:g}"
+        how = (f"budget {cfg.budget} tokens" if cfg.budget else f"{rule} density {cfg.density:g}") if rule == "topk" \
+            else f"{rule} threshold {cfg.threshold:g}"
         ctx.rewrote(info.name, f"{info.kind} attention -> block-sparse ({cfg.mode}, block {cfg.block}, {how})",
                     counter=cfg.mode)
     eliminate_dead_code(gm)

@@ -12,7 +12,8 @@
         fp32 [B, H / groups, NQB, NKB]: per KV head group, the mean of the group's softmax(scores) (logits) or
         scores (``mask_per = "kv_head"``: one block choice shared by the group).
 
-    torch.ops.fxspec.select_key_blocks(Tensor scores, float density, float threshold, str rule) -> Tensor
+    torch.ops.fxspec.select_key_blocks(Tensor scores, float density, float threshold, str rule,
+                                       int budget_blocks=0) -> Tensor
         bool [B, H, NQB, NKB]: the key blocks each query block computes (causal, bottom-right aligned:
         query block i sees key blocks j <= i + NKB - NQB; nothing after the diagonal is ever kept).
         Always kept: key block 0 (the attention sink) and the diagonal block, so no row is empty.
@@ -47,7 +48,8 @@ def _visible(nq: int, nk: int, device) -> tuple[torch.Tensor, torch.Tensor, torc
     return kb <= qb, (kb == 0) | (kb == qb), (qb + 1).clamp(max=nk).squeeze(1)
 
 
-def select_key_blocks_ref(scores: torch.Tensor, density: float, threshold: float, rule: str) -> torch.Tensor:
+def select_key_blocks_ref(scores: torch.Tensor, density: float, threshold: float, rule: str,
+                          budget_blocks: int = 0) -> torch.Tensor:
     if scores.dim() != 4:
         raise ValueError(f"select_key_blocks: scores must be [B, H, NQB, NKB], got {tuple(scores.shape)}")
     if rule not in RULES:
@@ -63,11 +65,14 @@ def select_key_blocks_ref(scores: torch.Tensor, density: float, threshold: float
         keep = s >= threshold
     elif rule == "topk":
         ranked = s.masked_fill(forced, float("inf"))
-        n_keep = torch.floor(density * n_vis.double() + 0.5).long()  # float64: the same rounding as k_max
+        if budget_blocks > 0:  # a token budget: the same number of blocks for every row that has them
+            n_keep = torch.full_like(n_vis, budget_blocks)
+            k_max = min(max(budget_blocks, min(2, nk)), nk)
+        else:
+            n_keep = torch.floor(density * n_vis.double() + 0.5).long()  # float64: the same rounding as k_max
+            # the largest count (the last query block's: it sees every key block), known from the shapes alone
+            k_max = min(max(int(density * nk + 0.5), min(2, nk)), nk)
         n_keep = torch.maximum(n_keep, n_vis.clamp(max=2)).clamp(max=n_vis)
-        # the largest count (the last query block's: it sees every key block), known from the shapes alone
-        n_last = nk
-        k_max = min(max(int(density * n_last + 0.5), min(2, n_last)), n_last)
         top = torch.topk(ranked, k_max, dim=-1, sorted=True).indices          # [B, H, NQB, k_max]
         take = torch.arange(k_max, device=s.device) < n_keep[:, None]          # [NQB, k_max]
         keep = torch.zeros(s.shape, dtype=torch.bool, device=s.device).scatter_(-1, top, take.expand_as(top))
@@ -83,12 +88,13 @@ def select_key_blocks_ref(scores: torch.Tensor, density: float, threshold: float
 
 
 @torch.library.custom_op("fxspec::select_key_blocks", mutates_args=())
-def select_key_blocks(scores: torch.Tensor, density: float, threshold: float, rule: str) -> torch.Tensor:
-    return select_key_blocks_ref(scores, density, threshold, rule)
+def select_key_blocks(scores: torch.Tensor, density: float, threshold: float, rule: str,
+                      budget_blocks: int = 0) -> torch.Tensor:
+    return select_key_blocks_ref(scores, density, threshold, rule, budget_blocks)
 
 
 @select_key_blocks.register_fake
-def _select_fake(scores, density, threshold, rule):
+def _select_fake(scores, density, threshold, rule, budget_blocks=0):
     return torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
 
 
