@@ -87,7 +87,8 @@ def main(argv=None) -> int:
             be = eager_backend({"sparse_attention": sa, "strict": True}, pass_name="sparse_attention")
             ppl = perplexity(model, val, args.window, windows, be)
             kept = realized_share(args.window, args.block, d)
-            rows.append({"mode": mode if per == "query_head" else f"{mode} per KV head", "density": d, "kept": round(kept, 4), "ppl": ppl, "rel": ppl / dense - 1,
+            label = mode if per == "query_head" else f"{mode} per KV head"
+            rows.append({"mode": label, "density": d, "kept": round(kept, 4), "ppl": ppl, "rel": ppl / dense - 1,
                          "attentions": be.rewrites})
             print(f"{mode:6s} {per:10s} density {d:.2f} (kept {kept:.3f} of the causal blocks): ppl {ppl:.4f} "
                   f"({(ppl / dense - 1) * 100:+.2f}%), {be.rewrites} attentions", flush=True)
@@ -101,7 +102,8 @@ def main(argv=None) -> int:
              f"{args.dtype} · block {args.block}", "",
              "| mode | density | kept share of causal blocks | perplexity | vs dense |", "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['mode']} | {r['density']:.2f} | {r['kept']:.3f} | {r['ppl']:.4f} | {r['rel'] * 100:+.2f}% |")
+        lines.append(f"| {r['mode']} | {r['density']:.2f} | {r['kept']:.3f} | {r['ppl']:.4f} | "
+                     f"{r['rel'] * 100:+.2f}% |")
     print("\n".join(lines))
     if args.out:
         dev = args.device if args.device.startswith("cuda") else "cpu"

@@ -109,7 +109,8 @@ def main(argv=None) -> int:
     result = {"benchmark": "speculative_acceptance", "date": datetime.date.today().isoformat(), "commit": commit,
               "model": args.model, "heads": args.heads, "prompts": args.prompts, "prompt_len": args.prompt_len,
               "new_tokens": args.new, "device": args.device, "dtype": args.dtype,
-              "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None, "seconds": round(time.time() - t0, 1), "rows": rows,
+              "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+              "seconds": round(time.time() - t0, 1), "rows": rows,
               **meta}
     if args.out:
         with open(args.out, "w") as f:

@@ -231,7 +231,8 @@ class SparseAttentionConfig(_Section):
         if self.budget is not None:
             if self.budget % self.block or self.budget < 2 * self.block:
                 raise ConfigError(f"sparse_attention.budget = {self.budget} tokens must be a multiple of block "
-                                  f"({self.block}) and at least two blocks ({2 * self.block}: the sink and the diagonal)")
+                                  f"({self.block}) and at least two blocks ({2 * self.block}: the sink and the "
+                                  f"diagonal)")
             if self.threshold is not None:
                 raise ConfigError("sparse_attention.budget and sparse_attention.threshold are two ways to choose the "
                                   "blocks; give one")

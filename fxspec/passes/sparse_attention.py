@@ -37,7 +37,7 @@ import torch.fx as fx
 from .._log import FxspecWarning
 from ..config import SparseAttentionConfig
 from ..graph.attention import repeat_kv_source
-from ..graph.nodes import ancestors, is_any, is_cast, is_layout, is_op, shape, skip_back, static_int
+from ..graph.nodes import ancestors, is_any, is_cast, is_layout, is_op, shape, static_int
 from ..graph.rewrite import eliminate_dead_code
 from ..graph.rope import rope_input
 from ..graph.types import AttentionInfo
