@@ -435,23 +435,19 @@ def check_out_dir(path: str, flag: str = "--out") -> None:
         raise UsageError(f"{flag} {path!r}: the directory {target!r} is not writable")
 
 
-def cmd_train_draft_heads(args: argparse.Namespace) -> int:
-    # everything that can be checked without the model, before loading it
-    check_out_dir(args.out)
-    if args.seq_len < args.num_heads + 3:
-        raise UsageError(f"--seq-len {args.seq_len} is too short for --num-heads {args.num_heads} (need at least "
-                         f"num_heads + 3 = {args.num_heads + 3})")
+def _trainer_inputs(args: argparse.Namespace, measured: str) -> tuple:
+    """A trainer command's token ids, device and model, each checked (tokens and device before the model is
+    loaded): ``(tokens, device, model)``. ``measured`` names what the held-out window measures."""
     check_model_spec(args.model)
     tokens = load_tokens(args.data)
     windows = tokens.numel() // args.seq_len
     if windows < 2:
         raise UsageError(f"--data {args.data!r}: {tokens.numel()} tokens make {windows} window(s) of --seq-len "
-                         f"{args.seq_len}; need at least 2 (one is held out to measure the heads' accuracy): pass "
-                         f"more tokens or a smaller --seq-len")
+                         f"{args.seq_len}; need at least 2 (one is held out to measure {measured}): pass more tokens "
+                         f"or a smaller --seq-len")
 
     import torch
 
-    from .draft.train import train_draft_heads
     from .runtime.inputs import input_vocab_size
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -459,6 +455,19 @@ def cmd_train_draft_heads(args: argparse.Namespace) -> int:
         raise UsageError("--device cuda: no CUDA GPU is available on this machine")
     model, _ = load_model(args.model, args.dtype)
     check_token_range(tokens, input_vocab_size(model), args.data)
+    return tokens, device, model
+
+
+def cmd_train_draft_heads(args: argparse.Namespace) -> int:
+    # everything that can be checked without the model, before loading it
+    check_out_dir(args.out)
+    if args.seq_len < args.num_heads + 3:
+        raise UsageError(f"--seq-len {args.seq_len} is too short for --num-heads {args.num_heads} (need at least "
+                         f"num_heads + 3 = {args.num_heads + 3})")
+    tokens, device, model = _trainer_inputs(args, "the heads' accuracy")
+
+    from .draft.train import train_draft_heads
+
     if not (callable(getattr(model, "get_output_embeddings", None)) and model.get_output_embeddings() is not None):
         raise UsageError(f"MODEL {args.model!r}: {type(model).__name__} has no LM head (get_output_embeddings()); "
                          f"draft heads need a causal LM")
@@ -480,24 +489,10 @@ def cmd_train_gates(args: argparse.Namespace) -> int:
     if args.seq_len < 2 * args.block:
         raise UsageError(f"--seq-len {args.seq_len} is shorter than two blocks of --block {args.block}: the gates "
                          f"would have nothing to choose from")
-    check_model_spec(args.model)
-    tokens = load_tokens(args.data)
-    windows = tokens.numel() // args.seq_len
-    if windows < 2:
-        raise UsageError(f"--data {args.data!r}: {tokens.numel()} tokens make {windows} window(s) of --seq-len "
-                         f"{args.seq_len}; need at least 2 (one is held out to measure the gates): pass more tokens "
-                         f"or a smaller --seq-len")
+    tokens, device, model = _trainer_inputs(args, "the gates")
 
-    import torch
-
-    from .runtime.inputs import input_vocab_size
     from .sparse_attention import train_gates
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is available on this machine")
-    model, _ = load_model(args.model, args.dtype)
-    check_token_range(tokens, input_vocab_size(model), args.data)
     res = train_gates(model, tokens, out=args.out, steps=args.steps, batch_size=args.batch_size,
                       seq_len=args.seq_len, lr=args.lr, block=args.block, gate_dim=args.gate_dim, device=device,
                       resume=args.resume, target=args.target,

@@ -24,13 +24,15 @@ missing_ok=True)`` returns 0 then. Each call consumes the stash of one forward.
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-__all__ = ["AuxTerm", "aux_loss", "register_term", "terms", "stash_key", "stashed", "clear"]
+__all__ = ["AuxTerm", "aux_loss", "register_term", "terms", "stash_key", "stashed", "clear", "lr_at",
+           "check_trainer_args"]
 
 #: key -> the tensor the last forward stashed under it (detached)
 _STASH: dict[str, torch.Tensor] = {}
@@ -103,6 +105,40 @@ def aux_loss(model: torch.nn.Module, *, missing_ok: bool = False) -> torch.Tenso
         for k in t.keys:
             _STASH.pop(k, None)
     return total if total is not None else torch.zeros(())
+
+
+# -- what the standalone trainers (draft heads, attention gates) share ------------------------------------
+
+def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    """Linear warmup, then cosine decay to 10% of ``lr`` at ``steps``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def check_trainer_args(tokens, *, steps, batch_size, seq_len, lr, eval_fraction,
+                       held_out: str = "one held out") -> torch.Tensor:
+    """The checks every trainer makes of its common arguments; returns ``tokens`` as int64. ``held_out`` says
+    what the held-out window is for (in the message when there are fewer than two windows)."""
+    for name, v, lo in (("steps", steps, 0), ("batch_size", batch_size, 1), ("seq_len", seq_len, 2)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name} must be an int >= {lo} (got {v!r})")
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"lr must be a number > 0 (got {lr!r})")
+    if not (isinstance(eval_fraction, (int, float)) and 0 < eval_fraction < 1):
+        raise ValueError(f"eval_fraction must be in (0, 1) (got {eval_fraction!r})")
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or tokens.is_floating_point() \
+            or tokens.dtype == torch.bool:
+        desc = (f"a {tokens.dim()}-D {tokens.dtype} tensor" if isinstance(tokens, torch.Tensor)
+                else type(tokens).__name__)
+        raise TypeError(f"tokens must be a 1-D integer tensor of token ids (got {desc}); "
+                        f"examples/make_tokens.py makes one")
+    n = tokens.numel() // seq_len
+    if n < 2:
+        raise ValueError(f"tokens: {tokens.numel()} ids make {n} window(s) of seq_len {seq_len}; need at least 2 "
+                         f"(one to train on, {held_out})")
+    return tokens.long()
 
 
 # -- the stash op ---------------------------------------------------------------------------------

@@ -44,7 +44,6 @@ keeps the base frozen.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError
+from ..training import check_trainer_args, lr_at
 from .heads import FILE_NAME, TYPES, HeadsSpec, build_heads, model_fingerprint, save_heads
 from .tree import static_tree
 
@@ -206,29 +206,15 @@ def _base_forward(model: nn.Module, ids: torch.Tensor, check: bool = False) -> t
 def _check_args(tokens, kind, num_heads, steps, batch_size, seq_len, lr, targets, eval_fraction) -> torch.Tensor:
     if kind not in TYPES:
         raise ConfigError(f"type = {kind!r} is not a draft head type; allowed: {', '.join(map(repr, TYPES))}")
-    for name, v, lo in (("num_heads", num_heads, 1), ("steps", steps, 0), ("batch_size", batch_size, 1),
-                        ("seq_len", seq_len, 2)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"{name} must be an int >= {lo} (got {v!r})")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be an int >= 1 (got {num_heads!r})")
+    tokens = check_trainer_args(tokens, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
+                                eval_fraction=eval_fraction, held_out="one held out for the accuracies")
     if seq_len < num_heads + 3:
         raise ValueError(f"seq_len = {seq_len} is too short for {num_heads} heads (need >= num_heads + 3)")
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"lr must be a number > 0 (got {lr!r})")
     if targets not in ("self", "data"):
         raise ValueError(f"targets must be 'self' (the base's own predictions) or 'data' (got {targets!r})")
-    if not (isinstance(eval_fraction, (int, float)) and 0 < eval_fraction < 1):
-        raise ValueError(f"eval_fraction must be in (0, 1) (got {eval_fraction!r})")
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or tokens.is_floating_point() \
-            or tokens.dtype == torch.bool:
-        desc = (f"a {tokens.dim()}-D {tokens.dtype} tensor" if isinstance(tokens, torch.Tensor)
-                else type(tokens).__name__)
-        raise TypeError(f"tokens must be a 1-D integer tensor of token ids (got {desc}); "
-                        f"examples/make_tokens.py makes one")
-    n = tokens.numel() // seq_len
-    if n < 2:
-        raise ValueError(f"tokens: {tokens.numel()} ids make {n} window(s) of seq_len {seq_len}; need at least 2 "
-                         f"(one to train on, one held out for the accuracies)")
-    return tokens.long()
+    return tokens
 
 
 def _save_state(path: Path, heads: nn.Module, opt: torch.optim.Optimizer, step: int, gen: torch.Generator,
@@ -244,14 +230,6 @@ def _load_state(path: Path, heads: nn.Module, opt: torch.optim.Optimizer, gen: t
 
     return load_train_state(path, heads, opt, gen, settings, kind=STATE_KIND, format=STATE_FORMAT,
                             resume_keys=_RESUME_KEYS)
-
-
-def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
-    """Linear warmup, then cosine decay to 10% of ``lr`` at ``steps``."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    frac = min(1.0, (step - warmup) / max(1, steps - warmup))
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
 @torch.no_grad()
@@ -362,7 +340,7 @@ def train_draft_heads(model: nn.Module, tokens: torch.Tensor, *, type: str, num_
                 hidden, logits = _base_forward(model, ids, check=not checked)
             checked = True
             for g in opt.param_groups:
-                g["lr"] = _lr_at(step, steps, lr, warmup)
+                g["lr"] = lr_at(step, steps, lr, warmup)
             res = draft_loss(heads, hidden, logits if targets == "self" else ids, emb_weight, lm_weight,
                              input_ids=ids)
             opt.zero_grad(set_to_none=True)

@@ -27,7 +27,6 @@ written every ``save_every`` steps; settings that would change the run's meaning
 from __future__ import annotations
 
 import json
-import math
 import time
 import weakref
 from dataclasses import dataclass
@@ -160,34 +159,13 @@ class GateTrainResult:
     eval: dict
 
 
-def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    frac = min(1.0, (step - warmup) / max(1, steps - warmup))
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
 def _check(tokens, steps, batch_size, seq_len, lr, block, eval_fraction) -> torch.Tensor:
-    for name, v, lo in (("steps", steps, 0), ("batch_size", batch_size, 1), ("seq_len", seq_len, 2)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"{name} must be an int >= {lo} (got {v!r})")
+    tokens = training.check_trainer_args(tokens, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
+                                         eval_fraction=eval_fraction)
     if seq_len < 2 * block:
         raise ValueError(f"seq_len = {seq_len} is shorter than two blocks of {block}: the gates would have nothing "
                          f"to choose from")
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"lr must be a number > 0 (got {lr!r})")
-    if not (isinstance(eval_fraction, (int, float)) and 0 < eval_fraction < 1):
-        raise ValueError(f"eval_fraction must be in (0, 1) (got {eval_fraction!r})")
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or tokens.is_floating_point() \
-            or tokens.dtype == torch.bool:
-        desc = (f"a {tokens.dim()}-D {tokens.dtype} tensor" if isinstance(tokens, torch.Tensor)
-                else type(tokens).__name__)
-        raise TypeError(f"tokens must be a 1-D integer tensor of token ids (got {desc}); examples/make_tokens.py "
-                        f"makes one")
-    if tokens.numel() // seq_len < 2:
-        raise ValueError(f"tokens: {tokens.numel()} ids make fewer than 2 windows of seq_len {seq_len} (one to "
-                         f"train on, one held out)")
-    return tokens.long()
+    return tokens
 
 
 def _forward(compiled, ids: torch.Tensor) -> None:
@@ -284,7 +262,7 @@ def train_gates(model: nn.Module, tokens: torch.Tensor, *, out: str | Path, step
                 _forward(compiled, train_w[idx].to(dev))
                 loss = fxspec.aux_loss(model)
             for g in opt.param_groups:
-                g["lr"] = _lr_at(step, steps, lr, warmup)
+                g["lr"] = training.lr_at(step, steps, lr, warmup)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(gates.parameters(), 1.0)
