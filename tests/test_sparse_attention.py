@@ -432,3 +432,16 @@ def test_token_budget_keeps_the_same_count_per_row_and_budget_over_length_is_sai
     with pytest.warns(fxspec.FxspecWarning, match="budget = 256 tokens is not below"):
         with torch.no_grad():
             c(x, use_cache=False)
+
+
+def test_gates_of_another_block_size_are_skipped_in_a_plain_torch_compile(tmp_path):
+    gates = AttentionGates(GateSpec.for_model(tiny().config, block=32))
+    save_gates(tmp_path / "g", gates, {"model": {}})
+    torch._dynamo.reset()
+    reset_counters()
+    c = torch.compile(tiny(), backend="fxspec", options={"sparse_attention": {"mode": "seer", "block": 16,
+                                                                             "gates": str(tmp_path / "g")}})
+    with pytest.warns(fxspec.FxspecWarning, match="trained for blocks of 32"):
+        with torch.no_grad():
+            c(ids(), use_cache=False)
+    assert counters["sparse_attention"]["skipped"] == 2

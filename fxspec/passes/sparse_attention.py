@@ -91,6 +91,10 @@ def sparse_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                                "suffer; train them with `fxspec train-gates` or fxspec.aux_loss")
                         ctx.note("graph", msg)
                         warnings.warn(f"fxspec: {msg}", FxspecWarning, stacklevel=2)
+                if gates is not None and gates.spec.block != cfg.block:
+                    ctx.skip(info.name, f"the gates were trained for blocks of {gates.spec.block}, the config asks "
+                             f"for sparse_attention.block = {cfg.block}")
+                    continue
                 layer = sa.layer_index(info.name)
                 g = None if gates is None or layer is None or layer not in gates else gates[layer]
                 if g is None:
