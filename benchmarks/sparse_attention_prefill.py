@@ -12,7 +12,8 @@ layers x the time of one, and one compile of 32 layers at 32k tokens does not fi
 Rows: ``inductor`` (``torch.compile``, default backend: SDPA's flash attention), ``fxspec dense`` (the
 default config), and ``fxspec`` with ``sparse_attention`` at density 0.1 for mode ``window`` (no scoring
 cost), ``xattn`` (antidiagonal scoring, stride 8) and ``seer`` (fresh, untrained gates: the gate's cost and
-the sparse kernel's speed are what is timed here; accuracy is ``benchmarks/sparse_attention_accuracy.py``).
+the sparse kernel's speed are what is timed here; accuracy is ``benchmarks/sparse_attention_accuracy.py``),
+each also with ``mask_per = "kv_head"`` (one choice per KV head group: the kernel's grouped path).
 Each time is the median of ``--reps`` calls after two warm-up calls, CUDA events around each call.
 Speedup = inductor / row. Decode at 32k is not in this table: decode steps stay dense (no decode gate yet).
 """
@@ -73,6 +74,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--density", type=float, default=0.1)
     ap.add_argument("--modes", default="window,xattn,seer")
+    ap.add_argument("--mask-per", default="query_head,kv_head",
+                    help="query_head and / or kv_head: one block choice per query head or per KV head group")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="tiny model, T = 512 (a smoke test)")
     ap.add_argument("--out", default=None)
@@ -93,8 +96,10 @@ def main(argv=None) -> int:
 
     rows = []
     plan = [("inductor", None), ("fxspec dense", {})] + [
-        (f"fxspec {m} d={args.density}", {"sparse_attention": {"mode": m, "block": block, "density": args.density}})
-        for m in args.modes.split(",")]
+        (f"fxspec {m} d={args.density}" + (" per KV head" if per == "kv_head" else ""),
+         {"sparse_attention": {"mode": m, "block": block, "density": args.density, "mask_per": per}})
+        for m in args.modes.split(",") for per in args.mask_per.split(",")
+        if not (m == "window" and per == "kv_head")]
     for label, cfg in plan:
         torch._dynamo.reset()
         fxspec.reset_counters()
