@@ -70,5 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def tokens_in(work: str, model_dir: str, megabytes: int = 2):
+    """``work/tokens.pt`` as int64 ids, made with ``model_dir``'s tokenizer the first time (for the examples)."""
+    path = os.path.join(work, "tokens.pt")
+    if not os.path.isfile(path):
+        os.makedirs(work, exist_ok=True)
+        main(["--tokenizer", os.path.join(model_dir, "tokenizer.json"), "--out", path, "--megabytes", str(megabytes)])
+    return torch.load(path).long()
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

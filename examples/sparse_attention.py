@@ -66,12 +66,7 @@ def main() -> int:
     import make_tokens
 
     work = args.out or tempfile.mkdtemp(prefix="fxspec_gates_")
-    tok_path = os.path.join(work, "tokens.pt")
-    if not os.path.isfile(tok_path):
-        os.makedirs(work, exist_ok=True)
-        make_tokens.main(["--tokenizer", os.path.join(args.model, "tokenizer.json"), "--out", tok_path,
-                          "--megabytes", "2"])
-    tokens = torch.load(tok_path).long()
+    tokens = make_tokens.tokens_in(work, args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(args.device).eval()
 
     t = time.perf_counter()
