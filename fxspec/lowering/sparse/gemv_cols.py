@@ -20,10 +20,20 @@ per byte; unpacked and interleaved back to ``[BLOCK_K, BLOCK_N]`` in registers; 
 two groups (the launcher keeps ``group_size % BLOCK_K == 0``), so the block's partial sum over the raw
 codes becomes ``s[g, n] * (sum_k x u - z[g, n] * sum_k x)``, exact for any float zero point).
 
+Threshold (``THR``, TEAL / WINA without a separate masking kernel): 0 none; 1 one threshold ``t`` for every
+feature; 2 one per feature (``T[k]``, WINA's ``t / ||W[:, k]||``).  Each loaded x entry becomes
+``x * (|x| > t)`` in fp32 -- bit for bit what the graph's ``x * (x.abs() > t)`` gives in x's dtype (``t`` is
+stored in x's dtype, so the comparison is exact in either precision; ``NaN * 0`` stays NaN) -- before the
+row-activity test, so a kernel reading ``x`` with ``T`` equals one reading the masked ``x``.
+
 Split-K (``SPLIT_K`` > 1, when the column blocks alone would leave SMs idle): the grid is
 ``(m blocks, splits, column blocks)`` -- m blocks fastest, so the programs sharing a weight tile run side
 by side and meet in L2 -- and partials meet in the deterministic workspace reduction of
-:func:`.common._store_tile`.  The bias is added by split 0 only; the output is rounded once.
+:func:`fxspec.lowering._triton.helpers.splitk_store`, which applies the epilogue (``EPI``, the fused edges'
+codes of :mod:`fxspec.lowering.edges`): cat (round once), silu_mul (the weight's columns hold gate n and up
+n side by side, ``[.., 2n]`` / ``[.., 2n + 1]``; the output is ``silu(gate) * up``, ``N / 2`` wide, rounded
+where eager rounds) or residual (``round(round(y) + r)``).  The bias is added by split 0 only, before the
+epilogue.
 """
 
 from __future__ import annotations
@@ -31,15 +41,48 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import _int8_bytes_to_f32, _nibbles_to_f32, _store_tile
+from .._triton.helpers import splitk_store
+from .common import _int8_bytes_to_f32, _nibbles_to_f32
 
 __all__ = ["_cols_kernel", "_cols1_kernel"]
 
 
+@triton.jit
+def _threshold(xv, T, offs_k, K, t0, THR: tl.constexpr):
+    # xv: fp32 x entries of features offs_k (any leading shape, features last) -> x * (|x| > t) in fp32;
+    # t0: the one threshold (THR == 1, loaded once by the caller), T[k]: one per feature (THR == 2).
+    if THR == 1:
+        xv = xv * (tl.abs(xv) > t0).to(tl.float32)
+    elif THR == 2:
+        t = tl.load(T + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+        xv = xv * (tl.abs(xv) > t).to(tl.float32)
+    return xv
+
+
+@triton.jit
+def _epilogue_offsets(offs_m, m_mask, offs_n, n_mask, N, stride_ym, stride_rm, pid_n,
+                      BLOCK_N: tl.constexpr, EPI: tl.constexpr):
+    # (y_offs, mask, r_offs) of the values the epilogue stores: [BM, BN/2] for silu_mul (output column
+    # n of the pair (2n, 2n + 1)), else [BM, BN] at the tile's own columns.
+    if EPI == 1:
+        HALF: tl.constexpr = BLOCK_N // 2
+        offs_o = pid_n * HALF + tl.arange(0, HALF)
+        y_offs = offs_m.to(tl.int64)[:, None] * stride_ym + offs_o[None, :]
+        mask = m_mask[:, None] & (offs_o < N // 2)[None, :]
+    else:
+        y_offs = offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+        mask = m_mask[:, None] & n_mask[None, :]
+    r_offs = offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :]
+    return y_offs, mask, r_offs
+
+
+# acc[m, n] = sum_k xt[m, k] * W^T[k, n], xt = x * (|x| > t) (THR) or x; only rows k with some xt[m, k] != 0
+# are read; y = epilogue(acc * scale (int8) + bias)
 @triton.jit(do_not_specialize=["M"])
-def _cols_kernel(X, W, S, Z, B, Y, WS, CNT,
-                 M, N, K, stride_xm, stride_wk, stride_ym, GROUP, SPLIT_K,
+def _cols_kernel(X, W, S, Z, B, T, R, Y, WS, CNT,
+                 M, N, K, stride_xm, stride_wk, stride_rm, stride_ym, GROUP, SPLIT_K,
                  FMT: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 THR: tl.constexpr, EPI: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  EVEN_N: tl.constexpr, INTERP: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -56,6 +99,9 @@ def _cols_kernel(X, W, S, Z, B, Y, WS, CNT,
     ak = tl.arange(0, BLOCK_K)
     x_rows = X + (offs_m.to(tl.int64) * stride_xm)[:, None]                   # [BM, 1]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    t0 = 0.0
+    if THR == 1:
+        t0 = tl.load(T).to(tl.float32)
     if FMT == 2:
         BNB: tl.constexpr = BLOCK_N // 2
         offs_c = pid_n * BNB + tl.arange(0, BNB)                               # byte columns
@@ -64,6 +110,7 @@ def _cols_kernel(X, W, S, Z, B, Y, WS, CNT,
         offs_k = kb * BLOCK_K + ak
         xv = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :],
                      other=0.0).to(tl.float32)                                 # [BM, BK]
+        xv = _threshold(xv, T, offs_k[None, :], K, t0, THR)
         act = tl.max((xv != 0.0).to(tl.int32), axis=0) > 0                     # [BK]: union over rows
         w_rows = W + (offs_k.to(tl.int64) * stride_wk)[:, None]                # [BK, 1]
         if FMT == 2:
@@ -100,23 +147,24 @@ def _cols_kernel(X, W, S, Z, B, Y, WS, CNT,
     if HAS_BIAS:
         if pid_k == 0:
             acc += tl.load(B + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y_offs = offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-    mask = m_mask[:, None] & n_mask[None, :]
+    y_offs, mask, r_offs = _epilogue_offsets(offs_m, m_mask, offs_n, n_mask, N, stride_ym, stride_rm, pid_n,
+                                             BLOCK_N, EPI)
     local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     num_m = tl.num_programs(0)
-    _store_tile(acc, Y, y_offs, mask, WS, CNT, local, pid_n * num_m + pid_m, num_m * tl.num_programs(2), SPLIT_K,
-                BLOCK_M * BLOCK_N, acc, False, INTERP)
+    splitk_store(acc, Y, y_offs, mask, WS, CNT, local, pid_n * num_m + pid_m, num_m * tl.num_programs(2), SPLIT_K,
+                 BLOCK_M * BLOCK_N, R, r_offs, EPI, INTERP)
 
 
 @triton.jit
-def _cols1_kernel(X, W, S, B, Y, WS, CNT, N, K, stride_wk, SPLIT_K,
-                  FMT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  EVEN_N: tl.constexpr, INTERP: tl.constexpr):
+def _cols1_kernel(X, W, S, B, T, R, Y, WS, CNT, N, K, stride_wk, SPLIT_K,
+                  FMT: tl.constexpr, HAS_BIAS: tl.constexpr, THR: tl.constexpr, EPI: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, INTERP: tl.constexpr):
     # One row of x (batch-1 decode), float or int8 weights.  The weight tile [BLOCK_K, BLOCK_N] is spread
     # over the threads along both axes and accumulated elementwise into an fp32 [BLOCK_K, BLOCK_N] tile;
     # the sum over K happens once, after the loop.  A thread needs only the x entries of the rows it
     # loads (no broadcast of x, no cross-thread work per step), so many weight rows stay in flight; a
-    # row whose x entry is zero is masked off (constant along N: its loads issue no memory traffic).
+    # row whose x entry is zero (after the threshold) is masked off (constant along N: its loads issue
+    # no memory traffic).
     pid_k = tl.program_id(1)
     pid_n = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -127,9 +175,13 @@ def _cols1_kernel(X, W, S, B, Y, WS, CNT, N, K, stride_wk, SPLIT_K,
     kb_hi = tl.minimum(kb_lo + per, nblk)
     ak = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    t0 = 0.0
+    if THR == 1:
+        t0 = tl.load(T).to(tl.float32)
     for kb in range(kb_lo, kb_hi):
         offs_k = kb * BLOCK_K + ak
         xv = tl.load(X + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)       # [BK]
+        xv = _threshold(xv, T, offs_k, K, t0, THR)
         act = xv != 0.0
         w_ptrs = W + (offs_k.to(tl.int64) * stride_wk)[:, None] + offs_n[None, :]
         if EVEN_N:
@@ -148,6 +200,8 @@ def _cols1_kernel(X, W, S, B, Y, WS, CNT, N, K, stride_wk, SPLIT_K,
         if pid_k == 0:
             y += tl.load(B + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     y2 = y[None, :]
+    zero = tl.zeros([1], dtype=tl.int32)
+    y_offs, mask, r_offs = _epilogue_offsets(zero, zero == 0, offs_n, n_mask, N, 0, 0, pid_n, BLOCK_N, EPI)
     local = tl.arange(0, BLOCK_N)[None, :]
-    _store_tile(y2, Y, offs_n[None, :], n_mask[None, :], WS, CNT, local, pid_n, tl.num_programs(2), SPLIT_K,
-                BLOCK_N, y2, False, INTERP)
+    splitk_store(y2, Y, y_offs, mask, WS, CNT, local, pid_n, tl.num_programs(2), SPLIT_K, BLOCK_N, R, r_offs,
+                 EPI, INTERP)

@@ -18,6 +18,10 @@ byte) unpacked and interleaved back to ``[BLOCK_N, BLOCK_K]`` in registers, dequ
 ``(u - z) * s`` with the group's scale / zero gathered from ``[N, K / G]`` (8 consecutive k of a thread
 share one group: G >= 32).
 
+Threshold (``THR``, CATS without a separate masking kernel): 0 none; 1 one threshold ``t`` (``T[0]``); 2 one
+per output column (``T[n]``).  The loaded ``a`` tile becomes ``a * (|a| > t)`` in fp32 -- bit for bit the
+graph's ``a * (a.abs() > t)`` (``t`` is stored in a's dtype) -- before the row-activity test and the epilogue.
+
 The epilogue multiplies the fp32 dot by ``a`` (fp32) and rounds once; with split-K the partial dots meet
 first in the deterministic workspace reduction (:func:`.common._store_tile`) and ``a`` multiplies the sum.
 """
@@ -33,9 +37,9 @@ __all__ = ["_rows_kernel"]
 
 
 @triton.jit(do_not_specialize=["M"])
-def _rows_kernel(X, W, S, Z, A, Y, WS, CNT,
+def _rows_kernel(X, W, S, Z, A, T, Y, WS, CNT,
                  M, N, K, stride_xm, stride_wn, stride_am, stride_ym, stride_sn, GROUP, SPLIT_K,
-                 FMT: tl.constexpr, HAS_ZERO: tl.constexpr,
+                 FMT: tl.constexpr, HAS_ZERO: tl.constexpr, THR: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  EVEN_K: tl.constexpr, INTERP: tl.constexpr):
     VEC: tl.constexpr = 8
@@ -49,6 +53,11 @@ def _rows_kernel(X, W, S, Z, A, Y, WS, CNT,
     n_mask = offs_n < N
     av = tl.load(A + offs_m.to(tl.int64)[:, None] * stride_am + offs_n[None, :],
                  mask=m_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)   # [BM, BN]
+    if THR == 1:
+        av = av * (tl.abs(av) > tl.load(T).to(tl.float32)).to(tl.float32)
+    elif THR == 2:
+        tn = tl.load(T + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        av = av * (tl.abs(av) > tn[None, :]).to(tl.float32)
     act = tl.max((av != 0.0).to(tl.int32), axis=0) > 0                              # [BN]: union over rows
     nblk = tl.cdiv(K, BLOCK_K)
     per = tl.cdiv(nblk, SPLIT_K)

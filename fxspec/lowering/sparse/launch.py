@@ -8,6 +8,11 @@ Two kernels, both CUDA-core GEMVs for decode (``M = x.numel() // K`` in 1..MAX_M
 * ``rows`` (:mod:`.gemv_rows`, output-sparse): weight ``[N, K]``; a program owns ``block_m`` rows of x and
   ``block_n`` weight rows and reads only those with ``a[m, n] != 0`` for some of its rows.
 
+``cols`` has a one-row form (``_cols1_kernel``: M = 1, float or int8 weights, the heuristic config).  Both
+take the activation's threshold in the launch (``thr``), and ``cols`` the silu_mul / residual epilogue
+(the fused edges of :mod:`.reference`), so a thresholded decode linear needs no masking kernel before it
+and no pointwise kernel after it.
+
 Both split K over ``split_k`` programs when the output tiles alone would leave SMs idle.  The partial
 tiles go to a ``torch.empty`` fp32 workspace and meet through the per-(device, stream) zeroed counters of
 :mod:`fxspec.lowering._triton.workspace` (last program to arrive reduces, in a fixed order): one launch,
@@ -28,11 +33,13 @@ import torch
 import triton
 
 from .._triton.device import cuda_index, device_name, interpret, num_sms
+from .._triton.helpers import EPI_SILU_MUL
 from .._triton.helpers import split_k as _split_k
 from .._triton.workspace import COUNTER_LEN, split_counters
 from .gemv_cols import _cols1_kernel, _cols_kernel
 from .gemv_rows import _rows_kernel
-from .reference import check_cols_args, check_rows_args
+from ..edges import EPILOGUES
+from .reference import check_cols_args, check_rows_args, cols_out_width
 
 __all__ = [
     "SparseConfig",
@@ -211,36 +218,50 @@ def _workspace(dev, split: int, tiles: int, bm: int, bn: int, out: torch.Tensor)
     return torch.empty(split * tiles * bm * bn, dtype=torch.float32, device=dev), split_counters(dev)
 
 
-def _cols(fmt: str, x: torch.Tensor, w: torch.Tensor, scale, zero, G, bias, config, op: str) -> torch.Tensor:
-    N, K = check_cols_args(fmt, x, w, scale, zero, G, bias, op=op)
+def _thr_arg(thr: Optional[torch.Tensor], dummy: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(the pointer argument, THR): 0 none, 1 one threshold, 2 one per feature."""
+    if thr is None:
+        return dummy, 0
+    t = thr.reshape(-1)
+    return (t if t.is_contiguous() else t.contiguous()), (1 if t.numel() == 1 else 2)
+
+
+def _cols(fmt: str, x: torch.Tensor, w: torch.Tensor, scale, zero, G, bias, config, op: str, thr=None,
+          epilogue: str = "cat", residual=None) -> torch.Tensor:
+    N, K = check_cols_args(fmt, x, w, scale, zero, G, bias, op=op, thr=thr, epilogue=epilogue, residual=residual)
     _check_launch(op, x, w)
     scale, zero, bias = _contig(scale), _contig(zero), _contig(bias)
     lead = x.shape[:-1]
     M = lead.numel()
+    n_out = cols_out_width(N, epilogue)
     if M == 0 or N == 0 or K == 0:
         from . import reference as R
-        ref = {"bf16": lambda: R.sparse_linear_ref(x, w, bias),
-               "int8": lambda: R.sparse_int8_linear_ref(x, w, scale, bias),
-               "int4": lambda: R.sparse_int4_linear_ref(x, w, scale, zero, G, bias)}[fmt]
+        ref = {"bf16": lambda: R.sparse_linear_ref(x, w, bias, thr, epilogue, residual),
+               "int8": lambda: R.sparse_int8_linear_ref(x, w, scale, bias, thr, epilogue, residual),
+               "int4": lambda: R.sparse_int4_linear_ref(x, w, scale, zero, G, bias, thr, epilogue, residual)}[fmt]
         return ref()
+    epi = EPILOGUES.index(epilogue)
+    r2 = _rows2(residual, M, N) if residual is not None else None
     if M == 1 and fmt in ("bf16", "int8") and config is None:
-        return _cols1(fmt, x.reshape(K), w, scale, bias, N, K).reshape(*lead, N)
+        out = _cols1(fmt, x.reshape(K), w, scale, bias, N, K, thr, epi, r2)
+        return out.reshape(*lead, n_out)
     cfg = _as_config(config) if config is not None else _choose(x, "cols", fmt, M, N, K, G)
     _check_config("cols", fmt, cfg, G)
     x2 = _rows2(x, M, K)
-    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    out = torch.empty((M, n_out), dtype=x.dtype, device=x.device)
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     m_blocks, n_blocks, nblk = triton.cdiv(M, bm), triton.cdiv(N, bn), triton.cdiv(K, bk)
     split = _splits("cols", cfg, m_blocks * n_blocks, nblk, num_sms(x.device))
     ws, cnt = _workspace(x.device, split, m_blocks * n_blocks, bm, bn, out)
     wk = w.view(torch.uint8) if fmt == "int8" else w
+    t, thr_kind = _thr_arg(thr, x2)
     _cols_kernel[(m_blocks, split, n_blocks)](
         x2, wk, scale if scale is not None else x2, zero if zero is not None else x2,
-        bias if bias is not None else x2, out, ws, cnt,
-        M, N, K, x2.stride(0), w.stride(0), out.stride(0), G or 1, split,
-        FMT=_FMT[fmt], HAS_ZERO=zero is not None, HAS_BIAS=bias is not None,
+        bias if bias is not None else x2, t, r2 if r2 is not None else x2, out, ws, cnt,
+        M, N, K, x2.stride(0), w.stride(0), r2.stride(0) if r2 is not None else 0, out.stride(0), G or 1, split,
+        FMT=_FMT[fmt], HAS_ZERO=zero is not None, HAS_BIAS=bias is not None, THR=thr_kind, EPI=epi,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_N=N % bn == 0, INTERP=interpret(), num_warps=cfg.num_warps)
-    return out.reshape(*lead, N)
+    return out.reshape(*lead, n_out)
 
 
 def cols1_config(fmt: str, N: int, K: int, sms: int) -> tuple[int, int, int, int]:
@@ -258,31 +279,35 @@ def cols1_config(fmt: str, N: int, K: int, sms: int) -> tuple[int, int, int, int
     return bn, bk, 4, split
 
 
-def _cols1(fmt: str, x1: torch.Tensor, w: torch.Tensor, scale, bias, N: int, K: int) -> torch.Tensor:
+def _cols1(fmt: str, x1: torch.Tensor, w: torch.Tensor, scale, bias, N: int, K: int, thr, epi: int,
+           residual) -> torch.Tensor:
     bn, bk, warps, split = cols1_config(fmt, N, K, num_sms(x1.device))
     x1 = x1 if x1.stride(0) == 1 else x1.contiguous()
-    out = torch.empty((1, N), dtype=x1.dtype, device=x1.device)
+    out = torch.empty((1, N // 2 if epi == EPI_SILU_MUL else N), dtype=x1.dtype, device=x1.device)
     n_blocks = triton.cdiv(N, bn)
     ws, cnt = _workspace(x1.device, split, n_blocks, 1, bn, out)
     wk = w.view(torch.uint8) if fmt == "int8" else w
+    t, thr_kind = _thr_arg(thr, x1)
     _cols1_kernel[(1, split, n_blocks)](
-        x1, wk, scale if scale is not None else x1, bias if bias is not None else x1, out, ws, cnt,
-        N, K, w.stride(0), split, FMT=_FMT[fmt], HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_K=bk,
-        EVEN_N=N % bn == 0, INTERP=interpret(), num_warps=warps)
+        x1, wk, scale if scale is not None else x1, bias if bias is not None else x1, t,
+        residual if residual is not None else x1, out, ws, cnt,
+        N, K, w.stride(0), split, FMT=_FMT[fmt], HAS_BIAS=bias is not None, THR=thr_kind, EPI=epi,
+        BLOCK_N=bn, BLOCK_K=bk, EVEN_N=N % bn == 0, INTERP=interpret(), num_warps=warps)
     return out
 
 
-def _rows(fmt: str, x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, scale, zero, G, config, op: str) -> torch.Tensor:
-    N, K = check_rows_args(fmt, x, w, a, scale, zero, G, op=op)
+def _rows(fmt: str, x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, scale, zero, G, config, op: str,
+          thr=None) -> torch.Tensor:
+    N, K = check_rows_args(fmt, x, w, a, scale, zero, G, op=op, thr=thr)
     _check_launch(op, x, w)
     scale, zero = _contig(scale), _contig(zero)
     lead = x.shape[:-1]
     M = lead.numel()
     if M == 0 or N == 0 or K == 0:
         from . import reference as R
-        ref = {"bf16": lambda: R.sparse_rows_linear_ref(x, w, a),
-               "int8": lambda: R.sparse_rows_int8_linear_ref(x, w, scale, a),
-               "int4": lambda: R.sparse_rows_int4_linear_ref(x, w, scale, zero, G, a)}[fmt]
+        ref = {"bf16": lambda: R.sparse_rows_linear_ref(x, w, a, thr),
+               "int8": lambda: R.sparse_rows_int8_linear_ref(x, w, scale, a, thr),
+               "int4": lambda: R.sparse_rows_int4_linear_ref(x, w, scale, zero, G, a, thr)}[fmt]
         return ref()
     cfg = _as_config(config) if config is not None else _choose(x, "rows", fmt, M, N, K, G)
     _check_config("rows", fmt, cfg, G)
@@ -294,50 +319,60 @@ def _rows(fmt: str, x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, scale, ze
     split = _splits("rows", cfg, m_blocks * n_blocks, nblk, num_sms(x.device))
     ws, cnt = _workspace(x.device, split, m_blocks * n_blocks, bm, bn, out)
     wk = w.view(torch.uint8) if fmt == "int8" else w
+    t, thr_kind = _thr_arg(thr, a2)
     _rows_kernel[(m_blocks, split, n_blocks)](
-        x2, wk, scale if scale is not None else x2, zero if zero is not None else x2, a2, out, ws, cnt,
+        x2, wk, scale if scale is not None else x2, zero if zero is not None else x2, a2, t, out, ws, cnt,
         M, N, K, x2.stride(0), w.stride(0), a2.stride(0), out.stride(0),
         scale.stride(0) if (fmt == "int4") else 0, G or 1, split,
-        FMT=_FMT[fmt], HAS_ZERO=zero is not None,
+        FMT=_FMT[fmt], HAS_ZERO=zero is not None, THR=thr_kind,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=K % bk == 0, INTERP=interpret(), num_warps=cfg.num_warps)
     return out.reshape(*lead, N)
 
 
-def sparse_linear_triton(x: torch.Tensor, wt: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
-                         config=None) -> torch.Tensor:
+def sparse_linear_triton(x: torch.Tensor, wt: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                         thr: Optional[torch.Tensor] = None, epilogue: str = "cat",
+                         residual: Optional[torch.Tensor] = None, *, config=None) -> torch.Tensor:
     """``x [..., K]`` (bf16/fp16) @ ``wt [K, N]`` (x's dtype, contiguous) ``(+ bias)`` -> ``[..., N]``, reading
-    only the rows of ``wt`` whose input feature is non-zero in some row of x (per program's rows)."""
-    return _cols("bf16", x, wt, None, None, None, bias, config, "sparse_linear")
+    only the rows of ``wt`` whose input feature is non-zero in some row of x (per program's rows); ``thr`` /
+    ``epilogue`` / ``residual``: the fused edges of :mod:`.reference`."""
+    return _cols("bf16", x, wt, None, None, None, bias, config, "sparse_linear", thr, epilogue, residual)
 
 
 def sparse_int8_linear_triton(x: torch.Tensor, qt: torch.Tensor, scale: torch.Tensor,
-                              bias: Optional[torch.Tensor] = None, *, config=None) -> torch.Tensor:
+                              bias: Optional[torch.Tensor] = None, thr: Optional[torch.Tensor] = None,
+                              epilogue: str = "cat", residual: Optional[torch.Tensor] = None, *,
+                              config=None) -> torch.Tensor:
     """``(x @ qt) * scale (+ bias)``; ``qt`` int8 ``[K, N]``, ``scale`` fp32 ``[N]``."""
-    return _cols("int8", x, qt, scale, None, None, bias, config, "sparse_int8_linear")
+    return _cols("int8", x, qt, scale, None, None, bias, config, "sparse_int8_linear", thr, epilogue, residual)
 
 
 def sparse_int4_linear_triton(x: torch.Tensor, qt: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
-                              group_size: int, bias: Optional[torch.Tensor] = None, *, config=None) -> torch.Tensor:
+                              group_size: int, bias: Optional[torch.Tensor] = None, thr: Optional[torch.Tensor] = None,
+                              epilogue: str = "cat", residual: Optional[torch.Tensor] = None, *,
+                              config=None) -> torch.Tensor:
     """int4 cols format of :mod:`.pack` (``qt`` uint8 ``[K, N // 2]``, ``scale`` / ``zero`` ``[K // G, N]``)."""
-    return _cols("int4", x, qt, scale, zero, group_size, bias, config, "sparse_int4_linear")
+    return _cols("int4", x, qt, scale, zero, group_size, bias, config, "sparse_int4_linear", thr, epilogue,
+                 residual)
 
 
-def sparse_rows_linear_triton(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, *, config=None) -> torch.Tensor:
+def sparse_rows_linear_triton(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, thr: Optional[torch.Tensor] = None,
+                              *, config=None) -> torch.Tensor:
     """``a * (x @ w.T)``; ``w [N, K]`` (x's dtype, contiguous), ``a [..., N]``; reads only the rows of ``w``
-    with ``a[m, n] != 0`` for some row m (per program's rows)."""
-    return _rows("bf16", x, w, a, None, None, None, config, "sparse_rows_linear")
+    with ``a[m, n] != 0`` for some row m (per program's rows); ``thr``: ``a`` masked first."""
+    return _rows("bf16", x, w, a, None, None, None, config, "sparse_rows_linear", thr)
 
 
-def sparse_rows_int8_linear_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, a: torch.Tensor, *,
-                                   config=None) -> torch.Tensor:
+def sparse_rows_int8_linear_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, a: torch.Tensor,
+                                   thr: Optional[torch.Tensor] = None, *, config=None) -> torch.Tensor:
     """``a * (x @ (q * scale[:, None]).T)``; ``q`` int8 ``[N, K]``, ``scale`` fp32 ``[N]``."""
-    return _rows("int8", x, q, a, scale, None, None, config, "sparse_rows_int8_linear")
+    return _rows("int8", x, q, a, scale, None, None, config, "sparse_rows_int8_linear", thr)
 
 
 def sparse_rows_int4_linear_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
-                                   group_size: int, a: torch.Tensor, *, config=None) -> torch.Tensor:
+                                   group_size: int, a: torch.Tensor, thr: Optional[torch.Tensor] = None, *,
+                                   config=None) -> torch.Tensor:
     """int4 rows format of :mod:`.pack` (``q`` uint8 ``[N, K // 2]``, ``scale`` / ``zero`` ``[N, K // G]``)."""
-    return _rows("int4", x, q, a, scale, zero, group_size, config, "sparse_rows_int4_linear")
+    return _rows("int4", x, q, a, scale, zero, group_size, config, "sparse_rows_int4_linear", thr)
 
 
 def tuning_report() -> dict:

@@ -1,6 +1,13 @@
 """Plain-PyTorch references and argument checks of the activation-sparse ops: the CPU implementation of
 the ops, the GPU fallback (fp32, prefill-sized M, non-contiguous weights, no Triton) and the tests' oracle.
 
+Fused edges (the cols ops' ``thr`` / ``epilogue`` / ``residual``, the rows ops' ``thr``): ``thr`` (x's dtype,
+one value ``[]`` / ``[1]`` or one per feature ``[K]``; rows: per output ``[N]``) first masks the activation
+exactly as the graph's ``x * (x.abs() > thr)`` would (:func:`threshold_ref`); the epilogue then acts on the
+rounded output ``y`` as the graph's ops would (:func:`epilogue_ref`): ``cat`` (y), ``silu_mul`` (the
+weight's columns hold gate n and up n side by side: ``F.silu(y[..., 0::2]) * y[..., 1::2]``, ``N / 2``
+wide) or ``residual`` (``y + residual``).
+
 Rounding:
 
 * ``sparse_linear_ref``: ``F.linear(x, wt.t(), bias)`` -- the graph's ``F.linear(x, W, bias)`` on the
@@ -26,11 +33,15 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..edges import check_edge_args
 from .pack import INT4_GROUP_SIZES, dequant_cols_t, dequant_rows
 
 __all__ = [
     "check_cols_args",
     "check_rows_args",
+    "cols_out_width",
+    "threshold_ref",
+    "epilogue_ref",
     "sparse_linear_ref",
     "sparse_int8_linear_ref",
     "sparse_int4_linear_ref",
@@ -72,11 +83,29 @@ def _check_float(op: str, name: str, t: torch.Tensor, shape: tuple, dtype: Optio
         raise ValueError(f"{op}: {name} must be {dtype}, got {t.dtype}")
 
 
+def _check_thr(op: str, x: torch.Tensor, thr: Optional[torch.Tensor], width: int, what: str) -> None:
+    if thr is None:
+        return
+    if not isinstance(thr, torch.Tensor):
+        raise TypeError(f"{op}: thr must be a tensor (x's dtype, [] / [1] or [{what}]), got {type(thr).__name__}")
+    if thr.dtype != x.dtype:
+        raise ValueError(f"{op}: thr dtype {thr.dtype} != x dtype {x.dtype} (the threshold is stored in x's dtype)")
+    if tuple(thr.shape) not in ((), (1,), (width,)):
+        raise ValueError(f"{op}: thr must be [] / [1] (one threshold) or [{what}] = [{width}], got {list(thr.shape)}")
+    _same_device(op, x, {"thr": thr})
+
+
+def cols_out_width(N: int, epilogue: str = "cat") -> int:
+    """The last dim of an input-sparse op's output: N, or N / 2 with the silu_mul epilogue."""
+    return N // 2 if epilogue == "silu_mul" else N
+
+
 def check_cols_args(fmt: str, x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor] = None,
                     zero: Optional[torch.Tensor] = None, group_size: Optional[int] = None,
-                    bias: Optional[torch.Tensor] = None, op: Optional[str] = None):
+                    bias: Optional[torch.Tensor] = None, op: Optional[str] = None, thr: Optional[torch.Tensor] = None,
+                    epilogue: str = "cat", residual: Optional[torch.Tensor] = None):
     """Validate the input-sparse ops' arguments (``fmt`` "bf16" | "int8" | "int4", ``w`` the stored
-    ``[K, N]`` weight / codes); return ``(N, K)``."""
+    ``[K, N]`` weight / codes; the fused edges ``thr`` / ``epilogue`` / ``residual``); return ``(N, K)``."""
     op = op or {"bf16": "sparse_linear", "int8": "sparse_int8_linear", "int4": "sparse_int4_linear"}[fmt]
     K = _check_x(op, x)
     if w.dim() != 2:
@@ -108,14 +137,18 @@ def check_cols_args(fmt: str, x: torch.Tensor, w: torch.Tensor, scale: Optional[
         if fmt == "bf16" and bias.dtype != x.dtype:
             raise ValueError(f"{op}: bias dtype {bias.dtype} != x dtype {x.dtype}")
     _same_device(op, x, {"weight": w, "scale": scale, "zero": zero, "bias": bias})
+    _check_thr(op, x, thr, K, "K")
+    if epilogue == "silu_mul" and N % 2:
+        raise ValueError(f"{op}: epilogue 'silu_mul' needs the (gate, up) column pairs: N must be even, got N={N}")
+    check_edge_args(op, x, K, cols_out_width(N, epilogue), None, 0.0, epilogue, residual)
     return N, K
 
 
 def check_rows_args(fmt: str, x: torch.Tensor, w: torch.Tensor, a: torch.Tensor,
                     scale: Optional[torch.Tensor] = None, zero: Optional[torch.Tensor] = None,
-                    group_size: Optional[int] = None, op: Optional[str] = None):
+                    group_size: Optional[int] = None, op: Optional[str] = None, thr: Optional[torch.Tensor] = None):
     """Validate the output-sparse ops' arguments (``w`` the ``[N, K]`` weight / codes, ``a [..., N]``
-    with x's leading shape); return ``(N, K)``."""
+    with x's leading shape, ``thr`` a's threshold); return ``(N, K)``."""
     op = op or {"bf16": "sparse_rows_linear", "int8": "sparse_rows_int8_linear",
                 "int4": "sparse_rows_int4_linear"}[fmt]
     K = _check_x(op, x)
@@ -150,7 +183,23 @@ def check_rows_args(fmt: str, x: torch.Tensor, w: torch.Tensor, a: torch.Tensor,
     if a.dtype != x.dtype:
         raise ValueError(f"{op}: a dtype {a.dtype} != x dtype {x.dtype}")
     _same_device(op, x, {"weight": w, "scale": scale, "zero": zero, "a": a})
+    _check_thr(op, x, thr, N, "N")
     return N, K
+
+
+# ------------------------------------------------------------------------------------ fused edges
+
+def threshold_ref(x: torch.Tensor, thr: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x * (x.abs() > thr)`` (x's dtype; what the ``sparse_ffn`` pass's masking ops compute), or x."""
+    return x if thr is None else x * (x.abs() > thr)
+
+
+def epilogue_ref(y: torch.Tensor, epilogue: str = "cat", residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The cols ops' epilogue on their rounded output ``y``: y, ``F.silu(y[..., 0::2]) * y[..., 1::2]`` or
+    ``y + residual`` (eager's rounding)."""
+    if epilogue == "silu_mul":
+        return F.silu(y[..., 0::2]) * y[..., 1::2]
+    return y + residual if epilogue == "residual" else y
 
 
 # ------------------------------------------------------------------------------------------- cols
@@ -162,25 +211,31 @@ def _finish(x: torch.Tensor, wt_f32: torch.Tensor, bias: Optional[torch.Tensor])
     return y.to(x.dtype)
 
 
-def sparse_linear_ref(x: torch.Tensor, wt: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear(x, wt.t(), bias)``: x ``[..., K]``, wt ``[K, N]`` -> ``[..., N]`` in x.dtype."""
-    check_cols_args("bf16", x, wt, bias=bias)
-    return F.linear(x, wt.t(), bias)
+def sparse_linear_ref(x: torch.Tensor, wt: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                      thr: Optional[torch.Tensor] = None, epilogue: str = "cat",
+                      residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(x, wt.t(), bias)``: x ``[..., K]``, wt ``[K, N]`` -> ``[..., N]`` in x.dtype (fused edges:
+    the module docstring)."""
+    check_cols_args("bf16", x, wt, bias=bias, thr=thr, epilogue=epilogue, residual=residual)
+    return epilogue_ref(F.linear(threshold_ref(x, thr), wt.t(), bias), epilogue, residual)
 
 
 def sparse_int8_linear_ref(x: torch.Tensor, qt: torch.Tensor, scale: torch.Tensor,
-                           bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                           bias: Optional[torch.Tensor] = None, thr: Optional[torch.Tensor] = None,
+                           epilogue: str = "cat", residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``((x.float() @ qt.float()) * scale + bias).to(x.dtype)`` (fp32 throughout, one rounding)."""
-    check_cols_args("int8", x, qt, scale, bias=bias)
-    return _finish(x, dequant_cols_t(qt, scale), bias)
+    check_cols_args("int8", x, qt, scale, bias=bias, thr=thr, epilogue=epilogue, residual=residual)
+    return epilogue_ref(_finish(threshold_ref(x, thr), dequant_cols_t(qt, scale), bias), epilogue, residual)
 
 
 def sparse_int4_linear_ref(x: torch.Tensor, qt: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
-                           group_size: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                           group_size: int, bias: Optional[torch.Tensor] = None, thr: Optional[torch.Tensor] = None,
+                           epilogue: str = "cat", residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x @ W^T (+ bias)`` with ``W^T[k, n] = (u[k, n] - z[k // G, n]) * s[k // G, n]`` (z = 8 if None),
     fp32 throughout, one rounding to x.dtype."""
-    check_cols_args("int4", x, qt, scale, zero, group_size, bias)
-    return _finish(x, dequant_cols_t(qt, scale, zero, group_size), bias)
+    check_cols_args("int4", x, qt, scale, zero, group_size, bias, thr=thr, epilogue=epilogue, residual=residual)
+    return epilogue_ref(_finish(threshold_ref(x, thr), dequant_cols_t(qt, scale, zero, group_size), bias),
+                        epilogue, residual)
 
 
 # ------------------------------------------------------------------------------------------- rows
@@ -189,21 +244,24 @@ def _rows_finish(x: torch.Tensor, w_f32: torch.Tensor, a: torch.Tensor) -> torch
     return (a.float() * F.linear(x.float(), w_f32)).to(x.dtype)
 
 
-def sparse_rows_linear_ref(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """``a * (x @ w.T)``: dot in fp32, times ``a`` in fp32, one rounding to x.dtype."""
-    check_rows_args("bf16", x, w, a)
-    return _rows_finish(x, w.float(), a)
+def sparse_rows_linear_ref(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor,
+                           thr: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``a * (x @ w.T)``: dot in fp32, times ``a`` in fp32, one rounding to x.dtype (``thr``: ``a`` first
+    becomes ``a * (a.abs() > thr)``)."""
+    check_rows_args("bf16", x, w, a, thr=thr)
+    return _rows_finish(x, w.float(), threshold_ref(a, thr))
 
 
-def sparse_rows_int8_linear_ref(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+def sparse_rows_int8_linear_ref(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, a: torch.Tensor,
+                                thr: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``a * (x @ (q * scale[:, None]).T)`` in fp32, one rounding."""
-    check_rows_args("int8", x, q, a, scale)
-    return _rows_finish(x, dequant_rows(q, scale), a)
+    check_rows_args("int8", x, q, a, scale, thr=thr)
+    return _rows_finish(x, dequant_rows(q, scale), threshold_ref(a, thr))
 
 
 def sparse_rows_int4_linear_ref(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
-                                group_size: int, a: torch.Tensor) -> torch.Tensor:
+                                group_size: int, a: torch.Tensor, thr: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``a * (x @ W.T)`` with ``W[n, k] = (u[n, k] - z[n, k // G]) * s[n, k // G]`` (z = 8 if None), fp32,
     one rounding."""
-    check_rows_args("int4", x, q, a, scale, zero, group_size)
-    return _rows_finish(x, dequant_rows(q, scale, zero, group_size), a)
+    check_rows_args("int4", x, q, a, scale, zero, group_size, thr=thr)
+    return _rows_finish(x, dequant_rows(q, scale, zero, group_size), threshold_ref(a, thr))
