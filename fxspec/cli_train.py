@@ -52,6 +52,7 @@ def cmd_train_draft_heads(args: argparse.Namespace) -> int:
     res = train_draft_heads(model, tokens, type=args.type, num_heads=args.num_heads, out=args.out, steps=args.steps,
                             batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, device=device,
                             targets=args.targets, resume=args.resume, tree_nodes=args.tree_nodes,
+                            max_seconds=args.max_minutes * 60 if args.max_minutes is not None else None,
                             progress=bool(args.progress) if args.progress is not None else sys.stderr.isatty())
     top1 = ", ".join(f"{a:.3f}" for a in res.top1)
     print(f"wrote {res.path} ({args.type}, {res.spec.num_heads} heads, {res.step} steps, loss {res.loss:.4f}); "
@@ -113,6 +114,9 @@ def add_train_parsers(sub, debug: argparse.ArgumentParser, raw, dtypes: list[str
                     help="self: the model's own distributions (default); data: the next token of the text")
     sp.add_argument("--tree-nodes", type=_positive_int, default=63, metavar="N",
                     help="draft nodes of the static tree written with the heads (default 63)")
+    sp.add_argument("--max-minutes", type=_positive_float, default=None, metavar="M",
+                    help="a time budget: fewer than --steps steps when they would not fit (the schedule is fitted "
+                         "to the steps that do)")
     sp.add_argument("--device", default=None, choices=("cuda", "cpu"),
                     help="where to train (default: cuda when a GPU is available, else cpu)")
     sp.add_argument("--dtype", default="float32", choices=dtypes, help="the model's dtype (the heads train in float32)")

@@ -133,11 +133,12 @@ def _finish(tree: TreeBuffers, tokens: torch.Tensor, last: torch.Tensor, bonus: 
 
 def _deepest(tree: TreeBuffers, ok: torch.Tensor) -> torch.Tensor:
     """The deepest node whose whole path is ``ok`` (the first such node in node order on ties)."""
-    reach = ok.clone()
-    reach[:, 0] = True
-    rows = torch.arange(ok.shape[0], device=ok.device)
-    for j in range(1, ok.shape[1]):  # parents come first
-        reach[:, j] &= reach[rows, tree.parents[:, j]]
+    B, n = ok.shape
+    anc = tree.ancestors  # B, n, D+1: the root-to-node path (-1 past the node's depth)
+    on_path = ok.gather(1, anc.clamp(min=0).reshape(B, -1)).reshape(anc.shape)
+    on_path |= anc < 0
+    on_path[:, :, 0] = True  # the root is accepted already
+    reach = on_path.all(-1)  # every node of the path ok: a fixed number of kernels, whatever the tree's size
     score = torch.where(reach, tree.depth, torch.full_like(tree.depth, -1))
     return score.argmax(dim=1)  # first maximum
 

@@ -183,7 +183,7 @@ def _topk_tokens_for(tree: TreeBuffers, logits: torch.Tensor, parents_depth: int
     rank = tree.rank
     if rank is None:
         raise ValueError("static drafting needs a tree built from top-k paths (TreeBuffers.from_paths)")
-    K = int(rank.max()) + 1
+    K = (tree.max_rank if tree.max_rank is not None else int(rank.max())) + 1
     top = torch.topk(logits, K, dim=-1).indices  # B, n, K
     par = tree.parents.clamp(min=0)
     rows = torch.arange(par.shape[0], device=par.device).unsqueeze(1)
@@ -234,7 +234,7 @@ class MedusaHeads(nn.Module):
         if tree.max_depth > self.spec.num_heads:
             raise ValueError(f"the tree is {tree.max_depth} deep; there are {self.spec.num_heads} heads")
         logits = self(h.unsqueeze(1), lm_head_weight)[:, :, 0]  # K, B, V
-        K = int(tree.rank.max()) + 1
+        K = (tree.max_rank if tree.max_rank is not None else int(tree.rank.max())) + 1
         top = torch.topk(logits, K, dim=-1).indices  # K, B, K
         rows = torch.arange(B, device=h.device).unsqueeze(1)
         head = (tree.depth - 1).clamp(min=0)  # B, n

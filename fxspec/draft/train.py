@@ -264,7 +264,8 @@ def train_draft_heads(model: nn.Module, tokens: torch.Tensor, *, type: str, num_
                       progress: bool = True, device: torch.device | str | None = None,
                       dtype: torch.dtype | None = None, eval_fraction: float = 0.02, seed: int = 0,
                       num_layers: int = 1, share_lm_head: bool = True, tree_nodes: int = 63,
-                      save_every: int = 200, weight_decay: float = 0.0) -> TrainResult:
+                      save_every: int = 200, weight_decay: float = 0.0,
+                      max_seconds: float | None = None) -> TrainResult:
     """Train draft heads for ``model`` on ``tokens`` and write them to ``out``; see the module docstring.
 
     Args:
@@ -285,7 +286,12 @@ def train_draft_heads(model: nn.Module, tokens: torch.Tensor, *, type: str, num_
         num_layers, share_lm_head: Medusa/Hydra head shape (see :class:`fxspec.draft.heads.HeadsSpec`).
         tree_nodes: draft nodes of the static tree written to the checkpoint.
         save_every: steps between training-state saves.
+        max_seconds: a time budget for the optimisation (evaluation not included): after 20 steps the step
+            count is lowered to what fits, so that the schedule still ends at lr/10. ``steps`` stays the
+            upper bound; the steps run are in the checkpoint's JSON (``training.steps``).
     """
+    if max_seconds is not None and not max_seconds > 0:
+        raise ValueError(f"max_seconds must be > 0 (got {max_seconds})")
     tokens = _check_args(tokens, type, num_heads, steps, batch_size, seq_len, lr, targets, eval_fraction)
     if not base_frozen:
         raise ValueError("base_frozen=False: the standalone trainer trains heads on a frozen base; for joint "
@@ -331,6 +337,7 @@ def train_draft_heads(model: nn.Module, tokens: torch.Tensor, *, type: str, num_
     bar = tqdm(total=steps, initial=min(step, steps), desc=f"draft heads ({type})", disable=not progress,
                dynamic_ncols=True)
     recent: list[float] = []
+    first = step
     try:
         checked = False
         while step < steps:
@@ -348,6 +355,13 @@ def train_draft_heads(model: nn.Module, tokens: torch.Tensor, *, type: str, num_
             torch.nn.utils.clip_grad_norm_(heads.parameters(), 1.0)
             opt.step()
             step += 1
+            if max_seconds is not None and step - first == 20:
+                per_step = (time.time() - t0) / 20
+                fit = step + max(1, int((max_seconds - (time.time() - t0)) / per_step))
+                if fit < steps:
+                    steps = fit
+                    bar.total = steps
+                    warmup = max(1, min(100, steps // 10))
             recent = (recent + [float(res.loss.detach())])[-20:]
             last_loss = sum(recent) / len(recent)
             bar.update(1)
@@ -369,7 +383,7 @@ def train_draft_heads(model: nn.Module, tokens: torch.Tensor, *, type: str, num_
     meta = {
         "base": {"name": getattr(cfg, "_name_or_path", "") or _class_name(model), "hash": model_fingerprint(model),
                  "class": _class_name(model)},
-        "training": {**settings, "steps": step, "loss": last_loss, "base_frozen": True,
+        "training": {**settings, "steps": step, "loss": last_loss, "base_frozen": True, "max_seconds": max_seconds,
                      "train_windows": int(train_w.shape[0]), "eval_windows": int(eval_w.shape[0]),
                      "time_s": round(time.time() - t0, 1),
                      "loss_kind": "KL to the base's distribution" if targets == "self" else "CE with the data"},

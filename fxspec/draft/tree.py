@@ -71,6 +71,9 @@ class TreeBuffers:
     paths: torch.Tensor
     ancestors: torch.Tensor
     rank: torch.Tensor | None = None
+    #: ``int(rank.max())`` kept on the host (static trees): drafting reads it without a device sync, so
+    #: a drafting step can be captured in a CUDA graph
+    max_rank: int | None = None
 
     @property
     def batch_size(self) -> int:
@@ -96,11 +99,12 @@ class TreeBuffers:
         """The same tree for ``batch_size`` rows (from a one-row tree)."""
         if self.batch_size != 1:
             raise ValueError(f"expand() needs a one-row tree (this one has {self.batch_size} rows)")
-        return TreeBuffers(**{k: (None if v is None else v.expand(batch_size, *v.shape[1:]))
+        return TreeBuffers(**{k: (v.expand(batch_size, *v.shape[1:]) if isinstance(v, torch.Tensor) else v)
                               for k, v in self.__dict__.items()})
 
     def to(self, device: torch.device | str) -> "TreeBuffers":
-        return TreeBuffers(**{k: (None if v is None else v.to(device)) for k, v in self.__dict__.items()})
+        return TreeBuffers(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v)
+                              for k, v in self.__dict__.items()})
 
     @classmethod
     def from_parents(cls, parents: torch.Tensor | Sequence[int], rank: torch.Tensor | None = None) -> "TreeBuffers":
@@ -151,8 +155,9 @@ class TreeBuffers:
         paths = anc.gather(1, order.unsqueeze(-1).expand(B, P, D + 1))
         paths = torch.where((torch.arange(P, device=dev) < num_leaves.unsqueeze(1)).unsqueeze(-1), paths,
                             torch.full_like(paths, -1))
+        max_rank = int(rank.max()) if rank is not None and rank.numel() else None
         return cls(parents=parents, depth=depth, mask=mask, children=children, paths=paths, ancestors=anc,
-                   rank=rank)
+                   rank=rank, max_rank=max_rank)
 
     @classmethod
     def from_paths(cls, paths: Sequence[Sequence[int]]) -> "TreeBuffers":

@@ -52,11 +52,13 @@ step and active row: accepted drafts + the bonus), ``mean_accepted_per_row``, ``
 step, each row's tokens; 0 once a row is done), ``tree_nodes``, ``compactions``; running totals in
 ``gen.stats`` (``spec_steps``, ``spec_tokens``).
 
-Not yet: CUDA graphs for the draft and verify steps (each is a compiled call; the host builds the tree
-mask and moves the accepted K/V between steps) -- TODO: static mask / candidate / position buffers and
-one capture per tree size, as the plain runtime does for its decode step. Plain modules (the
-``(tokens, positions, cache)`` contract) are not served: their attention mask comes from the cache, so a
-tree mask cannot be given.
+**CUDA graphs.** Greedy decoding with a static tree (Medusa / Hydra heads) on CUDA (``cuda_graphs`` on, the
+default there) replays the whole step -- draft, tree mask, verify, accept, commit, emit -- as one CUDA graph
+with the write offset and the accepted lengths kept on the device (:mod:`fxspec.runtime.speculative_graph`);
+the host looks at the device every few steps. Sampling, dynamic trees (EAGLE-2 expansion, EAGLE's draft
+layer) and CPU models run the loop above: the compiled verify forward plus eager drafting and bookkeeping,
+with one host sync per step. Plain modules (the ``(tokens, positions, cache)`` contract) are not served:
+their attention mask comes from the cache, so a tree mask cannot be given.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ from ..draft.tree import TreeBuffers, dynamic_tree, static_tree
 from .cache import hf_cache_kwarg
 from .generate import DEFAULT_BUCKETS, Generator, _TimedCompiled
 from .sampling import SamplingSpec
+from .speculative_graph import GraphedStaticStep
 
 #: tree for fresh heads (no checkpoint): a guess of per-depth top-k accuracies, decaying with depth
 _FRESH_ACC_TOP1, _FRESH_DECAY = 0.6, 0.7
@@ -156,6 +159,7 @@ class SpeculativeGenerator(Generator):
         self._taps: dict[int, torch.Tensor] = {}
         self._verify_fns: dict[int, Callable] = {}
         self._spec_prefill_fns: dict[int, Callable] = {}
+        self._graph_step: GraphedStaticStep | None = None
         self.last_stats: dict[str, Any] = {}
 
     # --- setup ------------------------------------------------------------------------------------
@@ -267,6 +271,9 @@ class SpeculativeGenerator(Generator):
              eos_ids, pad_id, streamer, bar, t_call) -> torch.Tensor:
         b, P = input_ids.shape
         B, L, dev = self.B, self.L, self.device
+        if self._weights_fingerprint() != self._weights_seen:
+            self._drop_graphs("the model's parameters changed (in-place update or new tensors)")
+        gs = self._graphed_step(spec)  # captured before the prefill: the capture writes into the cache
         Pb = self._bucket(P, max_new_tokens)
         tokens = torch.full((B, Pb), pad_id, dtype=torch.long, device=dev)
         tokens[:b, Pb - P:] = input_ids
@@ -303,17 +310,30 @@ class SpeculativeGenerator(Generator):
             feed = (tap.clone(), torch.cat([tokens[:, 1:], root[:, None]], 1), positions, prompt_mask)
 
         cap = max_new_tokens
-        out = torch.full((B, cap + self.n_nodes + 1), pad_id, dtype=torch.long, device=dev)
-        count = torch.zeros(B, dtype=torch.long, device=dev)
-        finished = torch.zeros(B, dtype=torch.bool, device=dev)
-        finished[b:] = True
+        if gs is not None:
+            gs.start(h=h_last, root=root, pos=pos, off=off, cap=cap, eos=eos, pad_id=pad_id, b=b)
+            out, count, finished = gs.out, gs.count, gs.finished
+        else:
+            out = torch.full((B, cap + self.n_nodes + 1), pad_id, dtype=torch.long, device=dev)
+            count = torch.zeros(B, dtype=torch.long, device=dev)
+            finished = torch.zeros(B, dtype=torch.bool, device=dev)
+            finished[b:] = True
         self._emit(out, count, finished, root[:, None], torch.ones(B, dtype=torch.long, device=dev), eos, cap)
         streamed = self._stream(out, count, finished, 0, b, cap, streamer, bar)
         rows = torch.arange(B, device=dev)
         steps, emitted = 0, torch.zeros(B, dtype=torch.long, device=dev)
         active_steps = torch.zeros(B, dtype=torch.long, device=dev)
         compactions, history = 0, []
-        while True:
+        if gs is not None:
+            seen = [streamed]
+
+            def stream():
+                seen[0] = self._stream(out, count, finished, seen[0], b, cap, streamer, bar)
+
+            steps, compactions = gs.loop(off, b, stream if (streamer is not None or bar is not None) else None)
+            streamed, emitted, active_steps = seen[0], gs.emitted, gs.active
+            history = gs.hist[:steps, :b].tolist()
+        while gs is None:
             done = finished | (count >= cap)
             if bool(done[:b].all()):
                 break
@@ -390,6 +410,23 @@ class SpeculativeGenerator(Generator):
         self.stats["last_call_s"] = time.perf_counter() - t_call
         self.stats["last_decode_s"] = time.perf_counter() - t0
         return result
+
+    def _graphed_step(self, spec: SamplingSpec) -> GraphedStaticStep | None:
+        """The captured step (:mod:`fxspec.runtime.speculative_graph`) when this call can use one: CUDA graphs
+        on, compiled steps, a static tree and greedy decoding; else None (the eager loop)."""
+        if not (self.cuda_graphs and self.compile and self.static is not None and not spec.do_sample):
+            return None
+        if self._graph_step is None:
+            gs = GraphedStaticStep(self)
+            gs.capture()
+            self._graph_step = gs
+        return self._graph_step
+
+    def _drop_graphs(self, why: str) -> None:
+        if self._graph_step is not None:
+            warnings.warn(f"fxspec.runtime: re-capturing the speculative step's CUDA graph: {why}", stacklevel=3)
+        self._graph_step = None
+        super()._drop_graphs(why)
 
     # --- drafting -----------------------------------------------------------------------------------
 

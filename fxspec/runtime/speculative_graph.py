@@ -1,0 +1,187 @@
+"""The speculative decode step as one CUDA graph: draft, tree mask, verify, accept, commit and emit.
+
+:class:`fxspec.runtime.speculative.SpeculativeGenerator` runs each step's pieces as separate calls (the
+compiled verify forward and some fifty small eager ops, with a host sync for the accepted length). On a
+model whose whole decode step takes a fraction of a millisecond, those launches cost more than the
+tokens the tree saves. Here the whole step is captured once and replayed; nothing in it waits for the
+host:
+
+    done   = finished | count >= cap
+    cand   = heads.propose(h, root, tree)                          # static tree: fixed shapes
+    mask   = slots < off ? key_mask : tree.mask[slot - off]        # [B, 1, n, L], off a device scalar
+    layer.cumulative_length <- off                                 # the cache writes the tree at off..off+n-1
+    logits, tap = compiled_verify(cand, pos + depth, mask)         # the same compiled step as the eager loop
+    acc    = greedy_accept(logits, cand, tree)
+    commit: slots off .. off+W-1 <- the accepted path's K/V       # W = depth + 1 always; key_mask = path length
+    emit the accepted tokens and the bonus; h, root, pos advance
+    off   += max_b(k_b) + 1                                        # on the device
+
+The host replays the graph and keeps an upper bound of ``off`` (``W`` per step); only when that bound
+leaves no room for the next tree does it read ``off`` and, if needed, compact the cache (the same
+compaction as the eager loop). It looks at ``finished`` / ``count`` every ``_CHECK_EVERY`` steps (every
+step when a streamer or a progress bar waits for tokens); steps replayed after every row finished emit
+nothing. Each emitted token is the same as in the eager loop: the graph runs the same operations.
+
+Used for greedy decoding with a static tree (Medusa / Hydra heads) on CUDA with ``cuda_graphs`` on. Sampling
+(its random stream is a ``torch.Generator`` drawn on the host's order), dynamic trees (EAGLE-2 expansion,
+EAGLE's draft layer) and CPU models run the eager loop.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..draft.accept import greedy_accept
+from ..draft.tree import TreeBuffers
+
+#: replays between two looks at the device (are all rows done?)
+_CHECK_EVERY = 4
+
+
+class GraphedStaticStep:
+    """One captured speculative step of a :class:`SpeculativeGenerator` (static tree, greedy) and the state
+    it reads and writes (allocated once: the graph replays on these addresses)."""
+
+    def __init__(self, gen) -> None:
+        self.gen = gen
+        B, L, dev = gen.B, gen.L, gen.device
+        tree = gen.static.expand(B)
+        self.tree = TreeBuffers(**{k: (v.contiguous() if isinstance(v, torch.Tensor) else v)
+                                   for k, v in tree.__dict__.items()})
+        self.n = self.tree.num_nodes
+        self.W = self.tree.max_depth + 1
+        self.h = torch.zeros(B, gen.hidden_size, dtype=gen.dtype, device=dev)
+        self.root = torch.zeros(B, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(B, dtype=torch.long, device=dev)
+        self.off = torch.zeros((), dtype=torch.long, device=dev)
+        self.cap = torch.zeros((), dtype=torch.long, device=dev)
+        self.eos = torch.full((8,), -1, dtype=torch.long, device=dev)
+        self.out = torch.zeros(B, L + self.n + 1, dtype=torch.long, device=dev)
+        self.count = torch.zeros(B, dtype=torch.long, device=dev)
+        self.finished = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.emitted = torch.zeros(B, dtype=torch.long, device=dev)
+        self.active = torch.zeros(B, dtype=torch.long, device=dev)
+        self.hist = torch.zeros(L + _CHECK_EVERY + 1, B, dtype=torch.long, device=dev)  # tokens per step
+        self.step_i = torch.zeros(1, dtype=torch.long, device=dev)
+        self.slots = torch.arange(L, device=dev)
+        self.wrange = torch.arange(self.W, device=dev)
+        self.rows = torch.arange(B, device=dev)
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    # --- the step (eager for the warm-up, then captured) ---------------------------------------------------
+
+    def _step(self) -> None:
+        g, tree, n, W = self.gen, self.tree, self.n, self.W
+        B = g.B
+        done = self.finished | (self.count >= self.cap)
+        cand = g._propose(self.h, self.root, tree)
+        tpos = self.pos[:, None] + tree.depth
+        rel = self.slots - self.off  # L: slot - off
+        in_tree = (rel >= 0) & (rel < n)
+        tm = tree.mask.gather(2, rel.clamp(0, n - 1).expand(B, n, rel.shape[0]))  # B, n, L
+        mask = torch.where(in_tree, tm, (rel < 0) & g.key_mask[:, None, :])[:, None]
+        if g._eager_attn:
+            mask = torch.zeros(mask.shape, dtype=g.dtype, device=mask.device).masked_fill_(
+                ~mask, torch.finfo(g.dtype).min)
+        for layer in g.cache.layers:
+            layer.cumulative_length.copy_(self.off)
+        tap = g._tap(n)
+        logits = g._verify_step(n)(g.model, g.cache, cand, tpos, mask, tap, 0)
+        acc = greedy_accept(logits, cand, tree)
+        k = torch.where(done, torch.zeros_like(acc.num_accepted), acc.num_accepted)
+        # commit: the accepted path's K/V to slots off .. off+W-1 (past a row's path: masked off)
+        src = self.off + acc.path[:, :W].clamp(min=0)  # B, W
+        dst = self.off + self.wrange
+        for keys, values in g._layers():
+            idx = src[:, None, :, None].expand(B, keys.shape[1], W, keys.shape[3])
+            kk, vv = keys.gather(2, idx), values.gather(2, idx)
+            keys.index_copy_(2, dst, kk)
+            values.index_copy_(2, dst, vv)
+        g.key_mask.index_copy_(1, dst, self.wrange <= k[:, None])
+        inc = torch.where(done, torch.zeros_like(k), k + 1)
+        g._emit(self.out, self.count, self.finished, acc.tokens, inc, self.eos, self.cap)
+        self.emitted += inc
+        self.active += (~done).long()
+        self.hist.index_copy_(0, self.step_i.clamp(max=self.hist.shape[0] - 1), inc[None])
+        self.step_i += 1
+        self.h.copy_(tap[self.rows, acc.last_node])
+        self.root.copy_(acc.bonus)
+        self.pos += k + 1
+        self.off += k.max() + 1
+
+    def capture(self) -> None:
+        """Compile (first call) and warm the step up on a side stream, then capture it. Writes garbage into
+        the cache and the state: the caller resets both before a call."""
+        g = self.gen
+        t = time.perf_counter()
+        g._reset_cache()
+        g.key_mask.fill_(True)
+        self._zero_state(cap=1 << 30)
+        side = torch.cuda.Stream(g.device)
+        side.wait_stream(torch.cuda.current_stream(g.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.off.zero_()
+                self._step()
+        torch.cuda.current_stream(g.device).wait_stream(side)
+        torch.cuda.synchronize(g.device)
+        g.stats["warmup_s"] += time.perf_counter() - t
+        t = time.perf_counter()
+        self.off.zero_()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step()
+        torch.cuda.synchronize(g.device)
+        self.graph = graph
+        g.stats["capture_s"] += time.perf_counter() - t
+
+    def _zero_state(self, cap: int) -> None:
+        for t in (self.h, self.root, self.pos, self.off, self.count, self.emitted, self.active, self.hist,
+                  self.step_i):
+            t.zero_()
+        self.finished.zero_()
+        self.cap.fill_(cap)
+
+    # --- a call -------------------------------------------------------------------------------------
+
+    def start(self, *, h, root, pos, off: int, cap: int, eos: torch.Tensor, pad_id: int, b: int) -> None:
+        """Load a call's state after the prefill (the root token not emitted yet)."""
+        self._zero_state(cap)
+        self.h.copy_(h)
+        self.root.copy_(root)
+        self.pos.copy_(pos)
+        self.off.fill_(off)
+        self.eos.fill_(-1)
+        self.eos[:eos.numel()] = eos[:self.eos.numel()]
+        self.out.fill_(pad_id)
+        self.finished[b:] = True
+
+    def loop(self, off: int, b: int, stream) -> tuple[int, int]:
+        """Replay until every row of the first ``b`` is done; ``stream()`` (may be None) is called after each
+        look at the device. Returns (steps, compactions)."""
+        g, n, L = self.gen, self.n, self.gen.L
+        bound, steps, compactions = off, 0, 0
+        every = 1 if stream is not None else _CHECK_EVERY
+        while True:
+            if steps % every == 0:
+                if stream is not None:
+                    stream()
+                done = self.finished[:b] | (self.count[:b] >= self.cap)
+                if bool(done.all()):
+                    break
+            if bound + n > L:
+                real = int(self.off)
+                if real + n > L:
+                    real = g._compact(real, None)
+                    compactions += 1
+                    if real + n > L:
+                        raise RuntimeError(f"fxspec speculative decoding: no cache room for a tree of {n} nodes "
+                                           f"({real} of {L} slots hold tokens)")
+                    self.off.fill_(real)
+                bound = real
+            self.graph.replay()
+            bound += self.W
+            steps += 1
+        return steps, compactions
