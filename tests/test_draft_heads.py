@@ -280,6 +280,29 @@ def test_resume_continues_where_the_run_stopped(model, tmp_path, monkeypatch):
         train_draft_heads(model, toks, out=tmp_path / "b", **{**kw, "seq_len": 32})
 
 
+def test_time_budget_fits_the_steps(model, tmp_path, monkeypatch):
+    """``max_seconds`` lowers the step count after 20 steps to what fits the budget (a clock that advances one
+    second per step here) and records it; without it, or with room to spare, ``steps`` run."""
+    import fxspec.draft.train as train_mod
+
+    now, real = [0.0], train_mod.draft_loss
+
+    def one_second_step(*args, **kwargs):
+        now[0] += 1.0
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "draft_loss", one_second_step)
+    monkeypatch.setattr(train_mod.time, "time", lambda: now[0])
+    kw = dict(type="medusa", num_heads=2, batch_size=2, seq_len=16, lr=1e-3, progress=False, tree_nodes=3)
+    res = train_draft_heads(model, _pattern_tokens(1200), out=tmp_path / "t", steps=500, max_seconds=40, **kw)
+    assert 30 <= res.step <= 45, res.step  # about 40 one-second steps
+    assert res.meta["training"]["steps"] == res.step and res.meta["training"]["max_seconds"] == 40
+    res = train_draft_heads(model, _pattern_tokens(1200), out=tmp_path / "u", steps=25, max_seconds=1e6, **kw)
+    assert res.step == 25
+    with pytest.raises(ValueError, match="max_seconds must be > 0"):
+        train_draft_heads(model, _pattern_tokens(1200), out=tmp_path / "v", steps=5, max_seconds=0, **kw)
+
+
 def test_eagle_trains_and_loads(model, tmp_path):
     res = train_draft_heads(model, _pattern_tokens(1200), type="eagle", num_heads=2, out=tmp_path / "e", steps=3,
                             batch_size=2, seq_len=16, lr=1e-3, progress=False, tree_nodes=5)
