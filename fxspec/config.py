@@ -167,6 +167,11 @@ class SparseFFNConfig(_Section):
                            "activation, or replace SiLU/GELU by relu or shifted_relu (relu(x - shift)); "
                            "changes the model, also in training graphs", choices=("keep", "relu", "shifted_relu"))
     shift: float = _opt(1.0, doc="shifted_relu: the shift")
+    fuse: str = _opt("all", doc="launches per thresholded decode linear (the same results each way): all (the "
+                     "threshold inside the sparse GEMV, linears sharing an input in one launch, SiLU*mul and the "
+                     "residual add in its epilogue), group (one launch per shared input, the threshold a masking "
+                     "kernel of its own) or none (one launch per linear; for comparisons)",
+                     choices=("all", "group", "none"))
 
     def validate(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:

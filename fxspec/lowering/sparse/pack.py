@@ -61,6 +61,7 @@ __all__ = [
     "dequantize_rows",
     "dequant_cols_t",
     "dequant_rows",
+    "interleave_rows",
 ]
 
 FORMATS = ("bf16", "int8", "int4")
@@ -176,6 +177,15 @@ def pack_rows(w: torch.Tensor, fmt: str = "bf16", group_size: Optional[int] = No
     if z is not None:
         out["zero"] = z.contiguous()
     return out
+
+
+def interleave_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[N, K]`` and ``[N, K]`` -> ``[2N, K]`` with rows ``a[0], b[0], a[1], b[1], ...``: gate and up of a gated
+    FFN packed so that output columns ``2n`` / ``2n + 1`` of the cols ops are gate n / up n (their silu_mul
+    epilogue's layout)."""
+    if a.shape != b.shape:
+        raise ValueError(f"interleave_rows: a and b must have one shape, got {list(a.shape)} and {list(b.shape)}")
+    return torch.stack([a, b], dim=1).reshape(2 * a.shape[0], *a.shape[1:])
 
 
 def unpack_int4_cols(qt: torch.Tensor) -> torch.Tensor:

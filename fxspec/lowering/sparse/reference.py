@@ -197,8 +197,8 @@ def threshold_ref(x: torch.Tensor, thr: Optional[torch.Tensor]) -> torch.Tensor:
 def epilogue_ref(y: torch.Tensor, epilogue: str = "cat", residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The cols ops' epilogue on their rounded output ``y``: y, ``F.silu(y[..., 0::2]) * y[..., 1::2]`` or
     ``y + residual`` (eager's rounding)."""
-    if epilogue == "silu_mul":
-        return F.silu(y[..., 0::2]) * y[..., 1::2]
+    if epilogue == "silu_mul":  # (contiguous: ATen's CPU silu rounds a strided input's values differently)
+        return F.silu(y[..., 0::2].contiguous()) * y[..., 1::2]
     return y + residual if epilogue == "residual" else y
 
 
