@@ -13,6 +13,9 @@ Rows, in priority order (each ``fxspec.runtime.Generator``: compiled prefill, co
 prefill stays dense, ``sparse_ffn.prefill = "dense"``): per batch, the dense baseline (``fxspec bf16``: the
 default config, the decode rewrites on), then sparse configs: ``teal s`` (the FFN's inputs), ``cats s``,
 ``teal+attn s`` (every projection's input thresholded, TEAL's setting); and ``int8`` vs ``int8 teal s``.
+Sparse rows use ``sparse_ffn.fuse = "all"`` (threshold, grouping and epilogues in the sparse launches); the
+rows marked ``fuse=group`` / ``fuse=none`` are the same configs with the threshold as a kernel of its own
+(and one launch per linear for ``none``): the launches the fusion saves, measured in the same run.
 Decode tok/s = B x (N - 1) / (t(N new) - t(1 new)) (prefill excluded); speedup = sparse / dense of the same
 batch and weight format, measured in this run.
 """
@@ -38,20 +41,24 @@ from decode import SHAPES, build  # noqa: E402
 
 def rows_plan(batches: list[int], quick: bool) -> list[tuple[int, str, dict]]:
     """(batch, label, config) in priority order."""
-    def sp(method, s, attention=False):
-        return {"sparse_ffn": {"method": method, "sparsity": s, "attention": attention}}
+    def sp(method, s, attention=False, fuse="all"):
+        return {"sparse_ffn": {"method": method, "sparsity": s, "attention": attention, "fuse": fuse}}
 
     plan = []
     for b in batches:
         plan.append((b, "bf16 dense", {}))
-        plan.append((b, "bf16 teal 0.5", sp("teal", 0.5)))
+        plan.append((b, "bf16 teal+attn 0.5", sp("teal", 0.5, True)))
         if b == batches[0]:
-            plan += [(b, "bf16 cats 0.5", sp("cats", 0.5)), (b, "bf16 teal+attn 0.5", sp("teal", 0.5, True)),
+            plan += [(b, "bf16 teal+attn 0.5 fuse=group", sp("teal", 0.5, True, "group")),
+                     (b, "bf16 teal+attn 0.5 fuse=none", sp("teal", 0.5, True, "none")),
+                     (b, "bf16 teal 0.5", sp("teal", 0.5)),
+                     (b, "bf16 cats 0.5", sp("cats", 0.5)),
+                     (b, "bf16 cats 0.5 fuse=group", sp("cats", 0.5, False, "group")),
                      (b, "bf16 teal 0.4", sp("teal", 0.4)),
                      (b, "int8 dense", {"quantize": {"bits": 8}}),
                      (b, "int8 teal 0.5", {**sp("teal", 0.5), "quantize": {"bits": 8}}),
                      (b, "bf16 teal 0.8", sp("teal", 0.8))]
-    return plan[:3] if quick else plan
+    return plan[:4] if quick else plan
 
 
 def main(argv=None) -> int:
@@ -118,7 +125,7 @@ def main(argv=None) -> int:
             import fxspec
 
             evs = [e for r in list(fxspec.recent_reports)[-4:] for e in r.events if e.pass_name == "sparse_ffn"
-                   and e.action == "rewrote"]
+                   and e.action == "rewrote" and e.counter in ("teal", "wina", "cats")]  # one per site
             row["sparse_sites"] = len(evs)
             fb = [r.fallback for r in list(fxspec.recent_reports)[-4:] if r.fallback]
             if fb:
