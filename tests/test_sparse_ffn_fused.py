@@ -71,12 +71,11 @@ def calib(tmp_path_factory):
     return str(path)
 
 
-def _run(model, options: dict, ids=IDS):
-    """fxspec's passes, then the rewritten graph run eagerly; (logits, sparse_ffn counters, graph code)."""
+def _eager_backend(options: dict, code: list):
+    """fxspec's passes, then the rewritten graph run eagerly (behind the frozen-weight guard); ``code``
+    collects the rewritten graphs' code."""
     from fxspec.backend import GraphReport, prepare
     from fxspec.config import load_config
-
-    code = []
 
     def backend(gm, example_inputs):
         cfg = load_config({"strict": True, **options}, env={})
@@ -84,10 +83,16 @@ def _run(model, options: dict, ids=IDS):
         code.append(work.code)
         return ctx.frozen.wrap(work.forward)
 
+    return backend
+
+
+def _run(model, options: dict, ids=IDS):
+    """(logits, sparse_ffn counters, graph code) of ``model`` through :func:`_eager_backend`."""
+    code: list = []
     torch._dynamo.reset()
     fxspec.counters.clear()
     with torch.no_grad():
-        out = torch.compile(model, backend=backend)(ids).logits
+        out = torch.compile(model, backend=_eager_backend(options, code))(ids).logits
     return out, dict(fxspec.counters["sparse_ffn"]), "\n".join(code)
 
 
@@ -165,6 +170,19 @@ def test_residual_must_not_fire_when_the_output_has_another_reader(calib):
     b, _, _ = _run(m, _opts(calib, "cats", "none"))
     assert counts["cats"] == 2 and counts["residual"] == 1  # layer 0 only
     assert torch.equal(a, b)
+
+
+def test_packed_gate_up_follow_a_weight_change(calib):
+    """The interleaved gate/up pack is frozen like any packed weight: an in-place change re-derives it."""
+    m = _llama()
+    torch._dynamo.reset()
+    fn = torch.compile(m, backend=_eager_backend(_opts(calib, "teal", "all"), []))
+    with torch.no_grad():
+        before = fn(IDS).logits
+        m.model.layers[0].mlp.gate_proj.weight.mul_(-1.5)
+        out = fn(IDS).logits
+    assert not torch.equal(out, before)
+    assert torch.equal(out, _run(m, _opts(calib, "teal", "all"))[0])
 
 
 def test_sparsity_zero_fuses_nothing(calib):
