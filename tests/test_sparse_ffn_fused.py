@@ -354,7 +354,20 @@ def _run_interp_case(c) -> dict:
 
 
 def _interp_main():
+    from fxspec.lowering.sparse import launch as L
+
     interp_harness.emit_cases(_interp_cases(), _run_interp_case)
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+    wt = torch.randn(64, 16, dtype=torch.bfloat16)
+    interp_harness.emit_value_errors([
+        ("silu_mul_block_n_1", lambda: L.sparse_linear_triton(
+            x, wt, None, None, "silu_mul", config=dict(BLOCK_M=1, BLOCK_N=1, BLOCK_K=8))),
+        ("thr_dtype", lambda: L.sparse_linear_triton(x, wt, None, torch.tensor(0.5))),
+        ("rows_thr_width", lambda: L.sparse_rows_linear_triton(
+            x, wt.t().contiguous(), torch.randn(1, 16, dtype=torch.bfloat16), torch.zeros(3, dtype=torch.bfloat16))),
+        ("residual_shape", lambda: L.sparse_linear_triton(
+            x, wt, None, None, "residual", torch.zeros(1, 8, dtype=torch.bfloat16))),
+    ])
 
 
 @pytest.fixture(scope="module")
@@ -378,6 +391,10 @@ def test_fused_kernel_matches_unfused_interpreter(interp_results, cid, case):
         assert res.get(key, True), (key, res)
     if "grouped_equal" in res:  # the same split-K: the same bits; else the same sums in another order
         assert res["grouped_equal"] if res["same_split"] else res["grouped_rel_err"] < 1e-2, res
+
+
+def test_fused_launcher_errors_interpreter(interp_results):
+    interp_harness.assert_value_errors(interp_results)
 
 
 # ---------------------------------------------------------------------------------------------- GPU

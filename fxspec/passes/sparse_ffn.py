@@ -12,21 +12,24 @@
 exact then, whichever kernel makes it); ``t`` is the calibrated quantile of the site's score for the sparsity
 :func:`fxspec.sparsity.allocate` gives it.
 
-Launches (``fuse``; the results are the same each way, up to the fp32 summation order of a larger launch)::
+The kernels (:mod:`fxspec.lowering.sparse`) read only the weight rows (stored transposed for input sparsity)
+of nonzero activations; on the CPU and for steps of more than 16 rows they compute the same math densely.
+With ``[quantize]`` (int8, or int4 RTN) the sparse layers' weights are quantized by this pass, in the
+packed formats of the sparse kernels (``quantize_weights`` then sees only the linears left).
 
-    all (default):  gu = fxspec.sparse_linear(x, [Wg^T | Wu^T interleaved], None, thr, "silu_mul")   # a = silu(g) * u
-                    y = fxspec.sparse_linear(a, Wd^T, None, thr_d, "residual", r)                     # r + down(a)
-                    (threshold in the launch; q/k/v one launch; CATS: sparse_rows_linear(x, W_up, a, t))
+Launches (``fuse``), above in the form of ``none``::
+
+    all (default):  a = fxspec.sparse_linear(x, W_gu^T, None, thr, "silu_mul")      # gate/up columns interleaved
+                    y = fxspec.sparse_linear(a, Wd^T, None, thr_d, "residual", r)   # r + down(a * (|a| > thr_d))
+                    q/k/v: one launch, narrowed;  cats: h = fxspec.sparse_rows_linear(x, W_up, a, t)
     group:          xs = x * (|x| > thr);  gu = fxspec.sparse_linear(xs, [Wg^T | Wu^T]);  g, u = narrow(gu)
     none:           xs = x * (|x| > thr);  g = fxspec.sparse_linear(xs, Wg^T);  u = fxspec.sparse_linear(xs, Wu^T)
 
-The silu_mul epilogue takes ``F.silu(gate(x)) * up(x)`` with no other reader of gate, silu or up; the
-residual one ``r + y`` (either order) of a single-linear op whose output has no other reader
-(:func:`fxspec.graph.patterns.gemv_epilogue`). The kernels
-(:mod:`fxspec.lowering.sparse`) read only the weight rows (stored transposed for input sparsity) of
-nonzero activations; on the CPU and for steps of more than 16 rows they compute the same math densely.
-With ``[quantize]`` (int8, or int4 RTN) the sparse layers' weights are quantized by this pass, in the
-packed formats of the sparse kernels (``quantize_weights`` then sees only the linears left).
+The results are the same each way: the threshold in the launch and the residual epilogue bit for bit; a
+grouped launch sums each output in fp32 like the separate ones (in another order when split-K differs); the
+silu_mul epilogue rounds where eager rounds ``F.silu(g) * u``. It takes ``F.silu(gate(x)) * up(x)`` with no
+other reader of gate, the silu or up; the residual epilogue ``r + y`` (either order) of a single-linear op
+whose output has no other reader (:func:`fxspec.graph.patterns.gemv_epilogue`).
 
 ``activation = "relu" | "shifted_relu"`` (ReLU-fication) first replaces each recognised FFN's activation
 by ``relu(x)`` / ``relu(x - shift)``, in training graphs too (the fine-tune runs through the config
@@ -243,7 +246,7 @@ def _call(graph: fx.Graph, kind: str, fmt: str, group_size: int | None, x: fx.No
           epilogue: str = "cat") -> fx.Node:
     """The sparse op for ``kind`` (cols / rows) and weight format, on the packed constants of
     :mod:`fxspec.lowering.sparse.pack` (keys wt / qt, w / q, scale, zero). Every argument is positional, the
-    cols ops' fused edges ``(thr, epilogue, residual)`` last (``residual_epilogues`` swaps the last two)."""
+    cols ops' fused edges ``(thr, epilogue, residual)`` last (``residual_epilogues`` replaces the last two)."""
     from ..lowering.sparse import ops as _ops  # noqa: F401 - registers torch.ops.fxspec.sparse_*
 
     ops = torch.ops.fxspec

@@ -247,6 +247,9 @@ def _cols(fmt: str, x: torch.Tensor, w: torch.Tensor, scale, zero, G, bias, conf
         return out.reshape(*lead, n_out)
     cfg = _as_config(config) if config is not None else _choose(x, "cols", fmt, M, N, K, G)
     _check_config("cols", fmt, cfg, G)
+    if epi == EPI_SILU_MUL and cfg.block_n < 2:
+        raise ValueError(f"{op}: epilogue 'silu_mul' needs block_n >= 2 (a tile holds whole (gate, up) pairs), "
+                         f"got {cfg}")
     x2 = _rows2(x, M, K)
     out = torch.empty((M, n_out), dtype=x.dtype, device=x.device)
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
