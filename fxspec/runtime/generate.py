@@ -125,6 +125,12 @@ class Generator:
             first call compiles for tens of seconds on a real model) and a token progress bar (tqdm; auto
             leaves the bar out when a streamer is given). Off, the compile messages go to the ``fxspec``
             logger at INFO.
+        tp: tensor parallelism inside a ``torchrun`` job of ``tp`` processes (``torch.distributed``
+            initialised): the model's decoder layers are sharded in place over them
+            (:func:`fxspec.distributed.shard_for_tp`) and each rank's KV cache holds its share of the KV
+            heads; every rank calls :meth:`generate` with the same inputs and gets the same tokens.
+            ``None``: as the model is (a model sharded beforehand is served sharded). See
+            ``docs/distributed.md``.
 
     Inputs are checked before anything runs (a bad token id would otherwise fail inside the compiled
     step, on CUDA as a device-side assert that ends the process): ``TypeError`` for a wrong type,
@@ -137,6 +143,11 @@ class Generator:
             from .speculative import SpeculativeGenerator, wants_speculative
 
             if wants_speculative(config):
+                from ..distributed.tp import tp_info
+
+                if kwargs.get("tp") not in (None, 1) or tp_info(model) is not None:
+                    raise NotImplementedError("speculative decoding ([draft_heads]) of a tensor-parallel model is not "
+                                              "supported yet; decode with tp and no [draft_heads], or on one process")
                 cls = SpeculativeGenerator
         return super().__new__(cls)
 
@@ -144,7 +155,7 @@ class Generator:
                  config: dict | None = None, backend: str | Callable | None = None,
                  cuda_graphs: bool | str = "auto", compile: bool = True, fullgraph: bool = True,
                  prefill_buckets: Sequence[int] = DEFAULT_BUCKETS, compile_prefill: bool = True,
-                 progress: bool | None = None):
+                 progress: bool | None = None, tp: int | None = None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (got {type(model).__name__})")
         max_batch_size = _as_int(max_batch_size, "max_batch_size")
@@ -159,6 +170,9 @@ class Generator:
         self.backend = backend if backend is not None else default_backend()
         self.compile, self.fullgraph, self.compile_prefill = compile, fullgraph, compile_prefill
         self.buckets = tuple(sorted(int(b) for b in prefill_buckets))
+        from ..distributed.tp import for_generator
+
+        self.tp = for_generator(model, tp)  # shards the model in place for tp > 1; its TensorParallelInfo or None
         param = next((p for p in model.parameters() if p.is_floating_point()), None)
         if param is None:
             raise ValueError("fxspec.runtime: the model has no floating-point parameters")
@@ -174,7 +188,8 @@ class Generator:
         with torch.no_grad():
             self.key_mask = torch.ones(B, L, dtype=torch.bool, device=dev)  # False = pad slot
             if self.is_hf:
-                self.cache = make_hf_static_cache(model, B, L, self.dtype, dev)
+                self.cache = (make_hf_static_cache(model, B, L, self.dtype, dev) if self.tp is None
+                              else self.tp.static_cache(model, B, L, self.dtype, dev))  # this rank's KV heads
                 self.vocab_size = model.config.get_text_config(decoder=True).vocab_size
                 # the cache keyword is picked once here: the traced step holds no signature inspection
                 self._forward = _hf_forward_cache if hf_cache_kwarg(model) == "cache" else _hf_forward
@@ -242,6 +257,8 @@ class Generator:
         spec = SamplingSpec.make(do_sample, temperature, top_k, top_p, self._vocab_size())
         if seed is not None:
             seed = _as_int(seed, "seed")
+        elif do_sample and self.tp is not None:
+            raise ValueError("do_sample with tensor parallelism needs seed=...: every rank must draw the same tokens")
         eos_ids, pad_id = self._special_tokens(eos_token_id, pad_token_id)
         if streamer is not None and not callable(streamer):
             raise TypeError(f"streamer must be callable (got {type(streamer).__name__})")
