@@ -9,8 +9,9 @@ other Python source files). For each tree (static: the checkpoint's; dynamic: EA
 size, ``fxspec.Generator`` with ``[draft_heads]`` decodes ``--new`` tokens greedily; the script reports
 ``last_stats["mean_accepted"]`` (tokens per verify step, the bonus token included) and checks the tokens
 against ``fxspec.generate`` without the section. Acceptance does not depend on the device (the same greedy
-tokens). ``--speed`` also times whole ``generate`` calls (prefill included, median of 3 after a warm-up) of
-the speculative and the plain generator on the same prompts, in the same run.
+tokens). ``--speed`` also times the decode of the speculative and the plain generator (same batch capacity)
+on the same prompts, in the same run: a ``generate`` call of ``--new`` tokens minus one of 1 token (the
+prefill cancels), each the median of 3 after a warm-up.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", required=True)
     ap.add_argument("--type", default="medusa", choices=["medusa", "hydra", "eagle"])
     ap.add_argument("--trees", default="static,dynamic")
+    ap.add_argument("--tree-nodes", type=int, default=None,
+                    help="draft nodes of the tree (default: the checkpoint's static tree; 24 for dynamic trees)")
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=128)
@@ -70,13 +73,22 @@ def main(argv=None) -> int:
     stride = val.numel() // args.prompts
     prompts = torch.stack([val[i * stride:i * stride + args.prompt_len] for i in range(args.prompts)]).to(args.device)
     t0 = time.time()
-    plain = fxspec.Generator(model, max_batch_size=max(int(b) for b in args.batches.split(",")),
-                             max_cache_len=args.prompt_len + args.new + 64, compile=args.compile)
+    plain_gens: dict[int, object] = {}
+
+    def plain_for(b: int):
+        """The plain generator of batch capacity ``b`` (the speed baseline decodes the same rows, unpadded)."""
+        if b not in plain_gens:
+            plain_gens[b] = fxspec.Generator(model, max_batch_size=b, max_cache_len=args.prompt_len + args.new + 64,
+                                             compile=args.compile)
+        return plain_gens[b]
+
     rows = []
     for tree in args.trees.split(","):
         if args.type == "eagle" and tree == "static":
             continue
         cfg = {"draft_heads": {"type": args.type, "checkpoint": args.heads, "tree": tree}}
+        if args.tree_nodes:
+            cfg["draft_heads"]["tree_nodes"] = args.tree_nodes
         for b in [int(x) for x in args.batches.split(",")]:
             gen = fxspec.Generator(model, max_batch_size=b, max_cache_len=args.prompt_len + args.new + 256,
                                    config=cfg, compile=args.compile)
@@ -86,18 +98,20 @@ def main(argv=None) -> int:
                 if ids.shape[0] < b:
                     break
                 out = gen.generate(ids, args.new, eos_token_id=[])
-                ref = plain.generate(ids, args.new, eos_token_id=[])
+                ref = plain_for(b).generate(ids, args.new, eos_token_id=[])
                 same &= bool(torch.equal(out, ref))
                 acc.append(gen.last_stats["mean_accepted"])
                 steps += gen.last_stats.get("steps", 0)
-            row = {"type": args.type, "tree": tree, "batch": b, "mean_accepted": sum(acc) / len(acc),
-                   "verify_steps": steps, "identical_to_greedy": same}
-            if args.speed:
+            row = {"type": args.type, "tree": tree, "tree_nodes": gen.n_nodes - 1, "batch": b,
+                   "mean_accepted": sum(acc) / len(acc), "verify_steps": steps, "identical_to_greedy": same}
+            if args.speed:  # decode time: a call of --new tokens minus a call of 1 (the prefill cancels)
                 ids = prompts[:b]
-                t_spec = _time(lambda: gen.generate(ids, args.new, eos_token_id=[]), args.device)
-                t_plain = _time(lambda: plain.generate(ids, args.new, eos_token_id=[]), args.device)
-                row.update(spec_tok_s=b * args.new / t_spec, plain_tok_s=b * args.new / t_plain,
-                           speedup=t_plain / t_spec)
+                t_spec, t_plain = (
+                    _time(lambda: g.generate(ids, args.new, eos_token_id=[]), args.device)
+                    - _time(lambda: g.generate(ids, 1, eos_token_id=[]), args.device)
+                    for g in (gen, plain_for(b)))
+                row.update(spec_tok_s=b * (args.new - 1) / t_spec, plain_tok_s=b * (args.new - 1) / t_plain,
+                           speedup=t_plain / t_spec, graphed=getattr(gen, "_graph_step", None) is not None)
             rows.append(row)
             print(json.dumps(row), flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()

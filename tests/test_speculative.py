@@ -215,19 +215,20 @@ def test_trained_heads_accept_drafts_int8_in_one_compile(models, trained_medusa)
     assert fxspec.counters["quantize_weights"]["int8"] > 0 and fxspec.counters["draft_heads"]["taps"] >= 2
 
 
-def _replay_eagerly(gen):
+def _replay_eagerly(gen, fuse=False):
     """Serve ``gen``'s greedy calls with the device-side step of the CUDA-graph path (no capture on the CPU:
-    the 'replay' runs the step's operations eagerly), so its logic is checked here."""
+    the 'replay' runs the step's operations, eagerly or Inductor-compiled with ``fuse``), so its logic is
+    checked here."""
     from fxspec.runtime.speculative_graph import GraphedStaticStep
 
-    gs = GraphedStaticStep(gen)
+    gs = GraphedStaticStep(gen, fuse=fuse)
     gs.graph = types.SimpleNamespace(replay=gs._step)
     gen._graphed_step = lambda spec: None if spec.do_sample else gs
     return gs
 
 
-@pytest.mark.parametrize("kind", ["medusa", "hydra"])
-def test_device_side_step_is_plain_greedy(models, plain_eager, trained_medusa, kind):
+@pytest.mark.parametrize("kind,fuse", [("medusa", True), ("hydra", False)])
+def test_device_side_step_is_plain_greedy(models, plain_eager, trained_medusa, kind, fuse):
     """The step the CUDA-graph path captures (accepted length, commit offset, emit: all on the device) gives
     plain greedy decoding's tokens, with drafts accepted (trained Medusa heads), a ragged batch, and a cache
     small enough to need compaction; its stats agree with the eager loop's."""
@@ -242,7 +243,7 @@ def test_device_side_step_is_plain_greedy(models, plain_eager, trained_medusa, k
         eager, graphed = (Generator(m, 3, L, config={"draft_heads": draft}, prefill_buckets=BUCKETS, compile=False)
                           for _ in range(2))
     assert graphed.n_nodes == 7
-    _replay_eagerly(graphed)
+    _replay_eagerly(graphed, fuse)
     out = graphed.generate(ids, 30, attention_mask=mask)
     assert torch.equal(out, ref)
     assert torch.equal(eager.generate(ids, 30, attention_mask=mask), ref)

@@ -44,7 +44,7 @@ class GraphedStaticStep:
     """One captured speculative step of a :class:`SpeculativeGenerator` (static tree, greedy) and the state
     it reads and writes (allocated once: the graph replays on these addresses)."""
 
-    def __init__(self, gen) -> None:
+    def __init__(self, gen, fuse: bool | None = None) -> None:
         self.gen = gen
         B, L, dev = gen.B, gen.L, gen.device
         tree = gen.static.expand(B)
@@ -69,13 +69,21 @@ class GraphedStaticStep:
         self.wrange = torch.arange(self.W, device=dev)
         self.rows = torch.arange(B, device=dev)
         self.graph: torch.cuda.CUDAGraph | None = None
+        # the bookkeeping around the verify forward is some hundred small operations: compiled (Inductor) they
+        # are a handful of fused kernels inside the captured graph
+        self.fused = fuse if fuse is not None else gen.device.type == "cuda"
+        if self.fused:
+            self._pre_fn = torch.compile(self._pre, backend="inductor", fullgraph=True, dynamic=False)
+            self._post_fn = torch.compile(self._post, backend="inductor", fullgraph=True, dynamic=False)
+        else:
+            self._pre_fn, self._post_fn = self._pre, self._post
 
     # --- the step (eager for the warm-up, then captured) ---------------------------------------------------
 
-    def _step(self) -> None:
-        g, tree, n, W = self.gen, self.tree, self.n, self.W
+    def _pre(self):
+        """Draft a tree and build the verify forward's inputs (candidates, positions, mask)."""
+        g, tree, n = self.gen, self.tree, self.n
         B = g.B
-        done = self.finished | (self.count >= self.cap)
         cand = g._propose(self.h, self.root, tree)
         tpos = self.pos[:, None] + tree.depth
         rel = self.slots - self.off  # L: slot - off
@@ -87,8 +95,13 @@ class GraphedStaticStep:
                 ~mask, torch.finfo(g.dtype).min)
         for layer in g.cache.layers:
             layer.cumulative_length.copy_(self.off)
-        tap = g._tap(n)
-        logits = g._verify_step(n)(g.model, g.cache, cand, tpos, mask, tap, 0)
+        return cand, tpos, mask
+
+    def _post(self, logits: torch.Tensor, cand: torch.Tensor, tap: torch.Tensor) -> None:
+        """Accept, commit the accepted path's K/V, emit, and advance the state."""
+        g, tree, W = self.gen, self.tree, self.W
+        B = g.B
+        done = self.finished | (self.count >= self.cap)
         acc = greedy_accept(logits, cand, tree)
         k = torch.where(done, torch.zeros_like(acc.num_accepted), acc.num_accepted)
         # commit: the accepted path's K/V to slots off .. off+W-1 (past a row's path: masked off)
@@ -110,6 +123,13 @@ class GraphedStaticStep:
         self.root.copy_(acc.bonus)
         self.pos += k + 1
         self.off += k.max() + 1
+
+    def _step(self) -> None:
+        g = self.gen
+        cand, tpos, mask = self._pre_fn()
+        tap = g._tap(self.n)
+        logits = g._verify_step(self.n)(g.model, g.cache, cand, tpos, mask, tap, 0)
+        self._post_fn(logits, cand, tap)
 
     def capture(self) -> None:
         """Compile (first call) and warm the step up on a side stream, then capture it. Writes garbage into
