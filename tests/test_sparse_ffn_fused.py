@@ -207,6 +207,28 @@ def test_threshold_ties_in_the_op_reference():
         assert torch.equal(fused, torch.ops.fxspec.sparse_linear(masked, p["wt"]))
 
 
+def _edge_cases():
+    g = torch.Generator().manual_seed(4)
+    W, x, a = torch.randn(24, 128, generator=g), torch.randn(3, 128, generator=g), torch.randn(3, 24, generator=g)
+    r, t, tk = torch.randn(3, 24, generator=g), torch.tensor(0.5), torch.rand(128, generator=g)
+    ops = torch.ops.fxspec
+    pc8, pc4 = S.pack_cols(W, "int8"), S.pack_cols(W, "int4", 64, symmetric=False)
+    pr4 = S.pack_rows(W, "int4", 64)
+    return {
+        "float_thr_silu_mul": (ops.sparse_linear.default, (x, W.t().contiguous(), None, tk, "silu_mul", None)),
+        "int8_thr_residual": (ops.sparse_int8_linear.default, (x, pc8["qt"], pc8["scale"], None, t, "residual", r)),
+        "int4_thr": (ops.sparse_int4_linear.default, (x, pc4["qt"], pc4["scale"], pc4["zero"], 64, None, t, "cat",
+                                                     None)),
+        "rows_int4_thr": (ops.sparse_rows_int4_linear.default, (x, pr4["q"], pr4["scale"], None, 64, a, t)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_edge_cases()))
+def test_opcheck_fused_edges(name):
+    op, args = _edge_cases()[name]
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
 def test_op_argument_errors():
     x = torch.randn(1, 8, dtype=torch.bfloat16)
     wt = torch.randn(8, 6, dtype=torch.bfloat16)
