@@ -16,6 +16,9 @@ bf16 / int8 / int4 (g128, symmetric):
            pattern "same": one zero pattern shared by all M rows; "indep" (M > 1, reported separately):
            an independent pattern per row -- the kernel reads the UNION of the rows' non-zeros, so
            ``active`` (the fraction of weight rows the union needs) is what predicts its time.
+  sparse+thr  (cols, M = 1) the same op on the unmasked x with the threshold in the launch (``thr`` =
+           the s-quantile of |x|, as ``sparse_ffn.fuse = "all"`` calls it): us_thr, its cost over the
+           pre-masked call (thr_over_sparse), and mask_us, the masking kernel it replaces
 
 Columns: us per call; dense/sparse and cublas/sparse speed ratios; ideal = 1 / (1 - s) (the weight bytes
 not read); frac_ideal = (dense/sparse) / ideal; rel_err of the sparse output vs the op's reference on the
@@ -161,16 +164,17 @@ def dense_call(w: Weights, x):
     return ops.int4_linear(x, d["q"], d["s"], d["z"], GROUP)
 
 
-def sparse_call(w: Weights, kind: str, x, a=None, config=None, launch=None):
-    """The sparse op (``launch`` None) or, for the sweep, the launcher with an explicit ``config``."""
+def sparse_call(w: Weights, kind: str, x, a=None, config=None, launch=None, thr=None):
+    """The sparse op (``launch`` None) or, for the sweep, the launcher with an explicit ``config``; ``thr``
+    (cols): x is masked in the launch."""
     p = w.cols if kind == "cols" else w.rows
     if kind == "cols":
         if w.fmt == "bf16":
-            args, name = (x, p["wt"], None), "sparse_linear"
+            args, name = (x, p["wt"], None, thr), "sparse_linear"
         elif w.fmt == "int8":
-            args, name = (x, p["qt"], p["scale"], None), "sparse_int8_linear"
+            args, name = (x, p["qt"], p["scale"], None, thr), "sparse_int8_linear"
         else:
-            args, name = (x, p["qt"], p["scale"], p.get("zero"), GROUP, None), "sparse_int4_linear"
+            args, name = (x, p["qt"], p["scale"], p.get("zero"), GROUP, None, thr), "sparse_int4_linear"
     else:
         if w.fmt == "bf16":
             args, name = (x, p["w"], a), "sparse_rows_linear"
@@ -249,6 +253,8 @@ def measure_shape(args, name, K, N, device, launch, results):
                             us, _ = _time([lambda w=w: sparse_call(w, kind, x, a) for w in sets], device, args.reps)
                             row.update(us_sparse=us, dense_over_sparse=us_dense / us, cublas_over_sparse=us_cublas / us)
                             row["frac_ideal"] = row["dense_over_sparse"] / row["ideal"]
+                            if kind == "cols" and M == 1 and s > 0:
+                                row.update(_fused_threshold(base, sets, x_dense, s, us, device, args.reps))
                             if args.sweep and launch is not None and pattern == "same":
                                 row["sweep"] = sweep(args, launch, base, sets, kind, fmt, M, N, K, x, a, device)
                         except Exception as e:  # reported in the row, the run goes on
@@ -259,6 +265,16 @@ def measure_shape(args, name, K, N, device, launch, results):
         del sets, base
         if device == "cuda":
             torch.cuda.empty_cache()
+
+
+def _fused_threshold(base: Weights, sets, x_dense, s: float, us_sparse: float, device, reps) -> dict:
+    """The threshold inside the launch (one row): its time, over the pre-masked call's, and the masking
+    kernel's own time (``x * (x.abs() > t)``, what ``sparse_ffn.fuse = "group"`` runs before the call)."""
+    thr = x_dense.float().abs().quantile(s).to(x_dense.dtype)
+    y, ref = sparse_call(base, "cols", x_dense, thr=thr), sparse_call(base, "cols", x_dense * (x_dense.abs() > thr))
+    us, _ = _time([lambda w=w: sparse_call(w, "cols", x_dense, thr=thr) for w in sets], device, reps)
+    mask_us, _ = _time([lambda: x_dense * (x_dense.abs() > thr)], device, reps)
+    return dict(us_thr=us, thr_over_sparse=us / us_sparse, mask_us=mask_us, thr_equal=bool(torch.equal(y, ref)))
 
 
 def sweep(args, launch, base, sets, kind, fmt, M, N, K, x, a, device) -> dict:
@@ -292,7 +308,8 @@ def _print_row(r):
     log(f"{r['shape']:<9}{r['kind']:<5}{r['fmt']:<5}{r['M']:>3} {r['sparsity']:>4.2f} {r['pattern']:<6}"
         f"{r['active']:>7.3f}{r['us_cublas']:>9.2f}{r['us_dense']:>9.2f}{r['us_sparse']:>9.2f}"
         f"{r['dense_over_sparse']:>7.2f}{r['cublas_over_sparse']:>7.2f}{r['ideal']:>7.2f}{r['frac_ideal']:>8.2f}"
-        f"{r['rel_err']:>9.1e}")
+        f"{r['rel_err']:>9.1e}" + (f"  thr {r['us_thr']:.2f} us ({r['thr_over_sparse']:.2f}x, mask kernel "
+                                   f"{r['mask_us']:.2f} us, equal {r['thr_equal']})" if "us_thr" in r else ""))
 
 
 def main(argv=None) -> int:
