@@ -100,10 +100,18 @@ class TensorParallelInfo:
 # --- the parallel styles --------------------------------------------------------------------------------
 
 
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy of it when it is a view into a larger storage (a shard taken from the whole weight
+    without communication is a view of it: keeping the view would keep the whole weight in memory)."""
+    if t.is_meta or t.untyped_storage().nbytes() <= t.numel() * t.element_size():
+        return t
+    return t.clone()
+
+
 def _localize(module: nn.Module) -> None:
     """Replace the module's DTensor parameters by this rank's shards (plain tensors)."""
     for name, p in list(module.named_parameters(recurse=False)):
-        local = p.to_local() if hasattr(p, "to_local") else p.detach()
+        local = _own(p.to_local() if hasattr(p, "to_local") else p.detach())
         module.register_parameter(name, nn.Parameter(local, requires_grad=p.requires_grad))
 
 
@@ -286,8 +294,11 @@ def shard_for_tp(model: nn.Module, mesh_or_tp: DeviceMesh | int, *, src_data_ran
     ``mesh_or_tp``: the number of processes (a 1-D mesh over the whole job: it must equal the world size) or a
     1-D ``DeviceMesh``. ``src_data_rank``: whose weights are scattered (``distribute_tensor``'s argument; ``None``
     takes each rank's own copy without communication, when every rank loaded the same checkpoint). The model
-    may be on the CPU: its shards and replicated parts move to this rank's device of the mesh. Greedy decoding
-    of the sharded model gives the unsharded model's tokens (float rounding of the all-reduce aside).
+    may be on the CPU: its shards and replicated parts move to this rank's device of the mesh. A model on the
+    meta device is sharded as meta tensors (nothing is allocated or sent): materialise each rank's part
+    afterwards (``model.to_empty(device=...)``, then load or initialise it; ``benchmarks/tp_decode.py`` does).
+    Greedy decoding of the sharded model gives the unsharded model's tokens (float rounding of the all-reduce
+    aside).
     """
     model = getattr(model, "_orig_mod", model)
     if not hasattr(model, "config"):
@@ -309,7 +320,8 @@ def shard_for_tp(model: nn.Module, mesh_or_tp: DeviceMesh | int, *, src_data_ran
         for layer, (plan, _) in zip(layers, plans):
             parallelize_module(layer, mesh, plan, src_data_rank=src_data_rank)
             _make_attention_local(layer.self_attn, g, n)
-    model.to(mesh_device(mesh))
+    if not any(p.is_meta for p in model.parameters()):
+        model.to(mesh_device(mesh))
     info = TensorParallelInfo(mesh=mesh, size=n, rank=mesh.get_local_rank(), layers=g.layers, heads=g.heads // n,
                               kv_heads=g.kv_heads // n, head_dim=g.head_dim, intermediate=g.intermediate // n,
                               fused=any(fused for _, fused in plans))
