@@ -52,6 +52,7 @@ def _entry(rank: int, world: int, init_file: str, check_name: str, backend: str,
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         globals()[check_name](rank, **kwargs)
+        dist.barrier()  # no rank leaves while another still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -145,13 +146,11 @@ def check_generator(rank: int, compile: bool, config: dict | None = None, ref_co
         assert fxspec.counters["quantize_weights"]["int8"] > 0  # each rank packed its own shards
 
 
-def check_fsdp_draft_heads(rank: int, steps: int = 3, device: str = "cpu") -> None:
-    """FSDP2 + fxspec's draft-heads opt-in on 2 processes (each half the batch) gives the single-process losses
-    and heads (whole batch)."""
-    from fxspec.draft import joint
-
-    config = {"draft_heads": {"type": "medusa", "num_heads": 2}}
-    batches = [torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(s)).to(device)
+def check_fsdp_config_opt_in(rank: int, steps: int = 3, device: str = "cpu") -> None:
+    """FSDP2 + fxspec's config opt-in for draft heads and attention gates, on 2 processes (each half the batch),
+    gives the single-process losses and trained modules (whole batch)."""
+    config = {"draft_heads": {"type": "medusa", "num_heads": 2}, "sparse_attention": {"mode": "seer", "block": 16}}
+    batches = [torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(s)).to(device)
                for s in range(steps)]
 
     def train(model, compiled, world, rank):
@@ -162,8 +161,8 @@ def check_fsdp_draft_heads(rank: int, steps: int = 3, device: str = "cpu") -> No
         losses = []
         for ids in batches:
             ids = ids.chunk(world)[rank]
-            out = compiled(ids, labels=ids)
-            aux = fxspec.aux_loss(model)
+            out = compiled(ids, labels=ids, use_cache=False)
+            aux = fxspec.aux_loss(model)  # the heads' and the gates' terms
             (out.loss + aux).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -174,27 +173,32 @@ def check_fsdp_draft_heads(rank: int, steps: int = 3, device: str = "cpu") -> No
             losses.append(pair)
         return torch.stack(losses)
 
-    def frozen_base(model):
-        for name, p in model.named_parameters():
-            p.requires_grad_(name.startswith(joint.ATTR))
+    def frozen_base():
+        model = tiny().to(device)
+        for p in model.parameters():
+            p.requires_grad_(False)  # the modules fxspec.compile attaches train; the base does not
         return model
 
-    single = frozen_base(tiny().to(device))
+    single = frozen_base()
     want = train(single, fxspec.compile(single, config), 1, 0)
 
-    model = frozen_base(tiny().to(device))
+    model = frozen_base()
     compiled = fxspec.compile(model, config)
-    with pytest.raises(ValueError, match="per_layer=True with draft heads"):
+    with pytest.raises(ValueError, match="per_layer=True with draft heads or attention gates"):
         fully_shard_model(model, config, per_layer=True)
+    with pytest.raises(ValueError, match="pass the config"):
+        fully_shard_model(model)
     fully_shard_model(model, config)
     assert type(model.model.layers[0].mlp.up_proj.weight).__name__ == "DTensor"  # the base is sharded
     assert type(model.lm_head.weight) is torch.nn.Parameter  # what the draft-heads pass reads stays whole
     got = train(model, compiled, WORLD, rank)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    assert got[-1, 1] != want[0, 1]  # the heads' loss moved: they were trained
-    for (name, p), q in zip(model.fxspec_draft_heads.named_parameters(), single.fxspec_draft_heads.parameters()):
-        assert q.detach().abs().max() > 0  # trained away from their zero initialisation
-        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-4, atol=1e-6, msg=name)
+    for attr in ("fxspec_draft_heads", "fxspec_attention_gates"):
+        mine, ref = getattr(model, attr), getattr(single, attr)
+        for (name, p), q in zip(mine.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-4, atol=1e-6, msg=f"{attr}.{name}")
+    heads = single.fxspec_draft_heads.named_parameters()
+    assert all(q.abs().max() > 0 for name, q in heads if "linear.weight" in name)  # trained: they start at zero
 
 
 def check_fsdp_base_training(rank: int, steps: int = 2) -> None:
@@ -268,8 +272,8 @@ def test_tp_argument_errors_without_a_job():
     assert tp_info(model) is None
 
 
-def test_fsdp_draft_heads_losses_equal_single_process(tmp_path):
-    run_ranks(tmp_path, check_fsdp_draft_heads)
+def test_fsdp_draft_heads_and_gates_losses_equal_single_process(tmp_path):
+    run_ranks(tmp_path, check_fsdp_config_opt_in)
 
 
 def test_fsdp_per_layer_base_training_losses_equal_single_process(tmp_path):
@@ -309,5 +313,5 @@ def test_generator_tp_int4_nccl(tmp_path):
 @pytest.mark.gpu
 @TWO_GPUS
 def test_fsdp_draft_heads_nccl(tmp_path):
-    run_ranks(tmp_path, check_fsdp_draft_heads, backend="nccl", device="cuda")
+    run_ranks(tmp_path, check_fsdp_config_opt_in, backend="nccl", device="cuda")
 
