@@ -47,6 +47,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 
 from .mesh import mesh_for
+from .tp import _decoder_layers
 
 __all__ = ["fully_shard_model", "replicated_modules"]
 
@@ -128,12 +129,6 @@ def _world_size() -> int:
                            "--nproc-per-node N script.py` and call torch.distributed.init_process_group('nccl') "
                            "(or 'gloo' on CPUs) first")
     return dist.get_world_size()
-
-
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    from .tp import _decoder_layers as layers
-
-    return layers(model)
 
 
 def _attach(model: nn.Module, cfg, gates_only: bool = False) -> None:
