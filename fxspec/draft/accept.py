@@ -114,7 +114,7 @@ def _check(logits: torch.Tensor, tokens: torch.Tensor, tree: TreeBuffers) -> Tre
         tree = tree.expand(B)
     elif tree.batch_size != B:
         raise ValueError(f"the tree has {tree.batch_size} rows, the logits {B}")
-    return tree.to(logits.device)
+    return tree if tree.parents.device == logits.device else tree.to(logits.device)
 
 
 def _finish(tree: TreeBuffers, tokens: torch.Tensor, last: torch.Tensor, bonus: torch.Tensor,

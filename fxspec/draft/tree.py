@@ -99,12 +99,16 @@ class TreeBuffers:
         """The same tree for ``batch_size`` rows (from a one-row tree)."""
         if self.batch_size != 1:
             raise ValueError(f"expand() needs a one-row tree (this one has {self.batch_size} rows)")
-        return TreeBuffers(**{k: (v.expand(batch_size, *v.shape[1:]) if isinstance(v, torch.Tensor) else v)
-                              for k, v in self.__dict__.items()})
+        return self._map(lambda v: v.expand(batch_size, *v.shape[1:]))
 
     def to(self, device: torch.device | str) -> "TreeBuffers":
-        return TreeBuffers(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v)
-                              for k, v in self.__dict__.items()})
+        return self._map(lambda v: v.to(device))
+
+    def _map(self, fn) -> "TreeBuffers":
+        """A copy with ``fn`` applied to every tensor field (the field names spelled out: traceable by Dynamo,
+        which compiles the speculative step's bookkeeping)."""
+        t = {k: getattr(self, k) for k in ("parents", "depth", "mask", "children", "paths", "ancestors", "rank")}
+        return TreeBuffers(**{k: (None if v is None else fn(v)) for k, v in t.items()}, max_rank=self.max_rank)
 
     @classmethod
     def from_parents(cls, parents: torch.Tensor | Sequence[int], rank: torch.Tensor | None = None) -> "TreeBuffers":

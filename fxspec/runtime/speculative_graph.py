@@ -30,9 +30,11 @@ EAGLE's draft layer) and CPU models run the eager loop.
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 
+from .._log import FxspecWarning
 from ..draft.accept import greedy_accept
 from ..draft.tree import TreeBuffers
 
@@ -142,9 +144,21 @@ class GraphedStaticStep:
         side = torch.cuda.Stream(g.device)
         side.wait_stream(torch.cuda.current_stream(g.device))
         with torch.cuda.stream(side):
-            for _ in range(3):
+            for i in range(3):
                 self.off.zero_()
-                self._step()
+                try:
+                    self._step()
+                except Exception as e:  # the compiled bookkeeping failed: the same operations, uncompiled
+                    if not self.fused or i:
+                        raise
+                    warnings.warn(f"fxspec.runtime: compiling the speculative step's bookkeeping failed "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); it runs uncompiled "
+                                  f"inside the CUDA graph", FxspecWarning, stacklevel=2)
+                    self.fused, self._pre_fn, self._post_fn = False, self._pre, self._post
+                    g._reset_cache()
+                    g.key_mask.fill_(True)
+                    self._zero_state(cap=1 << 30)
+                    self._step()
         torch.cuda.current_stream(g.device).wait_stream(side)
         torch.cuda.synchronize(g.device)
         g.stats["warmup_s"] += time.perf_counter() - t
