@@ -188,9 +188,14 @@ def _own_tokens(model):
 
 
 @pytest.fixture(scope="module")
-def trained_medusa(models, tmp_path_factory):
+def own_tokens(models):
+    return _own_tokens(models["llama"])
+
+
+@pytest.fixture(scope="module")
+def trained_medusa(models, own_tokens, tmp_path_factory):
     out = tmp_path_factory.mktemp("heads") / "medusa"
-    train_draft_heads(models["llama"], _own_tokens(models["llama"]), type="medusa", num_heads=2, out=out, steps=60,
+    train_draft_heads(models["llama"], own_tokens, type="medusa", num_heads=2, out=out, steps=60,
                       batch_size=8, seq_len=32, lr=1e-2, progress=False, tree_nodes=6, targets="data",
                       share_lm_head=False)
     return str(out)
@@ -219,9 +224,9 @@ def _replay_eagerly(gen, fuse=False):
     """Serve ``gen``'s greedy calls with the device-side step of the CUDA-graph path (no capture on the CPU:
     the 'replay' runs the step's operations, eagerly or Inductor-compiled with ``fuse``), so its logic is
     checked here."""
-    from fxspec.runtime.speculative_graph import GraphedStaticStep
+    from fxspec.runtime.speculative_graph import graphed_step
 
-    gs = GraphedStaticStep(gen, fuse=fuse)
+    gs = graphed_step(gen, fuse=fuse)
     gs.graph = types.SimpleNamespace(replay=gs._step)
     gen._graphed_step = lambda spec: None if spec.do_sample else gs
     return gs
@@ -257,6 +262,84 @@ def test_device_side_step_is_plain_greedy(models, plain_eager, trained_medusa, k
     seen = []
     graphed.generate(ids[:1], 12, streamer=seen.append)
     assert torch.equal(torch.stack(seen, 1), plain_eager["llama"].generate(ids[:1], 12)[:, 11:])
+
+
+@pytest.fixture(scope="module")
+def trained_eagle(models, own_tokens, tmp_path_factory):
+    out = tmp_path_factory.mktemp("heads") / "eagle"
+    train_draft_heads(models["llama"], own_tokens, type="eagle", num_heads=3, out=out, steps=150, batch_size=8,
+                      seq_len=32, lr=1e-2, progress=False, tree_nodes=6, targets="data")
+    return str(out)
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_device_side_eagle_step_is_plain_greedy(models, plain_eager, trained_eagle, fuse):
+    """The EAGLE step the CUDA-graph path captures (the draft layer's cache offset, the dynamic tree, the
+    accepted lengths: all on the device; the accepted path fed W wide) gives plain greedy decoding's tokens
+    for a ragged batch, with drafts accepted (trained EAGLE) and a cache compacted during the call; its stats
+    are the eager loop's."""
+    from fxspec.runtime.speculative_graph import GraphedEagleStep
+
+    m = models["llama"]
+    draft = {"type": "eagle", "checkpoint": trained_eagle, "tree_nodes": 6}
+    ids, mask = _case("ragged")
+    ref = plain_eager["llama"].generate(ids, 30, attention_mask=mask)
+    L = 16 + 30 + 7 + 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FxspecWarning)
+        eager, graphed = (Generator(m, 3, L, config={"draft_heads": draft}, prefill_buckets=BUCKETS, compile=False)
+                          for _ in range(2))
+    gs = _replay_eagerly(graphed, fuse)
+    assert isinstance(gs, GraphedEagleStep) and graphed.n_nodes == 7 and gs.W == 4
+    out = graphed.generate(ids, 30, attention_mask=mask)
+    assert torch.equal(out, ref)
+    assert torch.equal(eager.generate(ids, 30, attention_mask=mask), ref)
+    se, sg = eager.last_stats, graphed.last_stats
+    assert sg["compactions"] >= 1 and se["compactions"] >= 1
+    assert sg["mean_accepted_per_row"] == se["mean_accepted_per_row"]
+    assert [r for r in sg["tokens_per_step"] if any(r)] == se["tokens_per_step"]
+    assert sg["mean_accepted"] > 1.2, sg
+
+
+def test_device_side_eagle_drafting_matches_the_eager_draft():
+    """EagleHead.draft_at (the cache offset on the device, attention over every slot) grows the tree that
+    EagleHead.draft grows from the same inputs, and TreeBuffers.from_parents_fixed describes it as
+    TreeBuffers.from_parents does (padded to fixed widths)."""
+    from fxspec.draft.heads import EagleCache
+    from fxspec.draft.tree import TreeBuffers
+
+    torch.manual_seed(0)
+    spec = HeadsSpec("eagle", 4, hidden_size=64, vocab_size=V, num_attention_heads=4, num_key_value_heads=2,
+                     head_dim=16, intermediate_size=128)
+    head = build_heads(spec).eval()
+    for p in head.parameters():
+        p.data.normal_(0, 0.2)
+    emb, lm = torch.randn(V, 64), torch.randn(V, 64)
+    B, T, P0 = 3, 9, 5
+    feats, toks = torch.randn(B, T, 64), torch.randint(0, V, (B, T))
+    pos = torch.arange(T).expand(B, T) + P0
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[0, 6:] = False
+    valid[1, 8:] = False
+    pre, pre_tok, pre_valid = torch.randn(B, P0, 64), torch.randint(0, V, (B, P0)), torch.rand(B, P0) > 0.3
+    pre_valid[:, -1] = True
+    caches = [EagleCache(B, 80, 2, 16) for _ in range(2)]
+    for c in caches:  # a committed prefix with holes
+        head(pre, pre_tok, emb, positions=torch.arange(P0).expand(B, P0), cache=c, valid=pre_valid)
+    kw = dict(depth=4, top_k=3, num_nodes=12)
+    want = head.draft(caches[0], emb, lm, features=feats, tokens=toks, positions=pos, valid=valid, **kw)
+    out = head.forward_at(feats, toks, emb, caches[1], torch.tensor(P0), positions=pos, valid=valid)
+    last, rows = valid.long().cumsum(1).argmax(1), torch.arange(B)
+    got = head.draft_at(caches[1], torch.tensor(P0 + T), emb, lm, root_feat=out[rows, last],
+                        root_token=toks[rows, last], root_pos=pos[rows, last], **kw)
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.parents, want.parents)
+    torch.testing.assert_close(got.scores, want.scores, atol=1e-4, rtol=1e-5)
+    a, b = want.buffers(), TreeBuffers.from_parents_fixed(want.parents, 4)
+    D, C, Pn = a.ancestors.shape[2], a.children.shape[2], a.paths.shape[1]
+    for x, y in ((a.parents, b.parents), (a.depth, b.depth), (a.mask, b.mask), (a.ancestors, b.ancestors[..., :D]),
+                 (a.children, b.children[..., :C]), (a.paths, b.paths[:, :Pn, :D])):
+        assert torch.equal(x, y)
+    assert (b.ancestors[..., D:] == -1).all() and (b.children[..., C:] == -1).all() and (b.paths[:, Pn:] == -1).all()
 
 
 # --- sampling -----------------------------------------------------------------------------------------------

@@ -32,6 +32,9 @@ What a decode runtime calls (``h_last`` ``[B, H]``: the LM-head input at the las
     cand = hydra.propose(h_last, root, tree, embed_weight, lm_head_weight)
     drafted = eagle.draft(cache, embed_weight, lm_head_weight, features=F, tokens=X, positions=P,
                           valid=M, depth=6, top_k=8, num_nodes=59)       # DraftTree, dynamic tree
+    out = eagle.forward_at(F, X, embed_weight, cache, off, positions=P, valid=M)   # the same two steps with
+    drafted = eagle.draft_at(cache, off, embed_weight, lm_head_weight, root_feat=out[rows, last], ...)
+                                                  # the write offset ``off`` on the device (CUDA graphs)
 
 For EAGLE, ``F`` are the base's LM-head inputs at the nodes accepted by the last verify (root first; the
 prompt after a prefill), ``X`` the token after each (the accepted tokens, then the new root), ``P`` their
@@ -443,6 +446,33 @@ class EagleHead(nn.Module):
         attn = F.scaled_dot_product_attention(q, self._rep(kk), self._rep(vv), attn_mask=mask.unsqueeze(1))
         return self._finish(x, attn)
 
+    def forward_at(self, features: torch.Tensor, tokens: torch.Tensor, embed_weight: torch.Tensor,
+                   cache: EagleCache, start: torch.Tensor, *, positions: torch.Tensor,
+                   attn_mask: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`forward` with a cache whose write offset ``start`` is a 0-d device tensor: the inputs' K/V go
+        to slots ``start .. start+T-1`` (an index_copy) and attention runs over every slot of the cache,
+        masked, so nothing waits for the host and every shape is fixed (a CUDA graph can hold it).
+        ``attn_mask`` ``[B, T, max_len]`` (default: the valid slots up to each input's own) must mask the
+        slots past the written ones. ``cache.length`` is neither read nor changed."""
+        _check_hidden(features, self.spec.hidden_size)
+        B, T, _ = features.shape
+        dev = features.device
+        x = self.embed_input(features, tokens, embed_weight)
+        q, k, v = self._qkv(x, positions)
+        idx = start + torch.arange(T, device=dev)
+        cache.k.index_copy_(2, idx, k.to(cache.k.dtype))
+        cache.v.index_copy_(2, idx, v.to(cache.v.dtype))
+        cache.key_mask.index_copy_(1, idx, torch.ones(B, T, dtype=torch.bool, device=dev) if valid is None
+                                   else valid.to(torch.bool))
+        slots = torch.arange(cache.max_len, device=dev)
+        own = slots == idx.unsqueeze(1)  # T, max_len: a query always sees itself
+        if attn_mask is None:
+            attn_mask = (slots <= idx.unsqueeze(1)).unsqueeze(0)
+        mask = (attn_mask & cache.key_mask[:, None, :]) | own
+        kk, vv = cache.k.to(q.dtype), cache.v.to(q.dtype)
+        attn = F.scaled_dot_product_attention(q, self._rep(kk), self._rep(vv), attn_mask=mask.unsqueeze(1))
+        return self._finish(x, attn)
+
     def unroll(self, hidden: torch.Tensor, input_ids: torch.Tensor, embed_weight: torch.Tensor,
                depth: int) -> torch.Tensor:
         """Draft ``depth`` steps ahead from every position at once, feeding the draft its own features
@@ -528,6 +558,47 @@ class EagleHead(nn.Module):
                                 root_token=tokens[rows, last])
         finally:
             cache.crop(committed)
+
+    @torch.no_grad()
+    def draft_at(self, cache: EagleCache, start: torch.Tensor, embed_weight: torch.Tensor,
+                 lm_head_weight: torch.Tensor, *, root_feat: torch.Tensor, root_token: torch.Tensor,
+                 root_pos: torch.Tensor, depth: int, top_k: int, num_nodes: int) -> DraftTree:
+        """:meth:`draft`'s tree growth with the committed length a 0-d device tensor ``start`` and every shape
+        fixed: no host sync (a CUDA graph can hold it). The accepted inputs were fed before
+        (:meth:`forward_at`); ``root_feat`` ``[B, H]`` is the layer's output at the root's input, ``root_token``
+        ``[B]`` the root's token, ``root_pos`` ``[B]`` its position. The nodes' K/V go to slots ``start ..
+        start + (depth - 1) * top_k - 1`` and stay there (nothing reads slots from ``start`` on before the
+        next feed overwrites them)."""
+        B, H = root_feat.shape
+        dev = root_feat.device
+        lm = lm_head_weight.to(root_feat.dtype)
+        pool = 1 + top_k + (depth - 1) * top_k * top_k
+        Dk = max((depth - 1) * top_k, 1)  # the draft slots
+        feat = torch.zeros(B, pool, H, dtype=root_feat.dtype, device=dev)
+        feat[:, 0] = root_feat
+        anc = torch.zeros(B, pool, Dk, dtype=torch.bool, device=dev)  # draft slots a pool node attends to
+        rel = torch.arange(cache.max_len, device=dev) - start
+        committed = cache.key_mask & (rel < 0)  # B, max_len
+        in_draft = (rel >= 0) & (rel < Dk)
+        col = torch.arange(Dk, device=dev)
+
+        def expand(f: Frontier) -> torch.Tensor:
+            k = f.nodes.shape[1]
+            first = (f.depth - 1) * k
+            a = anc.gather(1, f.parents.unsqueeze(-1).expand(B, k, Dk))
+            a = a | (col == first + torch.arange(k, device=dev).unsqueeze(1))  # each node's own slot
+            anc.scatter_(1, f.nodes.unsqueeze(-1).expand(B, k, Dk), a)
+            m = torch.where(in_draft, a.gather(2, rel.clamp(0, Dk - 1).expand(B, k, rel.shape[0])),
+                            committed.unsqueeze(1))
+            o = self.forward_at(feat.gather(1, f.parents.unsqueeze(-1).expand(B, k, H)), f.tokens, embed_weight,
+                                cache, start + first, positions=(root_pos + f.depth).unsqueeze(1).expand(B, k),
+                                attn_mask=m)
+            feat.scatter_(1, f.nodes.unsqueeze(-1).expand(B, k, H), o)
+            return torch.log_softmax(F.linear(o, lm).float(), dim=-1)
+
+        root_logp = torch.log_softmax(F.linear(root_feat, lm).float(), dim=-1)
+        return dynamic_tree(root_logp, expand, depth=depth, top_k=top_k, num_nodes=num_nodes, root_token=root_token,
+                            check=False)
 
 
 # --- build, save, load ----------------------------------------------------------------------------

@@ -164,6 +164,38 @@ class TreeBuffers:
                    rank=rank, max_rank=max_rank)
 
     @classmethod
+    def from_parents_fixed(cls, parents: torch.Tensor, max_depth: int) -> "TreeBuffers":
+        """:meth:`from_parents` with every shape fixed by ``n`` and ``max_depth`` and no host sync, so a tree
+        drafted on the device can be described inside a CUDA graph. No checks: ``parents`` ``[B, n]`` must be
+        valid and no node deeper than ``max_depth``. ``ancestors`` is ``[B, n, max_depth + 1]``, ``children``
+        ``[B, n, max(n - 1, 1)]``, ``paths`` ``[B, max(n - 1, 1), max_depth + 1]``, all -1 padded; ``rank`` None."""
+        B, n = parents.shape
+        dev, D = parents.device, max_depth
+        idx = torch.arange(n, device=dev)
+        up = [idx.expand(B, n)]  # up[i][b, j]: the i-th ancestor of node j (-1 past the root)
+        for _ in range(D):
+            prev = up[-1]
+            up.append(torch.where(prev > 0, parents.gather(1, prev.clamp(min=0)), torch.full_like(prev, -1)))
+        up = torch.stack(up, -1)  # B, n, D+1
+        depth = (up >= 0).sum(-1) - 1
+        mask = (up.unsqueeze(-1) == idx).any(-2)  # B, n, n
+        d = torch.arange(D + 1, device=dev)
+        anc = up.gather(2, (depth.unsqueeze(-1) - d).clamp(min=0))
+        anc = torch.where(d <= depth.unsqueeze(-1), anc, torch.full_like(anc, -1))
+        child_of = parents.unsqueeze(-1) == idx  # B, n(child), n(parent)
+        sib_rank = (child_of.long().cumsum(1) - 1).gather(2, parents.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        C = max(n - 1, 1)
+        children = torch.full((B, n, C), -1, dtype=torch.long, device=dev)
+        if n > 1:
+            children.view(B, -1).scatter_(1, parents[:, 1:] * C + sib_rank[:, 1:], idx[1:].expand(B, n - 1).clone())
+        is_leaf = child_of.sum(1) == 0
+        order = torch.sort((~is_leaf).to(torch.uint8), dim=1, stable=True).indices[:, :C]  # leaves first
+        paths = anc.gather(1, order.unsqueeze(-1).expand(B, C, D + 1))
+        paths = torch.where((torch.arange(C, device=dev) < is_leaf.sum(1, keepdim=True)).unsqueeze(-1), paths,
+                            torch.full_like(paths, -1))
+        return cls(parents=parents, depth=depth, mask=mask, children=children, paths=paths, ancestors=anc)
+
+    @classmethod
     def from_paths(cls, paths: Sequence[Sequence[int]]) -> "TreeBuffers":
         """A one-row tree from top-k paths (Medusa's "choices"): ``(r1, r2, ...)`` is the node reached by
         head 1's rank-``r1`` token, then head 2's rank-``r2`` token, .... Every prefix of a path must be a
@@ -292,7 +324,7 @@ class DraftTree:
 
 
 def dynamic_tree(root_logprobs: torch.Tensor, expand: Callable[[Frontier], torch.Tensor], *, depth: int,
-                 top_k: int, num_nodes: int, root_token: torch.Tensor | None = None) -> DraftTree:
+                 top_k: int, num_nodes: int, root_token: torch.Tensor | None = None, check: bool = True) -> DraftTree:
     """EAGLE-2's dynamic draft tree, for ``B`` rows at once.
 
     Args:
@@ -304,6 +336,8 @@ def dynamic_tree(root_logprobs: torch.Tensor, expand: Callable[[Frontier], torch
         top_k: children per expanded node, and frontier nodes per depth.
         num_nodes: draft nodes kept (root excluded); at most ``top_k + (depth - 1) * top_k**2``.
         root_token: ``[B]`` put at node 0 of the result (default 0).
+        check: verify that every kept node's parent was kept (a host sync; False inside a CUDA graph: the
+            construction itself waits for nothing, every shape follows from the arguments).
 
     Returns a :class:`DraftTree` of ``1 + num_nodes`` nodes per row in topological order.
 
@@ -358,7 +392,7 @@ def dynamic_tree(root_logprobs: torch.Tensor, expand: Callable[[Frontier], torch
     new_index.scatter_(1, keep, torch.arange(keep.shape[1], device=dev).expand_as(keep).clone())
     kept_par = parents.gather(1, keep)
     new_par = torch.where(kept_par < 0, kept_par, new_index.gather(1, kept_par.clamp(min=0)))
-    if bool((new_par[:, 1:] < 0).any()):  # cannot happen (see the docstring); a bug if it does
+    if check and bool((new_par[:, 1:] < 0).any()):  # cannot happen (see the docstring); a bug if it does
         raise AssertionError("dynamic_tree kept a node without its parent")
     return DraftTree(tokens=tokens.gather(1, keep), parents=new_par, scores=scores.gather(1, keep))
 

@@ -52,13 +52,15 @@ step and active row: accepted drafts + the bonus), ``mean_accepted_per_row``, ``
 step, each row's tokens; 0 once a row is done), ``tree_nodes``, ``compactions``; running totals in
 ``gen.stats`` (``spec_steps``, ``spec_tokens``).
 
-**CUDA graphs.** Greedy decoding with a static tree (Medusa / Hydra heads) on CUDA (``cuda_graphs`` on, the
-default there) replays the whole step -- draft, tree mask, verify, accept, commit, emit -- as one CUDA graph
-with the write offset and the accepted lengths kept on the device (:mod:`fxspec.runtime.speculative_graph`);
-the host looks at the device every few steps. Sampling, dynamic trees (EAGLE-2 expansion, EAGLE's draft
-layer) and CPU models run the loop above: the compiled verify forward plus eager drafting and bookkeeping,
-with one host sync per step. Plain modules (the ``(tokens, positions, cache)`` contract) are not served:
-their attention mask comes from the cache, so a tree mask cannot be given.
+**CUDA graphs.** Greedy decoding with a static tree (Medusa / Hydra heads) or with EAGLE heads (EAGLE-2's
+dynamic tree, its draft layer's cache offset on the device, the accepted path fed at a fixed width) on CUDA
+(``cuda_graphs`` on, the default there) replays the whole step -- draft, tree mask, verify, accept, commit,
+emit -- as one CUDA graph with the write offset and the accepted lengths kept on the device
+(:mod:`fxspec.runtime.speculative_graph`); the host looks at the device every few steps and compacts the
+cache(s) when they run short. Sampling, Medusa / Hydra heads with a dynamic tree and CPU models run the loop
+above: the compiled verify forward plus eager drafting and bookkeeping, with one host sync per step. Plain
+modules (the ``(tokens, positions, cache)`` contract) are not served: their attention mask comes from the
+cache, so a tree mask cannot be given.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ from ..draft.tree import TreeBuffers, dynamic_tree, static_tree
 from .cache import hf_cache_kwarg
 from .generate import DEFAULT_BUCKETS, Generator, _TimedCompiled
 from .sampling import SamplingSpec
-from .speculative_graph import GraphedStaticStep
+from .speculative_graph import GraphedStaticStep, graphed_step
 
 #: tree for fresh heads (no checkpoint): a guess of per-depth top-k accuracies, decaying with depth
 _FRESH_ACC_TOP1, _FRESH_DECAY = 0.6, 0.7
@@ -303,15 +305,17 @@ class SpeculativeGenerator(Generator):
         h_last = tap[:, -1].clone()
         pos = prompt_mask.sum(-1)  # position of the root token, per row
         off = Pb
-        eagle = None
+        eagle = feed = None
         if self.spec.type == "eagle":
             s = self.spec
-            eagle = EagleCache(B, L + self.pool + 1, s.num_key_value_heads, s.head_dim, dtype=self.dtype, device=dev)
+            if gs is None:
+                eagle = EagleCache(B, L + self.pool + 1, s.num_key_value_heads, s.head_dim, dtype=self.dtype,
+                                   device=dev)
             feed = (tap.clone(), torch.cat([tokens[:, 1:], root[:, None]], 1), positions, prompt_mask)
 
         cap = max_new_tokens
         if gs is not None:
-            gs.start(h=h_last, root=root, pos=pos, off=off, cap=cap, eos=eos, pad_id=pad_id, b=b)
+            gs.start(h=h_last, root=root, pos=pos, off=off, cap=cap, eos=eos, pad_id=pad_id, b=b, feed=feed)
             out, count, finished = gs.out, gs.count, gs.finished
         else:
             out = torch.full((B, cap + self.n_nodes + 1), pad_id, dtype=torch.long, device=dev)
@@ -413,11 +417,13 @@ class SpeculativeGenerator(Generator):
 
     def _graphed_step(self, spec: SamplingSpec) -> GraphedStaticStep | None:
         """The captured step (:mod:`fxspec.runtime.speculative_graph`) when this call can use one: CUDA graphs
-        on, compiled steps, a static tree and greedy decoding; else None (the eager loop)."""
-        if not (self.cuda_graphs and self.compile and self.static is not None and not spec.do_sample):
+        on, compiled steps, greedy decoding, and a static tree or EAGLE heads; else None (the eager loop)."""
+        if not (self.cuda_graphs and self.compile and not spec.do_sample):
+            return None
+        if self.static is None and self.spec.type != "eagle":
             return None
         if self._graph_step is None:
-            gs = GraphedStaticStep(self)
+            gs = graphed_step(self)
             gs.capture()
             self._graph_step = gs
         return self._graph_step

@@ -8,12 +8,14 @@ host:
 
     done   = finished | count >= cap
     cand   = heads.propose(h, root, tree)                          # static tree: fixed shapes
+             | eagle.draft_at(eagle_cache, off, root_feat, ...)     # EAGLE: a dynamic tree of fixed size
     mask   = slots < off ? key_mask : tree.mask[slot - off]        # [B, 1, n, L], off a device scalar
     layer.cumulative_length <- off                                 # the cache writes the tree at off..off+n-1
     logits, tap = compiled_verify(cand, pos + depth, mask)         # the same compiled step as the eager loop
     acc    = greedy_accept(logits, cand, tree)
     commit: slots off .. off+W-1 <- the accepted path's K/V       # W = depth + 1 always; key_mask = path length
     emit the accepted tokens and the bonus; h, root, pos advance
+    EAGLE: root_feat = eagle.forward_at(the path's features and tokens, W wide, at off)[k]   # the next draft
     off   += max_b(k_b) + 1                                        # on the device
 
 The host replays the graph and keeps an upper bound of ``off`` (``W`` per step); only when that bound
@@ -22,9 +24,18 @@ compaction as the eager loop). It looks at ``finished`` / ``count`` every ``_CHE
 step when a streamer or a progress bar waits for tokens); steps replayed after every row finished emit
 nothing. Each emitted token is the same as in the eager loop: the graph runs the same operations.
 
-Used for greedy decoding with a static tree (Medusa / Hydra heads) on CUDA with ``cuda_graphs`` on. Sampling
-(its random stream is a ``torch.Generator`` drawn on the host's order), dynamic trees (EAGLE-2 expansion,
-EAGLE's draft layer) and CPU models run the eager loop.
+EAGLE (:class:`GraphedEagleStep`): the draft layer's KV cache mirrors the main cache slot for slot, its write
+offset the same device ``off``. After the commit the step feeds the layer the accepted path, right-padded to
+``W`` inputs (``valid`` masks the padding; the next step's writes overwrite it), and keeps the layer's output
+at each row's last accepted input; the next step grows the EAGLE-2 tree from it with every shape fixed
+(``top_k`` frontier nodes per depth, ``tree_nodes`` kept) and no host sync: K/V written by index_copy at the
+device offset, attention over every slot, masked. The tree's buffers (ancestors, mask, depth) are rebuilt in
+place each step with widths fixed by the tree's size and depth. The prompt is fed when a call starts, outside
+the graph, and a compaction moves the draft cache with the main one.
+
+Used for greedy decoding with a static tree (Medusa / Hydra heads) or EAGLE heads on CUDA with ``cuda_graphs``
+on. Sampling (its random stream is a ``torch.Generator`` drawn on the host's order), Medusa / Hydra heads with
+a dynamic tree and CPU models run the eager loop.
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ import torch
 
 from .._log import FxspecWarning
 from ..draft.accept import greedy_accept
+from ..draft.heads import EagleCache
 from ..draft.tree import TreeBuffers
 
 #: replays between two looks at the device (are all rows done?)
@@ -44,14 +56,13 @@ _CHECK_EVERY = 4
 
 class GraphedStaticStep:
     """One captured speculative step of a :class:`SpeculativeGenerator` (static tree, greedy) and the state
-    it reads and writes (allocated once: the graph replays on these addresses)."""
+    it reads and writes (allocated once: the graph replays on these addresses). Subclasses change the draft
+    (``_make_tree``, ``_draft``), what the drafter keeps of the accepted path (``_feed``) and the compaction."""
 
     def __init__(self, gen, fuse: bool | None = None) -> None:
         self.gen = gen
         B, L, dev = gen.B, gen.L, gen.device
-        tree = gen.static.expand(B)
-        self.tree = TreeBuffers(**{k: (v.contiguous() if isinstance(v, torch.Tensor) else v)
-                                   for k, v in tree.__dict__.items()})
+        self.tree = self._make_tree()
         self.n = self.tree.num_nodes
         self.W = self.tree.max_depth + 1
         self.h = torch.zeros(B, gen.hidden_size, dtype=gen.dtype, device=dev)
@@ -80,13 +91,26 @@ class GraphedStaticStep:
         else:
             self._pre_fn, self._post_fn = self._pre, self._post
 
+    def _make_tree(self) -> TreeBuffers:
+        tree = self.gen.static.expand(self.gen.B)
+        return TreeBuffers(**{k: (v.contiguous() if isinstance(v, torch.Tensor) else v)
+                              for k, v in tree.__dict__.items()})
+
     # --- the step (eager for the warm-up, then captured) ---------------------------------------------------
+
+    def _draft(self) -> torch.Tensor:
+        """The tree's candidate tokens ``[B, n]`` (``self.tree`` holds its shape)."""
+        return self.gen._propose(self.h, self.root, self.tree)
+
+    def _feed(self, acc, k: torch.Tensor, tap: torch.Tensor) -> None:
+        """What the drafter keeps of the accepted path (before ``pos`` and ``off`` advance); nothing here."""
 
     def _pre(self):
         """Draft a tree and build the verify forward's inputs (candidates, positions, mask)."""
-        g, tree, n = self.gen, self.tree, self.n
+        g, n = self.gen, self.n
         B = g.B
-        cand = g._propose(self.h, self.root, tree)
+        cand = self._draft()
+        tree = self.tree
         tpos = self.pos[:, None] + tree.depth
         rel = self.slots - self.off  # L: slot - off
         in_tree = (rel >= 0) & (rel < n)
@@ -121,6 +145,7 @@ class GraphedStaticStep:
         self.active += (~done).long()
         self.hist.index_copy_(0, self.step_i.clamp(max=self.hist.shape[0] - 1), inc[None])
         self.step_i += 1
+        self._feed(acc, k, tap)
         self.h.copy_(tap[self.rows, acc.last_node])
         self.root.copy_(acc.bonus)
         self.pos += k + 1
@@ -180,8 +205,9 @@ class GraphedStaticStep:
 
     # --- a call -------------------------------------------------------------------------------------
 
-    def start(self, *, h, root, pos, off: int, cap: int, eos: torch.Tensor, pad_id: int, b: int) -> None:
-        """Load a call's state after the prefill (the root token not emitted yet)."""
+    def start(self, *, h, root, pos, off: int, cap: int, eos: torch.Tensor, pad_id: int, b: int, feed=None) -> None:
+        """Load a call's state after the prefill (the root token not emitted yet); ``feed``: what the drafter
+        reads of the prompt (EAGLE's features, tokens, positions, valid), else None."""
         self._zero_state(cap)
         self.h.copy_(h)
         self.root.copy_(root)
@@ -195,20 +221,22 @@ class GraphedStaticStep:
     def loop(self, off: int, b: int, stream) -> tuple[int, int]:
         """Replay until every row of the first ``b`` is done; ``stream()`` (may be None) is called after each
         look at the device. Returns (steps, compactions)."""
-        g, n, L = self.gen, self.n, self.gen.L
+        n, L = self.n, self.gen.L
         bound, steps, compactions = off, 0, 0
         every = 1 if stream is not None else _CHECK_EVERY
         while True:
-            if steps % every == 0:
+            short = bound + n > L
+            # a look before reading off: steps replayed after the last row finished add a slot to every row
+            if steps % every == 0 or short:
                 if stream is not None:
                     stream()
                 done = self.finished[:b] | (self.count[:b] >= self.cap)
                 if bool(done.all()):
                     break
-            if bound + n > L:
+            if short:
                 real = int(self.off)
                 if real + n > L:
-                    real = g._compact(real, None)
+                    real = self._compact(real)
                     compactions += 1
                     if real + n > L:
                         raise RuntimeError(f"fxspec speculative decoding: no cache room for a tree of {n} nodes "
@@ -219,3 +247,76 @@ class GraphedStaticStep:
             bound += self.W
             steps += 1
         return steps, compactions
+
+    def _compact(self, off: int) -> int:
+        return self.gen._compact(off, None)
+
+
+class GraphedEagleStep(GraphedStaticStep):
+    """:class:`GraphedStaticStep` for EAGLE heads: the draft layer grows an EAGLE-2 tree each step, from its own
+    KV cache (slot for slot the main cache's, compacted with it), its write offset the device's ``off``.
+
+    Each step feeds the draft layer the accepted path right after the commit, ``W`` inputs wide whatever the
+    row accepted (the path's features and tokens, right-padded, ``valid`` masking the padding; slots past the
+    longest path are overwritten by the next step), and keeps its output at each row's last accepted input
+    (``root_feat``), from which the next step drafts (:meth:`fxspec.draft.heads.EagleHead.draft_at`); the
+    prompt is fed by :meth:`start`, outside the graph. The tree's buffers are rebuilt in place every step
+    (:meth:`fxspec.draft.tree.TreeBuffers.from_parents_fixed`: shapes fixed by the tree's size and depth)."""
+
+    def __init__(self, gen, fuse: bool | None = None) -> None:
+        super().__init__(gen, fuse)
+        s = gen.spec
+        self.eagle = EagleCache(gen.B, gen.L + gen.pool + 1, s.num_key_value_heads, s.head_dim, dtype=gen.dtype,
+                                device=gen.device)
+        self.root_feat = torch.zeros(gen.B, gen.hidden_size, dtype=gen.dtype, device=gen.device)
+
+    def _make_tree(self) -> TreeBuffers:
+        g = self.gen
+        # a path holds at most min(depth, nodes) drafts: the commit width W stays within the verified tree
+        parents = torch.zeros(g.B, g.dyn_nodes + 1, dtype=torch.long, device=g.device)
+        parents[:, 0] = -1
+        tree = TreeBuffers.from_parents_fixed(parents, min(g.depth, g.dyn_nodes))
+        return tree._map(lambda v: v.contiguous())
+
+    def _draft(self) -> torch.Tensor:
+        g, t = self.gen, self.tree
+        drafted = g.heads.draft_at(self.eagle, self.off, g.embed_weight, g.lm_weight, root_feat=self.root_feat,
+                                   root_token=self.root, root_pos=self.pos - 1, depth=g.depth, top_k=g.draft.top_k,
+                                   num_nodes=g.dyn_nodes)
+        new = TreeBuffers.from_parents_fixed(drafted.parents, t.max_depth)
+        for dst, src in ((t.parents, new.parents), (t.depth, new.depth), (t.mask, new.mask),
+                         (t.children, new.children), (t.paths, new.paths), (t.ancestors, new.ancestors)):
+            dst.copy_(src)
+        return drafted.tokens
+
+    def _feed(self, acc, k: torch.Tensor, tap: torch.Tensor) -> None:
+        g, W = self.gen, self.W
+        B = g.B
+        path = acc.path[:, :W].clamp(min=0)
+        feats = tap.gather(1, path[:, :, None].expand(B, W, tap.shape[-1]))
+        valid = self.wrange <= k[:, None]
+        out = g.heads.forward_at(feats, acc.tokens[:, :W].clamp(min=0), g.embed_weight, self.eagle, self.off,
+                                 positions=self.pos[:, None] + self.wrange, valid=valid)
+        self.root_feat.copy_(out[self.rows, k])
+
+    def _zero_state(self, cap: int) -> None:
+        super()._zero_state(cap)
+        self.root_feat.zero_()
+
+    @torch.no_grad()
+    def start(self, *, feed=None, **kw) -> None:
+        super().start(**kw)
+        g = self.gen
+        features, tokens, positions, valid = feed
+        self.eagle.reset()
+        out = g.heads(features, tokens, g.embed_weight, positions=positions, cache=self.eagle, valid=valid)
+        self.root_feat.copy_(out[:, -1])  # the prompt is left-padded: its last input is every row's root
+
+    def _compact(self, off: int) -> int:
+        self.eagle.length = off  # slots [0, off) hold the fed inputs, as the main cache's
+        return self.gen._compact(off, self.eagle)
+
+
+def graphed_step(gen, fuse: bool | None = None) -> GraphedStaticStep:
+    """The device-side step for ``gen``'s heads (not captured yet): EAGLE's or the static tree's."""
+    return (GraphedEagleStep if gen.spec.type == "eagle" else GraphedStaticStep)(gen, fuse)
