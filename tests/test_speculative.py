@@ -9,6 +9,8 @@ On tiny random transformers models (hidden 64, 2 layers, vocab 128) in float32 o
 * the KV cache after acceptance holds plain decoding's keys and values in each row's valid slots;
 * heads trained for a few steps get drafts accepted (mean accepted tokens per step > 1), also when the base
   is int8-quantized in the same compile;
+* the step the CUDA-graph path captures (static trees; EAGLE with its draft cache and dynamic tree on the
+  device), replayed eagerly on the CPU, gives plain greedy decoding's tokens and the eager loop's stats;
 * speculative sampling keeps the base's distribution (chi-square on the first two sampled tokens);
 * errors: heads for another model, a tree larger than the cache, bad config keys; the pass leaves graphs
   without an LM head or without the anchor alone and says why.
@@ -299,6 +301,27 @@ def test_device_side_eagle_step_is_plain_greedy(models, plain_eager, trained_eag
     assert sg["mean_accepted_per_row"] == se["mean_accepted_per_row"]
     assert [r for r in sg["tokens_per_step"] if any(r)] == se["tokens_per_step"]
     assert sg["mean_accepted"] > 1.2, sg
+    seen = []
+    graphed.generate(ids[:1], 12, streamer=seen.append)
+    assert torch.equal(torch.stack(seen, 1), plain_eager["llama"].generate(ids[:1], 12)[:, 11:])
+
+
+def test_graphed_step_dispatch(models, monkeypatch):
+    """With CUDA graphs and compiled steps, greedy EAGLE calls get the EAGLE step, static trees the static one;
+    sampling and Medusa / Hydra dynamic trees keep the eager loop (capture stubbed: no CUDA here)."""
+    from fxspec.runtime.sampling import SamplingSpec
+    from fxspec.runtime.speculative_graph import GraphedEagleStep, GraphedStaticStep
+
+    monkeypatch.setattr(GraphedStaticStep, "capture", lambda self: None)
+    greedy, sample = SamplingSpec(), SamplingSpec(do_sample=True)
+    for kind, tree, cls in [("eagle", None, GraphedEagleStep), ("medusa", "static", GraphedStaticStep),
+                            ("hydra", "dynamic", None)]:
+        gen = _fresh(models["llama"], _draft(kind, tree), compile=False)
+        assert gen._graphed_step(greedy) is None  # no CUDA graphs
+        gen.cuda_graphs, gen.compile = True, True
+        gs = gen._graphed_step(greedy)
+        assert (gs is None) if cls is None else type(gs) is cls
+        assert gen._graphed_step(sample) is None
 
 
 def test_device_side_eagle_drafting_matches_the_eager_draft():
