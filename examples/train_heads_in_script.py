@@ -33,6 +33,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None, help="where to save the heads (a directory)")
+    ap.add_argument("--joint", type=float, default=None, metavar="W",
+                    help="Medusa-2 joint training: the base trains too, on loss + W * heads' loss "
+                         "(draft_heads.base_frozen = false); default: the base is frozen")
     args = ap.parse_args(argv)
 
     from transformers import AutoModelForCausalLM
@@ -48,10 +51,11 @@ def main(argv=None) -> int:
     data = (torch.load(args.data, weights_only=True).reshape(-1).long() if args.data
             else torch.randint(0, vocab, (100_000,)))
 
-    config = {"draft_heads": {"type": args.type, "num_heads": args.num_heads}}
+    config = {"draft_heads": {"type": args.type, "num_heads": args.num_heads,
+                              "base_frozen": args.joint is None}}
     compiled = fxspec.compile(model, config)  # model.fxspec_draft_heads now exists
     for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith(joint.ATTR))  # frozen base
+        p.requires_grad_(args.joint is not None or name.startswith(joint.ATTR))  # frozen base unless joint
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     model.train()
     g = torch.Generator().manual_seed(0)
@@ -61,7 +65,7 @@ def main(argv=None) -> int:
         ids = torch.stack([data[s:s + args.seq_len] for s in starts.tolist()]).to(args.device)
         out = compiled(ids, labels=ids)
         aux = fxspec.aux_loss(model)
-        loss = out.loss + aux
+        loss = out.loss + (aux if args.joint is None else args.joint * aux)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

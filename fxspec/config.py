@@ -280,6 +280,10 @@ class DraftHeadsConfig(_Section):
                                       "exceeds min(posterior_threshold, posterior_alpha * exp(-entropy))",
                                       lo=0.0, hi=1.0)
     posterior_alpha: float = _opt(0.3, doc="typical acceptance: see posterior_threshold", lo=0.0, hi=1.0)
+    base_frozen: bool = _opt(True, doc="training with the config opt-in (fxspec.aux_loss): true keeps the heads' "
+                             "loss from training the base (Medusa-1); false lets its gradient reach the base through "
+                             "the LM head's input too (Medusa-2 joint training; weigh it, e.g. loss + 0.2 * "
+                             "fxspec.aux_loss(model), to keep the base's own quality)")
 
     def validate(self) -> None:
         if self.type == "eagle" and self.tree == "static":

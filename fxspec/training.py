@@ -6,10 +6,11 @@ returns. Instead it inserts :func:`torch.ops.fxspec.stash` calls that hand the t
 LM head's input, a layer's q/k, ...) to the process, detached; after the forward, ``fxspec.aux_loss(model)``
 runs each registered :class:`AuxTerm` on those tensors, eagerly and with autograd, so the loss is
 differentiable with respect to the trained modules' parameters (which the term registers on ``model``, so
-that an optimizer built after ``fxspec.compile`` updates them) and to nothing in the base model (the base
-is frozen: the stashed tensors are detached). This is the Medusa-1 / SeerAttention recipe (heads or gates
-trained by self-distillation against a frozen base); training the base jointly (Medusa-2) needs the aux
-loss inside the graph and is not offered.
+that an optimizer built after ``fxspec.compile`` updates them) and, by default, to nothing in the base model
+(the stashed tensors are detached: the Medusa-1 / SeerAttention recipe, heads or gates trained by
+self-distillation against a frozen base). A term that reads a stash through :func:`relay` trains the base too
+(Medusa-2 joint training: ``draft_heads.base_frozen = false``): its gradient enters the compiled graph's
+backward at the stash, so ``loss + aux`` must be backpropagated as one sum.
 
     model = fxspec.compile(model, "fxspec.toml")        # a config with a training pass's section
     opt = torch.optim.AdamW(model.parameters())         # includes the trained modules
@@ -31,7 +32,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["AuxTerm", "aux_loss", "register_term", "terms", "stash_key", "stashed", "clear", "lr_at",
+__all__ = ["AuxTerm", "aux_loss", "register_term", "terms", "stash_key", "stashed", "clear", "relay", "lr_at",
            "check_trainer_args"]
 
 #: key -> the tensor the last forward stashed under it (detached)
@@ -76,6 +77,8 @@ def stashed(key: str) -> torch.Tensor | None:
 
 def clear() -> None:
     _STASH.clear()
+    _PENDING.clear()
+    _EXPECTED.clear()
 
 
 def aux_loss(model: torch.nn.Module, *, missing_ok: bool = False) -> torch.Tensor:
@@ -160,7 +163,69 @@ def _stash_fake(x, key):
 
 
 def _stash_backward(ctx, grad):
-    return grad, None
+    return torch.ops.fxspec.stash_grad(grad, ctx.key), None
 
 
-stash.register_autograd(_stash_backward)
+def _stash_setup(ctx, inputs, output):
+    ctx.key = inputs[1]
+
+
+stash.register_autograd(_stash_backward, setup_context=_stash_setup)
+
+
+# -- gradients of an aux loss into the compiled graph (joint training) ------------------------------------------
+
+#: key -> the gradient an aux term's loss sent to the stashed tensor, waiting for the graph's backward
+_PENDING: dict[str, torch.Tensor] = {}
+#: keys whose aux term asked for its gradient to reach the graph (relay() called since the last backward)
+_EXPECTED: set[str] = set()
+
+
+@torch.library.custom_op("fxspec::stash_grad", mutates_args=())
+def stash_grad(grad: torch.Tensor, key: str) -> torch.Tensor:
+    """The backward of :func:`stash`: ``grad`` plus the gradient that an aux term sent to the stashed tensor
+    (:func:`relay`), if one did. Opaque to the compiler, so that the lookup happens when the backward runs."""
+    g = _PENDING.pop(key, None)
+    if g is None:
+        if key in _EXPECTED:
+            _EXPECTED.discard(key)
+            raise RuntimeError(f"fxspec.aux_loss: the gradient of the aux loss for {key!r} had not reached its "
+                               f"tensor when the compiled graph's backward needed it (autograd ran the graph's "
+                               f"backward first); call backward() on one sum of the model's loss and the aux loss")
+        return grad.clone()
+    _EXPECTED.discard(key)
+    return grad + g.to(grad.dtype)
+
+
+@stash_grad.register_fake
+def _stash_grad_fake(grad, key):
+    return torch.empty_like(grad)
+
+
+class _Relay(torch.autograd.Function):
+    """Identity on a stashed tensor; its backward hands the gradient to :func:`stash_grad` under ``key``."""
+
+    @staticmethod
+    def forward(ctx, x, key):
+        ctx.key = key
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        prev = _PENDING.get(ctx.key)
+        _PENDING[ctx.key] = g if prev is None else prev + g
+        return None, None
+
+
+def relay(x: torch.Tensor, key: str) -> torch.Tensor:
+    """``x`` (a tensor stashed under ``key``) as a tensor whose gradient reaches the compiled graph's backward at
+    the point where it was stashed: an aux term that trains the base too (e.g. Medusa-2 joint training) reads
+    the stash through this.
+
+    How: the returned tensor is a new leaf's identity; its backward stores the gradient, and the graph's
+    :func:`stash` node adds it in its own backward. Autograd runs a backward's nodes newest first when several
+    are ready, and the aux loss is built after the forward, so the gradient is stored before the graph's
+    backward needs it; :func:`stash_grad` raises if that ever does not hold."""
+    _EXPECTED.add(key)
+    _PENDING.pop(key, None)
+    return _Relay.apply(x.detach().requires_grad_(True), key)

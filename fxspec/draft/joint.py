@@ -10,9 +10,11 @@ the submodule ``model.fxspec_draft_heads`` (so an optimizer built afterwards tra
 ``draft_heads`` pass stashes the LM head's input and the input token ids (:func:`torch.ops.fxspec.stash`);
 ``fxspec.aux_loss(model)`` then computes :func:`fxspec.draft.train.draft_loss` on them: self-distillation
 against the base's own distribution (``lm_head(hidden)``, detached), the loss the standalone trainer uses.
-The base is frozen with respect to this loss (the stashed tensors are detached; Medusa-1 recipe); the base's
-own loss still trains the base if the script lets it. :func:`save` writes the heads in the checkpoint format
-the runtime reads.
+By default the base is frozen with respect to this loss (the stashed tensors are detached; Medusa-1 recipe);
+the base's own loss still trains the base if the script lets it. ``draft_heads.base_frozen = false`` (Medusa-2
+joint training) sends the heads' gradient into the base through the LM head's input
+(:func:`fxspec.training.relay`); the target distribution stays the base's own, detached. :func:`save` writes
+the heads in the checkpoint format the runtime reads.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ def attach(model: nn.Module, cfg: DraftHeadsConfig) -> nn.Module:
 
         h = st[keys["hidden"]]
         target = F.linear(h.to(lm.weight.dtype), lm.weight).detach()
+        if not cfg.base_frozen:  # Medusa-2: the heads' loss trains the base too, through the LM head's input
+            h = training.relay(h, keys["hidden"])
         return draft_loss(heads, h, target, emb.weight.detach(), lm.weight.detach(),
                           input_ids=st.get(keys["ids"])).loss
 
