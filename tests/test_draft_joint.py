@@ -13,14 +13,21 @@ from fxspec.cli import tiny_model
 from fxspec.draft import joint
 
 
-@pytest.mark.parametrize("kind", ["medusa", "hydra"])
-def test_heads_train_with_the_scripts_optimizer(kind, tmp_path):
+def _compiled_tiny(draft: dict, **options):
+    """A tiny Llama in training mode (seeded), compiled by fxspec with ``draft`` as its [draft_heads]."""
     torch.manual_seed(0)
     m = tiny_model("llama").train()
     torch._dynamo.reset()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fn = fxspec.compile(m, {"draft_heads": {"type": kind, "num_heads": 2}, "strict": True})
+        fn = fxspec.compile(m, {"draft_heads": draft, **options})
+    return m, fn
+
+
+
+@pytest.mark.parametrize("kind", ["medusa", "hydra"])
+def test_heads_train_with_the_scripts_optimizer(kind, tmp_path):
+    m, fn = _compiled_tiny({"type": kind, "num_heads": 2}, strict=True)
     heads = m.fxspec_draft_heads
     base = [p for n, p in m.named_parameters() if not n.startswith("fxspec_draft_heads")]
     for p in base:
@@ -48,12 +55,7 @@ def test_heads_train_with_the_scripts_optimizer(kind, tmp_path):
 def test_aux_loss_equals_the_standalone_loss_on_the_same_batch():
     from fxspec.draft.train import draft_loss
 
-    torch.manual_seed(0)
-    m = tiny_model("llama").train()
-    torch._dynamo.reset()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fn = fxspec.compile(m, {"draft_heads": {"type": "medusa", "num_heads": 2}})
+    m, fn = _compiled_tiny({"type": "medusa", "num_heads": 2})
     ids = torch.randint(0, 128, (2, 16))
     fn(ids)
     aux = fxspec.aux_loss(m)
@@ -70,14 +72,8 @@ def test_base_frozen_key_decides_whether_the_heads_loss_trains_the_base(base_fro
     they equal the gradients of the model's own loss alone, and the heads' gradients are the same either way."""
     from fxspec.draft.train import draft_loss
 
-    torch.manual_seed(0)
-    m = tiny_model("llama").train()
+    m, fn = _compiled_tiny({"type": "medusa", "num_heads": 2, "base_frozen": base_frozen}, strict=True)
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(3))
-    torch._dynamo.reset()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fn = fxspec.compile(m, {"draft_heads": {"type": "medusa", "num_heads": 2, "base_frozen": base_frozen},
-                                "strict": True})
     heads = m.fxspec_draft_heads
     params = dict(m.named_parameters())
     out = fn(ids, labels=ids)
@@ -110,13 +106,8 @@ def test_base_frozen_key_decides_whether_the_heads_loss_trains_the_base(base_fro
 def test_unfrozen_base_needs_one_backward_of_the_sum():
     """With ``base_frozen = false`` the heads' gradient enters the graph's backward; backpropagating the model's
     loss before the aux loss would silently drop it, so it raises instead."""
-    torch.manual_seed(0)
-    m = tiny_model("llama").train()
+    m, fn = _compiled_tiny({"type": "medusa", "num_heads": 2, "base_frozen": False})
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(4))
-    torch._dynamo.reset()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fn = fxspec.compile(m, {"draft_heads": {"type": "medusa", "num_heads": 2, "base_frozen": False}})
     out = fn(ids, labels=ids)
     fxspec.aux_loss(m)
     with pytest.raises(RuntimeError, match="one sum of the model's loss and the aux loss"):
