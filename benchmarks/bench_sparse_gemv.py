@@ -23,8 +23,9 @@ bf16 / int8 / int4 (g128, symmetric):
 Columns: us per call; dense/sparse and cublas/sparse speed ratios; ideal = 1 / (1 - s) (the weight bytes
 not read); frac_ideal = (dense/sparse) / ideal; rel_err of the sparse output vs the op's reference on the
 same inputs.  ``--sweep``: every config of ``fxspec.lowering.sparse.launch.candidates`` per (shape, M,
-format, s) with the "same" pattern, through the launcher's ``config=`` argument; the best and the
-heuristic's time are reported.
+format, s) with the "same" pattern, through the launcher's ``config=`` argument (one row of x, bf16 /
+int8: ``cols1_candidates``, the one-row kernel's, its masked walk included); the best and the default's
+time are reported.
 
 Timing (``benchmarks/harness.py``): each method's calls are captured into one CUDA graph over enough weight
 copies (>= 400 MB in all) that no call finds its weights in L2; time per call = median replay / calls.
@@ -281,7 +282,13 @@ def sweep(args, launch, base, sets, kind, fmt, M, N, K, x, a, device) -> dict:
     """Every launch candidate of this shape: {config: us}, the best, and the heuristic's."""
     G = GROUP if fmt == "int4" else None
     timings = {}
-    for cfg in launch.candidates(kind, fmt, M, N, K, G):
+    one_row = kind == "cols" and M == 1 and fmt in ("bf16", "int8")
+    if one_row:  # the one-row kernel (what the op runs at M = 1): compacted list vs masked walk, neighbours
+        from fxspec.lowering._triton.device import num_sms
+        cands = launch.cols1_candidates(fmt, N, K, num_sms(x.device))
+    else:
+        cands = launch.candidates(kind, fmt, M, N, K, G)
+    for cfg in cands:
         try:
             us, _ = _time([lambda w=w, cfg=cfg: sparse_call(w, kind, x, a, cfg, launch) for w in sets], device,
                           args.reps)
@@ -290,7 +297,7 @@ def sweep(args, launch, base, sets, kind, fmt, M, N, K, x, a, device) -> dict:
             timings[cfg.describe()] = f"error: {type(e).__name__}: {e}"[:200]
     ok = {k: v for k, v in timings.items() if isinstance(v, float)}
     best = min(ok, key=ok.get) if ok else None
-    h = launch.heuristic(kind, fmt, M, N, K, G).describe()
+    h = (cands[0] if one_row else launch.heuristic(kind, fmt, M, N, K, G)).describe()
     log(f"      sweep {kind} {fmt} M={M}: best {best} {ok.get(best, float('nan')):.2f} us, "
         f"heuristic {h} {ok.get(h, float('nan')):.2f} us")
     return dict(timings=timings, best=best, best_us=ok.get(best), heuristic=h, heuristic_us=ok.get(h))

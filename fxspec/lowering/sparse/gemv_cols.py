@@ -44,7 +44,7 @@ import triton.language as tl
 from .._triton.helpers import splitk_store
 from .common import _int8_bytes_to_f32, _nibbles_to_f32
 
-__all__ = ["_cols_kernel", "_cols1_kernel"]
+__all__ = ["_cols_kernel", "_cols1_kernel", "_compact_rows"]
 
 
 @triton.jit
@@ -156,15 +156,38 @@ def _cols_kernel(X, W, S, Z, B, T, R, Y, WS, CNT,
 
 
 @triton.jit
-def _cols1_kernel(X, W, S, B, T, R, Y, WS, CNT, N, K, stride_wk, SPLIT_K,
+def _compact_rows(X, T, IDX, k_lo, k_hi, K, t0, THR: tl.constexpr, SUB: tl.constexpr, NSUB: tl.constexpr):
+    # The active features of x[k_lo:k_hi] (x * (|x| > t) != 0, NaN included), in increasing order, stored
+    # to IDX[0:count]; returns count.  SUB features per pass (a cumsum gives each active one its slot).
+    # The barrier orders the stores before the caller's loads (CTA-wide; the caller loads with .cg).
+    cnt = 0
+    for c in range(0, NSUB):
+        offs = k_lo + c * SUB + tl.arange(0, SUB)
+        xv = tl.load(X + offs, mask=offs < k_hi, other=0.0).to(tl.float32)
+        xv = _threshold(xv, T, offs, K, t0, THR)
+        a = (xv != 0.0).to(tl.int32)
+        pos = cnt + tl.cumsum(a, 0) - a
+        tl.store(IDX + pos, offs, mask=a != 0)
+        cnt += tl.sum(a, 0)
+    tl.debug_barrier()
+    return cnt
+
+
+@triton.jit
+def _cols1_kernel(X, W, S, B, T, R, Y, WS, CNT, IDX, N, K, stride_wk, SPLIT_K,
                   FMT: tl.constexpr, HAS_BIAS: tl.constexpr, THR: tl.constexpr, EPI: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, INTERP: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
+                  COMPACT: tl.constexpr, SUB: tl.constexpr, NSUB: tl.constexpr, INTERP: tl.constexpr):
     # One row of x (batch-1 decode), float or int8 weights.  The weight tile [BLOCK_K, BLOCK_N] is spread
     # over the threads along both axes and accumulated elementwise into an fp32 [BLOCK_K, BLOCK_N] tile;
     # the sum over K happens once, after the loop.  A thread needs only the x entries of the rows it
-    # loads (no broadcast of x, no cross-thread work per step), so many weight rows stay in flight; a
-    # row whose x entry is zero (after the threshold) is masked off (constant along N: its loads issue
-    # no memory traffic).
+    # loads (no broadcast of x, no cross-thread work per step), so many weight rows stay in flight.
+    #
+    # COMPACT: the program first lists the active features of its K range (_compact_rows, into its own
+    # IDX slot of NSUB * SUB entries) and then walks only those, BLOCK_K weight rows per step: every
+    # step's loads are rows that are needed, so the steps (and their memory latency) scale with the
+    # active count.  Else: every K block is walked and an inactive row's loads are masked off (constant
+    # along N: no memory traffic, but the step still waits for the active rows of its block).
     pid_k = tl.program_id(1)
     pid_n = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -178,21 +201,40 @@ def _cols1_kernel(X, W, S, B, T, R, Y, WS, CNT, N, K, stride_wk, SPLIT_K,
     t0 = 0.0
     if THR == 1:
         t0 = tl.load(T).to(tl.float32)
-    for kb in range(kb_lo, kb_hi):
-        offs_k = kb * BLOCK_K + ak
-        xv = tl.load(X + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)       # [BK]
-        xv = _threshold(xv, T, offs_k, K, t0, THR)
-        act = xv != 0.0
-        w_ptrs = W + (offs_k.to(tl.int64) * stride_wk)[:, None] + offs_n[None, :]
-        if EVEN_N:
-            w = tl.load(w_ptrs, mask=act[:, None], other=0, eviction_policy="evict_first")
-        else:
-            w = tl.load(w_ptrs, mask=act[:, None] & n_mask[None, :], other=0, eviction_policy="evict_first")
-        if FMT == 1:
-            wf = _int8_bytes_to_f32(w)
-        else:
-            wf = w.to(tl.float32)
-        acc += xv[:, None] * wf
+    if COMPACT:
+        idx = IDX + (pid_k * tl.num_programs(2) + pid_n).to(tl.int64) * (SUB * NSUB)
+        cnt = _compact_rows(X, T, idx, kb_lo * BLOCK_K, tl.minimum(kb_hi * BLOCK_K, K), K, t0, THR, SUB, NSUB)
+        for j in range(0, cnt, BLOCK_K):
+            r = j + ak
+            ok = r < cnt
+            offs_k = tl.load(idx + r, mask=ok, other=0, cache_modifier=".cg")
+            xv = tl.load(X + offs_k, mask=ok, other=0.0).to(tl.float32)        # active: x * (|x| > t) == x
+            w_ptrs = W + (offs_k.to(tl.int64) * stride_wk)[:, None] + offs_n[None, :]
+            if EVEN_N:
+                w = tl.load(w_ptrs, mask=ok[:, None], other=0, eviction_policy="evict_first")
+            else:
+                w = tl.load(w_ptrs, mask=ok[:, None] & n_mask[None, :], other=0, eviction_policy="evict_first")
+            if FMT == 1:
+                wf = _int8_bytes_to_f32(w)
+            else:
+                wf = w.to(tl.float32)
+            acc += xv[:, None] * wf
+    else:
+        for kb in range(kb_lo, kb_hi):
+            offs_k = kb * BLOCK_K + ak
+            xv = tl.load(X + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)       # [BK]
+            xv = _threshold(xv, T, offs_k, K, t0, THR)
+            act = xv != 0.0
+            w_ptrs = W + (offs_k.to(tl.int64) * stride_wk)[:, None] + offs_n[None, :]
+            if EVEN_N:
+                w = tl.load(w_ptrs, mask=act[:, None], other=0, eviction_policy="evict_first")
+            else:
+                w = tl.load(w_ptrs, mask=act[:, None] & n_mask[None, :], other=0, eviction_policy="evict_first")
+            if FMT == 1:
+                wf = _int8_bytes_to_f32(w)
+            else:
+                wf = w.to(tl.float32)
+            acc += xv[:, None] * wf
     y = tl.sum(acc, axis=0)                                                       # [BN]
     if FMT == 1:
         y = y * tl.load(S + offs_n, mask=n_mask, other=0.0)

@@ -33,7 +33,7 @@ import torch
 import triton
 
 from .._triton.device import cuda_index, device_name, interpret, num_sms
-from .._triton.helpers import EPI_SILU_MUL
+from .._triton.helpers import EPI_SILU_MUL, MAX_SPLIT
 from .._triton.helpers import split_k as _split_k
 from .._triton.workspace import COUNTER_LEN, split_counters
 from .gemv_cols import _cols1_kernel, _cols_kernel
@@ -43,6 +43,9 @@ from .reference import check_cols_args, check_rows_args, cols_out_width
 
 __all__ = [
     "SparseConfig",
+    "Cols1Config",
+    "cols1_config",
+    "cols1_candidates",
     "MAX_M",
     "heuristic",
     "candidates",
@@ -242,9 +245,12 @@ def _cols(fmt: str, x: torch.Tensor, w: torch.Tensor, scale, zero, G, bias, conf
         return ref()
     epi = EPILOGUES.index(epilogue)
     r2 = _rows2(residual, M, N) if residual is not None else None
-    if M == 1 and fmt in ("bf16", "int8") and config is None:
-        out = _cols1(fmt, x.reshape(K), w, scale, bias, N, K, thr, epi, r2)
+    if M == 1 and fmt in ("bf16", "int8") and (config is None or isinstance(config, Cols1Config)):
+        out = _cols1(fmt, x.reshape(K), w, scale, bias, N, K, thr, epi, r2, config)
         return out.reshape(*lead, n_out)
+    if isinstance(config, Cols1Config):
+        raise ValueError(f"{op}: a one-row config (Cols1Config) needs one row of x and bf16/fp16 or int8 "
+                         f"weights, got {M} rows, {fmt}")
     cfg = _as_config(config) if config is not None else _choose(x, "cols", fmt, M, N, K, G)
     _check_config("cols", fmt, cfg, G)
     if epi == EPI_SILU_MUL and cfg.block_n < 2:
@@ -267,35 +273,78 @@ def _cols(fmt: str, x: torch.Tensor, w: torch.Tensor, scale, zero, G, bias, conf
     return out.reshape(*lead, n_out)
 
 
-def cols1_config(fmt: str, N: int, K: int, sms: int) -> tuple[int, int, int, int]:
-    """``(BLOCK_N, BLOCK_K, num_warps, split_k)`` of the one-row input-sparse kernel: 16-byte loads along
-    N, a [BLOCK_K, BLOCK_N] tile of 64 fp32 accumulators per thread (4 warps), and split-K to about four
-    programs per SM (the column blocks alone give 4-56 on Llama-8B shapes)."""
+class Cols1Config(NamedTuple):
+    """The one-row input-sparse kernel's launch: ``split_k`` programs share a column block's K; ``compact``:
+    the program walks a list of its active features (else every K block, inactive rows masked off)."""
+    block_n: int
+    block_k: int
+    num_warps: int
+    split_k: int
+    compact: bool = True
+
+    def describe(self) -> str:
+        return (f"one-row BN{self.block_n} BK{self.block_k} w{self.num_warps} split{self.split_k}"
+                f"{' compact' if self.compact else ' masked'}")
+
+
+def cols1_config(fmt: str, N: int, K: int, sms: int, compact: bool = True) -> Cols1Config:
+    """The one-row input-sparse kernel's default launch: 16-byte loads along N, a ``[BLOCK_K, BLOCK_N]``
+    tile of 64 fp32 accumulators per thread (4 warps), and split-K to about four programs per SM (the
+    column blocks alone give 4-56 on Llama-8B shapes), at most :data:`MAX_SPLIT` splits so the last
+    program's reduction stays short."""
     if fmt == "int8":
         bn, bk = (512 if N >= 4096 else 256), 16
     else:
-        bn, bk = (256 if N >= 2048 else 128), 32
+        bn, bk = (256 if N >= 4096 else 128), 32
     bn = max(16, min(bn, _p2(N)))
     nblk = triton.cdiv(K, bk)
-    split = max(1, min(nblk, triton.cdiv(4 * sms, triton.cdiv(N, bn))))
+    split = max(1, min(nblk, MAX_SPLIT, triton.cdiv(4 * sms, triton.cdiv(N, bn))))
     split = triton.cdiv(nblk, triton.cdiv(nblk, split))  # no empty split
-    return bn, bk, 4, split
+    return Cols1Config(bn, bk, 4, split, compact)
+
+
+def cols1_candidates(fmt: str, N: int, K: int, sms: int) -> list:
+    """The one-row configs a sweep times: the default, the masked walk, and neighbours (tile width and
+    depth, warps, split-K halved / doubled)."""
+    h = cols1_config(fmt, N, K, sms)
+    nblk = triton.cdiv(K, h.block_k)
+    c = [h, h._replace(compact=False), h._replace(block_k=h.block_k * 2), h._replace(block_k=h.block_k // 2),
+         h._replace(block_n=h.block_n * 2), h._replace(block_n=max(16, h.block_n // 2)),
+         h._replace(num_warps=8), h._replace(num_warps=2),
+         h._replace(split_k=max(1, h.split_k // 2)), h._replace(split_k=min(nblk, MAX_SPLIT, h.split_k * 2))]
+    out = []
+    for cfg in c:
+        if cfg.block_k >= 1 and cfg not in out:
+            out.append(cfg)
+    return out
+
+
+_SUB = 1024  # features per pass of the one-row kernel's compaction prologue
 
 
 def _cols1(fmt: str, x1: torch.Tensor, w: torch.Tensor, scale, bias, N: int, K: int, thr, epi: int,
-           residual) -> torch.Tensor:
-    bn, bk, warps, split = cols1_config(fmt, N, K, num_sms(x1.device))
+           residual, cfg: Optional[Cols1Config] = None) -> torch.Tensor:
+    cfg = cfg or cols1_config(fmt, N, K, num_sms(x1.device))
+    bn, bk, warps = cfg.block_n, cfg.block_k, cfg.num_warps
+    nblk = triton.cdiv(K, bk)
+    split = triton.cdiv(nblk, triton.cdiv(nblk, max(1, min(cfg.split_k, nblk))))
     x1 = x1 if x1.stride(0) == 1 else x1.contiguous()
     out = torch.empty((1, N // 2 if epi == EPI_SILU_MUL else N), dtype=x1.dtype, device=x1.device)
     n_blocks = triton.cdiv(N, bn)
     ws, cnt = _workspace(x1.device, split, n_blocks, 1, bn, out)
+    chunk = triton.cdiv(nblk, split) * bk  # features per split
+    sub = min(_SUB, _p2(chunk))
+    nsub = triton.cdiv(chunk, sub)
+    idx = (torch.empty(split * n_blocks * sub * nsub, dtype=torch.int32, device=x1.device) if cfg.compact
+           else ws)
     wk = w.view(torch.uint8) if fmt == "int8" else w
     t, thr_kind = _thr_arg(thr, x1)
     _cols1_kernel[(1, split, n_blocks)](
         x1, wk, scale if scale is not None else x1, bias if bias is not None else x1, t,
-        residual if residual is not None else x1, out, ws, cnt,
+        residual if residual is not None else x1, out, ws, cnt, idx,
         N, K, w.stride(0), split, FMT=_FMT[fmt], HAS_BIAS=bias is not None, THR=thr_kind, EPI=epi,
-        BLOCK_N=bn, BLOCK_K=bk, EVEN_N=N % bn == 0, INTERP=interpret(), num_warps=warps)
+        BLOCK_N=bn, BLOCK_K=bk, EVEN_N=N % bn == 0, COMPACT=bool(cfg.compact), SUB=sub, NSUB=nsub,
+        INTERP=interpret(), num_warps=warps)
     return out
 
 
