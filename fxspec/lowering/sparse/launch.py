@@ -8,7 +8,9 @@ Two kernels, both CUDA-core GEMVs for decode (``M = x.numel() // K`` in 1..MAX_M
 * ``rows`` (:mod:`.gemv_rows`, output-sparse): weight ``[N, K]``; a program owns ``block_m`` rows of x and
   ``block_n`` weight rows and reads only those with ``a[m, n] != 0`` for some of its rows.
 
-``cols`` has a one-row form (``_cols1_kernel``: M = 1, float or int8 weights, the heuristic config).  Both
+``cols`` has a one-row form (``_cols1_kernel``: M = 1, float or int8 weights; :class:`Cols1Config`, by
+default :func:`cols1_config`), which first lists the program's active features and then reads only their
+weight rows (``compact``; the masked walk over every K block stays selectable for comparison).  Both
 take the activation's threshold in the launch (``thr``), and ``cols`` the silu_mul / residual epilogue
 (the fused edges of :mod:`.reference`), so a thresholded decode linear needs no masking kernel before it
 and no pointwise kernel after it.
