@@ -74,14 +74,17 @@ def edge_epilogue(y, Y, R, r_offs, mask, EPI: tl.constexpr, INTERP: tl.constexpr
 
 @triton.jit
 def splitk_store(y, Y, y_offs, mask, WS, CNT, local, tile, num_tiles, SPLIT_K, TILE: tl.constexpr,
-                 R, r_offs, EPI: tl.constexpr, INTERP: tl.constexpr):
+                 R, r_offs, EPI: tl.constexpr, INTERP: tl.constexpr, RED: tl.constexpr = 1):
     # y: fp32 output tile (any 2-D shape), y_offs / mask: where its epilogue's values go in Y (and
     # the residual's offsets r_offs in R); local: y's index in a TILE-element workspace slot.
     # SPLIT_K == 1 (specialised by Triton): store.  Else: store the partial, and the last program
     # of this tile to arrive sums the SPLIT_K partials in order (deterministic), applies the
     # epilogue, stores, and resets the counter (fxspec.lowering._triton.workspace).  All threads'
     # partial stores happen-before the counter's release (CTA barrier + acq_rel gpu-scope atomic,
-    # once per program), as in CUTLASS's semaphore.
+    # once per program), as in CUTLASS's semaphore.  RED (a power of two): partials loaded per step of
+    # the last program's sum; 1 adds them one after another in split order, RED > 1 loads RED of them at
+    # once and adds each group with tl.sum (a fixed tree: still the same result on every call), so the
+    # reduction waits on cdiv(SPLIT_K, RED) L2 round trips instead of SPLIT_K.
     if SPLIT_K == 1:
         tl.store(Y + y_offs, edge_epilogue(y, Y, R, r_offs, mask, EPI, INTERP), mask=mask)
     else:
@@ -91,8 +94,16 @@ def splitk_store(y, Y, y_offs, mask, WS, CNT, local, tile, num_tiles, SPLIT_K, T
         prev = tl.atomic_add(CNT + tile, 1, sem="acq_rel")
         if prev == SPLIT_K - 1:
             total = tl.zeros_like(y)
-            for s in range(0, SPLIT_K):
-                total += tl.load(WS + (s * num_tiles + tile).to(tl.int64) * TILE + local, cache_modifier=".cg")
+            if RED == 1:
+                for s in range(0, SPLIT_K):
+                    total += tl.load(WS + (s * num_tiles + tile).to(tl.int64) * TILE + local, cache_modifier=".cg")
+            else:
+                ar = tl.arange(0, RED)
+                for s0 in range(0, SPLIT_K, RED):
+                    sp = s0 + ar
+                    offs = ((sp * num_tiles + tile).to(tl.int64) * TILE)[:, None, None] + local[None, :, :]
+                    part = tl.load(WS + offs, mask=(sp < SPLIT_K)[:, None, None], other=0.0, cache_modifier=".cg")
+                    total += tl.sum(part, axis=0)
             tl.store(Y + y_offs, edge_epilogue(total, Y, R, r_offs, mask, EPI, INTERP), mask=mask)
             tl.atomic_xchg(CNT + tile, 0)  # ready for the next launch (stream order)
 

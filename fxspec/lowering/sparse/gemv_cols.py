@@ -204,10 +204,14 @@ def _cols1_kernel(X, W, S, B, T, R, Y, WS, CNT, IDX, N, K, stride_wk, SPLIT_K,
     if COMPACT:
         idx = IDX + (pid_k * tl.num_programs(2) + pid_n).to(tl.int64) * (SUB * NSUB)
         cnt = _compact_rows(X, T, idx, kb_lo * BLOCK_K, tl.minimum(kb_hi * BLOCK_K, K), K, t0, THR, SUB, NSUB)
+        # the list entries of step j + 1 are loaded during step j: a step's weight loads then wait on one
+        # memory round trip, not on a list load first
+        k_next = tl.load(idx + ak, mask=ak < cnt, other=0, cache_modifier=".cg")
         for j in range(0, cnt, BLOCK_K):
             r = j + ak
             ok = r < cnt
-            offs_k = tl.load(idx + r, mask=ok, other=0, cache_modifier=".cg")
+            offs_k = k_next
+            k_next = tl.load(idx + r + BLOCK_K, mask=r + BLOCK_K < cnt, other=0, cache_modifier=".cg")
             xv = tl.load(X + offs_k, mask=ok, other=0.0).to(tl.float32)        # active: x * (|x| > t) == x
             w_ptrs = W + (offs_k.to(tl.int64) * stride_wk)[:, None] + offs_n[None, :]
             if EVEN_N:
