@@ -177,7 +177,8 @@ def _compact_rows(X, T, IDX, k_lo, k_hi, K, t0, THR: tl.constexpr, SUB: tl.const
 def _cols1_kernel(X, W, S, B, T, R, Y, WS, CNT, IDX, N, K, stride_wk, SPLIT_K,
                   FMT: tl.constexpr, HAS_BIAS: tl.constexpr, THR: tl.constexpr, EPI: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
-                  COMPACT: tl.constexpr, SUB: tl.constexpr, NSUB: tl.constexpr, INTERP: tl.constexpr):
+                  COMPACT: tl.constexpr, SUB: tl.constexpr, NSUB: tl.constexpr, RED: tl.constexpr,
+                  INTERP: tl.constexpr):
     # One row of x (batch-1 decode), float or int8 weights.  The weight tile [BLOCK_K, BLOCK_N] is spread
     # over the threads along both axes and accumulated elementwise into an fp32 [BLOCK_K, BLOCK_N] tile;
     # the sum over K happens once, after the loop.  A thread needs only the x entries of the rows it
@@ -250,4 +251,4 @@ def _cols1_kernel(X, W, S, B, T, R, Y, WS, CNT, IDX, N, K, stride_wk, SPLIT_K,
     y_offs, mask, r_offs = _epilogue_offsets(zero, zero == 0, offs_n, n_mask, N, 0, 0, pid_n, BLOCK_N, EPI)
     local = tl.arange(0, BLOCK_N)[None, :]
     splitk_store(y2, Y, y_offs, mask, WS, CNT, local, pid_n, tl.num_programs(2), SPLIT_K, BLOCK_N, R, r_offs,
-                 EPI, INTERP)
+                 EPI, INTERP, RED)

@@ -346,7 +346,7 @@ def _cols1(fmt: str, x1: torch.Tensor, w: torch.Tensor, scale, bias, N: int, K: 
         residual if residual is not None else x1, out, ws, cnt, idx,
         N, K, w.stride(0), split, FMT=_FMT[fmt], HAS_BIAS=bias is not None, THR=thr_kind, EPI=epi,
         BLOCK_N=bn, BLOCK_K=bk, EVEN_N=N % bn == 0, COMPACT=bool(cfg.compact), SUB=sub, NSUB=nsub,
-        INTERP=interpret(), num_warps=warps)
+        RED=min(8, _p2(split)), INTERP=interpret(), num_warps=warps)
     return out
 
 
