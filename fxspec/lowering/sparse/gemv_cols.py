@@ -2,17 +2,28 @@
 weight rows of the input features that are zero in every row of x.
 
 The weight is stored transposed, ``W^T [K, N]`` (:mod:`.pack`), so input feature ``k`` owns one contiguous
-row.  A program owns ``BLOCK_M`` rows of x and ``BLOCK_N`` output columns, and walks its share of K in
-blocks of ``BLOCK_K`` weight rows:
+row.  A program of ``_cols_kernel`` owns ``BLOCK_M`` rows of x and ``BLOCK_N`` output columns, and reads the
+weight rows of its share of K that are active, ``act[k] = any_m x[m, k] != 0`` (the union over the program's
+rows of x: speculative verification runs several rows per step), in one of two walks (``COMPACT``):
 
-* the x tile ``[BLOCK_M, BLOCK_K]`` is loaded first (fp32) and ``act[k] = any_m x[m, k] != 0`` computed:
-  the union over the program's rows of x (speculative verification runs several rows per step);
-* the weight tile ``[BLOCK_K, BLOCK_N]`` is loaded with the mask ``act[:, None]`` -- constant along the
-  contiguous N axis, so the loads of an active row stay 16-byte vectors and an inactive row's loads are
-  predicated off (no memory traffic).  Rows past K read x = 0 and so are never active;
-* ``acc[m, n] += sum_k x[m, k] * w[k, n]`` in fp32.  With ``BLOCK_N = 8 * 32 * num_warps`` (16-bit
-  weights) each thread holds whole 8-column vectors of every row of the tile, so the sum over k stays in
-  the thread (no shuffles).
+* compacted (float and int8 weights): a prologue lists the active features of the program's K range (x read
+  ``[BLOCK_M, SUB]`` at a time; a cumsum gives each active feature its slot in the program's own slice of the
+  int32 scratch ``IDX``; a CTA barrier orders those stores before the ``.cg`` loads that read the list back),
+  then each step takes the next ``BLOCK_K`` listed features: their x entries ``[BLOCK_M, BLOCK_K]`` (thresholded
+  again: a row may be below the threshold at a feature another row keeps) and their weight rows.  Every
+  step's loads are rows that are needed, so the steps (each waiting on its loads' latency) scale with the
+  active count instead of K;
+* masked (every format; the only walk of int4, whose K blocks must not straddle quantization groups): every K
+  block of ``BLOCK_K`` rows is walked; the x tile ``[BLOCK_M, BLOCK_K]`` is loaded first (fp32), ``act``
+  computed, and the weight tile ``[BLOCK_K, BLOCK_N]`` loaded with the mask ``act[:, None]`` -- constant along
+  the contiguous N axis, so the loads of an active row stay 16-byte vectors and an inactive row's loads are
+  predicated off (no memory traffic, but the step still waits for the block's active rows).  Rows past K
+  read x = 0 and so are never active.
+
+Either way ``acc[m, n] += sum_k x[m, k] * w[k, n]`` in fp32 (the two walks group the features into steps
+differently, so their fp32 sums may differ in the last bits).  With ``BLOCK_N = 8 * 32 * num_warps``
+(16-bit weights) each thread holds whole 8-column vectors of every row of the tile, so the sum over k
+stays in the thread (no shuffles).
 
 Formats (``FMT``): 0 float (the weight in x's dtype), 1 int8 (bytes converted exactly in fp32; the
 per-column scale applied once at the end), 2 int4 (bytes ``[BLOCK_K, BLOCK_N / 2]``, two adjacent columns
@@ -33,7 +44,8 @@ by side and meet in L2 -- and partials meet in the deterministic workspace reduc
 codes of :mod:`fxspec.lowering.edges`): cat (round once), silu_mul (the weight's columns hold gate n and up
 n side by side, ``[.., 2n]`` / ``[.., 2n + 1]``; the output is ``silu(gate) * up``, ``N / 2`` wide, rounded
 where eager rounds) or residual (``round(round(y) + r)``).  The bias is added by split 0 only, before the
-epilogue.
+epilogue.  Compacted, each program lists the features of its own split's K range (the column blocks of one
+m block and split list the same features, each into its own ``IDX`` slice).
 """
 
 from __future__ import annotations
@@ -44,7 +56,7 @@ import triton.language as tl
 from .._triton.helpers import splitk_store
 from .common import _int8_bytes_to_f32, _nibbles_to_f32
 
-__all__ = ["_cols_kernel", "_cols1_kernel", "_compact_rows"]
+__all__ = ["_cols_kernel", "_cols1_kernel", "_compact_rows", "_compact_union"]
 
 
 @triton.jit
@@ -76,15 +88,51 @@ def _epilogue_offsets(offs_m, m_mask, offs_n, n_mask, N, stride_ym, stride_rm, p
     return y_offs, mask, r_offs
 
 
+@triton.jit
+def _wtile_f32(w_rows, offs_n, n_mask, rmask, FMT: tl.constexpr, EVEN_N: tl.constexpr):
+    # [BK, BN] fp32 weight tile of float (FMT 0) or int8 (FMT 1) weights: the rows w_rows (pointers [BK, 1])
+    # with rmask[k] at the columns offs_n; rows without rmask are not read (0).
+    if EVEN_N:
+        w = tl.load(w_rows + offs_n[None, :], mask=rmask[:, None], other=0, eviction_policy="evict_first")
+    else:
+        w = tl.load(w_rows + offs_n[None, :], mask=rmask[:, None] & n_mask[None, :], other=0,
+                    eviction_policy="evict_first")
+    if FMT == 1:
+        wf = _int8_bytes_to_f32(w)
+    else:
+        wf = w.to(tl.float32)
+    return wf
+
+
+@triton.jit
+def _compact_union(x_rows, m_mask, T, IDX, k_lo, k_hi, K, t0, THR: tl.constexpr, BLOCK_M: tl.constexpr,
+                   SUB: tl.constexpr, NSUB: tl.constexpr):
+    # _compact_rows over BLOCK_M rows of x (x_rows: row pointers [BM, 1], m_mask: the valid rows): the
+    # features of [k_lo, k_hi) active in some row, in increasing order, stored to IDX[0:count]; returns count.
+    cnt = 0
+    for c in range(0, NSUB):
+        offs = k_lo + c * SUB + tl.arange(0, SUB)
+        xv = tl.load(x_rows + offs[None, :], mask=m_mask[:, None] & (offs < k_hi)[None, :],
+                     other=0.0).to(tl.float32)                                   # [BM, SUB]
+        xv = _threshold(xv, T, offs[None, :], K, t0, THR)
+        a = tl.max((xv != 0.0).to(tl.int32), axis=0)                             # [SUB]: union over rows
+        pos = cnt + tl.cumsum(a, 0) - a
+        tl.store(IDX + pos, offs, mask=a != 0)
+        cnt += tl.sum(a, 0)
+    tl.debug_barrier()
+    return cnt
+
+
 # acc[m, n] = sum_k xt[m, k] * W^T[k, n], xt = x * (|x| > t) (THR) or x; only rows k with some xt[m, k] != 0
 # are read; y = epilogue(acc * scale (int8) + bias)
 @triton.jit(do_not_specialize=["M"])
-def _cols_kernel(X, W, S, Z, B, T, R, Y, WS, CNT,
+def _cols_kernel(X, W, S, Z, B, T, R, Y, WS, CNT, IDX,
                  M, N, K, stride_xm, stride_wk, stride_rm, stride_ym, GROUP, SPLIT_K,
                  FMT: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                  THR: tl.constexpr, EPI: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_N: tl.constexpr, INTERP: tl.constexpr):
+                 EVEN_N: tl.constexpr, COMPACT: tl.constexpr, SUB: tl.constexpr, NSUB: tl.constexpr,
+                 INTERP: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -102,46 +150,53 @@ def _cols_kernel(X, W, S, Z, B, T, R, Y, WS, CNT,
     t0 = 0.0
     if THR == 1:
         t0 = tl.load(T).to(tl.float32)
-    if FMT == 2:
-        BNB: tl.constexpr = BLOCK_N // 2
-        offs_c = pid_n * BNB + tl.arange(0, BNB)                               # byte columns
-        c_mask = offs_c < N // 2
-    for kb in range(kb_lo, kb_hi):
-        offs_k = kb * BLOCK_K + ak
-        xv = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :],
-                     other=0.0).to(tl.float32)                                 # [BM, BK]
-        xv = _threshold(xv, T, offs_k[None, :], K, t0, THR)
-        act = tl.max((xv != 0.0).to(tl.int32), axis=0) > 0                     # [BK]: union over rows
-        w_rows = W + (offs_k.to(tl.int64) * stride_wk)[:, None]                # [BK, 1]
-        if FMT == 2:
-            if EVEN_N:
-                b = tl.load(w_rows + offs_c[None, :], mask=act[:, None], other=0, eviction_policy="evict_first")
-            else:
-                b = tl.load(w_rows + offs_c[None, :], mask=act[:, None] & c_mask[None, :], other=0,
-                            eviction_policy="evict_first")
-            lo, hi = _nibbles_to_f32(b)                                        # [BK, BN/2] each
-            u = tl.reshape(tl.join(lo, hi), [BLOCK_K, BLOCK_N])                # columns 2j, 2j + 1
-            part = tl.sum(xv[:, :, None] * u[None, :, :], axis=1)              # [BM, BN]
-            xs = tl.sum(xv, axis=1)[:, None]                                   # [BM, 1]
-            g = (kb * BLOCK_K) // GROUP
-            s = tl.load(S + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            if HAS_ZERO:
-                z = tl.load(Z + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-                part -= xs * z[None, :]
-            else:
-                part -= xs * 8.0
-            acc += part * s[None, :]
-        else:
-            if EVEN_N:
-                w = tl.load(w_rows + offs_n[None, :], mask=act[:, None], other=0, eviction_policy="evict_first")
-            else:
-                w = tl.load(w_rows + offs_n[None, :], mask=act[:, None] & n_mask[None, :], other=0,
-                            eviction_policy="evict_first")
-            if FMT == 1:
-                wf = _int8_bytes_to_f32(w)
-            else:
-                wf = w.to(tl.float32)
+    if COMPACT:
+        tl.static_assert(FMT != 2, "int4 walks masked only (a K block must stay within one group)")
+        num_m = tl.num_programs(0)
+        idx = IDX + ((pid_n * tl.num_programs(1) + pid_k) * num_m + pid_m).to(tl.int64) * (SUB * NSUB)
+        cnt = _compact_union(x_rows, m_mask, T, idx, kb_lo * BLOCK_K, tl.minimum(kb_hi * BLOCK_K, K), K, t0, THR,
+                             BLOCK_M, SUB, NSUB)
+        for j in range(0, cnt, BLOCK_K):
+            r = j + ak
+            ok = r < cnt
+            offs_k = tl.load(idx + r, mask=ok, other=0, cache_modifier=".cg")    # [BK] listed features
+            xv = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & ok[None, :], other=0.0).to(tl.float32)
+            xv = _threshold(xv, T, offs_k[None, :], K, t0, THR)                  # a row may be below t
+            wf = _wtile_f32(W + (offs_k.to(tl.int64) * stride_wk)[:, None], offs_n, n_mask, ok, FMT, EVEN_N)
             acc += tl.sum(xv[:, :, None] * wf[None, :, :], axis=1)             # [BM, BN]
+    else:
+        if FMT == 2:
+            BNB: tl.constexpr = BLOCK_N // 2
+            offs_c = pid_n * BNB + tl.arange(0, BNB)                           # byte columns
+            c_mask = offs_c < N // 2
+        for kb in range(kb_lo, kb_hi):
+            offs_k = kb * BLOCK_K + ak
+            xv = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :],
+                         other=0.0).to(tl.float32)                             # [BM, BK]
+            xv = _threshold(xv, T, offs_k[None, :], K, t0, THR)
+            act = tl.max((xv != 0.0).to(tl.int32), axis=0) > 0                 # [BK]: union over rows
+            w_rows = W + (offs_k.to(tl.int64) * stride_wk)[:, None]            # [BK, 1]
+            if FMT == 2:
+                if EVEN_N:
+                    b = tl.load(w_rows + offs_c[None, :], mask=act[:, None], other=0, eviction_policy="evict_first")
+                else:
+                    b = tl.load(w_rows + offs_c[None, :], mask=act[:, None] & c_mask[None, :], other=0,
+                                eviction_policy="evict_first")
+                lo, hi = _nibbles_to_f32(b)                                    # [BK, BN/2] each
+                u = tl.reshape(tl.join(lo, hi), [BLOCK_K, BLOCK_N])            # columns 2j, 2j + 1
+                part = tl.sum(xv[:, :, None] * u[None, :, :], axis=1)          # [BM, BN]
+                xs = tl.sum(xv, axis=1)[:, None]                               # [BM, 1]
+                g = (kb * BLOCK_K) // GROUP
+                s = tl.load(S + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                if HAS_ZERO:
+                    z = tl.load(Z + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                    part -= xs * z[None, :]
+                else:
+                    part -= xs * 8.0
+                acc += part * s[None, :]
+            else:
+                wf = _wtile_f32(w_rows, offs_n, n_mask, act, FMT, EVEN_N)
+                acc += tl.sum(xv[:, :, None] * wf[None, :, :], axis=1)         # [BM, BN]
     if FMT == 1:
         acc = acc * tl.load(S + offs_n, mask=n_mask, other=0.0)[None, :]
     if HAS_BIAS:

@@ -6,7 +6,14 @@ Two kernels, both CUDA-core GEMVs for decode (``M = x.numel() // K`` in 1..MAX_M
 * ``cols`` (:mod:`.gemv_cols`, input-sparse): weight ``[K, N]``; a program owns ``block_m`` rows of x and
   ``block_n`` output columns and reads only the weight rows ``k`` where some of its rows of x is non-zero;
 * ``rows`` (:mod:`.gemv_rows`, output-sparse): weight ``[N, K]``; a program owns ``block_m`` rows of x and
-  ``block_n`` weight rows and reads only those with ``a[m, n] != 0`` for some of its rows.
+  :func:`rows_cand` output rows and reads only those with ``a[m, n] != 0`` for some of its rows.
+
+Both walk a list of their active weight rows by default (``SparseConfig.compact``: the program lists them
+first, so its steps scale with the active count; cols int4 excepted, masked only); the masked walk (every
+block, inactive rows' loads predicated off) stays selectable, and :func:`candidates` lists both.  The
+lists go to an int32 scratch allocated with ``torch.empty`` per call, one slice per program: cols
+``m_blocks * split * n_blocks * sub * nsub`` entries (``sub * nsub`` >= the features of one split),
+rows ``m_blocks * split * tiles * cand``.
 
 ``cols`` has a one-row form (``_cols1_kernel``: M = 1, float or int8 weights; :class:`Cols1Config`, by
 default :func:`cols1_config`), which first lists the program's active features and then reads only their
@@ -22,7 +29,7 @@ no host sync and no allocation whose size depends on data, so a call can be capt
 
 Config (:class:`SparseConfig`): :func:`heuristic` unless the caller passes ``config`` (a
 :class:`SparseConfig` or a dict with ``BLOCK_M`` / ``BLOCK_N`` / ``BLOCK_K`` / ``num_warps`` /
-``SPLIT_K``); :func:`candidates` lists what a GPU sweep times (``benchmarks/bench_sparse_gemv.py
+``SPLIT_K`` / ``COMPACT``); :func:`candidates` lists what a GPU sweep times (``benchmarks/bench_sparse_gemv.py
 --sweep``).  The heuristic is derived, not measured (no GPU timing of these kernels exists yet); its
 reasons are in :func:`heuristic`.  ``tuning_report()`` lists what launches used.
 """
@@ -48,6 +55,7 @@ __all__ = [
     "Cols1Config",
     "cols1_config",
     "cols1_candidates",
+    "rows_cand",
     "MAX_M",
     "heuristic",
     "candidates",
@@ -68,18 +76,25 @@ _VEC = {"bf16": 8, "int8": 16, "int4": 32}
 # cover HBM latency; derived, not measured), with at least _MIN_STEPS K blocks per split.
 _SPLIT_TARGET = 4
 _MIN_STEPS = {"cols": 4, "rows": 2}
+_SUB_M = 4096  # x entries ([block_m, features]) per pass of the multi-row cols kernel's compaction prologue
 
 
 class SparseConfig(NamedTuple):
-    """One launch configuration; ``split_k`` 0 = derived at launch from the SM count."""
+    """One launch configuration; ``split_k`` 0 = derived at launch from the SM count.  ``compact``: the program
+    walks a list of its active weight rows (cols: features, ``block_k`` per step; rows: output rows,
+    ``block_n`` per group, out of :func:`rows_cand` candidates) instead of every block with the inactive rows
+    masked off; cols int4 always walks masked (its K blocks must not straddle quantization groups), whatever
+    ``compact`` says."""
     block_m: int
     block_n: int
     block_k: int
     num_warps: int
     split_k: int = 0
+    compact: bool = True
 
     def describe(self) -> str:
-        return f"BM{self.block_m} BN{self.block_n} BK{self.block_k} w{self.num_warps} split{self.split_k or 'auto'}"
+        return (f"BM{self.block_m} BN{self.block_n} BK{self.block_k} w{self.num_warps} split{self.split_k or 'auto'}"
+                f"{' compact' if self.compact else ' masked'}")
 
 
 def _p2(v: int) -> int:
@@ -95,7 +110,9 @@ def heuristic(kind: str, fmt: str, M: int, N: int, K: int, group_size: Optional[
       side in the grid so their weight tiles meet in L2) and ``block_k`` 16 (8 at block_m = 4): 16 weight
       rows x 16 bytes per thread in flight per step.  int4: ``block_k`` divides the group.
     * rows: the dense fma GEMV's tile (4 rows x 256 * warps K elements, 16-byte bf16 loads per thread),
-      2 rows when ``block_m > 4`` (the accumulator is block_m x block_n registers), ``block_m`` up to 16.
+      2 rows when ``block_m > 4`` (the accumulator is block_m x block_n registers), ``block_m`` up to 16;
+      compacted, those are the rows of one group, out of :func:`rows_cand` candidates per program.
+    * ``compact``: the compacted walk wherever the kernel has one (all but cols int4).
     """
     if kind not in ("cols", "rows"):
         raise ValueError(f"sparse launch: kind must be 'cols' or 'rows', got {kind!r}")
@@ -113,19 +130,38 @@ def heuristic(kind: str, fmt: str, M: int, N: int, K: int, group_size: Optional[
         bk = min(bk, _p2(K))
         if fmt == "int4" and group_size:
             bk = min(bk, group_size)
-        return SparseConfig(bm, bn, bk, warps)
+        return SparseConfig(bm, bn, bk, warps, 0, _compact_default(kind, fmt))
     bm = min(_p2(M), 16)
     warps = 4 if K >= 1024 else (2 if K >= 512 else 1)
     bk = max(8, min(256 * warps, _p2(K)))
     bn = 4 if bm <= 4 else 2
-    return SparseConfig(bm, bn, bk, warps)
+    return SparseConfig(bm, bn, bk, warps, 0, _compact_default(kind, fmt))
+
+
+def _compact_default(kind: str, fmt: str) -> bool:
+    """The compacted walk wherever a kernel has one (every format but cols int4)."""
+    return not (kind == "cols" and fmt == "int4")
+
+
+def rows_cand(cfg: SparseConfig, N: int) -> int:
+    """Output rows per program of the rows kernel: ``block_n`` for the masked walk; compacted, 32 candidates
+    (64 at ``block_m = 1``), at least ``block_n``, at most N rounded up to a power of two.  The tile
+    ``[block_m, cand]`` and the one-hot accumulate ``[block_m, block_n, cand]`` stay in registers; 32 keeps
+    the heuristic's tiles (block_k 1024, 4 warps, block_m 2 / 4) at the masked walk's register count with
+    no spill when compiled for sm_90, where 64 spills at block_m = 4 (compiled only, not timed)."""
+    if not cfg.compact:
+        return cfg.block_n
+    return max(cfg.block_n, min(64 if cfg.block_m == 1 else 32, _p2(N)))
 
 
 def candidates(kind: str, fmt: str, M: int, N: int, K: int, group_size: Optional[int] = None) -> list:
-    """The configs a sweep times: the heuristic's first, then neighbours (rows of x per program, tile
-    width, K depth, warps, split-K off / doubled).  All valid for the shape."""
+    """The configs a sweep times: the heuristic's first, its masked walk second (where it is compacted), then
+    neighbours (rows of x per program, tile width, K depth, warps, split-K off / doubled).  All valid for
+    the shape."""
     h = heuristic(kind, fmt, M, N, K, group_size)
     c = [h]
+    if h.compact:
+        c.append(h._replace(compact=False))
     if kind == "cols":
         for bm in (1, 2, 4, 8, 16):
             if bm <= _p2(M) and bm != h.block_m:
@@ -152,11 +188,16 @@ def candidates(kind: str, fmt: str, M: int, N: int, K: int, group_size: Optional
     return out
 
 
-def _as_config(config) -> SparseConfig:
+def _as_config(config, kind: str, fmt: str) -> SparseConfig:
+    """A :class:`SparseConfig`, or a dict (``COMPACT`` defaults to the kernel's default walk); cols int4's
+    ``compact`` becomes False (masked only)."""
     if isinstance(config, SparseConfig):
-        return config
-    d = dict(config)
-    return SparseConfig(d["BLOCK_M"], d["BLOCK_N"], d["BLOCK_K"], d.get("num_warps", 4), d.get("SPLIT_K", 0))
+        cfg = config
+    else:
+        d = dict(config)
+        cfg = SparseConfig(d["BLOCK_M"], d["BLOCK_N"], d["BLOCK_K"], d.get("num_warps", 4), d.get("SPLIT_K", 0),
+                           bool(d.get("COMPACT", True)))
+    return cfg if _compact_default(kind, fmt) or not cfg.compact else cfg._replace(compact=False)
 
 
 def _check_config(kind: str, fmt: str, cfg: SparseConfig, group_size: Optional[int]) -> None:
@@ -253,7 +294,7 @@ def _cols(fmt: str, x: torch.Tensor, w: torch.Tensor, scale, zero, G, bias, conf
     if isinstance(config, Cols1Config):
         raise ValueError(f"{op}: a one-row config (Cols1Config) needs one row of x and bf16/fp16 or int8 "
                          f"weights, got {M} rows, {fmt}")
-    cfg = _as_config(config) if config is not None else _choose(x, "cols", fmt, M, N, K, G)
+    cfg = _as_config(config, "cols", fmt) if config is not None else _choose(x, "cols", fmt, M, N, K, G)
     _check_config("cols", fmt, cfg, G)
     if epi == EPI_SILU_MUL and cfg.block_n < 2:
         raise ValueError(f"{op}: epilogue 'silu_mul' needs block_n >= 2 (a tile holds whole (gate, up) pairs), "
@@ -264,14 +305,23 @@ def _cols(fmt: str, x: torch.Tensor, w: torch.Tensor, scale, zero, G, bias, conf
     m_blocks, n_blocks, nblk = triton.cdiv(M, bm), triton.cdiv(N, bn), triton.cdiv(K, bk)
     split = _splits("cols", cfg, m_blocks * n_blocks, nblk, num_sms(x.device))
     ws, cnt = _workspace(x.device, split, m_blocks * n_blocks, bm, bn, out)
+    compact = bool(cfg.compact) and fmt != "int4"
+    sub = nsub = 1  # masked: unused
+    idx = out
+    if compact:  # one list slot of sub * nsub (>= the features of a split) entries per program
+        chunk = triton.cdiv(nblk, split) * bk
+        sub = min(max(16, _SUB_M // bm), _p2(chunk))
+        nsub = triton.cdiv(chunk, sub)
+        idx = torch.empty(m_blocks * split * n_blocks * sub * nsub, dtype=torch.int32, device=x.device)
     wk = w.view(torch.uint8) if fmt == "int8" else w
     t, thr_kind = _thr_arg(thr, x2)
     _cols_kernel[(m_blocks, split, n_blocks)](
         x2, wk, scale if scale is not None else x2, zero if zero is not None else x2,
-        bias if bias is not None else x2, t, r2 if r2 is not None else x2, out, ws, cnt,
+        bias if bias is not None else x2, t, r2 if r2 is not None else x2, out, ws, cnt, idx,
         M, N, K, x2.stride(0), w.stride(0), r2.stride(0) if r2 is not None else 0, out.stride(0), G or 1, split,
         FMT=_FMT[fmt], HAS_ZERO=zero is not None, HAS_BIAS=bias is not None, THR=thr_kind, EPI=epi,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_N=N % bn == 0, INTERP=interpret(), num_warps=cfg.num_warps)
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_N=N % bn == 0, COMPACT=compact, SUB=sub, NSUB=nsub,
+        INTERP=interpret(), num_warps=cfg.num_warps)
     return out.reshape(*lead, n_out)
 
 
@@ -363,23 +413,28 @@ def _rows(fmt: str, x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, scale, ze
                "int8": lambda: R.sparse_rows_int8_linear_ref(x, w, scale, a, thr),
                "int4": lambda: R.sparse_rows_int4_linear_ref(x, w, scale, zero, G, a, thr)}[fmt]
         return ref()
-    cfg = _as_config(config) if config is not None else _choose(x, "rows", fmt, M, N, K, G)
+    cfg = _as_config(config, "rows", fmt) if config is not None else _choose(x, "rows", fmt, M, N, K, G)
     _check_config("rows", fmt, cfg, G)
     x2 = _rows2(x, M, K)
     a2 = _rows2(a, M, N)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
-    m_blocks, n_blocks, nblk = triton.cdiv(M, bm), triton.cdiv(N, bn), triton.cdiv(K, bk)
+    cand = rows_cand(cfg, N)  # output rows per program (the tile's width)
+    m_blocks, n_blocks, nblk = triton.cdiv(M, bm), triton.cdiv(N, cand), triton.cdiv(K, bk)
     split = _splits("rows", cfg, m_blocks * n_blocks, nblk, num_sms(x.device))
-    ws, cnt = _workspace(x.device, split, m_blocks * n_blocks, bm, bn, out)
+    ws, cnt = _workspace(x.device, split, m_blocks * n_blocks, bm, cand, out)
+    # one list slot of cand rows per program
+    idx = (torch.empty(m_blocks * split * n_blocks * cand, dtype=torch.int32, device=x.device) if cfg.compact
+           else out)
     wk = w.view(torch.uint8) if fmt == "int8" else w
     t, thr_kind = _thr_arg(thr, a2)
     _rows_kernel[(m_blocks, split, n_blocks)](
-        x2, wk, scale if scale is not None else x2, zero if zero is not None else x2, a2, t, out, ws, cnt,
+        x2, wk, scale if scale is not None else x2, zero if zero is not None else x2, a2, t, out, ws, cnt, idx,
         M, N, K, x2.stride(0), w.stride(0), a2.stride(0), out.stride(0),
         scale.stride(0) if (fmt == "int4") else 0, G or 1, split,
         FMT=_FMT[fmt], HAS_ZERO=zero is not None, THR=thr_kind,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=K % bk == 0, INTERP=interpret(), num_warps=cfg.num_warps)
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, CAND=cand, COMPACT=bool(cfg.compact), EVEN_K=K % bk == 0,
+        INTERP=interpret(), num_warps=cfg.num_warps)
     return out.reshape(*lead, N)
 
 
