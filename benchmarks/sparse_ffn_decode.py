@@ -72,6 +72,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=1e9)
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", default="", help="comma-separated row labels to run (default: all, in priority "
+                    "order), e.g. 'bf16 dense,bf16 teal 0.5'")
     args = ap.parse_args(argv)
 
     from fxspec.runtime import Generator
@@ -104,7 +106,10 @@ def main(argv=None) -> int:
         harness.write_results(args.out, stem, {"meta": meta, "rows": rows}, markdown(meta, rows))
 
     batches = [int(b) for b in args.batches.split(",")]
+    only = {x.strip() for x in args.only.split(",") if x.strip()}
     for b, label, cfg in rows_plan(batches, args.quick):
+        if only and label not in only:
+            continue
         if time.perf_counter() - t0 > args.budget_s:
             rows.append({"batch": b, "config": label, "status": "skipped", "error": "time budget"})
             continue

@@ -229,11 +229,29 @@ def _compact_rows(X, T, IDX, k_lo, k_hi, K, t0, THR: tl.constexpr, SUB: tl.const
 
 
 @triton.jit
+def _w_rows(W, offs_k, ok, offs_n, n_mask, stride_wk, EVEN_N: tl.constexpr):
+    # the weight tile [BK, BN] of rows offs_k (rows with ok False: no load, 0)
+    w_ptrs = W + (offs_k.to(tl.int64) * stride_wk)[:, None] + offs_n[None, :]
+    if EVEN_N:
+        return tl.load(w_ptrs, mask=ok[:, None], other=0, eviction_policy="evict_first")
+    else:
+        return tl.load(w_ptrs, mask=ok[:, None] & n_mask[None, :], other=0, eviction_policy="evict_first")
+
+
+@triton.jit
+def _w_f32(w, FMT: tl.constexpr):
+    if FMT == 1:
+        return _int8_bytes_to_f32(w)
+    else:
+        return w.to(tl.float32)
+
+
+@triton.jit
 def _cols1_kernel(X, W, S, B, T, R, Y, WS, CNT, IDX, N, K, stride_wk, SPLIT_K,
                   FMT: tl.constexpr, HAS_BIAS: tl.constexpr, THR: tl.constexpr, EPI: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
                   COMPACT: tl.constexpr, SUB: tl.constexpr, NSUB: tl.constexpr, RED: tl.constexpr,
-                  INTERP: tl.constexpr):
+                  PIPE: tl.constexpr, INTERP: tl.constexpr):
     # One row of x (batch-1 decode), float or int8 weights.  The weight tile [BLOCK_K, BLOCK_N] is spread
     # over the threads along both axes and accumulated elementwise into an fp32 [BLOCK_K, BLOCK_N] tile;
     # the sum over K happens once, after the loop.  A thread needs only the x entries of the rows it
@@ -260,25 +278,36 @@ def _cols1_kernel(X, W, S, B, T, R, Y, WS, CNT, IDX, N, K, stride_wk, SPLIT_K,
     if COMPACT:
         idx = IDX + (pid_k * tl.num_programs(2) + pid_n).to(tl.int64) * (SUB * NSUB)
         cnt = _compact_rows(X, T, idx, kb_lo * BLOCK_K, tl.minimum(kb_hi * BLOCK_K, K), K, t0, THR, SUB, NSUB)
-        # the list entries of step j + 1 are loaded during step j: a step's weight loads then wait on one
-        # memory round trip, not on a list load first
-        k_next = tl.load(idx + ak, mask=ak < cnt, other=0, cache_modifier=".cg")
-        for j in range(0, cnt, BLOCK_K):
-            r = j + ak
-            ok = r < cnt
-            offs_k = k_next
-            k_next = tl.load(idx + r + BLOCK_K, mask=r + BLOCK_K < cnt, other=0, cache_modifier=".cg")
-            xv = tl.load(X + offs_k, mask=ok, other=0.0).to(tl.float32)        # active: x * (|x| > t) == x
-            w_ptrs = W + (offs_k.to(tl.int64) * stride_wk)[:, None] + offs_n[None, :]
-            if EVEN_N:
-                w = tl.load(w_ptrs, mask=ok[:, None], other=0, eviction_policy="evict_first")
-            else:
-                w = tl.load(w_ptrs, mask=ok[:, None] & n_mask[None, :], other=0, eviction_policy="evict_first")
-            if FMT == 1:
-                wf = _int8_bytes_to_f32(w)
-            else:
-                wf = w.to(tl.float32)
-            acc += xv[:, None] * wf
+        if PIPE == 1:
+            # the list entries of step j + 1 are loaded during step j: a step's weight loads then wait on
+            # one memory round trip, not on a list load first
+            k_next = tl.load(idx + ak, mask=ak < cnt, other=0, cache_modifier=".cg")
+            for j in range(0, cnt, BLOCK_K):
+                r = j + ak
+                ok = r < cnt
+                offs_k = k_next
+                k_next = tl.load(idx + r + BLOCK_K, mask=r + BLOCK_K < cnt, other=0, cache_modifier=".cg")
+                xv = tl.load(X + offs_k, mask=ok, other=0.0).to(tl.float32)    # active: x * (|x| > t) == x
+                w = _w_rows(W, offs_k, ok, offs_n, n_mask, stride_wk, EVEN_N)
+                acc += xv[:, None] * _w_f32(w, FMT)
+        else:
+            # PIPE == 2: the weight tile of step j + 1 (and the list entries of step j + 2) are loaded
+            # before step j's products: two steps' weight loads in flight per program
+            ok = ak < cnt
+            offs_k = tl.load(idx + ak, mask=ok, other=0, cache_modifier=".cg")
+            k_next = tl.load(idx + ak + BLOCK_K, mask=ak + BLOCK_K < cnt, other=0, cache_modifier=".cg")
+            w = _w_rows(W, offs_k, ok, offs_n, n_mask, stride_wk, EVEN_N)
+            xv = tl.load(X + offs_k, mask=ok, other=0.0).to(tl.float32)
+            for j in range(0, cnt, BLOCK_K):
+                r1 = j + BLOCK_K + ak
+                ok1 = r1 < cnt
+                k_after = tl.load(idx + r1 + BLOCK_K, mask=r1 + BLOCK_K < cnt, other=0, cache_modifier=".cg")
+                w_next = _w_rows(W, k_next, ok1, offs_n, n_mask, stride_wk, EVEN_N)
+                x_next = tl.load(X + k_next, mask=ok1, other=0.0).to(tl.float32)
+                acc += xv[:, None] * _w_f32(w, FMT)
+                w = w_next
+                xv = x_next
+                k_next = k_after
     else:
         for kb in range(kb_lo, kb_hi):
             offs_k = kb * BLOCK_K + ak

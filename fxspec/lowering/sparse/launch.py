@@ -327,42 +327,48 @@ def _cols(fmt: str, x: torch.Tensor, w: torch.Tensor, scale, zero, G, bias, conf
 
 class Cols1Config(NamedTuple):
     """The one-row input-sparse kernel's launch: ``split_k`` programs share a column block's K; ``compact``:
-    the program walks a list of its active features (else every K block, inactive rows masked off)."""
+    the program walks a list of its active features (else every K block, inactive rows masked off);
+    ``pipe`` (compacted walk): weight tiles in flight per program (2: the next step's loads are issued
+    before this step's products)."""
     block_n: int
     block_k: int
     num_warps: int
     split_k: int
     compact: bool = True
+    pipe: int = 1
 
     def describe(self) -> str:
         return (f"one-row BN{self.block_n} BK{self.block_k} w{self.num_warps} split{self.split_k}"
-                f"{' compact' if self.compact else ' masked'}")
+                f"{(' compact pipe' + str(self.pipe)) if self.compact else ' masked'}")
 
 
 def cols1_config(fmt: str, N: int, K: int, sms: int, compact: bool = True) -> Cols1Config:
-    """The one-row input-sparse kernel's default launch: 16-byte loads along N, a ``[BLOCK_K, BLOCK_N]``
-    tile of 64 fp32 accumulators per thread (4 warps), and split-K to about four programs per SM (the
-    column blocks alone give 4-56 on Llama-8B shapes), at most :data:`MAX_SPLIT` splits so the last
-    program's reduction stays short."""
+    """The one-row input-sparse kernel's default launch, from a sweep of the Llama-8B projections on an H200
+    (``benchmarks/results/sparse_gemv_h200_2026-12-06_sweep.md``): 16-byte loads along N, a ``[BLOCK_K,
+    BLOCK_N]`` tile of fp32 accumulators (4 warps; 2 for narrow outputs); wide tiles (512 columns) where K
+    is at least N, 256 for the wide FFN up projection; split-K to about two programs per SM (fewer than
+    one full wave, no tail), at most :data:`MAX_SPLIT` splits so the last program's reduction stays short."""
     if fmt == "int8":
-        bn, bk = (512 if N >= 4096 else 256), 16
+        bn, bk, warps = (512 if N >= 4096 else 256), (16 if N >= 4096 else 32), 4
     else:
-        bn, bk = (256 if N >= 4096 else 128), 32
+        bn = (512 if K >= N else 256) if N >= 4096 else 128
+        bk, warps = 32, (4 if N > 2048 else 2)
     bn = max(16, min(bn, _p2(N)))
     nblk = triton.cdiv(K, bk)
-    split = max(1, min(nblk, MAX_SPLIT, triton.cdiv(4 * sms, triton.cdiv(N, bn))))
+    split = max(1, min(nblk, MAX_SPLIT, triton.cdiv(2 * sms, triton.cdiv(N, bn))))
     split = triton.cdiv(nblk, triton.cdiv(nblk, split))  # no empty split
-    return Cols1Config(bn, bk, 4, split, compact)
+    return Cols1Config(bn, bk, warps, split, compact)
 
 
 def cols1_candidates(fmt: str, N: int, K: int, sms: int) -> list:
-    """The one-row configs a sweep times: the default, the masked walk, and neighbours (tile width and
-    depth, warps, split-K halved / doubled)."""
+    """The one-row configs a sweep times: the default, the masked walk, two tiles in flight, and neighbours
+    (tile width and depth, warps, split-K halved / doubled)."""
     h = cols1_config(fmt, N, K, sms)
     nblk = triton.cdiv(K, h.block_k)
-    c = [h, h._replace(compact=False), h._replace(block_k=h.block_k * 2), h._replace(block_k=h.block_k // 2),
+    c = [h, h._replace(compact=False), h._replace(pipe=2), h._replace(pipe=2, block_k=h.block_k // 2),
+         h._replace(block_k=h.block_k * 2), h._replace(block_k=h.block_k // 2),
          h._replace(block_n=h.block_n * 2), h._replace(block_n=max(16, h.block_n // 2)),
-         h._replace(num_warps=8), h._replace(num_warps=2),
+         h._replace(num_warps=8 if h.num_warps == 4 else 4), h._replace(num_warps=max(1, h.num_warps // 2)),
          h._replace(split_k=max(1, h.split_k // 2)), h._replace(split_k=min(nblk, MAX_SPLIT, h.split_k * 2))]
     out = []
     for cfg in c:
@@ -396,7 +402,7 @@ def _cols1(fmt: str, x1: torch.Tensor, w: torch.Tensor, scale, bias, N: int, K: 
         residual if residual is not None else x1, out, ws, cnt, idx,
         N, K, w.stride(0), split, FMT=_FMT[fmt], HAS_BIAS=bias is not None, THR=thr_kind, EPI=epi,
         BLOCK_N=bn, BLOCK_K=bk, EVEN_N=N % bn == 0, COMPACT=bool(cfg.compact), SUB=sub, NSUB=nsub,
-        RED=min(8, _p2(split)), INTERP=interpret(), num_warps=warps)
+        RED=min(8, _p2(split)), PIPE=cfg.pipe, INTERP=interpret(), num_warps=warps)
     return out
 
 
