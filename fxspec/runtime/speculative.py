@@ -186,6 +186,11 @@ class SpeculativeGenerator(Generator):
             raise ConfigError(f"draft heads in '{d.checkpoint}' are for hidden size {spec.hidden_size} / vocabulary "
                               f"{spec.vocab_size}; this model's LM head is {tuple(self.lm_weight.shape)}")
         self.heads = heads.to(self.device, self.dtype).eval()
+        if self.dtype in (torch.bfloat16, torch.float16):
+            warnings.warn(f"fxspec: speculative decoding in {str(self.dtype).replace('torch.', '')}: the verify "
+                          f"forward runs the tree's tokens at once and rounds differently from a one-token decode "
+                          f"step, so at a near-tie greedy output can differ from plain greedy decoding (float32 "
+                          f"keeps them token-identical)", FxspecWarning, stacklevel=4)
         for p in self.heads.parameters():
             p.requires_grad_(False)
         self.spec, self.meta = spec, meta
