@@ -24,8 +24,9 @@ Columns: us per call; dense/sparse and cublas/sparse speed ratios; ideal = 1 / (
 not read); frac_ideal = (dense/sparse) / ideal; rel_err of the sparse output vs the op's reference on the
 same inputs.  ``--sweep``: every config of ``fxspec.lowering.sparse.launch.candidates`` per (shape, M,
 format, s) with the "same" pattern, through the launcher's ``config=`` argument (one row of x, bf16 /
-int8: ``cols1_candidates``, the one-row kernel's, its masked walk included); the best and the default's
-time are reported.
+int8: ``cols1_candidates``, the one-row kernel's); every kernel's candidates include its masked walk next
+to the default compacted one (``compact=False``), so both walks are timed in the same run; the best and the
+default's time are reported.
 
 Timing (``benchmarks/harness.py``): each method's calls are captured into one CUDA graph over enough weight
 copies (>= 400 MB in all) that no call finds its weights in L2; time per call = median replay / calls.
