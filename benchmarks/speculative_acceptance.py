@@ -50,6 +50,9 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", required=True)
     ap.add_argument("--type", default="medusa", choices=["medusa", "hydra", "eagle"])
     ap.add_argument("--trees", default="static,dynamic")
+    ap.add_argument("--depth", type=int, default=None,
+                    help="dynamic trees: draft tokens on the longest path (default: the heads' count)")
+    ap.add_argument("--top-k", type=int, default=None, help="dynamic trees: children per expanded node (default 4)")
     ap.add_argument("--tree-nodes", type=int, default=None,
                     help="draft nodes of the tree (default: the checkpoint's static tree; 24 for dynamic trees)")
     ap.add_argument("--batches", default="1,4")
@@ -89,6 +92,10 @@ def main(argv=None) -> int:
         cfg = {"draft_heads": {"type": args.type, "checkpoint": args.heads, "tree": tree}}
         if args.tree_nodes:
             cfg["draft_heads"]["tree_nodes"] = args.tree_nodes
+        if args.depth:
+            cfg["draft_heads"]["depth"] = args.depth
+        if args.top_k:
+            cfg["draft_heads"]["top_k"] = args.top_k
         for b in [int(x) for x in args.batches.split(",")]:
             gen = fxspec.Generator(model, max_batch_size=b, max_cache_len=args.prompt_len + args.new + 256,
                                    config=cfg, compile=args.compile)
@@ -102,7 +109,8 @@ def main(argv=None) -> int:
                 same &= bool(torch.equal(out, ref))
                 acc.append(gen.last_stats["mean_accepted"])
                 steps += gen.last_stats.get("steps", 0)
-            row = {"type": args.type, "tree": tree, "tree_nodes": gen.n_nodes - 1, "batch": b,
+            row = {"type": args.type, "tree": tree, "tree_nodes": gen.n_nodes - 1, "depth": args.depth,
+                   "top_k": args.top_k, "batch": b,
                    "mean_accepted": sum(acc) / len(acc), "verify_steps": steps, "identical_to_greedy": same}
             if args.speed:  # decode time: a call of --new tokens minus a call of 1 (the prefill cancels)
                 ids = prompts[:b]
