@@ -4,6 +4,8 @@ and the references.
 * rows (output-sparse, bf16 / int8 / int4): the compacted walk (a program lists its active rows out of ``cand``
   candidates and processes them ``block_n`` at a time) gives the masked walk's bits for the same
   ``block_m`` / ``block_k`` / ``split_k`` (the same per-row dot code and K order), and the reference's values;
+* cols one-row (``Cols1Config``, bf16 / int8): the compacted walk with one and with two weight tiles in flight
+  (``pipe``) against the masked walk and the reference;
 * cols multi-row (input-sparse, bf16 / int8): the compacted walk (the program lists the features active in some
   of its rows of x) matches the masked walk and the reference within the kernels' tolerance (the features are
   grouped into blocks differently, so fp32 sums are reassociated);
@@ -83,6 +85,11 @@ def _cases():
     c += [dict(kind="cols", fmt="bf16", M=3, N=45, K=100, pat="all", thr="none", cfg=(2, 32, 8, 3)),
           dict(kind="cols", fmt="bf16", M=16, N=45, K=100, pat="none", thr="vec", cfg=(4, 16, 8, 2)),
           dict(kind="cols", fmt="bf16", M=16, N=45, K=300, pat="cols", thr="none", cfg=(16, 16, 8, 1), sub_m=256)]
+    for fmt in ("bf16", "int8"):  # the one-row kernel (Cols1Config): compacted with one / two tiles in flight
+        c += [dict(kind="cols1", fmt=fmt, M=1, N=45, K=300, pat="rows", thr="one", cfg=(16, 16, 3, 2)),
+              dict(kind="cols1", fmt=fmt, M=1, N=45, K=300, pat="rows", thr="vec", cfg=(32, 8, 2, 2)),
+              dict(kind="cols1", fmt=fmt, M=1, N=64, K=100, pat="none", thr="none", cfg=(16, 16, 1, 2))]
+    c += [dict(kind="cols1", fmt="bf16", M=1, N=45, K=300, pat="all", thr="none", cfg=(16, 16, 3, 2))]
     out = []
     for d in c:
         cid = (f"{d['kind']}-{d['fmt']}-M{d['M']}-{d['N']}x{d['K']}-{d['pat']}-thr_{d['thr']}-"
@@ -99,7 +106,7 @@ def _run_case(c) -> dict:
     fmt = "int4" if c["fmt"].startswith("int4") else c["fmt"]
     sym = c["fmt"] != "int4a"
     M, N, K, kind = c["M"], c["N"], c["K"], c["kind"]
-    bm, bn, bk, split = c["cfg"]
+    bm, bn, bk, split = c["cfg"] if kind != "cols1" else (1, 0, 0, 0)
     W = (torch.randn(N, K, generator=g) / K ** 0.5).to(dt)
     x = torch.randn(M, K, generator=g)
     a = torch.randn(M, N, generator=g)
@@ -146,8 +153,13 @@ def _run_case(c) -> dict:
             poisoned = dict(p, wt=p["wt"].clone())
             poisoned["wt"][dead] = float("nan")
         ref = ref_fn(x, *args(p), None, thr)
-    compact = L.SparseConfig(bm, bn, bk, 1, split, True)
-    masked = compact._replace(compact=False)
+    if kind == "cols1":
+        bn, bk, split, pipe = c["cfg"]
+        compact = L.Cols1Config(bn, bk, 4, split, True, pipe)
+        masked = compact._replace(compact=False)
+    else:
+        compact = L.SparseConfig(bm, bn, bk, 1, split, True)
+        masked = compact._replace(compact=False)
     sub_m = L._SUB_M
     try:
         if "sub_m" in c:  # a compaction prologue of several passes

@@ -89,19 +89,28 @@ def _epilogue_offsets(offs_m, m_mask, offs_n, n_mask, N, stride_ym, stride_rm, p
 
 
 @triton.jit
-def _wtile_f32(w_rows, offs_n, n_mask, rmask, FMT: tl.constexpr, EVEN_N: tl.constexpr):
-    # [BK, BN] fp32 weight tile of float (FMT 0) or int8 (FMT 1) weights: the rows w_rows (pointers [BK, 1])
-    # with rmask[k] at the columns offs_n; rows without rmask are not read (0).
+def _wtile(w_rows, offs_n, n_mask, rmask, EVEN_N: tl.constexpr):
+    # the [BK, BN] weight tile as stored: the rows w_rows (pointers [BK, 1]) with rmask[k] at the columns
+    # offs_n; rows without rmask are not read (0).
     if EVEN_N:
-        w = tl.load(w_rows + offs_n[None, :], mask=rmask[:, None], other=0, eviction_policy="evict_first")
+        return tl.load(w_rows + offs_n[None, :], mask=rmask[:, None], other=0, eviction_policy="evict_first")
     else:
-        w = tl.load(w_rows + offs_n[None, :], mask=rmask[:, None] & n_mask[None, :], other=0,
-                    eviction_policy="evict_first")
+        return tl.load(w_rows + offs_n[None, :], mask=rmask[:, None] & n_mask[None, :], other=0,
+                       eviction_policy="evict_first")
+
+
+@triton.jit
+def _w_f32(w, FMT: tl.constexpr):
+    # a stored tile of float (FMT 0) or int8 (FMT 1) weights -> fp32 (int8: exact, the scale applied later)
     if FMT == 1:
-        wf = _int8_bytes_to_f32(w)
+        return _int8_bytes_to_f32(w)
     else:
-        wf = w.to(tl.float32)
-    return wf
+        return w.to(tl.float32)
+
+
+@triton.jit
+def _wtile_f32(w_rows, offs_n, n_mask, rmask, FMT: tl.constexpr, EVEN_N: tl.constexpr):
+    return _w_f32(_wtile(w_rows, offs_n, n_mask, rmask, EVEN_N), FMT)
 
 
 @triton.jit
@@ -229,24 +238,6 @@ def _compact_rows(X, T, IDX, k_lo, k_hi, K, t0, THR: tl.constexpr, SUB: tl.const
 
 
 @triton.jit
-def _w_rows(W, offs_k, ok, offs_n, n_mask, stride_wk, EVEN_N: tl.constexpr):
-    # the weight tile [BK, BN] of rows offs_k (rows with ok False: no load, 0)
-    w_ptrs = W + (offs_k.to(tl.int64) * stride_wk)[:, None] + offs_n[None, :]
-    if EVEN_N:
-        return tl.load(w_ptrs, mask=ok[:, None], other=0, eviction_policy="evict_first")
-    else:
-        return tl.load(w_ptrs, mask=ok[:, None] & n_mask[None, :], other=0, eviction_policy="evict_first")
-
-
-@triton.jit
-def _w_f32(w, FMT: tl.constexpr):
-    if FMT == 1:
-        return _int8_bytes_to_f32(w)
-    else:
-        return w.to(tl.float32)
-
-
-@triton.jit
 def _cols1_kernel(X, W, S, B, T, R, Y, WS, CNT, IDX, N, K, stride_wk, SPLIT_K,
                   FMT: tl.constexpr, HAS_BIAS: tl.constexpr, THR: tl.constexpr, EPI: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
@@ -288,7 +279,7 @@ def _cols1_kernel(X, W, S, B, T, R, Y, WS, CNT, IDX, N, K, stride_wk, SPLIT_K,
                 offs_k = k_next
                 k_next = tl.load(idx + r + BLOCK_K, mask=r + BLOCK_K < cnt, other=0, cache_modifier=".cg")
                 xv = tl.load(X + offs_k, mask=ok, other=0.0).to(tl.float32)    # active: x * (|x| > t) == x
-                w = _w_rows(W, offs_k, ok, offs_n, n_mask, stride_wk, EVEN_N)
+                w = _wtile(W + (offs_k.to(tl.int64) * stride_wk)[:, None], offs_n, n_mask, ok, EVEN_N)
                 acc += xv[:, None] * _w_f32(w, FMT)
         else:
             # PIPE == 2: the weight tile of step j + 1 (and the list entries of step j + 2) are loaded
@@ -296,13 +287,13 @@ def _cols1_kernel(X, W, S, B, T, R, Y, WS, CNT, IDX, N, K, stride_wk, SPLIT_K,
             ok = ak < cnt
             offs_k = tl.load(idx + ak, mask=ok, other=0, cache_modifier=".cg")
             k_next = tl.load(idx + ak + BLOCK_K, mask=ak + BLOCK_K < cnt, other=0, cache_modifier=".cg")
-            w = _w_rows(W, offs_k, ok, offs_n, n_mask, stride_wk, EVEN_N)
+            w = _wtile(W + (offs_k.to(tl.int64) * stride_wk)[:, None], offs_n, n_mask, ok, EVEN_N)
             xv = tl.load(X + offs_k, mask=ok, other=0.0).to(tl.float32)
             for j in range(0, cnt, BLOCK_K):
                 r1 = j + BLOCK_K + ak
                 ok1 = r1 < cnt
                 k_after = tl.load(idx + r1 + BLOCK_K, mask=r1 + BLOCK_K < cnt, other=0, cache_modifier=".cg")
-                w_next = _w_rows(W, k_next, ok1, offs_n, n_mask, stride_wk, EVEN_N)
+                w_next = _wtile(W + (k_next.to(tl.int64) * stride_wk)[:, None], offs_n, n_mask, ok1, EVEN_N)
                 x_next = tl.load(X + k_next, mask=ok1, other=0.0).to(tl.float32)
                 acc += xv[:, None] * _w_f32(w, FMT)
                 w = w_next
@@ -314,16 +305,8 @@ def _cols1_kernel(X, W, S, B, T, R, Y, WS, CNT, IDX, N, K, stride_wk, SPLIT_K,
             xv = tl.load(X + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)       # [BK]
             xv = _threshold(xv, T, offs_k, K, t0, THR)
             act = xv != 0.0
-            w_ptrs = W + (offs_k.to(tl.int64) * stride_wk)[:, None] + offs_n[None, :]
-            if EVEN_N:
-                w = tl.load(w_ptrs, mask=act[:, None], other=0, eviction_policy="evict_first")
-            else:
-                w = tl.load(w_ptrs, mask=act[:, None] & n_mask[None, :], other=0, eviction_policy="evict_first")
-            if FMT == 1:
-                wf = _int8_bytes_to_f32(w)
-            else:
-                wf = w.to(tl.float32)
-            acc += xv[:, None] * wf
+            acc += xv[:, None] * _wtile_f32(W + (offs_k.to(tl.int64) * stride_wk)[:, None], offs_n, n_mask, act,
+                                            FMT, EVEN_N)
     y = tl.sum(acc, axis=0)                                                       # [BN]
     if FMT == 1:
         y = y * tl.load(S + offs_n, mask=n_mask, other=0.0)
