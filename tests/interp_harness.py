@@ -61,6 +61,15 @@ def assert_value_errors(results: dict) -> None:
         assert v.startswith("ok: "), (name, v)
 
 
+def case_result(results: dict, cid: str) -> dict:
+    """The subprocess's result of case ``cid``: present, and without an error (else the assertion shows the
+    subprocess's stderr or the error)."""
+    res = results["cases"].get(cid)
+    assert res is not None, f"case missing from subprocess output:\n{results['stderr'][-3000:]}"
+    assert "error" not in res, res["error"]
+    return res
+
+
 def run_module(test_file: str, timeout: int = 600) -> dict:
     """Pytest side: run ``tests/<test_file>`` as ``python -m tests.<name> --interp`` under the
     interpreter; returns ``{cases: {id: result}, extra, rc, stderr}``.  Fails the calling test when
