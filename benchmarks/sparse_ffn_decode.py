@@ -55,8 +55,10 @@ def rows_plan(batches: list[int], quick: bool) -> list[tuple[int, str, dict]]:
                      (b, "bf16 cats 0.5", sp("cats", 0.5)),
                      (b, "bf16 cats 0.5 fuse=group", sp("cats", 0.5, False, "group")),
                      (b, "bf16 teal 0.4", sp("teal", 0.4)),
+                     (b, "bf16 teal+attn 0.4", sp("teal", 0.4, True)),
                      (b, "int8 dense", {"quantize": {"bits": 8}}),
                      (b, "int8 teal 0.5", {**sp("teal", 0.5), "quantize": {"bits": 8}}),
+                     (b, "int8 teal+attn 0.5", {**sp("teal", 0.5, True), "quantize": {"bits": 8}}),
                      (b, "bf16 teal 0.8", sp("teal", 0.8))]
     return plan[:4] if quick else plan
 
