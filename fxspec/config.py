@@ -223,6 +223,14 @@ class SparseAttentionConfig(_Section):
     mask_per: str = _opt("query_head", doc="one block choice per query head, or one per KV head shared by its "
                          "group (the group's scores averaged; the kernel then loads each K/V tile once for the "
                          "group)", choices=("query_head", "kv_head"))
+    decode: str = _opt("auto", doc="decode steps (one query over the KV cache): seer (the gates' decode gate, "
+                       "SeerAttention-R style), quest (training-free: an upper bound of q.k from each block's "
+                       "key max / min), window (sink + most recent blocks) or dense; auto: seer for mode seer "
+                       "(dense when the gates have no decode gate), quest for xattn, window for window, dense for "
+                       "oracle. Keeps `density` (or `budget`) of the cache's blocks per KV head group",
+                       choices=("auto", "seer", "quest", "window", "dense"))
+    decode_dim: int = _opt(64, doc="seer, fresh gates: the width of the decode gate's projections (0: none)",
+                           lo=0, hi=512)
 
     def validate(self) -> None:
         if self.block & (self.block - 1):

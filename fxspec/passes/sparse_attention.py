@@ -22,13 +22,25 @@ attached by ``fxspec.compile``, the pass stashes each layer's (pre-RoPE q, k) an
 Legality (a skipped attention is left exactly as it was, with the reason in the log): a recognised causal
 core (SDPA or explicit) with no mask tensor but the causal one (a padding mask decides visibility at run
 time: skipped), no sliding window, no score soft-capping, 4-D q/k/v, as many queries as keys (a prefill
-without a KV-cache prefix; decode steps, one query over a cache, stay dense: the decode gate is not
-implemented) and more than one block of them; seer: gates for the layer. ``density = 1.0`` without a
-threshold leaves every attention exactly dense. XLA: skipped (Triton kernels).
+without a KV-cache prefix) and more than one block of them; seer: gates for the layer. ``density = 1.0`` without a
+threshold leaves every attention exactly dense.
+
+**Decode steps** (one query over a KV cache, an SDPA with a bool key mask or none; ``sparse_attention.decode``)::
+
+    after:   idx, cnt, kv_lens = fxspec.decode_select_blocks(q, k_cache, key_mask, pooled, stamp, Wq, Wk, block,
+                                                            k_max, density, scoring)
+             o = fxspec.block_sparse_decode_attention(q, k_cache, v_cache, idx, cnt, block, scale, kv_lens,
+                                                      key_mask)
+
+``pooled`` / ``stamp`` are buffers of the graph (the pooled-key state the op keeps current,
+:mod:`fxspec.sparse_attention.decode`); ``Wq`` / ``Wk`` the layer's decode gate (scoring seer), or None
+(quest, window). A threshold, an additive mask, or seer gates without a decode gate leave the step dense
+and say why. XLA: skipped (Triton kernels).
 """
 
 from __future__ import annotations
 
+import operator
 import warnings
 
 import torch
@@ -37,6 +49,7 @@ import torch.fx as fx
 from .._log import FxspecWarning
 from ..config import SparseAttentionConfig
 from ..graph.attention import repeat_kv_source
+from ..graph.patterns import one_query_sdpa
 from ..graph.nodes import ancestors, is_any, is_cast, is_layout, is_op, shape, static_int
 from ..graph.rewrite import eliminate_dead_code
 from ..graph.rope import rope_input
@@ -68,6 +81,12 @@ def sparse_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         return gm
     gates = None
     for info in analysis.attentions:
+        dec = one_query_sdpa(info.node, 1 << 30) if info.kind == "sdpa" else "not SDPA"
+        if not isinstance(dec, str):
+            if gates is None and cfg.mode == "seer" and _decode_scoring(cfg, None) == "seer":
+                gates = sa.gates_for_graph(ctx, gm, cfg)
+            _rewrite_decode(gm, ctx, cfg, info, dec, gates)
+            continue
         site = _site(info)
         if isinstance(site, str):
             ctx.skip(info.name, site)
@@ -141,6 +160,98 @@ def sparse_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                     counter=cfg.mode)
     eliminate_dead_code(gm)
     return gm
+
+
+def _decode_scoring(cfg: SparseAttentionConfig, layer_gate) -> str:
+    """What scores a decode step's blocks (config ``decode``; ``auto`` by mode)."""
+    if cfg.decode != "auto":
+        return cfg.decode
+    return {"seer": "seer", "xattn": "quest", "window": "window"}.get(cfg.mode, "dense")
+
+
+def _rewrite_decode(gm: fx.GraphModule, ctx: PassContext, cfg: SparseAttentionConfig, info: AttentionInfo, site,
+                    gates) -> None:
+    """One query over a KV cache -> decode_select_blocks + block_sparse_decode_attention (or why not)."""
+    from ..sparse_attention.decode import decode_k_max, new_pooled_state
+
+    scoring = _decode_scoring(cfg, None)
+    if scoring == "dense":
+        ctx.note(info.name, f"decode step: sparse_attention.decode = {cfg.decode!r} (mode {cfg.mode}): left dense")
+        return
+    if cfg.threshold is not None:
+        ctx.skip(info.name, "decode step: a threshold chooses prefill blocks only; set density or budget for "
+                 "sparse decode steps; left dense")
+        return
+    q, k, v, mask, scale = site
+    qs, ks = shape(q), shape(k)
+    B, Hq, D = static_int(qs[0]), static_int(qs[1]), static_int(qs[3])
+    Hkv, L = static_int(ks[1]), static_int(ks[2])
+    if None in (B, Hq, D, Hkv, L):
+        ctx.skip(info.name, f"decode step with dynamic shapes (q {qs}, cache {ks}): left dense")
+        return
+    if D > 128:
+        ctx.skip(info.name, f"head dim {D} > 128 (the kernels' limit): left dense")
+        return
+    if L <= cfg.block:
+        ctx.note(info.name, f"decode step over a cache of {L} slots: one block of {cfg.block}, nothing to skip")
+        return
+    if cfg.budget is not None and cfg.budget >= L:
+        ctx.skip(info.name, f"sparse_attention.budget = {cfg.budget} tokens is not below the cache's {L} slots: "
+                 f"left dense")
+        return
+    mval = mask.meta.get("example_value") if mask is not None else None
+    if mask is not None and (not isinstance(mval, torch.Tensor) or mval.dtype != torch.bool):
+        ctx.skip(info.name, f"decode step with a {getattr(mval, 'dtype', '?')} (additive) mask: the block-sparse "
+                 f"decode kernel takes a bool key mask; left dense")
+        return
+    wq = wk = None
+    graph = gm.graph
+    dev = _device(q)
+    from ..sparse_attention import layer_index as sa_layer_index
+
+    layer = sa_layer_index(info.name)
+    if scoring == "seer":
+        g = None if gates is None or layer is None or layer not in gates else gates[layer]
+        if g is None:
+            ctx.skip(info.name, "decode step: " + _no_gate_reason(cfg, gates, layer))
+            return
+        if g.dq is None:
+            ctx.skip(info.name, "decode step: the gates have no decode gate (trained with decode_dim = 0, or "
+                     "before decode gates existed); retrain with `fxspec train-gates ... --decode-dim 64`, or set "
+                     "sparse_attention.decode = 'quest' (training-free); left dense")
+            return
+        if list(g.dq.shape[:2]) != [Hkv, (Hq // Hkv) * D]:
+            ctx.skip(info.name, f"the decode gate of layer {layer} is for {list(g.dq.shape[:2])} (KV heads, "
+                     f"group width), this attention has {[Hkv, (Hq // Hkv) * D]}; left dense")
+            return
+    kval = k.meta.get("example_value")
+    k_max = decode_k_max(L, cfg.block, cfg.density, cfg.budget)
+    tag = f"{layer if layer is not None else info.name.replace('.', '_')}"
+    pooled, stamp = new_pooled_state(B, Hkv, L, D, cfg.block, kval.dtype if isinstance(kval, torch.Tensor)
+                                     else torch.float32, dev if dev is not None else "cpu")
+    with graph.inserting_before(info.node):
+        if scoring == "seer":
+            wq = _constant(gm, f"_fxspec_dgate_{tag}_dq", g.dq, dev)
+            wk = _constant(gm, f"_fxspec_dgate_{tag}_dk", g.dk, dev)
+        p_node = _constant(gm, f"_fxspec_dgate_{tag}_pooled", pooled, dev)
+        s_node = _constant(gm, f"_fxspec_dgate_{tag}_stamp", stamp, dev)
+        if mask is None:
+            km = graph.call_function(torch.ones, ((B, L),), {"dtype": torch.bool, "device": dev})
+        else:
+            km = graph.call_method("reshape", (mask, (static_int(shape(mask)[0]), L)))
+            km = graph.call_method("contiguous", (graph.call_method("expand", (km, B, L)),))
+        density = 0.0 if cfg.budget is not None else float(cfg.density)
+        sel = graph.call_function(torch.ops.fxspec.decode_select_blocks.default,
+                                  (q, k, km, p_node, s_node, wq, wk, cfg.block, k_max, density, scoring))
+        idx, cnt, kv_lens = (graph.call_function(operator.getitem, (sel, i)) for i in range(3))
+        out = graph.call_function(torch.ops.fxspec.block_sparse_decode_attention.default,
+                                  (q, k, v, idx, cnt, cfg.block, float(scale if scale is not None else D ** -0.5),
+                                   kv_lens, km))
+    copy_meta(out, info.node, values=True)
+    info.node.replace_all_uses_with(out)
+    how = f"budget {cfg.budget} tokens" if cfg.budget else f"density {cfg.density:g}"
+    ctx.rewrote(info.name, f"decode step over {L} slots -> block-sparse decode ({scoring}, block {cfg.block}, "
+                f"{how}: at most {k_max} blocks per KV head group)", counter=f"decode_{scoring}")
 
 
 def _no_gate_reason(cfg: SparseAttentionConfig, gates, layer) -> str:

@@ -3,6 +3,8 @@
 * :mod:`.gates` -- the gates (pooled q/k, per-head projections, block RoPE) and their checkpoint format;
 * :mod:`.select` -- scores -> block mask (top share / threshold, sink and diagonal kept) and the ops the
   ``sparse_attention`` pass inserts;
+* :mod:`.decode` -- decode steps: pooled-key state, block scoring (decode gate, Quest bound, window) and the
+  decode gate's loss;
 * :mod:`.train` -- self-distillation against the dense attention's block-pooled map: the config opt-in with
   ``fxspec.aux_loss(model)`` and the standalone :func:`train_gates` (``fxspec train-gates``).
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import os
 
 from ..lowering import block_sparse as _kernels  # noqa: F401 - registers the kernel ops
+from . import decode as decode  # noqa: F401 - registers torch.ops.fxspec.decode_select_blocks
 from .gates import AttentionGates, GateSpec, LayerGate, gate_logits, layer_index, load_gates, model_facts, save_gates
 from .select import RULES, select_key_blocks, select_key_blocks_ref
 from .train import (ATTR, EVAL_DENSITIES, GateTrainResult, attach, gate_loss, note_scale, owner_of, save,

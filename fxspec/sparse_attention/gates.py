@@ -19,8 +19,11 @@ Which blocks are computed is decided from the logits by :func:`fxspec.sparse_att
 (top share ``density`` of each row's visible blocks, or a probability threshold), always with the first
 block (attention sink) and the diagonal block.
 
+Decode steps (one query over a cache) use the layer's **decode gate** when it has one (``spec.decode_dim > 0``:
+``dq`` / ``dk``, :mod:`fxspec.sparse_attention.decode`).
+
 Checkpoint: ``DIR/attention_gates.safetensors`` (:mod:`fxspec.checkpoint`: safetensors + JSON), tensors
-``layers.<i>.wq`` / ``layers.<i>.wk`` and the JSON fields ``spec`` (:class:`GateSpec`), ``model`` (what it
+``layers.<i>.wq`` / ``layers.<i>.wk`` (and ``layers.<i>.dq`` / ``layers.<i>.dk``) and the JSON fields ``spec`` (:class:`GateSpec`), ``model`` (what it
 was trained for: class, layer count, heads, head dim, a weight fingerprint) and ``training``.
 """
 
@@ -55,6 +58,8 @@ class GateSpec:
     # what the gates were trained towards: the block-pooled dense map averaged over each query block's rows
     # ("avg"), or its maximum over those rows renormalised per row ("max": blocks that few rows need count)
     target: str = "avg"
+    # width of the decode gate's projections (fxspec.sparse_attention.decode); 0: no decode gate
+    decode_dim: int = 0
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -65,11 +70,11 @@ class GateSpec:
     def from_json(cls, d: dict) -> "GateSpec":
         return cls(block=int(d["block"]), gate_dim=int(d["gate_dim"]), rope_theta=float(d["rope_theta"]),
                    layers={int(k): [int(x) for x in v] for k, v in d["layers"].items()},
-                   target=str(d.get("target", "avg")))
+                   target=str(d.get("target", "avg")), decode_dim=int(d.get("decode_dim", 0)))
 
     @classmethod
     def for_model(cls, config, block: int = 64, gate_dim: int = 64, rope_theta: float = 10000.0,
-                  target: str = "avg") -> "GateSpec":
+                  target: str = "avg", decode_dim: int = 0) -> "GateSpec":
         """One gate per decoder layer of a transformers-style ``config``."""
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         heads = int(text.num_attention_heads)
@@ -78,7 +83,8 @@ class GateSpec:
         if target not in ("avg", "max"):
             raise ValueError(f"target must be 'avg' or 'max', got {target!r}")
         return cls(block=block, gate_dim=gate_dim, rope_theta=rope_theta,
-                   layers={i: [heads, kv, hd] for i in range(int(text.num_hidden_layers))}, target=target)
+                   layers={i: [heads, kv, hd] for i in range(int(text.num_hidden_layers))}, target=target,
+                   decode_dim=decode_dim)
 
 
 def layer_index(name: str) -> int | None:
@@ -149,12 +155,19 @@ def gate_logits(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Te
 
 
 class LayerGate(nn.Module):
-    """The gate of one attention layer (module docstring): ``wq [Hq, D, Dg]``, ``wk [Hkv, 3D, Dg]``."""
+    """The gate of one attention layer (module docstring): ``wq [Hq, D, Dg]``, ``wk [Hkv, 3D, Dg]``; with
+    ``decode_dim > 0`` also the decode gate (:mod:`.decode`): ``dq [Hkv, G*D, De]`` on the group's queries,
+    ``dk [Hkv, 3D, De]`` on the pooled cache keys (both after RoPE)."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, gate_dim: int):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, gate_dim: int, decode_dim: int = 0):
         super().__init__()
         self.wq = nn.Parameter(torch.randn(num_heads, head_dim, gate_dim) / math.sqrt(head_dim))
         self.wk = nn.Parameter(torch.randn(num_kv_heads, 3 * head_dim, gate_dim) / math.sqrt(3 * head_dim))
+        self.dq = self.dk = None
+        if decode_dim > 0:
+            gd = (num_heads // num_kv_heads) * head_dim
+            self.dq = nn.Parameter(torch.randn(num_kv_heads, gd, decode_dim) / math.sqrt(gd))
+            self.dk = nn.Parameter(torch.randn(num_kv_heads, 3 * head_dim, decode_dim) / math.sqrt(3 * head_dim))
 
     def shape(self) -> list[int]:
         return [self.wq.shape[0], self.wk.shape[0], self.wq.shape[1]]
@@ -167,7 +180,7 @@ class AttentionGates(nn.Module):
         super().__init__()
         self.spec = spec
         self.trained = False  # loaded from a checkpoint, or stepped by fxspec.aux_loss: True
-        self.layers = nn.ModuleDict({str(i): LayerGate(h, kv, d, spec.gate_dim)
+        self.layers = nn.ModuleDict({str(i): LayerGate(h, kv, d, spec.gate_dim, spec.decode_dim)
                                      for i, (h, kv, d) in sorted(spec.layers.items())})
 
     def __contains__(self, i: int) -> bool:

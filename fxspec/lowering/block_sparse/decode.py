@@ -4,7 +4,8 @@ reading only the cache blocks selected for it, once for all of its ``G`` query h
     program (b, kv head j, split s):  list entries e in [s * per, min((s + 1) * per, CNT[b, j]))
         for each selected block kb = IDX[b, j, e], in slices of BLOCK_L keys t of it:
             S[g, t]   = (q[b, j*G + g] . k[b, j, t]) * scale * log2(e)     (tl.dot, M padded to 16)
-                        -inf where t >= kv_lens[b] (or t < 0: a bad index selects nothing)
+                        -inf where t >= kv_lens[b] (or t < 0: a bad index selects nothing), or where
+                        key_mask[b, t] is False (when a key mask is given: left padding)
             m, l, acc = running max, sum of exp2(S - m), sum of exp2(S - m) * v[b, j, t]
         one split:  o = acc / l (0 where l = 0)
         else:       partials (m, l, acc) to the workspace, combined by _combine_kernel:
@@ -27,16 +28,16 @@ __all__ = ["_decode_kernel", "_combine_kernel"]
 
 
 @triton.jit
-def _decode_kernel(Q, K, V, IDX, CNT, KVL, O, OP, ML,
+def _decode_kernel(Q, K, V, IDX, CNT, KVL, O, OP, ML, KM,
                    stride_qb, stride_qh, stride_qd,
                    stride_kb, stride_kh, stride_kl, stride_kd,
                    stride_vb, stride_vh, stride_vl, stride_vd,
                    stride_ib, stride_ih, stride_ie, stride_cb, stride_ch,
-                   stride_ob, stride_oh, stride_od,
+                   stride_ob, stride_oh, stride_od, stride_mb, stride_ml,
                    H_KV, L, per_split, num_splits, qk_scale,
                    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                    BLOCK: tl.constexpr, BLOCK_L: tl.constexpr, SINGLE: tl.constexpr, DOT_F32: tl.constexpr,
-                   INTERP: tl.constexpr):
+                   INTERP: tl.constexpr, HAS_MASK: tl.constexpr = False):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid // H_KV).to(tl.int64)
@@ -66,6 +67,8 @@ def _decode_kernel(Q, K, V, IDX, CNT, KVL, O, OP, ML,
         for l0 in tl.static_range(0, BLOCK, BLOCK_L):
             offs_l = kb * BLOCK + l0 + tl.arange(0, BLOCK_L)
             valid = (offs_l < kv_len) & (offs_l >= 0)
+            if HAS_MASK:
+                valid = valid & (tl.load(KM + b * stride_mb + offs_l * stride_ml, mask=valid, other=0) != 0)
             kv_mask = valid[:, None] & d_ok[None, :]
             k = tl.load(k_base + offs_l[:, None] * stride_kl + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
             if DOT_F32:

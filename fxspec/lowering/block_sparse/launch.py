@@ -290,10 +290,11 @@ def plan_splits(B: int, H_kv: int, nb_max: int, sms: int) -> tuple[int, int]:
 
 
 def block_sparse_decode_attention_triton(q, k_cache, v_cache, block_idx, block_cnt, block: int, scale: float,
-                                         kv_lens: torch.Tensor, *, splits: Optional[int] = None) -> torch.Tensor:
+                                         kv_lens: torch.Tensor, key_mask: Optional[torch.Tensor] = None, *,
+                                         splits: Optional[int] = None) -> torch.Tensor:
     """``q [B, Hq, 1, D]`` over the blocks ``block_idx [B, Hkv, NB_max]`` (first ``block_cnt [B, Hkv]``
-    entries) of ``k_cache, v_cache [B, Hkv, L, D]`` -> ``[B, Hq, 1, D]``.  ``splits`` overrides the plan
-    (tests)."""
+    entries) of ``k_cache, v_cache [B, Hkv, L, D]`` -> ``[B, Hq, 1, D]``; keys where ``key_mask [B, L]`` is
+    False are skipped.  ``splits`` overrides the plan (tests)."""
     op = "block_sparse_decode_attention"
     _check_dtype(op, q)
     _check_device(op, q, k_cache, v_cache, block_idx, block_cnt, kv_lens)
@@ -317,16 +318,21 @@ def block_sparse_decode_attention_triton(q, k_cache, v_cache, block_idx, block_c
         op_ws = torch.empty((B * Hq, S, D_PAD), dtype=torch.float32, device=q.device)
         ml = torch.empty((B * Hq, S, 2), dtype=torch.float32, device=q.device)
     interp = interpret()
+    km = key_mask if key_mask is not None else block_cnt  # unused without HAS_MASK
+    if key_mask is not None and key_mask.dtype == torch.bool:
+        km = key_mask.view(torch.uint8)
     _decode_kernel[(B * Hkv, S)](
-        q, k_cache, v_cache, block_idx, block_cnt, kv_lens, out, op_ws, ml,
+        q, k_cache, v_cache, block_idx, block_cnt, kv_lens, out, op_ws, ml, km,
         q.stride(0), q.stride(1), q.stride(3),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
         block_idx.stride(0), block_idx.stride(1), block_idx.stride(2), block_cnt.stride(0), block_cnt.stride(1),
         out.stride(0), out.stride(1), out.stride(3),
+        km.stride(0) if key_mask is not None else 0, km.stride(-1) if key_mask is not None else 0,
         Hkv, L, per, S, float(scale) * LOG2E,
         G=G, G_PAD=max(16, _next_pow2(G)), D=D, D_PAD=D_PAD, BLOCK=block, BLOCK_L=min(block, DECODE_BLOCK_L),
-        SINGLE=single, DOT_F32=interp or q.dtype == torch.float32, INTERP=interp, num_warps=4, num_stages=2)
+        SINGLE=single, DOT_F32=interp or q.dtype == torch.float32, INTERP=interp, HAS_MASK=key_mask is not None,
+        num_warps=4, num_stages=2)
     if not single:
         _combine_kernel[(B * Hq,)](op_ws, ml, out, Hq, S, out.stride(0), out.stride(1), out.stride(3),
                                    D=D, D_PAD=D_PAD, S_PAD=max(2, _next_pow2(S)), INTERP=interp, num_warps=4)

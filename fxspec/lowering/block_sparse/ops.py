@@ -28,13 +28,15 @@ Signatures::
         per-block mass); the [Tq, Tk] matrix is never materialised, on either path.
 
     torch.ops.fxspec.block_sparse_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache,
-            Tensor block_idx, Tensor block_cnt, int block, float scale, Tensor kv_lens) -> Tensor
+            Tensor block_idx, Tensor block_cnt, int block, float scale, Tensor kv_lens,
+            Tensor? key_mask=None) -> Tensor
         q [B, Hq, 1, D]; k_cache, v_cache [B, Hkv, L, D]; block_idx int32 [B, Hkv, NB_max] with
         NB_max <= cdiv(L, block); block_cnt int32 [B, Hkv]; kv_lens [B] int32/int64 -> [B, Hq, 1, D].
         SeerAttention-R: one selection per KV head group serving its G query heads.  Query head h attends
         to the keys t < kv_lens[b] of the blocks block_idx[b, h // G, :block_cnt[b, h // G]] (distinct
         block numbers, any order; entries past the count are never read, entries >= cdiv(L, block) select
-        nothing).  No key -> 0.  Capturable in a CUDA graph: no host sync, every allocation sized by
+        nothing); ``key_mask`` [B, L] bool (optional) drops the keys where it is False (left padding).
+        No key -> 0.  Capturable in a CUDA graph: no host sync, every allocation sized by
         NB_max.
 
     torch.ops.fxspec.pool_kv_blocks(Tensor k, int block, Tensor? kv_lens) -> Tensor
@@ -151,25 +153,29 @@ def _attention_block_stats_fake(q, k, block, scale, causal, kv_lens, pool="avg")
 @torch.library.custom_op("fxspec::block_sparse_decode_attention", mutates_args=())
 def block_sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                   block_idx: torch.Tensor, block_cnt: torch.Tensor, block: int, scale: float,
-                                  kv_lens: torch.Tensor) -> torch.Tensor:
+                                  kv_lens: torch.Tensor, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One-token attention of each KV head group over its selected cache blocks (see the module docstring)."""
-    check_decode_args(q, k_cache, v_cache, block_idx, block_cnt, block, kv_lens)
-    return block_sparse_decode_attention_ref(q, k_cache, v_cache, block_idx, block_cnt, block, scale, kv_lens)
+    check_decode_args(q, k_cache, v_cache, block_idx, block_cnt, block, kv_lens, key_mask)
+    return block_sparse_decode_attention_ref(q, k_cache, v_cache, block_idx, block_cnt, block, scale, kv_lens,
+                                             key_mask)
 
 
 @block_sparse_decode_attention.register_kernel("cuda")
-def _block_sparse_decode_attention_cuda(q, k_cache, v_cache, block_idx, block_cnt, block, scale, kv_lens):
-    check_decode_args(q, k_cache, v_cache, block_idx, block_cnt, block, kv_lens)
+def _block_sparse_decode_attention_cuda(q, k_cache, v_cache, block_idx, block_cnt, block, scale, kv_lens,
+                                        key_mask=None):
+    check_decode_args(q, k_cache, v_cache, block_idx, block_cnt, block, kv_lens, key_mask)
     if _use_triton(q):
         from .launch import block_sparse_decode_attention_triton
         return block_sparse_decode_attention_triton(q, k_cache, v_cache, block_idx, block_cnt, block, scale,
-                                                    kv_lens)
-    return block_sparse_decode_attention_ref(q, k_cache, v_cache, block_idx, block_cnt, block, scale, kv_lens)
+                                                    kv_lens, key_mask)
+    return block_sparse_decode_attention_ref(q, k_cache, v_cache, block_idx, block_cnt, block, scale, kv_lens,
+                                             key_mask)
 
 
 @block_sparse_decode_attention.register_fake
-def _block_sparse_decode_attention_fake(q, k_cache, v_cache, block_idx, block_cnt, block, scale, kv_lens):
-    check_decode_args(q, k_cache, v_cache, block_idx, block_cnt, block, kv_lens)
+def _block_sparse_decode_attention_fake(q, k_cache, v_cache, block_idx, block_cnt, block, scale, kv_lens,
+                                        key_mask=None):
+    check_decode_args(q, k_cache, v_cache, block_idx, block_cnt, block, kv_lens, key_mask)
     return q.new_empty(q.shape)
 
 

@@ -102,7 +102,7 @@ def check_stats_args(q, k, block, causal, kv_lens, pool) -> None:
         raise ValueError(f"{op}: pool must be one of {POOLS}, got {pool!r}")
 
 
-def check_decode_args(q, k_cache, v_cache, block_idx, block_cnt, block, kv_lens) -> None:
+def check_decode_args(q, k_cache, v_cache, block_idx, block_cnt, block, kv_lens, key_mask=None) -> None:
     op = "block_sparse_decode_attention"
     check_block(op, block)
     B, Hq, Tq, D, Hkv, L = _check_qk(op, q, k_cache, v_cache)
@@ -118,6 +118,10 @@ def check_decode_args(q, k_cache, v_cache, block_idx, block_cnt, block, kv_lens)
             raise ValueError(f"{op}: {name} must be int32, got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{op}: {name} is on {t.device}, q on {q.device}")
+    if key_mask is not None and (tuple(key_mask.shape) != (B, L) or key_mask.dtype != torch.bool
+                                 or key_mask.device != q.device):
+        raise ValueError(f"{op}: key_mask must be a bool [B={B}, L={L}] tensor on {q.device}, got "
+                         f"{key_mask.dtype} {tuple(key_mask.shape)} on {key_mask.device}")
     if block_idx.shape[2] > num_blocks(L, block):
         raise ValueError(f"{op}: block_idx lists up to {block_idx.shape[2]} blocks, more than the "
                          f"cache's cdiv(L={L}, {block}) = {num_blocks(L, block)}")
@@ -262,9 +266,10 @@ def attention_block_stats_ref(q, k, block, scale, causal, kv_lens, pool="avg"):
     return per_row.sum(3) / nrows[:, None]
 
 
-def block_sparse_decode_attention_ref(q, k_cache, v_cache, block_idx, block_cnt, block, scale, kv_lens):
+def block_sparse_decode_attention_ref(q, k_cache, v_cache, block_idx, block_cnt, block, scale, kv_lens,
+                                      key_mask=None):
     """fp32 one-token attention of each KV head group over the keys of its listed blocks that lie below
-    ``kv_lens[b]``; a group with no such key -> 0."""
+    ``kv_lens[b]`` (and where ``key_mask [B, L]`` is True, when given); a group with no such key -> 0."""
     B, Hq, _, D = q.shape
     Hkv, L = k_cache.shape[1], k_cache.shape[2]
     G = Hq // Hkv
@@ -272,6 +277,8 @@ def block_sparse_decode_attention_ref(q, k_cache, v_cache, block_idx, block_cnt,
     blocks = indices_to_block_mask(block_idx, block_cnt, nkb)  # [B, Hkv, NKB]
     allowed = blocks.repeat_interleave(block, -1)[..., :L]
     allowed = allowed & (torch.arange(L, device=q.device) < kv_lens.to(q.device)[:, None])[:, None, :]
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, :]
     qf = q.float().reshape(B, Hkv, G, D)
     s = (qf @ k_cache.float().transpose(-1, -2)) * scale  # [B, Hkv, G, L]
     p = _softmax_safe(s.masked_fill(~allowed[:, :, None], float("-inf")))
