@@ -23,8 +23,9 @@ Decode steps (one query over a cache) use the layer's **decode gate** when it ha
 ``dq`` / ``dk``, :mod:`fxspec.sparse_attention.decode`).
 
 Checkpoint: ``DIR/attention_gates.safetensors`` (:mod:`fxspec.checkpoint`: safetensors + JSON), tensors
-``layers.<i>.wq`` / ``layers.<i>.wk`` (and ``layers.<i>.dq`` / ``layers.<i>.dk``) and the JSON fields ``spec`` (:class:`GateSpec`), ``model`` (what it
-was trained for: class, layer count, heads, head dim, a weight fingerprint) and ``training``.
+``layers.<i>.wq`` / ``layers.<i>.wk`` (and ``layers.<i>.dq`` / ``layers.<i>.dk``) and the JSON fields
+``spec`` (:class:`GateSpec`), ``model`` (what it was trained for: class, layer count, heads, head dim, a
+weight fingerprint) and ``training``.
 """
 
 from __future__ import annotations
