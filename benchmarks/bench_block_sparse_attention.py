@@ -23,7 +23,9 @@ run are measured in the same process; each time is the best of 5 replays of a CU
   ``torch.ops.fxspec.decode_attention`` (dense split-K, all slots valid) vs
   ``torch.ops.fxspec.block_sparse_decode_attention`` over 10% of the blocks (sink + the last block + random
   others, one selection per KV head).  The sparse calls cycle through enough different selections that
-  their bytes exceed the L2 several times over, so no call finds its blocks left in L2 by the one before.
+  their bytes exceed the L2 several times over, so no call finds its blocks left in L2 by the one before;
+  then the whole sparse decode step (``decode_select_blocks``: pooled-key refresh, Quest or seer scores, top-k;
+  then the kernel with a key mask) and the selection alone, relative to the dense decode attention.
 
 ``--check``: the density-1.0 output against SDPA and the sparse decode against its fp32 reference (relative
 Frobenius error in the JSON rows).  Writes ``<out>/block_sparse_attention_<gpu>_<date>[_<tag>].json`` and
@@ -210,6 +212,45 @@ def bench_decode(L: int, dev, args, rows: list) -> None:
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
     rows.append(row)
     print(json.dumps(row), flush=True)
+    bench_decode_step(q, k, v, L, dev, dense_us, rows)
+
+
+def bench_decode_step(q, k, v, L: int, dev, dense_us, rows: list) -> None:
+    """The whole sparse decode step: ``decode_select_blocks`` (pooled-key refresh + scores + top-k) then the
+    block-sparse kernel with a key mask, for the Quest bound and a (random) seer decode gate; and the selection
+    alone, relative to dense decode attention. The cache is full, so a refresh re-pools nothing after the first
+    call (a real step re-pools the one block being written)."""
+    from fxspec.sparse_attention.decode import decode_k_max, new_pooled_state
+
+    base = dict(part="decode_step", B=B, Hq=HQ, Hkv=HKV, D=D, L=L, block=BLOCK)
+    km = torch.ones(B, L, device=dev, dtype=torch.bool)
+    k_max = decode_k_max(L, BLOCK, DECODE_DENSITY, None)
+    g = torch.Generator(device=dev).manual_seed(7)
+    wq = torch.randn(HKV, (HQ // HKV) * D, 64, device=dev, generator=g)
+    wk = torch.randn(HKV, 3 * D, 64, device=dev, generator=g)
+    for scoring in ("quest", "seer"):
+        pooled, stamp = new_pooled_state(B, HKV, L, D, BLOCK, k.dtype, dev)
+        w = (wq, wk) if scoring == "seer" else (None, None)
+
+        def select():
+            return torch.ops.fxspec.decode_select_blocks(q, k, km, pooled, stamp, *w, BLOCK, k_max,
+                                                         DECODE_DENSITY, scoring)
+
+        def step():
+            idx, cnt, kl = select()
+            return torch.ops.fxspec.block_sparse_decode_attention(q, k, v, idx, cnt, BLOCK, D ** -0.5, kl, km)
+
+        for what, fn in (("select + block_sparse_decode", step), ("select only", select)):
+            row = dict(base, method=f"{scoring}: {what} {int(DECODE_DENSITY * 100)}%", k_max=k_max)
+            try:
+                fn()
+                row["us"] = gpu_time_us([fn], dev, 50)
+                if dense_us:
+                    row["vs_dense"] = row["us"] / dense_us
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
 
 
 def table(rows, meta) -> str:
@@ -248,6 +289,13 @@ def table(rows, meta) -> str:
             sp = next((r for r in rs if r["method"].startswith("block_sparse")), {})
             spd = f"{sp['speedup_vs_dense']:.2f}x" if "speedup_vs_dense" in sp else "-"
             lines.append(f"| {L} | {us(dn)} | {us(sp)} | {spd} |")
+    steps = [r for r in rows if r["part"] == "decode_step"]
+    if steps:
+        lines += ["", "| decode L | whole sparse step (selection + kernel) | us | x dense decode_attention |",
+                  "|---|---|---|---|"]
+        for r in steps:
+            x = f"{r['vs_dense']:.3f}" if "vs_dense" in r else "-"
+            lines.append(f"| {r['L']} | {r['method']} | {us(r)} | {x} |")
     return "\n".join(lines)
 
 
@@ -256,6 +304,7 @@ def main(argv=None):
     ap.add_argument("--T", type=int, nargs="+", default=[4096, 8192, 16384, 32768], help="prefill lengths")
     ap.add_argument("--L", type=int, nargs="+", default=[32768, 131072], help="decode cache lengths")
     ap.add_argument("--quick", action="store_true", help="T = 4096 and L = 32768 only")
+    ap.add_argument("--decode-only", action="store_true", help="skip the prefill rows")
     ap.add_argument("--check", action="store_true", help="also measure the errors vs SDPA / the reference")
     ap.add_argument("--out", default="benchmarks/results", help="directory of the .json / .md results")
     ap.add_argument("--tag", default=None, help="suffix of the output name: block_sparse_attention_<gpu>_<date>_<tag>")
@@ -271,7 +320,7 @@ def main(argv=None):
     dev = torch.device("cuda")
     Ts, Ls = ([4096], [32768]) if args.quick else (args.T, args.L)
     rows: list = []
-    for T in Ts:
+    for T in ([] if args.decode_only else Ts):
         bench_prefill(T, dev, args, rows)
         torch.cuda.empty_cache()
     for L in Ls:
