@@ -68,18 +68,23 @@ def cmd_train_gates(args: argparse.Namespace) -> int:
     if args.seq_len < 2 * args.block:
         raise UsageError(f"--seq-len {args.seq_len} is shorter than two blocks of --block {args.block}: the gates "
                          f"would have nothing to choose from")
+    if not 0 <= args.decode_dim <= 512:
+        raise UsageError(f"--decode-dim {args.decode_dim} must be in [0, 512] (0: no decode gate)")
     tokens, device, model = _trainer_inputs(args, "the gates")
 
     from .sparse_attention import train_gates
 
     res = train_gates(model, tokens, out=args.out, steps=args.steps, batch_size=args.batch_size,
                       seq_len=args.seq_len, lr=args.lr, block=args.block, gate_dim=args.gate_dim, device=device,
-                      resume=args.resume, target=args.target,
+                      resume=args.resume, target=args.target, decode_dim=args.decode_dim,
                       progress=bool(args.progress) if args.progress is not None else sys.stderr.isatty())
     ev = res.eval
     kept = ", ".join(f"{k[5:]}: {v:.3f}" for k, v in ev.items() if k.startswith("mass@"))
     print(f"wrote {res.path} ({res.step} steps, loss {res.loss:.4f}); held-out KL {ev['kl']:.4f}, attention mass "
           f"kept at density {kept}")
+    if "decode_kl" in ev:
+        dk = ", ".join(f"{k[12:]}: {v:.3f}" for k, v in ev.items() if k.startswith("decode_mass@"))
+        print(f"decode gate: held-out KL {ev['decode_kl']:.4f}, past attention mass kept at density {dk}")
     print(f"use it with: sparse_attention = {{mode = \"seer\", block = {args.block}, density = 0.5, gates = "
           f"\"{args.out}\"}}")
     return 0
@@ -144,6 +149,9 @@ def add_train_parsers(sub, debug: argparse.ArgumentParser, raw, dtypes: list[str
     sp.add_argument("--out", required=True, metavar="DIR", help="directory for the gates (created if missing)")
     sp.add_argument("--block", type=_positive_int, default=64, help="tokens per block (default 64)")
     sp.add_argument("--gate-dim", type=_positive_int, default=64, help="width of the gates' projections (default 64)")
+    sp.add_argument("--decode-dim", type=int, default=64, metavar="N",
+                    help="width of the decode gate's projections (default 64; 0: no decode gate, decode steps then "
+                         "stay dense under mode seer)")
     sp.add_argument("--target", default="avg", choices=("avg", "max"),
                     help="the dense map the gates learn: each key block's attention mass averaged over a query "
                          "block's rows (avg, default) or its maximum over them, renormalised (max)")

@@ -39,14 +39,15 @@ from .. import training
 from ..config import ConfigError, SparseAttentionConfig
 from .gates import AttentionGates, GateSpec, load_gates, model_facts, save_gates
 
-__all__ = ["gate_loss", "attach", "save", "owner_of", "stash_key_for", "note_scale", "train_gates",
+__all__ = ["gate_loss", "decode_loss", "attach", "save", "owner_of", "stash_key_for", "note_scale", "train_gates",
            "GateTrainResult", "ATTR", "EVAL_DENSITIES"]
 
 ATTR = "fxspec_attention_gates"
 ROLES = ("q0", "k0", "q", "k")
 STATE_FILE = "train_state.safetensors"
 STATE_KIND, STATE_FORMAT = "attention_gates_train_state", 1
-_RESUME_KEYS = ("block", "gate_dim", "seq_len", "batch_size", "lr", "seed", "num_tokens", "eval_fraction", "target")
+_RESUME_KEYS = ("block", "gate_dim", "seq_len", "batch_size", "lr", "seed", "num_tokens", "eval_fraction", "target",
+                "decode_dim")
 EVAL_DENSITIES = (0.1, 0.3, 0.5)
 
 #: id(a parameter of the model) -> weakref to the model that has gates attached
@@ -73,6 +74,17 @@ def gate_loss(gates: AttentionGates, layer: int, q0: torch.Tensor, k0: torch.Ten
     logp = torch.log_softmax(logits, dim=-1)
     kl = torch.where(target > 0, target * (torch.log(target.clamp(min=1e-30)) - logp), torch.zeros_like(logp))
     return kl.sum(-1).mean(), mass, logits
+
+
+def decode_loss(gates: AttentionGates, layer: int, q: torch.Tensor, k: torch.Tensor, scale: float,
+                densities: tuple = ()) -> tuple[torch.Tensor, dict]:
+    """The layer's decode-gate term (:func:`fxspec.sparse_attention.decode.decode_gate_loss`), 0 without one."""
+    g = gates[layer]
+    if g.dq is None:
+        return q.new_zeros(()), {}
+    from .decode import decode_gate_loss
+
+    return decode_gate_loss(g.dq, g.dk, q, k, scale, gates.spec.block, densities=densities)
 
 
 def kept_mass(target: torch.Tensor, logits: torch.Tensor, density: float) -> torch.Tensor:
@@ -109,7 +121,8 @@ def attach(model: nn.Module, cfg: SparseAttentionConfig) -> AttentionGates:
                 raise ConfigError("[sparse_attention] mode 'seer' without gates needs a transformers-style model "
                                   "(model.config with the head counts) to build fresh gates; or set "
                                   "sparse_attention.gates")
-            gates = AttentionGates(GateSpec.for_model(model.config, block=cfg.block, gate_dim=cfg.gate_dim))
+            gates = AttentionGates(GateSpec.for_model(model.config, block=cfg.block, gate_dim=cfg.gate_dim,
+                                                      decode_dim=cfg.decode_dim))
         if gates.spec.block != cfg.block:
             raise ConfigError(f"sparse_attention.block = {cfg.block}, but the gates in '{cfg.gates}' were trained "
                               f"for blocks of {gates.spec.block}; set block = {gates.spec.block}")
@@ -131,6 +144,7 @@ def attach(model: nn.Module, cfg: SparseAttentionConfig) -> AttentionGates:
             if not all(k in st for k in ks) or i not in scales:
                 continue
             kl, _, _ = gate_loss(gates, i, *(st[k] for k in ks), scales[i])
+            kl = kl + decode_loss(gates, i, st[ks[2]], st[ks[3]], scales[i])[0]
             total, n = (kl if total is None else total + kl), n + 1
         if total is None:
             raise RuntimeError("fxspec.aux_loss: no attention layer stashed the gates' inputs (see fxspec.explain)")
@@ -194,6 +208,12 @@ def evaluate_gates(compiled, model: nn.Module, windows: torch.Tensor, batch_size
                     sums["kl"] += float(kl)
                     for d in EVAL_DENSITIES:
                         sums[f"mass@{d}"] += float(kept_mass(target, logits, d))
+                    dkl, dkept = decode_loss(gates, i, st[ks[2]], st[ks[3]], _SCALES[id(model)][i], EVAL_DENSITIES)
+                    if dkept:
+                        sums["decode_kl"] = sums.get("decode_kl", 0.0) + float(dkl)
+                        for d, v in dkept.items():
+                            key = f"decode_mass@{d}"
+                            sums[key] = sums.get(key, 0.0) + v
                     n += 1
             training.aux_loss(model, missing_ok=True)  # consume the stash
     return {k: round(v / max(n, 1), 5) for k, v in sums.items()}
@@ -202,7 +222,7 @@ def evaluate_gates(compiled, model: nn.Module, windows: torch.Tensor, batch_size
 def train_gates(model: nn.Module, tokens: torch.Tensor, *, out: str | Path, steps: int = 500, batch_size: int = 4,
                 seq_len: int = 2048, lr: float = 1e-3, block: int = 64, gate_dim: int = 64, resume: bool = True,
                 progress: bool = True, device: torch.device | str | None = None, eval_fraction: float = 0.02,
-                seed: int = 0, save_every: int = 100, target: str = "avg") -> GateTrainResult:
+                seed: int = 0, save_every: int = 100, target: str = "avg", decode_dim: int = 64) -> GateTrainResult:
     """Train SeerAttention gates for ``model`` on windows of ``tokens`` and write them to ``out`` (module
     docstring). The base model is frozen and not modified (its parameters' ``requires_grad`` is restored)."""
     import fxspec
@@ -231,7 +251,7 @@ def train_gates(model: nn.Module, tokens: torch.Tensor, *, out: str | Path, step
     torch.manual_seed(seed)
     if target not in ("avg", "max"):
         raise ValueError(f"target must be 'avg' or 'max' (got {target!r})")
-    cfg = {"sparse_attention": {"mode": "seer", "block": block, "gate_dim": gate_dim}}
+    cfg = {"sparse_attention": {"mode": "seer", "block": block, "gate_dim": gate_dim, "decode_dim": decode_dim}}
     compiled = fxspec.compile(model, cfg)
     gates: AttentionGates = getattr(model, ATTR)
     gates.spec.target = target
@@ -240,7 +260,8 @@ def train_gates(model: nn.Module, tokens: torch.Tensor, *, out: str | Path, step
     opt = torch.optim.AdamW(gates.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed + 1)
     settings = {"block": block, "gate_dim": gate_dim, "seq_len": seq_len, "batch_size": batch_size, "lr": lr,
-                "seed": seed, "num_tokens": int(tokens.numel()), "eval_fraction": eval_fraction, "target": target}
+                "seed": seed, "num_tokens": int(tokens.numel()), "eval_fraction": eval_fraction, "target": target,
+                "decode_dim": decode_dim}
     state_path = out / STATE_FILE
     step, last = 0, float("nan")
     from ..checkpoint import load_train_state, save_train_state
@@ -285,7 +306,10 @@ def train_gates(model: nn.Module, tokens: torch.Tensor, *, out: str | Path, step
         model.train(was_training)
     meta = {"training": {**settings, "steps": step, "loss": last, "time_s": round(time.time() - t0, 1),
                          "train_windows": int(train_w.shape[0]), "eval_windows": int(eval_w.shape[0]),
-                         "loss_kind": f"KL(block-pooled ({target}) dense attention || gate softmax), base frozen"},
+                         "loss_kind": f"KL(block-pooled ({target}) dense attention || gate softmax)"
+                                      + (" + decode gate KL (past blocks' mass of decode queries)"
+                                         if decode_dim else "")
+                                      + ", base frozen"},
             "eval": {**ev, "measured_on": f"{int(eval_w.shape[0])} held-out windows of {seq_len} tokens"}}
     json.dumps(meta)
     path = save(model, out, meta)
