@@ -260,3 +260,29 @@ def test_aux_loss_trains_the_decode_gate():
     assert gates[0].dq.grad is not None and gates[0].dq.grad.abs().sum() > 0
     opt.step()
     assert not torch.equal(gates[0].dq.detach(), before)
+
+
+@pytest.mark.parametrize("scoring", ["quest", "seer", "window"])
+def test_teacher_forced_selection_is_the_decode_steps_selection(scoring):
+    """The measurement's all-positions selection equals the op's, position by position."""
+    from fxspec.sparse_attention.decode import teacher_forced_keep
+
+    g = torch.Generator().manual_seed(8)
+    B, Hq, Hkv, T, D, blk = 1, 4, 2, 120, 8, 16
+    q = torch.randn(B, Hq, T, D, generator=g)
+    k = torch.randn(B, Hkv, T, D, generator=g)
+    wq, wk = (torch.randn(Hkv, 2 * D, 6, generator=g), torch.randn(Hkv, 3 * D, 6, generator=g)) \
+        if scoring == "seer" else (None, None)
+    keep = teacher_forced_keep(q, k, blk, 0.4, scoring, wq, wk)
+    nb = keep.shape[-1]
+    for t in (5, 16, 47, 64, 100, 119):
+        km = torch.zeros(B, T, dtype=torch.bool)
+        km[:, :t + 1] = True
+        pooled, stamp = new_pooled_state(B, Hkv, T, D, blk, k.dtype, "cpu")
+        k_max = decode_k_max(T, blk, 0.4, None)
+        idx, cnt, _ = torch.ops.fxspec.decode_select_blocks(q[:, :, t:t + 1], k, km, pooled, stamp, wq, wk, blk,
+                                                           k_max, 0.4, scoring)
+        for j in range(Hkv):
+            op = set(idx[0, j, :cnt[0, j]].tolist())
+            assert op == set(torch.nonzero(keep[0, j, t]).flatten().tolist()), (t, j)
+            assert max(op) < nb

@@ -41,7 +41,7 @@ import torch
 from ..lowering.block_sparse.pooled import new_pooled_state, refresh_pooled_keys_ref
 
 __all__ = ["decode_select_blocks", "decode_select_blocks_ref", "decode_gate_loss", "decode_scores",
-           "decode_k_max", "new_pooled_state", "SCORINGS"]
+           "decode_k_max", "new_pooled_state", "teacher_forced_keep", "SCORINGS"]
 
 SCORINGS = ("seer", "quest", "window")
 
@@ -208,3 +208,56 @@ def decode_gate_loss(dq: torch.Tensor, dk: torch.Tensor, q: torch.Tensor, k: tor
                 keep = rank < torch.ceil(n_past.float() * d).clamp(min=1)[:, None].long()
                 kept[d] = float((target * (keep & past)).sum(-1).mean())
     return kl.sum(-1).mean(), kept
+
+
+# -- measurement: every position of a window as a decode step ------------------------------------------------
+
+def teacher_forced_keep(q: torch.Tensor, k: torch.Tensor, block: int, density: float, scoring: str,
+                        wq: Optional[torch.Tensor] = None, wk: Optional[torch.Tensor] = None,
+                        budget: Optional[int] = None, scale: Optional[float] = None) -> torch.Tensor:
+    """bool ``[B, Hkv, T, NB]``: the key blocks each query position ``t`` of ``q [B, Hq, T, D]`` would keep as a
+    decode step over the cache ``k[:, :, :t + 1]`` (no padding): the rule of :func:`decode_select_blocks_ref`
+    (sink, own block, then the best scores of the blocks before, ``max(2, ceil(density * (t // block + 1)))`` of
+    them in all, or ``budget / block``), computed for all positions at once. ``scoring`` also takes ``oracle``:
+    the dense attention's own mass per block (averaged over the group), the best choice at block granularity.
+    Perplexity with this selection is what sparse decode steps would give, token by token (teacher forced)."""
+    from .gates import pool_keys
+
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    nb = -(-T // block)
+    dev = q.device
+    qf = q.detach().float().reshape(B, Hkv, G, T, D)
+    pooled = pool_keys(k.detach(), block)                                            # [B, Hkv, NB, 3D]
+    if scoring == "quest":
+        qp, qn = qf.clamp(min=0).sum(2), qf.clamp(max=0).sum(2)                        # [B, Hkv, T, D]
+        s = qp @ pooled[..., :D].transpose(-1, -2) + qn @ pooled[..., D:2 * D].transpose(-1, -2)
+    elif scoring == "seer":
+        qg = torch.einsum("bjtx,jxe->bjte", qf.permute(0, 1, 3, 2, 4).reshape(B, Hkv, T, G * D), wq.float())
+        u = torch.einsum("bjte,jce->bjtc", qg, wk.float())
+        s = u @ pooled.transpose(-1, -2)
+    elif scoring == "window":
+        s = torch.arange(nb, device=dev, dtype=torch.float32).expand(B, Hkv, T, nb)
+    elif scoring == "oracle":
+        kr = k.detach().float().repeat_interleave(G, dim=1)
+        a = (q.detach().float() @ kr.transpose(-1, -2)) * (scale if scale is not None else D ** -0.5)
+        a = a.masked_fill(torch.ones(T, T, dtype=torch.bool, device=dev).triu(1), float("-inf")).softmax(-1)
+        a = torch.nn.functional.pad(a, (0, nb * block - T)).reshape(B, Hq, T, nb, block).sum(-1)
+        s = a.reshape(B, Hkv, G, T, nb).mean(2)
+    else:
+        raise ValueError(f"teacher_forced_keep: scoring must be one of {SCORINGS + ('oracle',)}, got {scoring!r}")
+    cur = torch.arange(T, device=dev) // block                                         # [T]
+    n = torch.arange(nb, device=dev)
+    past = n[None, :] < cur[:, None]
+    forced = (n[None, :] == 0) | (n[None, :] == cur[:, None])
+    s = torch.where(forced, float("inf"), torch.where(past, s, -float("inf")))
+    nb_valid = cur + 1
+    if budget is not None:
+        cnt = torch.clamp(torch.full_like(cur, int(budget) // block), max=nb_valid)
+    else:
+        cnt = torch.minimum(nb_valid, torch.ceil(nb_valid.float() * density).long().clamp(min=2))
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, n.expand_as(order).contiguous())
+    return (rank < cnt[:, None]) & (past | forced)
