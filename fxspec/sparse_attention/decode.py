@@ -107,8 +107,7 @@ def decode_select_blocks_ref(q, k_cache, key_mask, pooled, stamp, wq, wk, block,
         want = torch.ceil(nb_valid.float() * float(density)).to(torch.int32).clamp(min=2)
     else:
         want = torch.full_like(nb_valid, k_max, dtype=torch.int32)
-    cnt = torch.minimum(torch.minimum(want, nb_valid.to(torch.int32)), torch.tensor(k_max, device=dev,
-                                                                                       dtype=torch.int32))
+    cnt = torch.minimum(want, nb_valid.to(torch.int32)).clamp(max=k_max)  # no host tensor: CUDA-graph safe
     return idx, cnt[:, None].expand(B, Hkv).contiguous(), kv_lens
 
 
