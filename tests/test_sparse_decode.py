@@ -286,3 +286,15 @@ def test_teacher_forced_selection_is_the_decode_steps_selection(scoring):
             op = set(idx[0, j, :cnt[0, j]].tolist())
             assert op == set(torch.nonzero(keep[0, j, t]).flatten().tolist()), (t, j)
             assert max(op) < nb
+
+
+def test_decode_steps_compose_with_quantize():
+    m = tiny()
+    x, mask = _prompt()
+    cfg = {"sparse_attention": {"mode": "xattn", "block": 16, "density": 0.999},
+           "quantize": {"bits": 8, "min_features": 1}}
+    ref, _ = _generate(m, {"quantize": {"bits": 8, "min_features": 1}}, x, mask)
+    out, _ = _generate(m, cfg, x, mask)
+    assert counters["sparse_attention"]["decode_quest"] == 2
+    assert counters["quantize_weights"]["int8"] > 0
+    assert torch.equal(out, ref)  # all blocks kept: the int8 model's own tokens
