@@ -15,7 +15,8 @@ cost), ``xattn`` (antidiagonal scoring, stride 8) and ``seer`` (fresh, untrained
 the sparse kernel's speed are what is timed here; accuracy is ``benchmarks/sparse_attention_accuracy.py``),
 each also with ``mask_per = "kv_head"`` (one choice per KV head group: the kernel's grouped path).
 Each time is the median of ``--reps`` calls after two warm-up calls, CUDA events around each call.
-Speedup = inductor / row. Decode at 32k is not in this table: decode steps stay dense (no decode gate yet).
+Speedup = inductor / row. Decode steps are not in this table (``bench_block_sparse_attention.py --decode-only``
+times the sparse decode step against dense decode attention).
 """
 
 from __future__ import annotations

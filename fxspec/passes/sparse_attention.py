@@ -287,10 +287,10 @@ def _site(info: AttentionInfo) -> tuple | str:
     if any(s is None or len(s) != 4 for s in (qs, ks, vs)):
         return f"q, k, v are not 4-D [B, H, T, D] ({qs}, {ks}, {vs})"
     if str(qs[2]) != str(ks[2]):
-        return (f"{qs[2]} queries over {ks[2]} keys (a step over a KV cache): only prefill without a cached "
-                f"prefix is block-sparse; decode stays dense")
+        return (f"{qs[2]} queries over {ks[2]} keys (a step over a KV cache): prefill is block-sparse without a "
+                f"cached prefix, decode only as an SDPA of one query with a bool mask or none; left dense")
     if static_int(qs[2]) == 1:
-        return "one query: a decode step stays dense (no decode gate yet)"
+        return "one query and one key: nothing to skip"
     if static_int(qs[3]) is None or static_int(qs[3]) > 128:
         return f"head dim {qs[3]} > 128 (the kernels' limit)"
     for name in ("k", "v"):
