@@ -225,10 +225,12 @@ def _rewrite_decode(gm: fx.GraphModule, ctx: PassContext, cfg: SparseAttentionCo
                      f"group width), this attention has {[Hkv, (Hq // Hkv) * D]}; left dense")
             return
     kval = k.meta.get("example_value")
+    if not isinstance(kval, torch.Tensor) or dev is None:
+        ctx.skip(info.name, "decode step: the KV cache's dtype or device is unknown (no example value); left dense")
+        return
     k_max = decode_k_max(L, cfg.block, cfg.density, cfg.budget)
     tag = f"{layer if layer is not None else info.name.replace('.', '_')}"
-    pooled, stamp = new_pooled_state(B, Hkv, L, D, cfg.block, kval.dtype if isinstance(kval, torch.Tensor)
-                                     else torch.float32, dev if dev is not None else "cpu")
+    pooled, stamp = new_pooled_state(B, Hkv, L, D, cfg.block, kval.dtype, dev)
     with graph.inserting_before(info.node):
         if scoring == "seer":
             wq = _constant(gm, f"_fxspec_dgate_{tag}_dq", g.dq, dev)
