@@ -83,7 +83,7 @@ def sparse_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     for info in analysis.attentions:
         dec = one_query_sdpa(info.node, 1 << 30) if info.kind == "sdpa" else "not SDPA"
         if not isinstance(dec, str):
-            if gates is None and cfg.mode == "seer" and _decode_scoring(cfg, None) == "seer":
+            if gates is None and cfg.mode == "seer" and _decode_scoring(cfg) == "seer":
                 gates = sa.gates_for_graph(ctx, gm, cfg)
             _rewrite_decode(gm, ctx, cfg, info, dec, gates)
             continue
@@ -162,7 +162,7 @@ def sparse_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     return gm
 
 
-def _decode_scoring(cfg: SparseAttentionConfig, layer_gate) -> str:
+def _decode_scoring(cfg: SparseAttentionConfig) -> str:
     """What scores a decode step's blocks (config ``decode``; ``auto`` by mode)."""
     if cfg.decode != "auto":
         return cfg.decode
@@ -172,9 +172,10 @@ def _decode_scoring(cfg: SparseAttentionConfig, layer_gate) -> str:
 def _rewrite_decode(gm: fx.GraphModule, ctx: PassContext, cfg: SparseAttentionConfig, info: AttentionInfo, site,
                     gates) -> None:
     """One query over a KV cache -> decode_select_blocks + block_sparse_decode_attention (or why not)."""
+    from .. import sparse_attention as sa
     from ..sparse_attention.decode import decode_k_max, new_pooled_state
 
-    scoring = _decode_scoring(cfg, None)
+    scoring = _decode_scoring(cfg)
     if scoring == "dense":
         ctx.note(info.name, f"decode step: sparse_attention.decode = {cfg.decode!r} (mode {cfg.mode}): left dense")
         return
@@ -207,9 +208,7 @@ def _rewrite_decode(gm: fx.GraphModule, ctx: PassContext, cfg: SparseAttentionCo
     wq = wk = None
     graph = gm.graph
     dev = _device(q)
-    from ..sparse_attention import layer_index as sa_layer_index
-
-    layer = sa_layer_index(info.name)
+    layer = sa.layer_index(info.name)
     if scoring == "seer":
         g = None if gates is None or layer is None or layer not in gates else gates[layer]
         if g is None:
