@@ -507,7 +507,7 @@ def describe_schema() -> str:
     for cls, prefix in [(FxspecConfig, "")] + [(c, n + ".") for n, c in SECTIONS.items()]:
         hints = typing.get_type_hints(cls)
         for f in fields(cls):
-            if f.name in SECTIONS:
+            if not prefix and f.name in SECTIONS:  # a section's own keys are listed under its prefix
                 continue
             default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
             choices = f.metadata.get("choices")

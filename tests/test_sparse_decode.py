@@ -217,6 +217,11 @@ def test_seer_decode_gate_from_a_checkpoint(tmp_path):
 
 
 def test_config_decode_key():
+    from fxspec.config import describe_schema
+
+    schema = describe_schema()
+    assert "sparse_attention.decode: str = 'auto'" in schema  # a key named like a section is still listed
+    assert "sparse_attention.decode_dim: int = 64" in schema
     with pytest.raises(ConfigError, match="decode"):
         fxspec.load_config({"sparse_attention": {"decode": "oracle"}})
     with pytest.raises(ConfigError, match="decode_dim"):
