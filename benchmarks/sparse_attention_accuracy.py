@@ -96,21 +96,29 @@ def main(argv=None) -> int:
                             model=args.model, data="val_tokens.pt", window=args.window, windows=windows,
                             dtype=args.dtype, block=args.block, stride=args.stride, gates=args.gates,
                             seconds=round(time.time() - t0, 1))
-    result = {"benchmark": "sparse_attention_accuracy", **meta, "rows": rows}
-    lines = [f"# sparse_attention accuracy: {args.model}, {windows} x {args.window} held-out tokens",
-             "", f"{meta.get('date')} · {meta.get('gpu', args.device)} · commit {meta.get('commit')} · "
-             f"{args.dtype} · block {args.block}", "",
-             "| mode | density | kept share of causal blocks | perplexity | vs dense |", "|---|---|---|---|---|"]
+    write_table("sparse_attention_accuracy", args, meta, rows,
+                f"sparse_attention accuracy: {args.model}, {windows} x {args.window} held-out tokens",
+                f"{args.dtype} · block {args.block}", "mode", "kept share of causal blocks")
+    return 0
+
+
+def write_table(benchmark: str, args, meta: dict, rows: list[dict], title: str, detail: str, label: str,
+                kept: str) -> None:
+    """Print the perplexity table of ``rows`` (``label`` column, density, kept, ppl, rel) and, with ``--out``,
+    write it with the raw rows as ``<benchmark>_<device>_<date>[_<tag>].{md,json}``."""
+    lines = [f"# {title}", "", f"{meta.get('date')} · {meta.get('gpu', args.device)} · commit "
+             f"{meta.get('commit')} · {detail}", "",
+             f"| {label} | density | {kept} | perplexity | vs dense |", "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['mode']} | {r['density']:.2f} | {r['kept']:.3f} | {r['ppl']:.4f} | "
+        lines.append(f"| {r[label]} | {r['density']:.2f} | {r['kept']:.3f} | {r['ppl']:.4f} | "
                      f"{r['rel'] * 100:+.2f}% |")
     print("\n".join(lines))
     if args.out:
         dev = args.device if args.device.startswith("cuda") else "cpu"
-        stem = harness.result_stem("sparse_attention_accuracy", dev, tag=args.tag)
+        stem = harness.result_stem(benchmark, dev, tag=args.tag)
+        result = {"benchmark": benchmark, **meta, "rows": rows}
         for p in harness.write_results(Path(args.out), stem, result, "\n".join(lines) + "\n"):
             print("wrote", p)
-    return 0
 
 
 if __name__ == "__main__":

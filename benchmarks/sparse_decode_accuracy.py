@@ -28,7 +28,6 @@ import math
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -36,6 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
 import harness  # noqa: E402
+from sparse_attention_accuracy import write_table  # noqa: E402
 
 NAME = "fxspec_decode_sim"
 
@@ -142,21 +142,11 @@ def main(argv=None) -> int:
                             block=args.block, gates=args.gates, seconds=round(time.time() - t0, 1),
                             gates_training=(gates_meta or {}).get("training"),
                             gates_eval=(gates_meta or {}).get("eval"))
-    result = {"benchmark": "sparse_decode_accuracy", **meta, "rows": rows}
-    lines = [f"# sparse decode accuracy: {args.model}, {windows} x {args.window} held-out tokens, every token a "
-             f"block-sparse decode step (teacher forced)", "",
-             f"{meta.get('date')} · {meta.get('gpu', args.device)} · commit {meta.get('commit')} · float32 · "
-             f"block {args.block} · one block choice per KV head group", "",
-             "| scoring | density | kept share of visible blocks | perplexity | vs dense |", "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['scoring']} | {r['density']:.2f} | {r['kept']:.3f} | {r['ppl']:.4f} | "
-                     f"{r['rel'] * 100:+.2f}% |")
-    print("\n".join(lines))
-    if args.out:
-        dev = args.device if args.device.startswith("cuda") else "cpu"
-        stem = harness.result_stem("sparse_decode_accuracy", dev, tag=args.tag)
-        for p in harness.write_results(Path(args.out), stem, result, "\n".join(lines) + "\n"):
-            print("wrote", p)
+    write_table("sparse_decode_accuracy", args, meta, rows,
+                f"sparse decode accuracy: {args.model}, {windows} x {args.window} held-out tokens, every token a "
+                f"block-sparse decode step (teacher forced)",
+                f"float32 · block {args.block} · one block choice per KV head group", "scoring",
+                "kept share of visible blocks")
     return 0
 
 
